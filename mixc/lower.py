@@ -38,7 +38,9 @@ BINARY_FUNCS = {"complex", "min", "max"}
 RANDOM_FUNCS = {"uniform": "uniform(low, high)", "normal": "normal(mean, std)"}
 SPECIAL_FUNCS = {"where": 3, "eye": 2}
 BUILTIN_FUNCS = UNARY_FUNCS | BINARY_FUNCS | set(RANDOM_FUNCS) | set(SPECIAL_FUNCS)
-RESERVED = {"t", "u", "head", "pi"} | BUILTIN_FUNCS | {"sum", "softmax"}
+# `t` (current token) and `u` (key token) are not reserved: a declaration of that name wins
+# (s4d names its input u), and then the token index is simply not available under that name.
+RESERVED = {"head", "pi"} | BUILTIN_FUNCS | {"sum", "softmax"}
 SAMPLERS = ("normal", "uniform", "logsigmoid", "sigmoid", "softplus", "unit", "positive")
 BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod"}
 CMPOPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
@@ -322,7 +324,7 @@ class Lowerer:
             return Node("iota", arg=ctx.env[name], idx=(ctx.env[name],), pos=pos)
         if name == "pi":
             return const(math.pi, pos)
-        if name in ("t", "u"):
+        if name in ("t", "u") and name not in self.decl_pos:
             if ctx.kind in ("const", "init"):
                 raise self.err(f"'{name}' (a token index) cannot be used in {ctx.where}", pos,
                                hint="initialisers and constants do not depend on tokens")
@@ -551,9 +553,11 @@ class Lowerer:
             if name == "t":
                 raise self.err("t is the current token and cannot be summed over", e.pos,
                                hint="sum over key tokens with sum(u: ...)")
+            if e.kind == "softmax" and name == "u" and ctx.env.get("u") == U_VAR:
+                continue  # softmax(u: ...) inside sum(u: ...): the same key token
             if name in ctx.env or name in new:
                 raise self.err(f"index '{name}' is already bound here", e.pos, hint="pick another index name")
-            if name == "u":
+            if name == "u" and name not in self.decl_pos:
                 if ctx.kind not in ("let", "out"):
                     raise self.err("sums over key tokens (u) belong in the output", e.pos)
                 new[name] = U_VAR
@@ -561,12 +565,12 @@ class Lowerer:
             if name in self.all_names() or name in RESERVED:
                 raise self.err(f"'{name}' is already a name here and cannot be an index", e.pos)
             new[name] = Var(name, self.infer_axis(name, e.body, e.pos))
-        if e.kind == "softmax" and list(new.values()) != [U_VAR]:
+        if e.kind == "softmax" and list(new.values()) not in ([U_VAR], []):
             raise self.err("softmax normalises over key tokens: write softmax(u: score)", e.pos)
         body = self.expr(e.body, ctx.with_vars(new))
         self.need_number(body, e.body.pos)
         # A sum over key tokens is masked by mask(t, u), so it depends on t.
-        keyed = canonical((*body.idx, T_VAR)) if U_VAR in new.values() else body.idx
+        keyed = canonical((*body.idx, T_VAR)) if U_VAR in new.values() or e.kind == "softmax" else body.idx
         if e.kind == "softmax":
             self.need_real(body, e.body.pos, "softmax")
             return Node("softmax", (body,), U_VAR, keyed, "real", e.pos)
