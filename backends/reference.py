@@ -411,7 +411,7 @@ def emit_reference(p: Program) -> list[str]:
         e, lay = em.val(out.value, "pre")
         e = em.expand(em.tensor(e, lay), lay or (), (T_VAR, *out.vars))
         em.emit(f"o = {e}.expand(B, H, T{out_shape_tail})")
-        final = "None"
+        final = "{}"
     else:
         for d in p.states:
             shape = ", ".join(["B", "H"] + [sizes_var[a] for a in d.axes])
