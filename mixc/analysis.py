@@ -254,6 +254,7 @@ class StateForm:
     key_axis: Var | None = None
     k: str | None = None
     v: str | None = None
+    k_factors: tuple[Node, ...] = ()
     decay: str | None = None
     normaliser_of: str | None = None
 
@@ -328,9 +329,13 @@ def classify_transition(sf: StateForm, key_axis: Var | None) -> tuple[str, str]:
     return "diagonal_key" if coef_axes == {lhs[0]} else "diagonal_value", f"A_t = Diag({show(coef)})"
 
 
+def _k_factors(t: Term, value: Var | None) -> list[Node]:
+    return [f for f in t.factors if value is None or value not in f.idx]
+
+
 def _split_outer(t: Term, key: Var, value: Var | None) -> tuple[str, str | None]:
     """k'_t (factors over the key axis, with the scalars) and v'_t (over the value axis)."""
-    kf = [f for f in t.factors if value is None or value not in f.idx]
+    kf = _k_factors(t, value)
     vf = [f for f in t.factors if value is not None and value in f.idx]
     if any(key in f.idx for f in vf):
         return None, None
@@ -465,7 +470,7 @@ def _separability(w: Node) -> Separability:
         fname = n.op
         arg = show(n.src[0]) if n.src else ""
         what = "a dot product" if any(x.op == "sum" for x in toposort([n])) else "a pairwise term"
-        raise _NotSeparable(f"{fname} of {what} ({fname}({arg})) has no finite feature map")
+        raise _NotSeparable(f"{fname} of {what} has no finite feature map ({fname}({arg}))")
 
     try:
         expr = sympy.expand(go(w))
@@ -641,8 +646,10 @@ def analyse(p: Program) -> Analysis:
         if len(sf.inputs) == 1 and key is not None:
             value = next((v for v in decl_axes if v != key), None)
             sf.k, sf.v = _split_outer(sf.inputs[0], key, value)
+            sf.k_factors = tuple(_k_factors(sf.inputs[0], value))
         elif len(sf.inputs) == 1 and len(decl_axes) <= 1:
             sf.k, sf.v = sf.inputs[0].show(), None
+            sf.k_factors = tuple(sf.inputs[0].factors)
         states.append(sf)
     # normaliser states: same transition as a matrix state, input = that state's k', read as a ratio
     for z in states:
@@ -651,8 +658,8 @@ def analyse(p: Program) -> Analysis:
         for s in states:
             if s is z or len(s.axes) != 2 or s.k is None or s.transition != z.transition:
                 continue
-            zk = _input_show(z)
-            if zk is not None and zk == s.k:
+            same_k = _same_up_to_names(z.k_factors, s.k_factors, z.axes[0], s.key_axis)
+            if same_k and z.inputs[0].sign == s.inputs[0].sign:
                 z.normaliser_of = s.name
     main = max(states, key=lambda s: (len(s.axes), s.normaliser_of is None))
     if rd is not None:
@@ -699,12 +706,14 @@ def analyse(p: Program) -> Analysis:
                     ti, ti_reason, kernel, forms, default, reasons, notes)
 
 
-def _input_show(z: StateForm) -> str | None:
-    if len(z.inputs) != 1:
-        return None
-    t = z.inputs[0]
-    s = " * ".join(show(f, 6) for f in t.factors) or "1"
-    return ("-" + s) if t.sign < 0 else s
+def _same_up_to_names(a: tuple[Node, ...], b: tuple[Node, ...], va: Var, vb: Var | None) -> bool:
+    """Whether two factor lists are equal once the index ``va`` is renamed ``vb``."""
+    from .lower import rename
+
+    if vb is None or va.axis != vb.axis or len(a) != len(b):
+        return False
+    return sorted(map(hash, (rename(x, {va: vb}) for x in a))) == sorted(map(hash, b)) and \
+        set(rename(x, {va: vb}) for x in a) == set(b)
 
 
 def _readout_lines(rd: Readout) -> list[str]:
