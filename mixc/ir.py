@@ -294,6 +294,28 @@ def format_program(p: Program) -> str:
     return "\n".join(out)
 
 
+def _graph_label(n: Node, names: dict[Node, str]) -> str:
+    """A vertex label: the read for leaves (``g[t, i]``), the operation for the rest (``mul``)."""
+    if n.op in ("const", "dim"):
+        return names[n]
+    if n.op in ("input", "param", "buffer", "state"):
+        name, vars_ = n.arg
+        tok = []
+        if n.src:
+            t = n.src[0]
+            tok = [t.arg.name] if t.op == "iota" else ["t - ..."]
+        return f"{name}[{', '.join(tok + [v.name for v in vars_])}]"
+    if n.op == "sum":
+        return f"sum[{','.join(v.name for v in n.arg)}]"
+    if n.op == "softmax":
+        return "softmax[u]"
+    if n.op == "iota":
+        return n.arg.name
+    if n.op == "eye":
+        return f"eye({n.arg[0].name}, {n.arg[1].name})"
+    return n.op
+
+
 def dataflow_graph(p: Program) -> nx.DiGraph:
     """The dataflow as a networkx DiGraph: one vertex per node (and per update/output target),
     an edge from each operand to its user. Vertex attribute ``label`` is printable."""
@@ -303,7 +325,7 @@ def dataflow_graph(p: Program) -> nx.DiGraph:
     for n in toposort(p.roots()):
         vid = f"n{len(ids)}"
         ids[n] = vid
-        label = _fmt_arg(n, names) if n.op not in ("const", "dim") else names[n]
+        label = _graph_label(n, names)
         g.add_node(vid, label=label, op=n.op, dtype=n.dtype, idx=",".join(str(v) for v in n.idx))
         for s in n.src:
             g.add_edge(ids[s], vid)
