@@ -10,6 +10,7 @@ index, and ``sum(u: ...)`` / ``softmax(u: ...)`` are masked by ``mask(t, u)``.
 
 from __future__ import annotations
 
+from mixc.history import history_name, token_history
 from mixc.ir import T_VAR, U_VAR, Node, Program, Var
 
 # torch functions for unary ops on tensors; math functions where the operand is a number.
@@ -74,6 +75,7 @@ class Emitter:
         self.state_names: dict[str, str] = {}
         self.slices: dict[Node, str] = {}
         self.loop_indent = indent + "    "
+        self.history: dict[str, int] = {}  # input -> number of past tokens carried across calls
 
     # layout: None for a Python number, else the index vars after the two leading dims
     def layout(self, n: Node, phase: str) -> tuple[Var, ...]:
@@ -186,9 +188,12 @@ class Emitter:
             pos_expr, pos_lay = self.val(tok, "pre")
             pos_name = self.fresh()
             lead = ", ".join(["0", "0"] + [":"] * len(pos_lay))
-            self.emit(f"{pos_name} = ({pos_expr}).long()[{lead}]")
+            past = self.history.get(name, 0)  # the tokens before this call sit in front of the input
+            shift = f" + {past}" if past else ""
+            self.emit(f"{pos_name} = ({pos_expr}).long()[{lead}]{shift}")
+            src = f"ext_{name}" if past else base
             src_lay = (*pos_lay, *vars_)
-            return self._assign(self.expand(f"_token_gather({base}, {pos_name})", src_lay, lay), lay)
+            return self._assign(self.expand(f"_token_gather({src}, {pos_name})", src_lay, lay), lay)
         if op == "state":
             name, vars_ = n.arg
             return self.expand(self.state_names[name], tuple(vars_), lay), lay
@@ -391,6 +396,16 @@ def emit_reference(p: Program) -> list[str]:
         lines.append(f"    {nm} = inputs[{d.name!r}].to(real).permute({perm})  # [B, H, T, {', '.join(d.axes)}]"
                      .replace(", ]", "]"))
         em.leaf_names[("input", d.name)] = nm
+    history = token_history(p)
+    em.history = history
+    for name, past in history.items():
+        d = next(x for x in p.inputs if x.name == name)
+        key = history_name(name)
+        shape = ", ".join(["B", "H", str(past)] + [sizes_var[a] for a in d.axes])
+        lines.append(f"    past_{name} = states.get({key!r})  # the last {past} tokens of {name} before this call")
+        lines.append(f"    past_{name} = torch.zeros({shape}, dtype=real, device=dev) if past_{name} is None "
+                     f"else past_{name}.to(dtype=real, device=dev)")
+        lines.append(f"    ext_{name} = torch.cat([past_{name}, in_{name}], dim=2)")
     for d in p.params + p.buffers:
         nm = f"{'pm' if d.kind == 'param' else 'bf'}_{d.name}"
         lines.append(f"    {nm} = params[{d.name!r}].to(dtype=real, device=dev).unsqueeze(0)  # [1, H"
@@ -412,6 +427,8 @@ def emit_reference(p: Program) -> list[str]:
         e = em.expand(em.tensor(e, lay), lay or (), (T_VAR, *out.vars))
         em.emit(f"o = {e}.expand(B, H, T{out_shape_tail})")
         final = "{}"
+        for name in history:
+            final = final[:-1] + (", " if final != "{}" else "") + f"{history_name(name)!r}: ext_{name}[:, :, T:]}}"
     else:
         for d in p.states:
             shape = ", ".join(["B", "H"] + [sizes_var[a] for a in d.axes])
@@ -438,7 +455,8 @@ def emit_reference(p: Program) -> list[str]:
         em.emit("for t in range(T):")
         lines.extend(em.loop)
         em.emit("o = torch.stack(o_steps, dim=2)")
-        final = "{" + ", ".join(f"{d.name!r}: st_{d.name}" for d in p.states) + "}"
+        final = "{" + ", ".join([f"{d.name!r}: st_{d.name}" for d in p.states]
+                                + [f"{history_name(n)!r}: ext_{n}[:, :, T:]" for n in history]) + "}"
     perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(out_axes))])
     lines.append(f"    o = o.permute({perm})  # [B, T, H{''.join(', ' + a for a in out_axes)}]")
     lines.append(f"    return o, ({final} if output_final_state else None)")

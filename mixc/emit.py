@@ -18,6 +18,7 @@ from types import ModuleType
 
 from . import __version__
 from .backends import reference, runtime
+from .history import history_name, token_history
 from .ir import Program
 
 
@@ -41,16 +42,20 @@ def metadata(p: Program) -> dict:
 
     consts = dict(p.consts)
     all_axes = {a for d in p.inputs + p.params + p.buffers + p.states for a in d.axes}
+    history = token_history(p)
+    decls = {d.name: d for d in p.inputs}
+    hidden = {history_name(n): {"axes": [history_name(n), *decls[n].axes], "complex": False} for n in history}
     return {
         "name": p.name,
         "source": p.source.path,
         "sizes": {n: d for n, d in p.sizes},
         "consts": consts,
-        "consts_as_sizes": {n: int(v) for n, v in consts.items() if n in all_axes},
+        "consts_as_sizes": {**{n: int(v) for n, v in consts.items() if n in all_axes},
+                            **{history_name(n): L for n, L in history.items()}},
         "inputs": {d.name: {**axes(d), "sampler": d.sampler} for d in p.inputs},
         "params": {d.name: axes(d) for d in p.params},
         "buffers": {d.name: axes(d) for d in p.buffers},
-        "states": {d.name: {**axes(d), "complex": d.complex} for d in p.states},
+        "states": {**{d.name: {**axes(d), "complex": d.complex} for d in p.states}, **hidden},
         "output": {"name": p.output.target, "axes": [v.axis for v in p.output.vars]},
         "forms": ["reference"],
     }
