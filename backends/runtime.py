@@ -42,7 +42,8 @@ class Binding:
     def bind(self, size, value, who):
         if size in self.value and self.value[size] != value:
             raise MixerCallError(
-                f"size {size} disagrees: {who} has {size}={value}, but {self.source[size]} has {size}={self.value[size]}"
+                f"size {size} disagrees: {who} has {size}={value}, "
+                f"but {self.source[size]} has {size}={self.value[size]}"
             )
         if size not in self.value:
             self.value[size] = int(value)
@@ -150,7 +151,8 @@ def bind_call(meta, kwargs, initial_state, cu_seqlens, init_params):
     for k in initial_state:
         if k not in meta["states"]:
             raise MixerCallError(
-                f"initial_state has '{k}', but mixer '{meta['name']}' has states {', '.join(meta['states']) or '(none)'}"
+                f"initial_state has '{k}', but mixer '{meta['name']}' has states "
+                f"{', '.join(meta['states']) or '(none)'}"
             )
     lead = "N" if cu_seqlens is not None else "B"
     for name, sm in meta["states"].items():
