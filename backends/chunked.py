@@ -1,0 +1,304 @@
+"""The chunked form: one generic Triton kernel for gated linear recurrences, forward and backward.
+
+Every mixer the analysis puts in a chunkable class reduces, after a PyTorch prologue that forms
+``q'``, ``k'``, ``v'`` and the log decays from the ``.mix`` expressions, to
+
+    S_t = Diag(exp(gk_t)) S_{t-1} Diag(exp(gv_t)) * exp(gs_t) + k_t v_t^T,     o_t = q_t^T S_t
+
+per (sequence, head), with any subset of the decays ``gk`` (per key entry), ``gv`` (per value
+entry) and ``gs`` (scalar). :func:`_chunk_fwd_kernel` runs it chunk by chunk: within a chunk of
+``BT`` tokens a masked ``BT x BT`` product, across chunks the state in registers. All decays
+enter as differences of in-chunk cumulative log gates that are <= 0, so nothing overflows.
+
+The backward pass is the same kernel three more times (the adjoint of a linear recurrence is a
+linear recurrence run in reverse):
+    dv = run(q=k,  k=q,  v=do, gk, reversed)          (readout of dS_t with k_t)
+    dk = run(q=v,  k=do, v=q,  gv=gk, reversed)       (dS_t contracted over the value axis)
+    dq = run(q=do, k=v,  v=k,  gv=gk)                 (S_t contracted over the value axis)
+and the log-gate gradients follow from ``dG_t = q_t dq_t - k_t dk_t`` (plus the final state's
+term), summed from the end. This file needs only torch and triton; `mixc compile` pastes it into
+the generated module.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _chunk_fwd_kernel(
+    q,  # [B*T, H, K] queries (any float dtype)
+    k,  # [B*T, H, K] keys
+    v,  # [B*T, H, V] values
+    gk,  # [B*T, H, K] fp32 log decay per key entry (HAS_GK)
+    gv,  # [B*T, H, V] fp32 log decay per value entry (HAS_GV)
+    gs,  # [B*T, H] fp32 scalar log decay (HAS_GS)
+    h0,  # [N, H, K, V] fp32 initial state (USE_H0)
+    o,  # [NK, B*T, H, V] fp32 partial outputs, one slab per key block
+    ht,  # [N, H, K, V] fp32 final state (STORE_HT)
+    cu,  # [N + 1] int32 sequence boundaries (IS_VARLEN)
+    T,  # tokens per sequence when not varlen
+    NT,  # total tokens B*T (the stride of one key-block slab of o)
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,  # chunk length
+    BK: tl.constexpr,  # key block (a power of two)
+    BV: tl.constexpr,  # value block (a power of two)
+    HAS_GK: tl.constexpr,
+    HAS_GV: tl.constexpr,
+    HAS_GS: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    F32_DOT: tl.constexpr,  # exact fp32 products (fp32 inputs); else bf16/fp16 tensor cores
+):
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu + i_n).to(tl.int64)
+        eos = tl.load(cu + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    o_t = tl.arange(0, BT)
+    m_causal = o_t[:, None] >= o_t[None, :]
+    # the state block S[BK, BV], fp32, carried across chunks
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        p_h0 = h0 + (i_nh * K + o_k[:, None]) * V + o_v[None, :]
+        b_s += tl.load(p_h0, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    for t0 in range(bos, eos, BT):
+        i_t = t0 + o_t
+        m_t = i_t < eos
+        last = tl.minimum(eos - t0, BT) - 1  # row of the chunk's last token
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load(q + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        # decays: in-chunk inclusive cumulative log gates (rows past the end add nothing)
+        b_qd = b_q
+        b_kd = b_k
+        b_vd = b_v
+        if HAS_GS:
+            b_gs = tl.load(gs + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            b_Gs = tl.cumsum(b_gs, axis=0)
+            b_Gs_last = tl.sum(tl.where(o_t == last, b_Gs, 0.0), axis=0)
+        if HAS_GK:
+            b_gk = tl.load(gk + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_Gk = tl.cumsum(b_gk, axis=0)
+            b_Gk_last = tl.sum(tl.where((o_t == last)[:, None], b_Gk, 0.0), axis=0)
+            b_qd = b_q * tl.exp(b_Gk)
+            b_kd = b_k * tl.exp(b_Gk_last[None, :] - b_Gk)
+        if HAS_GV:
+            b_gv = tl.load(gv + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_Gv = tl.cumsum(b_gv, axis=0)
+            b_Gv_last = tl.sum(tl.where((o_t == last)[:, None], b_Gv, 0.0), axis=0)
+            b_vd = b_v * tl.exp(b_Gv_last[None, :] - b_Gv)
+        # the past: o = (q * exp(Gk)) S (* exp(Gv)) (* exp(Gs))
+        b_o = _dot(b_qd, b_s, F32_DOT)
+        if HAS_GV:
+            b_o = b_o * tl.exp(b_Gv)
+        if HAS_GS:
+            b_o = b_o * tl.exp(b_Gs)[:, None]
+        # within the chunk: A[t, s] = sum_i q[t, i] k[s, i] exp(Gk[t, i] - Gk[s, i]), s <= t
+        if HAS_GK:
+            b_dk = tl.exp(tl.where(m_causal[:, :, None], b_Gk[:, None, :] - b_Gk[None, :, :], -float("inf")))
+            b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dk, axis=2)
+        else:
+            b_a = _dot(b_q, tl.trans(b_k), F32_DOT)
+        if HAS_GS:
+            b_a = b_a * tl.exp(tl.where(m_causal, b_Gs[:, None] - b_Gs[None, :], -float("inf")))
+        b_a = tl.where(m_causal, b_a, 0.0)
+        if HAS_GV:
+            b_dv = tl.exp(tl.where(m_causal[:, :, None], b_Gv[:, None, :] - b_Gv[None, :, :], -float("inf")))
+            b_o += tl.sum(b_a[:, :, None] * b_v[None, :, :] * b_dv, axis=1)
+        else:
+            b_o += _dot(b_a, b_v, F32_DOT)
+        p_o = o + (i_k.to(tl.int64) * NT + i_t[:, None]) * H * V + i_h * V + o_v[None, :]
+        tl.store(p_o, b_o, mask=m_tv)
+        # carry the state to the end of the chunk
+        if HAS_GK:
+            b_s = b_s * tl.exp(b_Gk_last)[:, None]
+        if HAS_GV:
+            b_s = b_s * tl.exp(b_Gv_last)[None, :]
+        if HAS_GS:
+            b_s = b_s * tl.exp(b_Gs_last)
+            b_kd = b_kd * tl.exp(b_Gs_last - b_Gs)[:, None]
+        b_s += _dot(tl.trans(b_kd), b_vd, F32_DOT)
+    if STORE_HT:
+        p_ht = ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :]
+        tl.store(p_ht, b_s, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dot(a, b, F32_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation: exact fp32 products, or bf16 tensor cores."""
+    if F32_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+
+# ---- launching -------------------------------------------------------------------------------
+
+
+def _pow2(n):
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def _flat(x):
+    """[B, T, H, ...] -> [B*T, H, ...] contiguous (a view when possible)."""
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=False, cu_seqlens=None,
+              reverse=False):
+    """o_t = q_t^T S_t with S_t = Dk_t S_{t-1} Dv_t exp(gs_t) + k_t v_t^T (Dk = Diag(exp(gk_t)), ...).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; gk: [B, T, H, K], gv: [B, T, H, V], gs: [B, T, H] (fp32 log
+    decays, <= 0, or None); h0: [N, H, K, V] fp32 or None (N = B, or the number of sequences of
+    ``cu_seqlens`` with B = 1). ``reverse`` runs each sequence from its end. Returns (o [B, T, H, V]
+    fp32, final state [N, H, K, V] fp32 or None)."""
+    if reverse:  # packed sequences come out in reverse order, so do their states
+        flip = _Flip(cu_seqlens, q.shape[1])
+        varlen = cu_seqlens is not None
+        if varlen and h0 is not None:
+            h0 = h0.flip(0)
+        o, ht = chunk_run(*(flip(x) for x in (q, k, v, gk, gv, gs)), h0=h0, output_final_state=output_final_state,
+                          cu_seqlens=flip.cu)
+        if varlen and ht is not None:
+            ht = ht.flip(0)
+        return flip(o), ht
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT = 16
+    BK = min(_pow2(K), 64 if gk is not None else 128)
+    BV = min(_pow2(V), 32 if gv is not None else 64)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    o = torch.empty(NK, B * T, H, V, dtype=torch.float32, device=q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    f32 = INTERPRET or q.dtype == torch.float32
+    dummy = o
+    _chunk_fwd_kernel[(NV, NK, N * H)](
+        _flat(q), _flat(k), _flat(v),
+        _flat(gk) if gk is not None else dummy, _flat(gv) if gv is not None else dummy,
+        _flat(gs) if gs is not None else dummy,
+        h0.contiguous() if h0 is not None else dummy, o, ht if ht is not None else dummy,
+        cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy,
+        T, B * T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        HAS_GK=gk is not None, HAS_GV=gv is not None, HAS_GS=gs is not None, USE_H0=h0 is not None,
+        STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, F32_DOT=f32,
+    )
+    o = o.sum(0) if NK > 1 else o[0]
+    return o.view(B, T, H, V), ht
+
+
+class _Flip:
+    """Reverse each sequence along T (and the order of packed sequences, with their boundaries)."""
+
+    def __init__(self, cu, T):
+        self.cu = None if cu is None else (cu[-1] - cu).flip(0)
+
+    def __call__(self, x):
+        return None if x is None else x.flip(1)
+
+
+def _shift(g, cu_seqlens):
+    """g'_t = g_{t+1} within each sequence, 0 at each sequence's last token."""
+    if g is None:
+        return None
+    out = torch.zeros_like(g)
+    out[:, :-1] = g[:, 1:]
+    if cu_seqlens is not None:
+        out[:, (cu_seqlens[1:] - 1).long()] = 0
+    return out
+
+
+def _rev_cumsum(x, cu_seqlens):
+    """sum_{r >= t} x_r within each sequence (along dim 1)."""
+    if cu_seqlens is None:
+        return x.flip(1).cumsum(1).flip(1)
+    out = torch.empty_like(x)
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        out[:, a:b] = x[:, a:b].flip(1).cumsum(1).flip(1)
+    return out
+
+
+def _first_decay(g, cu_seqlens):
+    """exp(g) at the first token of each sequence, [N, H, ...] (1 for an empty sequence)."""
+    if cu_seqlens is None:
+        return torch.exp(g[:, 0])
+    cu = cu_seqlens.long()
+    first = torch.exp(g[0, cu[:-1].clamp(max=g.shape[1] - 1)])
+    empty = (cu[1:] == cu[:-1]).view(-1, *([1] * (first.dim() - 1)))
+    return torch.where(empty, torch.ones_like(first), first)
+
+
+def _add_at_last(dG, term, cu_seqlens):
+    """dG[last token of each sequence] += term[sequence] (empty sequences add nothing)."""
+    if cu_seqlens is None:
+        dG[:, -1] += term
+        return dG
+    cu = cu_seqlens.long()
+    keep = cu[1:] > cu[:-1]
+    dG[0].index_add_(0, (cu[1:] - 1)[keep], term[keep])
+    return dG
+
+
+class ChunkRecurrence(torch.autograd.Function):
+    """Autograd for :func:`chunk_run` (gradients for q, k, v, every decay and the initial state)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state):
+        o, ht = chunk_run(q, k, v, gk, gv, gs, h0, True, cu_seqlens)
+        ctx.save_for_backward(q, k, v, gk, gv, gs, h0, cu_seqlens, o, ht)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, gk, gv, gs, h0, cu, o, ht = ctx.saved_tensors
+        do = do.float().contiguous()
+        dht = torch.zeros_like(ht) if dht is None else dht.float()
+        gk1, gv1, gs1 = (_shift(g, cu) for g in (gk, gv, gs))
+        # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + q_t do_t^T, read three ways
+        dv, r0 = chunk_run(k, q, do, gk1, gv1, gs1, dht, True, cu, reverse=True)
+        dk, _ = chunk_run(v, do, q, gv1, gk1, gs1, dht.transpose(-1, -2), False, cu, reverse=True)
+        h0t = h0.transpose(-1, -2) if h0 is not None else None
+        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu)
+        qf, kf, vf = q.float(), k.float(), v.float()
+        # log-gate gradients: dG_t = q dq - k dk (key side), o do - v dv (value side), plus the final state
+        dgk = dgv = dgs = None
+        fin = ht * dht  # [N, H, K, V]
+        if gk is not None:
+            dgk = _rev_cumsum(_add_at_last(qf * dq - kf * dk, fin.sum(-1), cu), cu)
+        if gv is not None:
+            dgv = _rev_cumsum(_add_at_last(o * do - vf * dv, fin.sum(-2), cu), cu)
+        if gs is not None:
+            dgs = _rev_cumsum(_add_at_last((qf * dq - kf * dk).sum(-1), fin.sum((-1, -2)), cu), cu)
+        dh0 = None
+        if h0 is not None:  # dh0 = D_0^T dS_0
+            dh0 = r0
+            if gk is not None:
+                dh0 = dh0 * _first_decay(gk, cu)[..., :, None]
+            if gv is not None:
+                dh0 = dh0 * _first_decay(gv, cu)[..., None, :]
+            if gs is not None:
+                dh0 = dh0 * _first_decay(gs, cu)[..., None, None]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dgs, dh0, None, None)
+
+
+def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False):
+    """Differentiable :func:`chunk_run`: returns (o [B, T, H, V] fp32, final state or None)."""
+    o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state)
+    return o, (ht if output_final_state else None)
