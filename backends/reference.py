@@ -367,16 +367,10 @@ def _axes_in(n: Node) -> set[str]:
     return out
 
 
-def emit_reference(p: Program) -> list[str]:
-    """Lines of ``init_params`` and ``reference(inputs, params, states, sizes, output_final_state)``."""
-    lines = _init_lines(p)
-    lines += ["", ""]
+def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
+    """Lines binding sizes, inputs ([B, H, T, ...] in the compute dtype), token history and
+    parameters, and an :class:`Emitter` that can compute any node of ``p`` from them."""
     lines += [
-        "def reference(inputs, params, states, sizes, output_final_state=False):",
-        '    """The meaning of the .mix file in plain PyTorch: a loop over tokens for the states,',
-        '    masked quadratic attention for sums over key tokens. inputs {name: [B, T, H, ...]},',
-        '    params {name: [H, ...]}, states {name: [B, H, ...]} (missing = zeros).',
-        '    Returns (o [B, T, H, ...], final states or None)."""',
         f"    x0 = inputs[{p.inputs[0].name!r}]",
         "    B, T, H = x0.shape[0], x0.shape[1], x0.shape[2]",
         "    real = torch.float64 if x0.dtype == torch.float64 else torch.float32",
@@ -384,7 +378,7 @@ def emit_reference(p: Program) -> list[str]:
         "    dev = x0.device",
     ]
     axes = sorted({a for d in p.inputs + p.params + p.buffers + p.states for a in d.axes}
-                  | {a for r in p.roots() for a in _axes_in(r)} - {"T"})
+                  | {a for r in list(p.roots()) + list(extra_nodes) for a in _axes_in(r)} - {"T"})
     sizes_var = {"T": "T"}
     for a in axes:
         sizes_var[a] = f"sz_{a}"
@@ -411,6 +405,23 @@ def emit_reference(p: Program) -> list[str]:
         lines.append(f"    {nm} = params[{d.name!r}].to(dtype=real, device=dev).unsqueeze(0)  # [1, H"
                      + "".join(f", {a}" for a in d.axes) + "]")
         em.leaf_names[(d.kind, d.name)] = nm
+    return em
+
+
+def emit_reference(p: Program) -> list[str]:
+    """Lines of ``init_params`` and ``reference(inputs, params, states, sizes, output_final_state)``."""
+    lines = _init_lines(p)
+    lines += ["", ""]
+    lines += [
+        "def reference(inputs, params, states, sizes, output_final_state=False):",
+        '    """The meaning of the .mix file in plain PyTorch: a loop over tokens for the states,',
+        '    masked quadratic attention for sums over key tokens. inputs {name: [B, T, H, ...]},',
+        '    params {name: [H, ...]}, states {name: [B, H, ...]} (missing = zeros).',
+        '    Returns (o [B, T, H, ...], final states or None)."""',
+    ]
+    em = prologue(p, lines)
+    sizes_var = em.sizes_var
+    history = em.history
     if p.mask is not None:
         e, lay = em.val(p.mask, "pre")
         em.emit(f"mask = {em.expand(em.tensor(e, lay), lay or (), (T_VAR, U_VAR))}.expand(1, 1, T, T)"

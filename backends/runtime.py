@@ -203,7 +203,9 @@ def run_call(meta, form_fn, kwargs, initial_state, output_final_state, cu_seqlen
         meta, kwargs, initial_state, cu_seqlens, init_params
     )
     inputs = {k: inputs[k] for k in meta["inputs"]}
-    if cu_seqlens is None:
+    if cu_seqlens is not None and getattr(form_fn, "native_varlen", False):
+        o, final = form_fn(inputs, params, states, sizes, output_final_state, cu_seqlens=cu_seqlens)
+    elif cu_seqlens is None:
         o, final = form_fn(inputs, params, states, sizes, output_final_state)
     else:
         cu = [int(c) for c in cu_seqlens.tolist()]

@@ -1,0 +1,262 @@
+"""Emit the chunked form of a program: a PyTorch prologue forming q', k', v' and the log decays
+from the analysis's normal form, one call of the generic kernel in :mod:`mixc.backends.chunked`,
+and an epilogue (output gate, skip, normaliser division).
+
+:func:`plan` reads only the analysis (never a mechanism's name) and either returns a
+:class:`ChunkPlan` or says, in words, why this program has no chunked form yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mixc.analysis import Analysis, Readout, StateForm, Term, _flatten_mul, _k_factors, show
+from mixc.ir import T_VAR, Node, Var, canonical
+from mixc.lower import rename
+
+from .reference import prologue
+
+
+@dataclass
+class ChunkPlan:
+    state: str  # the main state
+    transposed: bool  # declared [value, key] rather than [key, value]
+    key: Var  # the update's index over the key axis
+    value: Var  # ... over the value axis
+    q: Node  # q'_t[key]
+    k: Node  # k'_t[key] (sign included)
+    v: Node  # v'_t[value]
+    decay: str  # none | scalar | key | value
+    g: Node | None  # the log decay (idx (t), (), (t, key) or (t, value))
+    gate: Node | None  # output gate over the value axis (multiplies q'^T S)
+    skip: Node | None  # state-free part of the output (over the value axis)
+    normaliser: str | None  # state z carried as an extra value column; o = num / den
+
+
+class NoChunkedForm(Exception):
+    """Why a program in a chunkable class still has no chunked form in this backend."""
+
+
+def _mul_all(nodes: list[Node]) -> Node:
+    out = nodes[0]
+    for n in nodes[1:]:
+        out = Node("mul", (out, n), None, canonical(out.idx + n.idx),
+                   "complex" if "complex" in (out.dtype, n.dtype) else "real")
+    return out
+
+
+def _const(v) -> Node:
+    return Node("const", arg=v)
+
+
+def _log_decay(factors: list[Node]) -> Node:
+    """log of a product of decay factors: exp(x) contributes x, anything else log(f)."""
+    terms = [f.src[0] if f.op == "exp" else Node("log", (f,), None, f.idx, f.dtype) for f in factors]
+    out = terms[0]
+    for t in terms[1:]:
+        out = Node("add", (out, t), None, canonical(out.idx + t.idx), "real")
+    return out
+
+
+def _signed(factors: list[Node], sign: int) -> Node:
+    node = _mul_all(factors) if factors else _const(1)
+    return node if sign > 0 else Node("neg", (node,), None, node.idx, node.dtype)
+
+
+def _readout_parts(terms: list[Term], state: str, key: Var, value: Var, decl_vars) -> tuple[Node, Node | None]:
+    """q' (over the key var) and the output gate (over the value var) of a readout of ``state``."""
+    if len(terms) != 1 or terms[0].state is None or terms[0].state.arg[0] != state:
+        raise NoChunkedForm(f"the output does not read {state} through a single q'^T {state} term")
+    t = terms[0]
+    read = t.state.arg[1]
+    mapping = dict(zip(read, decl_vars))
+    kx = [v for v in read if mapping[v] == key][0]
+    if kx not in t.summed or len(t.summed) != 1:
+        raise NoChunkedForm(f"the readout of {state} does not sum over its key axis")
+    qf, gf = [], []
+    for f in t.factors:
+        f = rename(f, mapping)
+        axes = set(f.idx) - {T_VAR}
+        if value in axes and key in axes:
+            raise NoChunkedForm(f"the readout factor {show(f)} depends on both state axes")
+        (gf if value in axes else qf).append(f)
+    q = _signed(qf, t.sign)
+    gate = _mul_all(gf) if gf else None
+    return q, gate
+
+
+def plan(a: Analysis) -> ChunkPlan:
+    """The chunked plan of an analysed recurrence (raises NoChunkedForm with the reason)."""
+    from mixc.history import token_history
+
+    p = a.program
+    if "chunked" not in a.forms:
+        raise NoChunkedForm(a.reasons.get("chunked", "not chunkable"))
+    if a.kind != "recurrence":
+        raise NoChunkedForm("attention-form files reach the chunked form through their feature maps (not yet)")
+    if a.transition not in ("identity", "constant_scalar", "scalar", "diagonal_key", "diagonal_value"):
+        raise NoChunkedForm(f"the {a.transition} transition has no chunked kernel in this backend yet")
+    if token_history(p):
+        raise NoChunkedForm("reads of past tokens are not supported by the chunked form")
+    main: StateForm = max(a.states, key=lambda s: (len(s.axes), s.normaliser_of is None))
+    decl = p.decl(main.name)
+    key = main.key_axis
+    value = next(v for v in main.axes if v != key)
+    transposed = main.axes.index(key) == 1
+    inp = main.inputs[0]
+    k_node = _signed(_k_factors(inp, value), inp.sign)
+    vf = [f for f in inp.factors if value in f.idx]
+    v_node = _mul_all(vf) if vf else _const(1)
+    if any(key in f.idx for f in vf):
+        raise NoChunkedForm("the input term is not an outer product")
+    # decay
+    decay, g = "none", None
+    if main.linear:
+        factors = list(main.linear[0].factors)
+        if a.transition == "identity" or not factors:
+            decay = "none"
+        else:
+            g = _log_decay(factors)
+            axes = set(g.idx) - {T_VAR}
+            decay = "scalar" if not axes else "key" if axes == {key} else "value" if axes == {value} else "?"
+            if decay == "?":
+                raise NoChunkedForm(f"the decay {show(g)} varies along both state axes")
+    # readout
+    rd: Readout = _readout_of(a)
+    out_vars = p.output.vars
+    if len(out_vars) != 1 or out_vars[0].axis != value.axis:
+        raise NoChunkedForm("the output is not indexed by the state's value axis")
+    outmap = {out_vars[0]: value}
+    normaliser = next((s.name for s in a.states if s.normaliser_of == main.name), None)
+    others = [s for s in a.states if s is not main and s.name != normaliser]
+    if others:
+        raise NoChunkedForm(f"more than one independent state ({', '.join(s.name for s in others)})")
+    skip = None
+    if rd.ratio is not None:
+        if normaliser is None:
+            raise NoChunkedForm("the output divides two readouts but no normaliser state was recognised")
+        num, den = rd.ratio
+        if num.skip or den.skip:
+            raise NoChunkedForm("a normalised readout with a skip term")
+        q_node, gate = _readout_parts(_rename_terms(num.terms, outmap), main.name, key, value, decl_vars(p, main))
+        zdecl = a.states[[s.name for s in a.states].index(normaliser)]
+        qz, gz = _readout_parts(_rename_terms(den.terms, outmap), normaliser, zdecl.axes[0], Var("_none", "_"),
+                                (zdecl.axes[0],))
+        qz = rename(qz, {zdecl.axes[0]: key})
+        if qz != q_node or gz is not None:
+            raise NoChunkedForm("the normaliser is read with another query than the state")
+    else:
+        if normaliser is not None:
+            raise NoChunkedForm("a normaliser state that the output does not divide by")
+        q_node, gate = _readout_parts(_rename_terms(rd.terms, outmap), main.name, key, value, decl_vars(p, main))
+        if rd.skip:
+            parts = [rename(_signed(t.factors, t.sign), outmap) for t in rd.skip]
+            skip = parts[0]
+            for x in parts[1:]:
+                skip = Node("add", (skip, x), None, canonical(skip.idx + x.idx), "real")
+    if any(n.dtype == "complex" for n in (q_node, k_node, v_node) if n is not None):
+        raise NoChunkedForm("complex-valued recurrences have no chunked kernel")
+    return ChunkPlan(main.name, transposed, key, value, q_node, k_node, v_node, decay, g, gate, skip, normaliser)
+
+
+def decl_vars(p, sf: StateForm) -> tuple[Var, ...]:
+    return tuple(sf.axes)
+
+
+def _rename_terms(terms: list[Term], m: dict) -> list[Term]:
+    return [Term([rename(f, m) for f in t.factors], rename(t.state, m) if t.state is not None else None,
+                 tuple(m.get(v, v) for v in t.summed), t.sign) for t in terms]
+
+
+def _readout_of(a: Analysis) -> Readout:
+    from mixc.analysis import readout
+
+    rd = readout(a.program.output.value)
+    if rd is None:
+        raise NoChunkedForm("the output is not linear in the states")
+    return rd
+
+
+def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
+    """Emit ``node`` laid out [B, T, H, *lay_vars] (expanded to full size)."""
+    e, lay = em.val(node, "pre")
+    e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR, *lay_vars))
+    perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(lay_vars))])
+    name = em.fresh()
+    em.emit(f"{name} = ({e}).expand({shape}).permute({perm})")
+    return name
+
+
+def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
+    """Lines of ``chunked(inputs, params, states, sizes, output_final_state, cu_seqlens)``."""
+    p = a.program
+    lines = [
+        "def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
+        f'    """The chunked form of {p.name}: q\', k\', v\' and log decays in PyTorch, then one chunked',
+        f"    kernel for the {a.transition} recurrence of state {cp.state}"
+        + (f" (with {cp.normaliser} as an extra value column)" if cp.normaliser else "") + '."""',
+    ]
+    extra = [n for n in (cp.q, cp.k, cp.v, cp.g, cp.gate, cp.skip) if n is not None]
+    em = prologue(p, lines, extra)
+    K, V = em.sizes_var[cp.key.axis], em.sizes_var[cp.value.axis]
+    em.emit(f"# q'_t = {show(cp.q)},  k'_t = {show(cp.k)},  v'_t = {show(cp.v)}")
+    q = _as_btd(em, cp.q, (cp.key,), f"B, H, T, {K}")
+    k = _as_btd(em, cp.k, (cp.key,), f"B, H, T, {K}")
+    v = _as_btd(em, cp.v, (cp.value,), f"B, H, T, {V}")
+    if cp.normaliser:
+        em.emit(f"{v} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # {cp.normaliser} as a column")
+    gargs = ""
+    if cp.decay != "none":
+        em.emit(f"# log decay ({cp.decay}): {show(cp.g)}")
+        if cp.decay == "scalar":
+            e, lay = em.val(cp.g, "pre")
+            e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR,))
+            g = em.fresh()
+            em.emit(f"{g} = ({e}).expand(B, H, T).permute(0, 2, 1).float()")
+            gargs = f", gs={g}"
+        elif cp.decay == "key":
+            g = _as_btd(em, cp.g, (cp.key,), f"B, H, T, {K}")
+            gargs = f", gk={g}.float()"
+        else:
+            g = _as_btd(em, cp.g, (cp.value,), f"B, H, T, {V}")
+            if cp.normaliser:
+                em.emit(f"{g} = torch.cat([{g}, torch.zeros_like({g}[..., :1])], dim=-1)")
+            gargs = f", gv={g}.float()"
+    em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
+    st = f"states.get({cp.state!r})"
+    em.emit(f"h0 = {st}")
+    tr = ".transpose(-1, -2)" if cp.transposed else ""
+    em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
+    if cp.normaliser:
+        z = cp.normaliser
+        em.emit(f"z0 = states.get({z!r})")
+        em.emit("if h0 is not None or z0 is not None:")
+        em.emit(f"    n_seq = (h0 if h0 is not None else z0).shape[0]")
+        em.emit(f"    h0 = torch.zeros(n_seq, H, {K}, {V}, device=dev) if h0 is None else h0")
+        em.emit(f"    z0 = torch.zeros(n_seq, H, {K}, device=dev) if z0 is None else z0.float()")
+        em.emit("    h0 = torch.cat([h0, z0[..., None]], dim=-1)")
+    em.emit(f"o, ht = chunk_recurrence({q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, "
+            "cu_seqlens=cu_seqlens, output_final_state=output_final_state)")
+    em.emit("o = o.to(real)")
+    final = "{}"
+    if cp.normaliser:
+        em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
+        final = (f"{{{cp.state!r}: ht[..., :{V}]{tr}, {cp.normaliser!r}: ht[..., {V}]}} "
+                 "if output_final_state else None")
+    else:
+        final = f"{{{cp.state!r}: ht{tr}}} if output_final_state else None"
+    if cp.gate is not None:
+        gname = _as_btd(em, cp.gate, (cp.value,), f"B, H, T, {V}")
+        em.emit(f"o = o * {gname}")
+    if cp.skip is not None:
+        sname = _as_btd(em, cp.skip, (cp.value,), f"B, H, T, {V}")
+        em.emit(f"o = o + {sname}")
+    em.emit(f"return o, ({final})")
+    return lines
+
+
+def chunk_plan_or_reason(a: Analysis) -> tuple[ChunkPlan | None, str]:
+    try:
+        return plan(a), "chunked kernel emitted"
+    except NoChunkedForm as ex:
+        return None, str(ex)
