@@ -34,9 +34,9 @@ def _chunk_fwd_kernel(
     q,  # [B*T, H, K] queries (any float dtype)
     k,  # [B*T, H, K] keys
     v,  # [B*T, H, V] values
-    gk,  # [B*T, H, K] fp32 log decay per key entry (HAS_GK)
-    gv,  # [B*T, H, V] fp32 log decay per value entry (HAS_GV)
-    gs,  # [B*T, H] fp32 scalar log decay (HAS_GS)
+    gk,  # [B*T, H, K] log decay per key entry (HAS_GK), any float dtype, used in fp32
+    gv,  # [B*T, H, V] log decay per value entry (HAS_GV)
+    gs,  # [B*T, H] scalar log decay (HAS_GS)
     h0,  # [N, H, K, V] fp32 initial state (USE_H0)
     o,  # [NK, B*T, H, V] fp32 partial outputs, one slab per key block
     ht,  # [N, H, K, V] fp32 final state (STORE_HT)
@@ -270,6 +270,8 @@ class ChunkRecurrence(torch.autograd.Function):
         q, k, v, gk, gv, gs, h0, cu, o, ht = ctx.saved_tensors
         do = do.float().contiguous()
         dht = torch.zeros_like(ht) if dht is None else dht.float()
+        dtypes = [None if g is None else g.dtype for g in (gk, gv, gs)]
+        gk, gv, gs = (None if g is None else g.float() for g in (gk, gv, gs))
         gk1, gv1, gs1 = (_shift(g, cu) for g in (gk, gv, gs))
         # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + q_t do_t^T, read three ways
         dv, r0 = chunk_run(k, q, do, gk1, gv1, gs1, dht, True, cu, reverse=True)
@@ -295,7 +297,16 @@ class ChunkRecurrence(torch.autograd.Function):
                 dh0 = dh0 * _first_decay(gv, cu)[..., None, :]
             if gs is not None:
                 dh0 = dh0 * _first_decay(gs, cu)[..., None, None]
+        dgk, dgv, dgs = (None if d is None else d.to(t) for d, t in zip((dgk, dgv, dgs), dtypes))
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dgs, dh0, None, None)
+
+
+def tensor_product(*xs):
+    """Flattened outer product over the last axis: [..., K1], [..., K2] -> [..., K1 * K2]."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = (out[..., :, None] * x[..., None, :]).flatten(-2)
+    return out
 
 
 def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False):

@@ -178,13 +178,31 @@ def _readout_of(a: Analysis) -> Readout:
 
 
 def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
-    """Emit ``node`` laid out [B, T, H, *lay_vars] (expanded to full size)."""
-    e, lay = em.val(node, "pre")
-    e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR, *lay_vars))
-    perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(lay_vars))])
-    name = em.fresh()
-    em.emit(f"{name} = ({e}).expand({shape}).permute({perm})")
+    """Emit ``node`` laid out [B, T, H, *lay_vars] (expanded to full size). An input read as
+    declared is passed through untouched (no copy, its own dtype)."""
+    key = ("btd", node, lay_vars)
+    if key in em.memo:
+        return em.memo[key]
+    if node.op == "input" and node.src[0].op == "iota" and node.src[0].arg == T_VAR and \
+            tuple(node.arg[1]) == tuple(lay_vars):
+        name = f"inputs[{node.arg[0]!r}]"
+    else:
+        e, lay = em.val(node, "pre")
+        e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR, *lay_vars))
+        perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(lay_vars))])
+        name = em.fresh()
+        em.emit(f"{name} = ({e}).expand({shape}).permute({perm})")
+    em.memo[key] = name
     return name
+
+
+def _scale_by(em, factors: list[Node]) -> str:
+    """`` * f`` for each per-token scalar factor (numbers stay numbers)."""
+    out = ""
+    for f in factors:
+        e, lay = em.val(f, "pre")
+        out += f" * {em._paren(e)}" if lay is None else f" * {_as_btd(em, f, (), 'B, H, T')}[..., None]"
+    return out
 
 
 def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
@@ -212,16 +230,16 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
             e, lay = em.val(cp.g, "pre")
             e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR,))
             g = em.fresh()
-            em.emit(f"{g} = ({e}).expand(B, H, T).permute(0, 2, 1).float()")
+            em.emit(f"{g} = ({e}).expand(B, H, T).permute(0, 2, 1)")
             gargs = f", gs={g}"
         elif cp.decay == "key":
             g = _as_btd(em, cp.g, (cp.key,), f"B, H, T, {K}")
-            gargs = f", gk={g}.float()"
+            gargs = f", gk={g}"
         else:
             g = _as_btd(em, cp.g, (cp.value,), f"B, H, T, {V}")
             if cp.normaliser:
                 em.emit(f"{g} = torch.cat([{g}, torch.zeros_like({g}[..., :1])], dim=-1)")
-            gargs = f", gv={g}.float()"
+            gargs = f", gv={g}"
     em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
     st = f"states.get({cp.state!r})"
     em.emit(f"h0 = {st}")
@@ -258,5 +276,141 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
 def chunk_plan_or_reason(a: Analysis) -> tuple[ChunkPlan | None, str]:
     try:
         return plan(a), "chunked kernel emitted"
+    except NoChunkedForm as ex:
+        return None, str(ex)
+
+
+# ---- attention form with a separable weight: features, then linear attention ----------------------
+
+
+@dataclass
+class FeatureBlock:
+    """One block of the feature maps: coeff * prod(q-side factors) * (A_1 x ... x A_n) against
+    prod(k-side factors) * (B_1 x ... x B_n) (x = flattened outer product)."""
+
+    coeff: float
+    pairs: list[tuple[Node, Node]]  # (A over the query token, B over the key token), one per factor
+    q_factors: list[Node]
+    k_factors: list[Node]
+
+
+@dataclass
+class FeaturePlan:
+    blocks: list[FeatureBlock]
+    value: Node  # v'_t[j]
+    value_var: Var
+    normalised: bool
+    width: str
+
+
+def _to_t(n: Node) -> Node:
+    """A key-token expression read at the current token instead (u -> t)."""
+    from mixc.ir import U_VAR
+
+    return rename(n, {U_VAR: T_VAR})
+
+
+def plan_features(a: Analysis) -> FeaturePlan:
+    from mixc.analysis import _side
+    from mixc.ir import U_VAR
+
+    p = a.program
+    if not (a.separable and "chunked" in a.forms):
+        raise NoChunkedForm(a.reasons.get("chunked", "the weight is not separable"))
+    out = p.output.value
+    num, den = (out.src[0], out.src[1]) if out.op == "div" else (out, None)
+    for s in (num, den):
+        if s is not None and not (s.op == "sum" and s.arg == (U_VAR,)):
+            raise NoChunkedForm("the output is not sum(u: w * v) or sum(u: w * v) / sum(u: w)")
+    factors = _flatten_mul(num.src[0])
+    (j,) = p.output.vars if len(p.output.vars) == 1 else (None,)
+    if j is None:
+        raise NoChunkedForm("the output must have one value axis")
+    vf = [f for f in factors if j in f.idx]
+    wf = [f for f in factors if j not in f.idx]
+    if any(set(f.idx) - {T_VAR, U_VAR, j} for f in vf) or not vf:
+        raise NoChunkedForm("the value factor must depend on the key token and the output axis only")
+    w = _mul_all(wf) if wf else _const(1)
+    if den is not None and den.src[0] != w:
+        raise NoChunkedForm("the denominator's weight differs from the numerator's")
+    from mixc.analysis import separability
+
+    sep = separability(w)
+    if not sep.separable:
+        raise NoChunkedForm(sep.reason)
+    blocks = []
+    for coeff, atoms, ranks in sep.terms:
+        pairs = []
+        for sym, e in atoms.items():
+            node = sep.atom_nodes[sym]
+            if len(node.arg) != 1:
+                raise NoChunkedForm("a dot product over several indices")
+            side_t = [f for f in _flatten_mul(node.src[0]) if _side(f) in ("t", "none")]
+            side_u = [f for f in _flatten_mul(node.src[0]) if _side(f) == "u"]
+            A = _mul_all(side_t) if side_t else _const(1)
+            B = _to_t(_mul_all(side_u)) if side_u else _const(1)
+            pairs += [(A, B)] * int(e)
+        qf, kf = [], []
+        for sym, e in ranks.items():
+            node = sep.rank_one_nodes[sym]
+            (kf if _side(node) == "u" else qf).extend([_to_t(node) if _side(node) == "u" else node] * e)
+        blocks.append(FeatureBlock(float(coeff), pairs, qf, kf))
+    return FeaturePlan(blocks, _to_t(_mul_all(vf)), j, den is not None, a.feature_width or "?")
+
+
+def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
+    """Lines of ``chunked(...)`` for an attention-form file with a separable weight."""
+    p = a.program
+    lines = [
+        "def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
+        f'    """The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width',
+        f"    {fp.width}; phi(q) and psi(k) are formed in PyTorch, then one linear-attention kernel"
+        + (" with a normaliser column" if fp.normalised else "") + '."""',
+    ]
+    nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
+                                                                       b.q_factors + b.k_factors] + [fp.value]
+    em = prologue(p, lines, nodes)
+    j = fp.value_var
+    V = em.sizes_var[j.axis]
+    qs, ks = [], []
+    for bi, b in enumerate(fp.blocks):
+        em.emit(f"# feature block {bi}: {b.coeff!r} * " + (" x ".join(f"({show(A)})" for A, _ in b.pairs) or "1"))
+        qa, ka = [], []
+        for A, B in b.pairs:
+            (i,) = [v for v in A.idx if v != T_VAR] or [None]
+            qa.append(_as_btd(em, A, (i,), f"B, H, T, {em.sizes_var[i.axis]}") if i else None)
+            (i2,) = [v for v in B.idx if v != T_VAR] or [None]
+            ka.append(_as_btd(em, B, (i2,), f"B, H, T, {em.sizes_var[i2.axis]}") if i2 else None)
+        qterm = f"tensor_product({', '.join(qa)})" if qa else "torch.ones(B, T, H, 1, dtype=real, device=dev)"
+        kterm = f"tensor_product({', '.join(ka)})" if ka else "torch.ones(B, T, H, 1, dtype=real, device=dev)"
+        qterm += _scale_by(em, b.q_factors)
+        kterm += _scale_by(em, b.k_factors)
+        if b.coeff != 1.0:
+            qterm = f"{b.coeff!r} * {qterm}"
+        qn, kn = em.fresh(), em.fresh()
+        em.emit(f"{qn} = {qterm}")
+        em.emit(f"{kn} = {kterm}")
+        qs.append(qn)
+        ks.append(kn)
+    v = _as_btd(em, fp.value, (j,), f"B, H, T, {V}")
+    if fp.normalised:
+        em.emit(f"{v} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # the denominator as a column")
+    em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width}]")
+    em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
+    em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
+    em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
+    em.emit("o = o.to(real)")
+    if fp.normalised:
+        em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
+    em.emit("return o, ({} if output_final_state else None)")
+    return lines
+
+
+def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
+    """The chunked form's lines for any analysed program, or None and the reason there is none."""
+    try:
+        if a.kind == "attention":
+            return emit_chunked_features(a, plan_features(a)), "chunked kernel emitted"
+        return emit_chunked(a, plan(a)), "chunked kernel emitted"
     except NoChunkedForm as ex:
         return None, str(ex)

@@ -76,6 +76,7 @@ class Emitter:
         self.slices: dict[Node, str] = {}
         self.loop_indent = indent + "    "
         self.history: dict[str, int] = {}  # input -> number of past tokens carried across calls
+        self.leaf_defs: dict[tuple[str, str], list[str]] = {}  # lines binding a leaf, emitted on first use
 
     # layout: None for a Python number, else the index vars after the two leading dims
     def layout(self, n: Node, phase: str) -> tuple[Var, ...]:
@@ -142,6 +143,14 @@ class Emitter:
             self.slices[n] = name
         return self.slices[n], tuple(v for v in lay if v != T_VAR)
 
+    def leaf(self, op: str, name: str) -> str:
+        """The variable holding an input or parameter, bound (in the prologue) on first use."""
+        key = (op, name)
+        if key in self.leaf_defs:
+            for line in self.leaf_defs.pop(key):
+                self.lines.append(self.indent + line)
+        return self.leaf_names[key]
+
     def hoistable(self, n: Node) -> bool:
         """Whether a state-free value is computed for all tokens before the loop: only when that
         does not blow up memory (no more axes than the tensors it reads, e.g. exp(g[i]) but not
@@ -178,7 +187,7 @@ class Emitter:
             return self._assign(f"torch.arange(H, dtype={self.rdt}, device={self.dev}).view(1, H)", (), indent)
         if op in ("input", "param", "buffer"):
             name, vars_ = n.arg
-            base = self.leaf_names[(op, name)]
+            base = self.leaf(op, name)
             if op != "input":
                 return self.expand(base, tuple(vars_), lay) if tuple(vars_) != lay else base, lay
             tok = n.src[0]
@@ -387,8 +396,8 @@ def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
     for d in p.inputs:
         nm = f"in_{d.name}"
         perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(d.axes))])
-        lines.append(f"    {nm} = inputs[{d.name!r}].to(real).permute({perm})  # [B, H, T, {', '.join(d.axes)}]"
-                     .replace(", ]", "]"))
+        em.leaf_defs[("input", d.name)] = [
+            f"{nm} = inputs[{d.name!r}].to(real).permute({perm})  # [B, H, T, {', '.join(d.axes)}]".replace(", ]", "]")]
         em.leaf_names[("input", d.name)] = nm
     history = token_history(p)
     em.history = history
@@ -396,14 +405,15 @@ def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
         d = next(x for x in p.inputs if x.name == name)
         key = history_name(name)
         shape = ", ".join(["B", "H", str(past)] + [sizes_var[a] for a in d.axes])
+        em.leaf(("input"), name)
         lines.append(f"    past_{name} = states.get({key!r})  # the last {past} tokens of {name} before this call")
         lines.append(f"    past_{name} = torch.zeros({shape}, dtype=real, device=dev) if past_{name} is None "
                      f"else past_{name}.to(dtype=real, device=dev)")
         lines.append(f"    ext_{name} = torch.cat([past_{name}, in_{name}], dim=2)")
     for d in p.params + p.buffers:
         nm = f"{'pm' if d.kind == 'param' else 'bf'}_{d.name}"
-        lines.append(f"    {nm} = params[{d.name!r}].to(dtype=real, device=dev).unsqueeze(0)  # [1, H"
-                     + "".join(f", {a}" for a in d.axes) + "]")
+        em.leaf_defs[(d.kind, d.name)] = [f"{nm} = params[{d.name!r}].to(dtype=real, device=dev).unsqueeze(0)  # [1, H"
+                                          + "".join(f", {a}" for a in d.axes) + "]"]
         em.leaf_names[(d.kind, d.name)] = nm
     return em
 

@@ -397,6 +397,11 @@ class Separability:
     weight: str = ""
     reason: str = ""
     atoms: list[str] = field(default_factory=list)
+    # the factorisation itself, for emitters: w = sum over terms of
+    #   coeff * prod_k atom_k ** e_k * prod_r rank_one_r ** f_r
+    terms: list[tuple[sympy.Expr, dict, dict]] = field(default_factory=list)
+    atom_nodes: dict = field(default_factory=dict)  # sympy symbol -> the sum node (a dot product)
+    rank_one_nodes: dict = field(default_factory=dict)  # sympy symbol -> a node of t only, u only or neither
 
 
 class _NotSeparable(Exception):
@@ -501,7 +506,15 @@ def _separability(w: Node) -> Separability:
     reason = (f"w is a polynomial of degree {max(degrees)} in {', '.join(str(s) for s in syms)}: tensor-power "
               f"features of degrees {', '.join(map(str, degrees))} give width {sizes_str(width)}"
               + (f" ({sizes_str(sym_width)} with symmetric features)" if sym_width != width else ""))
-    return Separability(True, sympy.expand(width), sym_width, show(w), reason, descr)
+    terms = []
+    r_syms = list(rank_one.values())
+    for monom, coeff in poly.terms():
+        for part in sympy.Add.make_args(sympy.expand(coeff)):
+            num, rest = part.as_independent(*r_syms, as_Add=False)
+            powers = rest.as_powers_dict() if rest != 1 else {}
+            terms.append((num, {s: e for s, e in zip(syms, monom) if e}, {r: int(e) for r, e in powers.items()}))
+    return Separability(True, sympy.expand(width), sym_width, show(w), reason, descr, terms,
+                        {s: n for n, s in atoms.items()}, {s: n for n, s in rank_one.items()})
 
 
 def _flatten_mul(n: Node) -> list[Node]:

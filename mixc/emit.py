@@ -73,16 +73,16 @@ def _strip_module_docstring(src: str) -> str:
 def _form_plans(p: Program):
     """(analysis, chunk plan or None, why not) for program ``p``."""
     from .analysis import analyse
-    from .backends.chunked_emit import chunk_plan_or_reason
+    from .backends.chunked_emit import emit_any
 
     a = analyse(p)
-    cp, why = chunk_plan_or_reason(a) if "chunked" in a.forms else (None, a.reasons.get("chunked", ""))
-    return a, cp, why
+    lines, why = emit_any(a) if "chunked" in a.forms else (None, a.reasons.get("chunked", ""))
+    return a, lines, why
 
 
 def module_source(p: Program) -> str:
     """The full text of the standalone module for program ``p`` (deterministic)."""
-    from .backends import chunked, chunked_emit
+    from .backends import chunked
 
     text = p.source.text
     digest = hashlib.sha256(text.encode()).hexdigest()
@@ -129,7 +129,7 @@ def module_source(p: Program) -> str:
     form_table = '{"reference": reference}'
     if cp is not None:
         lines += ["", ""]
-        lines += chunked_emit.emit_chunked(analysis, cp)
+        lines += cp
         lines += ["", "", "chunked.native_varlen = True  # runs packed sequences (cu_seqlens) in one launch"]
         form_table = '{"chunked": chunked, "reference": reference}'
     lines += [
