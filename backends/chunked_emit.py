@@ -99,7 +99,6 @@ def plan(a: Analysis) -> ChunkPlan:
     if token_history(p):
         raise NoChunkedForm("reads of past tokens are not supported by the chunked form")
     main: StateForm = max(a.states, key=lambda s: (len(s.axes), s.normaliser_of is None))
-    decl = p.decl(main.name)
     key = main.key_axis
     value = next(v for v in main.axes if v != key)
     transposed = main.axes.index(key) == 1
@@ -249,7 +248,7 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         z = cp.normaliser
         em.emit(f"z0 = states.get({z!r})")
         em.emit("if h0 is not None or z0 is not None:")
-        em.emit(f"    n_seq = (h0 if h0 is not None else z0).shape[0]")
+        em.emit("    n_seq = (h0 if h0 is not None else z0).shape[0]")
         em.emit(f"    h0 = torch.zeros(n_seq, H, {K}, {V}, device=dev) if h0 is None else h0")
         em.emit(f"    z0 = torch.zeros(n_seq, H, {K}, device=dev) if z0 is None else z0.float()")
         em.emit("    h0 = torch.cat([h0, z0[..., None]], dim=-1)")

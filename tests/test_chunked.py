@@ -1,0 +1,144 @@
+"""The chunked form against the reference: outputs, final states and every gradient (inputs,
+parameters, initial states), at odd shapes, T = 1, variable-length batches and initial states.
+
+Under TRITON_INTERPRET=1 (CPU, conftest.py) with fp32 products; on a GPU the same tests run the
+compiled kernels.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixc
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["linear_attention", "based", "retnet", "gla", "mamba2"]
+SIZES = {"K": 5, "V": 7, "N": 6, "P": 3}
+
+SYNTHETIC = """
+# A mixer that is no example: a value-axis decay, an output gate, a skip and a learnable scale.
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input f[Dv] ~ logsigmoid
+param w[] = 0.5
+state M[Dk, Dv]
+M[x, y] = exp(f[y]) * M[x, y] + sigmoid(b[x]) * c[y]
+out r[y] = w * sum(x: silu(a[x]) * M[x, y]) * sigmoid(c[y]) + c[y]
+"""
+
+
+def load(name):
+    if name == "synthetic":
+        return mixc.loads(SYNTHETIC, "synthetic.mix")
+    return mixc.load(ROOT / "examples" / f"{name}.mix")
+
+
+def sizes_of(m):
+    return {k: v for k, v in {**SIZES, "Dk": 5, "Dv": 7}.items() if k in m.meta["sizes"]}
+
+
+def rel(a, b):
+    """Relative RMS error; a reference that is (analytically) zero is compared on an absolute scale."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / max(float(b.norm()), 1e-2 * b.numel() ** 0.5))
+
+
+def run_both(m, x, params, s0, cu=None):
+    """(reference outputs, final, grads) in float64 and (chunked ...) in float32."""
+    out = []
+    for dtype, form in ((torch.float64, "reference"), (torch.float32, "chunked")):
+        xs = {k: v.detach().to(DEV, dtype).requires_grad_() for k, v in x.items()}
+        ps = {k: v.detach().to(DEV, dtype).requires_grad_() for k, v in params.items()}
+        ss = {k: v.detach().to(DEV, dtype).requires_grad_() for k, v in (s0 or {}).items()}
+        o, fin = m(**xs, **ps, initial_state=ss or None, output_final_state=True, cu_seqlens=cu, form=form)
+        loss = (o * torch.linspace(-1, 1, o.shape[-1], device=DEV, dtype=o.dtype)).square().sum()
+        loss = loss + sum((f * 0.1).sum() for f in fin.values())
+        loss.backward()
+        grads = {k: t.grad for k, t in {**xs, **ps, **ss}.items() if t.grad is not None}
+        out.append((o, fin, grads))
+    return out
+
+
+def check(ref, ours, tol=1e-3):
+    (ro, rf, rg), (o, f, g) = ref, ours
+    assert rel(o, ro) < tol
+    assert sorted(f) == sorted(rf)
+    for k in rf:
+        assert rel(f[k], rf[k]) < tol, k
+    assert sorted(g) == sorted(rg)
+    for k in rg:
+        assert rel(g[k], rg[k]) < tol, k
+
+
+def states_for(m, n, H, sizes):
+    gen = torch.Generator().manual_seed(5)
+    bound = {**m.meta["consts_as_sizes"], **sizes}
+    out = {}
+    for s, sm in m.meta["states"].items():
+        x = 0.5 * torch.randn(n, H, *[bound[a] for a in sm["axes"]], generator=gen, dtype=torch.float64)
+        out[s] = x.abs() + 0.5 if s == "z" else x  # linear attention's normaliser stays positive
+    return out
+
+
+CASES = [(n, B, T, H) for n in NAMES + ["synthetic"] for (B, T, H) in ((2, 37, 2), (1, 1, 3))]
+
+
+@pytest.mark.parametrize("name,B,T,H", CASES, ids=[f"{c[0]}-B{c[1]}-T{c[2]}-H{c[3]}" for c in CASES])
+def test_chunked_matches_reference(name, B, T, H):
+    m = load(name)
+    assert "chunked" in m.forms
+    sz = sizes_of(m)
+    x = m.random_inputs(B, T, H, dtype=torch.float64, seed=T, **sz)
+    params = m.parameters_init(H, dtype=torch.float64, **sz)
+    params = {k: v * 1.1 for k, v in params.items()}
+    check(*run_both(m, x, params, states_for(m, B, H, sz)))
+    check(*run_both(m, x, params, None))
+
+
+@pytest.mark.parametrize("name", NAMES + ["synthetic"])
+def test_chunked_varlen(name):
+    m = load(name)
+    sz = sizes_of(m)
+    cu = torch.tensor([0, 5, 5, 20, 37], device=DEV)
+    x = m.random_inputs(1, 37, 2, dtype=torch.float64, seed=3, **sz)
+    params = m.parameters_init(2, dtype=torch.float64, **sz)
+    check(*run_both(m, x, params, states_for(m, 4, 2, sz), cu=cu))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2)])
+def test_chunked_low_precision_inputs(dtype, tol):
+    m = load("gla")
+    x = m.random_inputs(2, 33, 2, dtype=torch.float64, K=8, V=8)
+    ref = m.reference(**x)
+    o = m(**{k: v.to(DEV, dtype) for k, v in x.items()}, form="chunked")
+    assert o.dtype == dtype and rel(o, ref) < tol
+
+
+def test_chunked_is_the_default_for_chunkable_mixers():
+    for name in NAMES:
+        assert load(name).meta["default_form"] == "chunked"
+    for name in ("hgrn", "mamba", "softmax_attention"):
+        assert "chunked" not in load(name).forms
+
+
+def test_kernel_forms_on_cpu_without_the_interpreter_fall_back_or_explain():
+    """Without CUDA tensors or TRITON_INTERPRET, form=None runs the reference; form='chunked' says why not."""
+    code = (
+        "import torch, mixc\n"
+        f"m = mixc.load({str(ROOT / 'examples' / 'gla.mix')!r})\n"
+        "x = m.random_inputs(1, 4, 1, K=2, V=2)\n"
+        "assert torch.equal(m(**x), m.reference(**x))\n"
+        "try:\n"
+        "    m(**x, form='chunked')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "runs Triton kernels" in r.stdout
