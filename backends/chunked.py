@@ -6,18 +6,20 @@ Every mixer the analysis puts in a chunkable class reduces, after a PyTorch prol
     S_t = Diag(exp(gk_t)) S_{t-1} Diag(exp(gv_t)) * exp(gs_t) + k_t v_t^T,     o_t = q_t^T S_t
 
 per (sequence, head), with any subset of the decays ``gk`` (per key entry), ``gv`` (per value
-entry) and ``gs`` (scalar). :func:`_chunk_fwd_kernel` runs it chunk by chunk: within a chunk of
-``BT`` tokens a masked ``BT x BT`` product, across chunks the state in registers. All decays
-enter as differences of in-chunk cumulative log gates that are <= 0, so nothing overflows.
+entry) and ``gs`` (scalar). :func:`_chunk_fwd_kernel` walks each sequence chunk by chunk with the
+state in registers: within a chunk a masked ``BT x BT`` product (tensor cores; exact 16 x 16
+blocks where decays differ per entry), across chunks the state. Decays enter only as differences
+of in-chunk cumulative log gates that are <= 0, so nothing overflows.
 
 The backward pass is the same kernel three more times (the adjoint of a linear recurrence is a
-linear recurrence run in reverse):
-    dv = run(q=k,  k=q,  v=do, gk, reversed)          (readout of dS_t with k_t)
-    dk = run(q=v,  k=do, v=q,  gv=gk, reversed)       (dS_t contracted over the value axis)
-    dq = run(q=do, k=v,  v=k,  gv=gk)                 (S_t contracted over the value axis)
-and the log-gate gradients follow from ``dG_t = q_t dq_t - k_t dk_t`` (plus the final state's
-term), summed from the end. This file needs only torch and triton; `mixc compile` pastes it into
-the generated module.
+linear recurrence run in reverse, with each token's decay taken from the next token):
+    dv = run(q=k,  k=q,  v=do, gk, gv, reverse)        (readout of dS_t with k_t)
+    dk = run(q=v,  k=do, v=q,  gk=gv, gv=gk, reverse)  (dS_t contracted over the value axis)
+    dq = run(q=do, k=v,  v=k,  gk=gv, gv=gk)           (S_t contracted over the value axis)
+each without token t's own term, which is added exactly afterwards; the log-gate gradients come
+from ``dG_t = q_t dq_t - k_t dk_t`` on those strict parts (so the large own terms, which cancel,
+never enter in low precision), plus the final state's term, summed from each sequence's end.
+This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
 import os
@@ -47,15 +49,18 @@ def _chunk_fwd_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,  # chunk length
-    BK: tl.constexpr,  # key block (a power of two)
-    BV: tl.constexpr,  # value block (a power of two)
+    BK: tl.constexpr,  # key block (a power of two, >= 16)
+    BV: tl.constexpr,  # value block (a power of two, >= 16)
     HAS_GK: tl.constexpr,
     HAS_GV: tl.constexpr,
     HAS_GS: tl.constexpr,
     USE_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    F32_DOT: tl.constexpr,  # exact fp32 products (fp32 inputs); else bf16/fp16 tensor cores
+    REVERSE: tl.constexpr,  # walk each sequence from its last token to its first
+    SHIFT_G: tl.constexpr,  # the decay at token t is the gate of token t + 1 (0 past the end)
+    STRICT: tl.constexpr,  # o_t leaves out token t's own term (s < t within a chunk)
+    DOT: tl.constexpr,  # operand precision of the products: 0 bf16, 1 fp16, 2 tf32, 3 ieee fp32
 ):
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -65,21 +70,36 @@ def _chunk_fwd_kernel(
     else:
         bos = i_n.to(tl.int64) * T
         eos = bos + T
+    L = eos - bos
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
     o_t = tl.arange(0, BT)
-    m_causal = o_t[:, None] >= o_t[None, :]
+    if STRICT:
+        m_causal = o_t[:, None] > o_t[None, :]
+    else:
+        m_causal = o_t[:, None] >= o_t[None, :]
     # the state block S[BK, BV], fp32, carried across chunks
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         p_h0 = h0 + (i_nh * K + o_k[:, None]) * V + o_v[None, :]
         b_s += tl.load(p_h0, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    for t0 in range(bos, eos, BT):
-        i_t = t0 + o_t
-        m_t = i_t < eos
-        last = tl.minimum(eos - t0, BT) - 1  # row of the chunk's last token
+    for p0 in range(0, L, BT):
+        p = p0 + o_t  # logical positions of the chunk's rows
+        m_t = p < L
+        if REVERSE:
+            i_t = eos - 1 - p
+        else:
+            i_t = bos + p
+        i_t = tl.where(m_t, i_t, bos)
+        if SHIFT_G:
+            i_g = i_t + 1
+            m_g = m_t & (i_g < eos)
+        else:
+            i_g = i_t
+            m_g = m_t
+        last = tl.minimum(L - p0, BT) - 1  # row of the chunk's last token
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_q = tl.load(q + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
@@ -90,22 +110,24 @@ def _chunk_fwd_kernel(
         b_kd = b_k
         b_vd = b_v
         if HAS_GS:
-            b_gs = tl.load(gs + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            b_gs = tl.load(gs + i_g * H + i_h, mask=m_g, other=0.0).to(tl.float32)
             b_Gs = tl.cumsum(b_gs, axis=0)
             b_Gs_last = tl.sum(tl.where(o_t == last, b_Gs, 0.0), axis=0)
         if HAS_GK:
-            b_gk = tl.load(gk + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            m_gk = m_g[:, None] & m_k[None, :]
+            b_gk = tl.load(gk + (i_g[:, None] * H + i_h) * K + o_k[None, :], mask=m_gk, other=0.0).to(tl.float32)
             b_Gk = tl.cumsum(b_gk, axis=0)
             b_Gk_last = tl.sum(tl.where((o_t == last)[:, None], b_Gk, 0.0), axis=0)
             b_qd = b_q * tl.exp(b_Gk)
             b_kd = b_k * tl.exp(b_Gk_last[None, :] - b_Gk)
         if HAS_GV:
-            b_gv = tl.load(gv + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            m_gv = m_g[:, None] & m_v[None, :]
+            b_gv = tl.load(gv + (i_g[:, None] * H + i_h) * V + o_v[None, :], mask=m_gv, other=0.0).to(tl.float32)
             b_Gv = tl.cumsum(b_gv, axis=0)
             b_Gv_last = tl.sum(tl.where((o_t == last)[:, None], b_Gv, 0.0), axis=0)
             b_vd = b_v * tl.exp(b_Gv_last[None, :] - b_Gv)
         # the past: o = (q * exp(Gk)) S (* exp(Gv)) (* exp(Gs))
-        b_o = _dot(b_qd, b_s, F32_DOT)
+        b_o = _dot(b_qd, b_s, DOT)
         if HAS_GV:
             b_o = b_o * tl.exp(b_Gv)
         if HAS_GS:
@@ -115,7 +137,7 @@ def _chunk_fwd_kernel(
             b_dk = tl.exp(tl.where(m_causal[:, :, None], b_Gk[:, None, :] - b_Gk[None, :, :], -float("inf")))
             b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dk, axis=2)
         else:
-            b_a = _dot(b_q, tl.trans(b_k), F32_DOT)
+            b_a = _dot(b_q, tl.trans(b_k), DOT)
         if HAS_GS:
             b_a = b_a * tl.exp(tl.where(m_causal, b_Gs[:, None] - b_Gs[None, :], -float("inf")))
         b_a = tl.where(m_causal, b_a, 0.0)
@@ -123,7 +145,7 @@ def _chunk_fwd_kernel(
             b_dv = tl.exp(tl.where(m_causal[:, :, None], b_Gv[:, None, :] - b_Gv[None, :, :], -float("inf")))
             b_o += tl.sum(b_a[:, :, None] * b_v[None, :, :] * b_dv, axis=1)
         else:
-            b_o += _dot(b_a, b_v, F32_DOT)
+            b_o += _dot(b_a, b_v, DOT)
         p_o = o + (i_k.to(tl.int64) * NT + i_t[:, None]) * H * V + i_h * V + o_v[None, :]
         tl.store(p_o, b_o, mask=m_tv)
         # carry the state to the end of the chunk
@@ -134,17 +156,21 @@ def _chunk_fwd_kernel(
         if HAS_GS:
             b_s = b_s * tl.exp(b_Gs_last)
             b_kd = b_kd * tl.exp(b_Gs_last - b_Gs)[:, None]
-        b_s += _dot(tl.trans(b_kd), b_vd, F32_DOT)
+        b_s += _dot(tl.trans(b_kd), b_vd, DOT)
     if STORE_HT:
         p_ht = ht + (i_nh * K + o_k[:, None]) * V + o_v[None, :]
         tl.store(p_ht, b_s, mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _dot(a, b, F32_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation: exact fp32 products, or bf16 tensor cores."""
-    if F32_DOT:
+def _dot(a, b, DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; DOT picks the operand precision (see the kernel)."""
+    if DOT == 3:
         return tl.dot(a, b, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a, b, input_precision="tf32")
+    elif DOT == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
@@ -161,34 +187,31 @@ def _flat(x):
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
+def _dot_mode(dtype):
+    if INTERPRET or dtype == torch.float32:
+        return 3
+    return 1 if dtype == torch.float16 else 0
+
+
 def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=False, cu_seqlens=None,
-              reverse=False):
+              reverse=False, shift_g=False, strict=False):
     """o_t = q_t^T S_t with S_t = Dk_t S_{t-1} Dv_t exp(gs_t) + k_t v_t^T (Dk = Diag(exp(gk_t)), ...).
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; gk: [B, T, H, K], gv: [B, T, H, V], gs: [B, T, H] (fp32 log
+    q, k: [B, T, H, K]; v: [B, T, H, V]; gk: [B, T, H, K], gv: [B, T, H, V], gs: [B, T, H] (log
     decays, <= 0, or None); h0: [N, H, K, V] fp32 or None (N = B, or the number of sequences of
-    ``cu_seqlens`` with B = 1). ``reverse`` runs each sequence from its end. Returns (o [B, T, H, V]
-    fp32, final state [N, H, K, V] fp32 or None)."""
-    if reverse:  # packed sequences come out in reverse order, so do their states
-        flip = _Flip(cu_seqlens, q.shape[1])
-        varlen = cu_seqlens is not None
-        if varlen and h0 is not None:
-            h0 = h0.flip(0)
-        o, ht = chunk_run(*(flip(x) for x in (q, k, v, gk, gv, gs)), h0=h0, output_final_state=output_final_state,
-                          cu_seqlens=flip.cu)
-        if varlen and ht is not None:
-            ht = ht.flip(0)
-        return flip(o), ht
+    ``cu_seqlens`` with B = 1). ``reverse`` runs each sequence from its end; ``shift_g`` takes each
+    token's decay from the next token; ``strict`` leaves token t's own term out of o_t. Returns
+    (o [B, T, H, V] fp32, final state [N, H, K, V] fp32 or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BT = 16
-    BK = min(_pow2(K), 64 if gk is not None else 128)
-    BV = min(_pow2(V), 32 if gv is not None else 64)
+    diag = gk is not None or gv is not None  # per-entry decays: exact 16 x 16 blocks
+    BT = 16 if diag else 64
+    BK = max(16, min(_pow2(K), 64 if diag else 128))
+    BV = max(16, min(_pow2(V), 32))
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     o = torch.empty(NK, B * T, H, V, dtype=torch.float32, device=q.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    f32 = INTERPRET or q.dtype == torch.float32
     dummy = o
     _chunk_fwd_kernel[(NV, NK, N * H)](
         _flat(q), _flat(k), _flat(v),
@@ -198,31 +221,11 @@ def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=Fa
         cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy,
         T, B * T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         HAS_GK=gk is not None, HAS_GV=gv is not None, HAS_GS=gs is not None, USE_H0=h0 is not None,
-        STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, F32_DOT=f32,
+        STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, REVERSE=reverse, SHIFT_G=shift_g,
+        STRICT=strict, DOT=_dot_mode(q.dtype), num_warps=4,
     )
     o = o.sum(0) if NK > 1 else o[0]
     return o.view(B, T, H, V), ht
-
-
-class _Flip:
-    """Reverse each sequence along T (and the order of packed sequences, with their boundaries)."""
-
-    def __init__(self, cu, T):
-        self.cu = None if cu is None else (cu[-1] - cu).flip(0)
-
-    def __call__(self, x):
-        return None if x is None else x.flip(1)
-
-
-def _shift(g, cu_seqlens):
-    """g'_t = g_{t+1} within each sequence, 0 at each sequence's last token."""
-    if g is None:
-        return None
-    out = torch.zeros_like(g)
-    out[:, :-1] = g[:, 1:]
-    if cu_seqlens is not None:
-        out[:, (cu_seqlens[1:] - 1).long()] = 0
-    return out
 
 
 def _rev_cumsum(x, cu_seqlens):
@@ -268,35 +271,41 @@ class ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gk, gv, gs, h0, cu, o, ht = ctx.saved_tensors
-        do = do.float().contiguous()
+        do = do.contiguous()
         dht = torch.zeros_like(ht) if dht is None else dht.float()
         dtypes = [None if g is None else g.dtype for g in (gk, gv, gs)]
-        gk, gv, gs = (None if g is None else g.float() for g in (gk, gv, gs))
-        gk1, gv1, gs1 = (_shift(g, cu) for g in (gk, gv, gs))
-        # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + q_t do_t^T, read three ways
-        dv, r0 = chunk_run(k, q, do, gk1, gv1, gs1, dht, True, cu, reverse=True)
-        dk, _ = chunk_run(v, do, q, gv1, gk1, gs1, dht.transpose(-1, -2), False, cu, reverse=True)
+        # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + q_t do_t^T, read three ways, each
+        # without token t's own term (added below exactly, so the gate gradients do not cancel it)
+        dv, r0 = chunk_run(k, q, do, gk, gv, gs, dht, True, cu, reverse=True, shift_g=True, strict=True)
+        dk, _ = chunk_run(v, do, q, gv, gk, gs, dht.transpose(-1, -2), False, cu, reverse=True, shift_g=True,
+                          strict=True)
         h0t = h0.transpose(-1, -2) if h0 is not None else None
-        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu)
-        qf, kf, vf = q.float(), k.float(), v.float()
-        # log-gate gradients: dG_t = q dq - k dk (key side), o do - v dv (value side), plus the final state
+        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu, strict=True)
+        qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
+        qk = (qf * kf).sum(-1, keepdim=True)
+        dov = (dof * vf).sum(-1, keepdim=True)
+        # log-gate gradients from the strict parts: dG_t = q dq - k dk (key side), (o - qk v) do - v dv
+        # (value side), plus the final state's term, summed from each sequence's end
         dgk = dgv = dgs = None
         fin = ht * dht  # [N, H, K, V]
         if gk is not None:
             dgk = _rev_cumsum(_add_at_last(qf * dq - kf * dk, fin.sum(-1), cu), cu)
         if gv is not None:
-            dgv = _rev_cumsum(_add_at_last(o * do - vf * dv, fin.sum(-2), cu), cu)
+            dgv = _rev_cumsum(_add_at_last((o - qk * vf) * dof - vf * dv, fin.sum(-2), cu), cu)
         if gs is not None:
             dgs = _rev_cumsum(_add_at_last((qf * dq - kf * dk).sum(-1), fin.sum((-1, -2)), cu), cu)
+        dq = dq + dov * kf
+        dk = dk + dov * qf
+        dv = dv + qk * dof
         dh0 = None
         if h0 is not None:  # dh0 = D_0^T dS_0
             dh0 = r0
             if gk is not None:
-                dh0 = dh0 * _first_decay(gk, cu)[..., :, None]
+                dh0 = dh0 * _first_decay(gk.float(), cu)[..., :, None]
             if gv is not None:
-                dh0 = dh0 * _first_decay(gv, cu)[..., None, :]
+                dh0 = dh0 * _first_decay(gv.float(), cu)[..., None, :]
             if gs is not None:
-                dh0 = dh0 * _first_decay(gs, cu)[..., None, None]
+                dh0 = dh0 * _first_decay(gs.float(), cu)[..., None, None]
         dgk, dgv, dgs = (None if d is None else d.to(t) for d, t in zip((dgk, dgv, dgs), dtypes))
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dgs, dh0, None, None)
 

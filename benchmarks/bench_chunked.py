@@ -166,6 +166,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--only", default="")
+    ap.add_argument("--long", action="store_true", help="also B1 T16384 (forward only)")
     args = ap.parse_args()
     ops = fla_ops()
     names = ["gla", "retnet", "linear_attention", "mamba2", "based"]
@@ -188,7 +189,7 @@ def main():
             checks.append({"op": n, "error": repr(e)[:300]})
         print("check", json.dumps(checks[-1]), flush=True)
     rows = []
-    shapes = [(4, 4096, 16, 128, True), (8, 1024, 16, 64, True), (1, 16384, 16, 128, False)]
+    shapes = [(4, 4096, 16, 128, True), (8, 1024, 16, 64, True)] + ([(1, 16384, 16, 128, False)] if args.long else [])
     if args.quick:
         shapes = shapes[1:2]
     for B, T, H, D, bwd in shapes:
