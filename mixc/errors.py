@@ -97,11 +97,17 @@ class Source:
     text: str
 
     def line(self, n: int) -> str | None:
-        rows = self.text.splitlines()
-        return rows[n - 1] if 1 <= n <= len(rows) else None
+        rows = self.text.split("\n")  # lines as the parser counts them (only '\n' ends a line)
+        return rows[n - 1].rstrip("\r") if 1 <= n <= len(rows) else None
 
 
 def did_you_mean(name: str, choices) -> str | None:
     """A hint naming the closest known name, if any is close."""
-    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close:  # then ignoring case: 'w' for 'W'
+        folded: dict[str, str] = {}
+        for c in choices:
+            folded.setdefault(c.lower(), c)
+        close = [folded[c] for c in difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.6)]
     return f"did you mean '{close[0]}'?" if close else None

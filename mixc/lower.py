@@ -9,6 +9,7 @@ The verifier passes that need the whole program (:func:`check_updates`,
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -68,6 +69,8 @@ def _fold(op: str, vals: list):
         }
         if op not in table:
             return None
+        if op == "pow" and isinstance(a, int) and isinstance(b, int) and b > 1024 and abs(a) > 1:
+            a = float(a)  # 10 ** 10 ** 10 as an exact integer would not finish; as a float it overflows
         out = table[op]()
     except (ValueError, ZeroDivisionError, OverflowError, TypeError):
         return None
@@ -131,6 +134,9 @@ class Lowerer:
         self.tensors: dict[str, ast.TensorStmt] = {}
         self.defs: dict[str, ast.DefStmt] = {}
         self.lets: dict[str, _Let] = {}
+        self._let_stack: list[str] = []  # lets being lowered, outermost first
+        self._def_stack: list[str] = []  # functions being substituted
+        self.current: Pos | None = None  # the statement being lowered (for errors without a better place)
         self.name: str | None = None
 
     # -- errors ------------------------------------------------------------------------------
@@ -145,6 +151,37 @@ class Lowerer:
         line = self.source.line(pos.line) or ""
         end = pos.end_col if pos.end_line == pos.line else len(line) + 1
         return line[pos.col - 1 : end - 1].strip()
+
+    def find_after(self, pos: Pos | None, word: str) -> Pos | None:
+        """Where the name ``word`` next occurs after ``pos`` (for a token the syntax tree keeps no position of)."""
+        if pos is None:
+            return None
+        text = self.source.text
+        rows = text.split("\n")
+        start = sum(len(r) + 1 for r in rows[: pos.end_line - 1]) + pos.end_col - 1
+        m = re.compile(rf"(?<![A-Za-z_0-9]){re.escape(word)}(?![A-Za-z_0-9])").search(text, start)
+        if m is None:
+            return None
+        line = text.count("\n", 0, m.start()) + 1
+        col = m.start() - text.rfind("\n", 0, m.start())
+        return Pos(line, col, line, col + len(word))
+
+    def name_in(self, pos: Pos | None, name: str, brackets: str = "[]", nth: int = 0) -> Pos | None:
+        """The ``nth`` occurrence of the index ``name`` in the header of ``pos``: between its first
+        ``brackets[0]`` and the ``brackets[1]`` after it (``S[i, j]``, ``sum(i, j: ...)``); else ``pos``."""
+        if pos is None or pos.end_line != pos.line:
+            return pos
+        line = self.source.line(pos.line) or ""
+        seg = line[pos.col - 1 : pos.end_col - 1]
+        lo = seg.find(brackets[0]) + 1
+        hi = seg.find(brackets[1], lo)
+        if lo == 0 or hi < 0:
+            return pos
+        hits = list(re.finditer(rf"(?<![A-Za-z_0-9]){re.escape(name)}(?![A-Za-z_0-9])", seg[lo:hi]))
+        if len(hits) <= nth:
+            return pos
+        col = pos.col + lo + hits[nth].start()
+        return Pos(pos.line, col, pos.line, col + len(name))
 
     def all_names(self) -> set[str]:
         return set(self.sizes) | set(self.const_stmts) | set(self.tensors) | set(self.defs) | set(self.lets)
@@ -180,7 +217,8 @@ class Lowerer:
             elif isinstance(st, ast.TensorStmt):
                 self.tensors[name] = st
                 if st.kind == "input" and st.sampler is not None and st.sampler not in SAMPLERS:
-                    raise self.err(f"unknown sampler '{st.sampler}' for input '{name}'", st.pos,
+                    raise self.err(f"unknown sampler '{st.sampler}' for input '{name}'",
+                                   self.find_after(st.pos, st.sampler) or st.pos,
                                    expected=", ".join(SAMPLERS),
                                    hint=did_you_mean(st.sampler, SAMPLERS))
                 for ax in st.axes:
@@ -217,7 +255,7 @@ class Lowerer:
         for name in self.const_stmts:
             self._const_value(name, set())
 
-    def _const_value(self, name: str, busy: set[str]):
+    def _const_value(self, name: str, busy: set[str], ref: Pos | None = None):
         if name in self.consts:
             return self.consts[name]
         st = self.const_stmts[name]
@@ -227,8 +265,9 @@ class Lowerer:
                 raise self.err(f"constant '{name}' must be a number, got {val!r}", st.pos)
         else:
             if name in busy:
-                raise self.err(f"constant '{name}' is defined in terms of itself", st.pos)
+                raise self.err(f"constant '{name}' is defined in terms of itself", ref or st.pos)
             busy.add(name)
+            self.current = st.pos
             node = self.expr(st.value, _Ctx("const", where=f"constant '{name}'"), const_busy=busy)
             if node.op != "const" or node.dtype != "real":
                 raise self.err(f"constant '{name}' must be a real number known when the file is loaded",
@@ -236,6 +275,9 @@ class Lowerer:
             val = node.arg
             if isinstance(val, float) and val.is_integer() and isinstance(st.value, ast.Num):
                 val = int(val)
+        if isinstance(val, float) and not math.isfinite(val):
+            raise self.err(f"constant '{name}' must be a finite number, got {val!r}",
+                           st.pos if name in self.overrides else st.value.pos)
         self.consts[name] = val
         return val
 
@@ -336,7 +378,7 @@ class Lowerer:
             return Node("head", pos=pos)
         if name in self.const_stmts:
             if ctx.kind == "const":
-                return const(self._const_value(name, const_busy if const_busy is not None else set()), pos)
+                return const(self._const_value(name, const_busy if const_busy is not None else set(), pos), pos)
             return const(self.consts[name], pos)
         if name in self.sizes:
             if ctx.kind == "const":
@@ -360,14 +402,14 @@ class Lowerer:
     def index_ref(self, e: ast.Index, ctx: _Ctx) -> Node:
         name = e.name
         if name in ctx.funcs or name in ctx.env or name in self.const_stmts or name in self.sizes:
-            raise self.err(f"'{name}' is a scalar and cannot be indexed", e.pos)
+            raise self.err(f"'{name}' is a scalar and cannot be indexed", _head(e.pos, name))
         if name in self.defs:
-            raise self.err(f"'{name}' is a function; call it with ( ) not [ ]", e.pos)
+            raise self.err(f"'{name}' is a function; call it with ( ) not [ ]", _head(e.pos, name))
         if name in self.lets:
             return self.let_ref(name, e.args, e.pos, ctx)
         if name in self.tensors:
             return self.tensor_ref(self.tensors[name], e.args, e.pos, ctx)
-        raise self.unknown(name, e.pos, ctx)
+        raise self.unknown(name, _head(e.pos, name), ctx)
 
     def index_var(self, a: ast.Expr, ctx: _Ctx, axis: str, owner: str, k: int, shape: str) -> Var:
         """An index expression on a feature axis: must be an index name running over ``axis``."""
@@ -399,13 +441,19 @@ class Lowerer:
                            hint="initialisers, constants and masks see only numbers, sizes and indices")
         per_token = st.kind == "input"
         allowed = (rank, rank + 1) if per_token else (rank,)
-        if len(args) not in allowed:
-            want = f"{rank}" + (f" (or {rank + 1} with a token index first)" if per_token else "")
+        # k[i, j] on an input k[K]: two feature indices, not a token index and one feature index
+        feature_first = per_token and len(args) == rank + 1 and isinstance(args[0], ast.Name) and \
+            ctx.env.get(args[0].name) not in (None, T_VAR, U_VAR)
+        if len(args) not in allowed or feature_first:
+            want = f"{rank} {'index' if rank == 1 else 'indices'}" + (
+                f", or {rank + 1} with a token index first" if per_token else "")
             raise self.err(
-                f"wrong number of indices for '{st.name}': it has shape {shape}, given {len(args)}", pos,
-                expected=f"{want} {'index' if rank == 1 else 'indices'}",
-                hint=f"write {st.name}[{', '.join(a.size.lower() for a in st.axes)}]" if rank else
-                f"write {st.name} (it is a scalar)")
+                f"wrong number of indices for '{st.name}': it has shape {shape}, indexed as "
+                f"{self.given_shape(args, ctx)}", pos,
+                expected=want,
+                hint=f"index each axis of {shape} once" + (", optionally after a token index: "
+                                                          f"{st.name}[t - 1, ...]" if per_token else "")
+                if rank else f"write {st.name} (it is a scalar)")
         token: Node | None = None
         if per_token:
             if len(args) == rank + 1:
@@ -424,6 +472,19 @@ class Lowerer:
         src = (token,) if token is not None else ()
         idx = canonical(([v for v in token.idx] if token is not None else []) + list(vars_))
         return Node(op, src, (st.name, vars_), idx, "complex" if st.complex else "real", pos)
+
+    def given_shape(self, args, ctx: _Ctx) -> str:
+        """The axes an index list runs over, as far as they are known: `[K, ?]`."""
+        axes = []
+        for a in args:
+            var = ctx.env.get(a.name) if isinstance(a, ast.Name) else None
+            if var is not None:
+                axes.append(var.axis)
+            elif isinstance(a, ast.Name) and a.name in ("t", "u") and a.name not in self.decl_pos:
+                axes.append(TOKEN_AXIS)
+            else:
+                axes.append("?")
+        return "[" + ", ".join(axes) + "]"
 
     def token_index(self, a: ast.Expr, ctx: _Ctx, owner: str) -> Node:
         """The token position of a per-token read: t or u minus a non-negative offset."""
@@ -445,11 +506,13 @@ class Lowerer:
 
     def let_ref(self, name: str, args, pos: Pos | None, ctx: _Ctx) -> Node:
         let = self.lets[name]
-        node, vars_ = self.lower_let(name)
-        if len(args) != len(vars_):
-            raise self.err(f"wrong number of indices for '{name}': it is defined with {len(vars_)}, given {len(args)}",
-                           pos, expected=f"{len(vars_)}", hint=f"it is defined as {self.text(let.stmt.pos)}")
+        node, vars_ = self.lower_let(name, _head(pos, name))
         shape = "[" + ", ".join(v.axis for v in vars_) + "]"
+        if len(args) != len(vars_):
+            raise self.err(f"wrong number of indices for '{name}': it has shape {shape}, indexed as "
+                           f"{self.given_shape(args, ctx)}", pos,
+                           expected=f"{len(vars_)} {'index' if len(vars_) == 1 else 'indices'}",
+                           hint=f"it is defined as {self.text(let.stmt.pos)}")
         mapping = {}
         for k, (a, v) in enumerate(zip(args, vars_)):
             mapping[v] = self.index_var(a, ctx, v.axis, name, k, shape)
@@ -457,24 +520,37 @@ class Lowerer:
             raise self.err(f"'{name}' cannot be read in {ctx.where}", pos)
         return rename(node, mapping) if mapping else node
 
-    def lower_let(self, name: str) -> tuple[Node, tuple[Var, ...]]:
+    def lower_let(self, name: str, ref: Pos | None = None) -> tuple[Node, tuple[Var, ...]]:
+        """Lower a let once (``ref``: where it is read, to point at a cycle)."""
         let = self.lets[name]
         if let.node is not None:
             return let.node, let.vars
         if let.busy:
-            raise self.err(f"'{name}' is defined in terms of itself", let.stmt.pos,
+            chain = self._let_stack[self._let_stack.index(name):] + [name] if name in self._let_stack else []
+            via = f" ({' -> '.join(chain)})" if len(chain) > 2 else ""
+            raise self.err(f"'{name}' is defined in terms of itself{via}", ref or let.stmt.pos,
                            hint="a let names an expression; a quantity carried over time is a state")
         let.busy = True
+        self._let_stack.append(name)
+        try:
+            return self._lower_let(name, let)
+        finally:
+            let.busy = False
+            self._let_stack.pop()
+
+    def _lower_let(self, name: str, let: _Let) -> tuple[Node, tuple[Var, ...]]:
         st = let.stmt
+        self.current = st.pos
         env = self.infer_vars(st.vars, st.value, st.pos, f"let '{name}'")
         ctx = _Ctx("let", env, where=f"let '{name}'")
         node = self.expr(st.value, ctx)
         vars_ = tuple(env[v] for v in st.vars)
         extra = [v for v in node.idx if v not in vars_ and v not in (T_VAR, U_VAR)]
         if extra:
-            raise self.err(f"index '{extra[0].name}' is free on the right of '{name}' but not on its left", st.value.pos,
+            raise self.err(f"index '{extra[0].name}' is free on the right of '{name}' but not on its left",
+                           st.value.pos,
                            hint=f"write let {name}[{', '.join([*st.vars, extra[0].name])}] = ... or sum over it")
-        let.node, let.vars, let.busy = node, vars_, False
+        let.node, let.vars = node, vars_
         return node, vars_
 
     # -- calls ----------------------------------------------------------------------------
@@ -486,9 +562,16 @@ class Lowerer:
             if len(e.args) != len(d.params):
                 raise self.err(f"wrong number of arguments to '{name}': it takes {len(d.params)}, given {len(e.args)}",
                                pos, expected=f"{name}({', '.join(d.params)})")
+            if name in self._def_stack:
+                raise self.err(f"function '{name}' calls itself", _head(pos, name),
+                               hint="functions are substituted where called, so they cannot recurse")
             args = [self.expr(a, ctx, const_busy) for a in e.args]
             inner = _Ctx(ctx.kind, ctx.env, dict(zip(d.params, args)), ctx.where)
-            return self.expr(d.body, inner, const_busy)
+            self._def_stack.append(name)
+            try:
+                return self.expr(d.body, inner, const_busy)
+            finally:
+                self._def_stack.pop()
         if name == "eye":
             self._arity(e, 2, "eye(i, j)")
             vs = []
@@ -503,7 +586,8 @@ class Lowerer:
         if name in RANDOM_FUNCS:
             self._arity(e, 2, RANDOM_FUNCS[name])
             if ctx.kind != "init":
-                raise self.err(f"random draw '{name}' is only allowed in a param or buffer initialiser", pos)
+                raise self.err(f"random draw '{name}' is only allowed in a param or buffer initialiser", pos,
+                               hint=f"draw it once in an initialiser: param w[...] = {RANDOM_FUNCS[name]}")
             lo, hi = (self.expr(a, ctx) for a in e.args)
             for n, a in zip((lo, hi), e.args):
                 self.need_number(n, a.pos)
@@ -533,9 +617,9 @@ class Lowerer:
                     self.need_real(n, x.pos, name)
             return make(name, (a, b), pos)
         if name in self.tensors or name in self.lets:
-            raise self.err(f"'{name}' is not a function; index it with [ ]", pos)
+            raise self.err(f"'{name}' is not a function; index it with [ ]", _head(pos, name))
         known = set(self.defs) | BUILTIN_FUNCS
-        raise self.err(f"unknown function '{name}'", pos, expected="one of " + ", ".join(sorted(known)),
+        raise self.err(f"unknown function '{name}'", _head(pos, name), expected="one of " + ", ".join(sorted(known)),
                        hint=did_you_mean(name, known) or f"define it: def {name}(x) = ...")
 
     def _arity(self, e: ast.Call, n: int, form: str) -> None:
@@ -550,21 +634,22 @@ class Lowerer:
             raise self.err(f"{e.kind}(...) cannot be used in {ctx.where}", e.pos)
         new: dict[str, Var] = {}
         for name in e.vars:
+            at = self.name_in(e.pos, name, "(:", nth=1 if name in new else 0)
             if name == "t":
-                raise self.err("t is the current token and cannot be summed over", e.pos,
+                raise self.err("t is the current token and cannot be summed over", at,
                                hint="sum over key tokens with sum(u: ...)")
             if e.kind == "softmax" and name == "u" and ctx.env.get("u") == U_VAR:
                 continue  # softmax(u: ...) inside sum(u: ...): the same key token
             if name in ctx.env or name in new:
-                raise self.err(f"index '{name}' is already bound here", e.pos, hint="pick another index name")
+                raise self.err(f"index '{name}' is already bound here", at, hint="pick another index name")
             if name == "u" and name not in self.decl_pos:
                 if ctx.kind not in ("let", "out"):
-                    raise self.err("sums over key tokens (u) belong in the output", e.pos)
+                    raise self.err("sums over key tokens (u) belong in the output", at)
                 new[name] = U_VAR
                 continue
             if name in self.all_names() or name in RESERVED:
-                raise self.err(f"'{name}' is already a name here and cannot be an index", e.pos)
-            new[name] = Var(name, self.infer_axis(name, e.body, e.pos))
+                raise self.err(f"'{name}' is already a name here and cannot be an index", at)
+            new[name] = Var(name, self.infer_axis(name, e.body, at))
         if e.kind == "softmax" and list(new.values()) not in ([U_VAR], []):
             raise self.err("softmax normalises over key tokens: write softmax(u: score)", e.pos)
         body = self.expr(e.body, ctx.with_vars(new))
@@ -573,6 +658,10 @@ class Lowerer:
         keyed = canonical((*body.idx, T_VAR)) if U_VAR in new.values() or e.kind == "softmax" else body.idx
         if e.kind == "softmax":
             self.need_real(body, e.body.pos, "softmax")
+            if U_VAR not in body.idx:
+                raise self.err("the score of softmax(u: ...) does not depend on the key token u", e.body.pos,
+                               hint="score each key, e.g. sum(i: q[t, i] * k[u, i]); for a plain average over "
+                                    "the visible keys write sum(u: x) / sum(u: 1)")
             return Node("softmax", (body,), U_VAR, keyed, "real", e.pos)
         vars_ = tuple(new.values())
         idx = tuple(v for v in keyed if v not in vars_)
@@ -596,11 +685,12 @@ class Lowerer:
     def infer_vars(self, names, body: ast.Expr, pos: Pos | None, where: str) -> dict[str, Var]:
         env: dict[str, Var] = {}
         for n in names:
+            at = self.name_in(pos, n, nth=1 if n in env else 0)
             if n in ("t", "u"):
-                raise self.err(f"'{n}' is a token index: it is implicit on the left of {where}", pos)
+                raise self.err(f"'{n}' is a token index: it is implicit on the left of {where}", at)
             if n in env:
-                raise self.err(f"index '{n}' appears twice on the left of {where}", pos)
-            env[n] = Var(n, self.infer_axis(n, body, pos))
+                raise self.err(f"index '{n}' appears twice on the left of {where}", at)
+            env[n] = Var(n, self.infer_axis(n, body, at))
         return env
 
     def _uses(self, name: str, e) -> list[tuple[str, Pos | None]]:
@@ -622,11 +712,8 @@ class Lowerer:
                     if st.kind == "input" and len(args) == len(axes) + 1:
                         args = args[1:]
                 elif x.name in self.lets:
-                    try:
-                        _, lv = self.lower_let(x.name)
-                        axes = [v.axis for v in lv]
-                    except MixError:
-                        axes = None
+                    _, lv = self.lower_let(x.name, _head(x.pos, x.name))
+                    axes = [v.axis for v in lv]
                 if axes is not None and len(axes) == len(args):
                     for a, ax in zip(args, axes):
                         if isinstance(a, ast.Name) and a.name == name:
@@ -647,13 +734,20 @@ class Lowerer:
     # -- statements ------------------------------------------------------------------------
 
     def init_decl(self, st: ast.TensorStmt) -> TensorDecl:
+        self.current = st.pos
         axes = tuple(a.size for a in st.axes)
         for a in st.axes:
             if not self.axis_known(a.size):
-                raise self.err(f"unknown size '{a.size}' in the shape of '{st.name}'", a.pos,
+                raise self.err(f"unknown size '{a.size}' in the shape of '{st.name}'", _tail(a.pos, a.size),
                                expected="a declared size or constant",
                                hint=did_you_mean(a.size, set(self.sizes) | set(self.const_stmts))
                                or f"declare it: size {a.size}")
+            val = self.consts.get(a.size, 1)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise self.err(f"constant '{a.size}' is used as a size in the shape of '{st.name}' and must be a "
+                               f"positive integer, got {val!r}", _tail(a.pos, a.size),
+                               hint="write it as an integer ('//' divides integers)"
+                               if isinstance(val, float) else None)
         if st.kind in ("input", "state"):
             return TensorDecl(st.kind, st.name, axes, st.complex, st.sampler, pos=st.pos)
         init_vars = []
@@ -677,6 +771,7 @@ class Lowerer:
         mask: Node | None = None
         updated: dict[str, Pos | None] = {}
         for st in self.module.statements:
+            self.current = st.pos
             if isinstance(st, ast.UpdateStmt):
                 eq = self.lower_update(st)
                 if eq.target in updated:
@@ -705,7 +800,7 @@ class Lowerer:
                 raise self.err(f"state '{d.name}' is never updated", d.pos,
                                hint=f"add an update: {d.name}[...] = ... (or remove the state)")
         if output is None:
-            last = len(self.source.text.rstrip().splitlines()) or 1
+            last = len(self.source.text.rstrip().split("\n")) or 1
             raise self.err("the mixer has no output", Pos(last, 1, last, 2),
                            hint="declare one: out o[j] = ...")
         prog = Program(
@@ -742,15 +837,17 @@ class Lowerer:
         env: dict[str, Var] = {}
         for v, ax in zip(st.vars, decl.axes):
             if v in env:
-                raise self.err(f"index '{v}' appears twice on the left of the update", st.pos)
+                raise self.err(f"index '{v}' appears twice on the left of the update", self.name_in(st.pos, v, nth=1))
             if v in RESERVED or v in self.all_names():
-                raise self.err(f"'{v}' is already a name and cannot be an index", st.pos)
+                raise self.err(f"'{v}' is already a name and cannot be an index", self.name_in(st.pos, v))
             env[v] = Var(v, ax.size)
         ctx = _Ctx("update", env, where=f"the update of '{st.name}'")
         node = self.expr(st.value, ctx)
         self.need_number(node, st.value.pos)
         if node.dtype == "complex" and not decl.complex:
-            raise self.err(f"a complex value where a real one is needed: state '{st.name}' is real", st.value.pos,
+            where = _origin(node, st.value.pos, lambda n: n.dtype == "complex")
+            raise self.err(f"a complex value where a real one is needed: state '{st.name}' is real, but "
+                           f"'{self.text(where)}' is complex", where,
                            hint=f"declare 'state {st.name}[...] complex', or take real(...)")
         self._check_free(node, env, st, st.name)
         for n in node.walk():
@@ -765,8 +862,9 @@ class Lowerer:
         node = self.expr(st.value, ctx)
         self.need_number(node, st.value.pos)
         if node.dtype == "complex":
-            raise self.err(f"a complex value where a real one is needed: the output '{st.name}' must be real",
-                           st.value.pos, hint="take real(...) of the complex part")
+            where = _origin(node, st.value.pos, lambda n: n.dtype == "complex")
+            raise self.err(f"a complex value where a real one is needed: the output '{st.name}' must be real, but "
+                           f"'{self.text(where)}' is complex", where, hint="take real(...) of the complex part")
         self._check_free(node, env, st, st.name)
         return Equation(st.name, tuple(env[v] for v in st.vars), node, st.pos)
 
@@ -774,11 +872,12 @@ class Lowerer:
         allowed = set(env.values()) | {T_VAR}
         for v in node.idx:
             if v not in allowed:
+                pos = _origin(node, st.value.pos, lambda n, v=v: v in n.idx)
                 if v == U_VAR:
-                    raise self.err(f"key token u is free in '{target}'", st.value.pos,
+                    raise self.err(f"key token u is free in '{target}'", pos,
                                    hint="sum over key tokens: sum(u: ...)")
                 raise self.err(f"index '{v.name}' is free on the right of '{target}' but not on its left",
-                               st.value.pos, hint=f"sum over it with sum({v.name}: ...) or add it on the left")
+                               pos, hint=f"sum over it with sum({v.name}: ...) or add it on the left")
 
 
 def _children(x):
@@ -793,6 +892,34 @@ def _children(x):
     if isinstance(x, ast.Reduce):
         return (x.body,)
     return ()
+
+
+def _head(pos: Pos | None, name: str) -> Pos | None:
+    """The span of the name that starts ``pos`` (``kk`` in ``kk[i]``, ``frob`` in ``frob(x)``)."""
+    if pos is None:
+        return None
+    return Pos(pos.line, pos.col, pos.line, pos.col + len(name))
+
+
+def _inside(pos: Pos | None, span: Pos | None) -> bool:
+    return pos is not None and span is not None and (span.line, span.col) <= (pos.line, pos.col) and \
+        (pos.end_line, pos.end_col) <= (span.end_line, span.end_col)
+
+
+def _origin(node: Node, span: Pos | None, follow) -> Pos | None:
+    """The innermost operand of ``node`` written inside ``span`` (a statement's right-hand side, so
+    not inside a let defined elsewhere) that still has the property ``follow`` (is complex, has a free
+    index): where the problem comes from."""
+    while (inner := next((s for s in node.src if follow(s) and _inside(s.pos, span)), None)) is not None:
+        node = inner
+    return node.pos if _inside(node.pos, span) else span
+
+
+def _tail(pos: Pos | None, name: str) -> Pos | None:
+    """The span of the name that ends ``pos`` (``N`` in ``n: N``)."""
+    if pos is None:
+        return None
+    return Pos(pos.end_line, max(1, pos.end_col - len(name)), pos.end_line, pos.end_col)
 
 
 def _stem(path: str) -> str:
@@ -1015,12 +1142,47 @@ def eval_int_expr(n: Node, env: dict, sizes: dict):
 def lower(module: ast.Module, source: Source, overrides: dict | None = None) -> Program:
     """Syntax tree -> verified IR program."""
     lw = Lowerer(module, source, overrides)
-    prog = lw.lower()
-    check_linear(prog, lw)
-    mask_stmt = next((s for s in module.statements if isinstance(s, ast.MaskStmt)), None)
-    check_mask_causal(prog, lw, mask_stmt.pos if mask_stmt else None)
-    check_attention_shape(prog, lw)
+    try:
+        prog = lw.lower()
+        check_depth(prog, lw)
+        check_linear(prog, lw)
+        mask_stmt = next((s for s in module.statements if isinstance(s, ast.MaskStmt)), None)
+        check_mask_causal(prog, lw, mask_stmt.cond.pos if mask_stmt else None)
+        check_attention_shape(prog, lw)
+    except RecursionError:
+        raise lw.err("the program is nested too deeply to compile", lw.current,
+                     hint="split long chains into fewer, flatter expressions") from None
     return prog
+
+
+# Expressions deeper than this (after lets and functions are substituted) are rejected:
+# the passes and emitters after lowering recurse over the expression tree.
+MAX_DEPTH = 200
+
+
+def node_depth(root: Node) -> int:
+    """Longest operand chain under ``root`` (iteratively: no recursion)."""
+    depth: dict[int, int] = {}
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        n, done = stack.pop()
+        if id(n) in depth:
+            continue
+        if done:
+            depth[id(n)] = 1 + max((depth[id(s)] for s in n.src), default=0)
+            continue
+        stack.append((n, True))
+        stack.extend((s, False) for s in n.src if id(s) not in depth)
+    return depth[id(root)]
+
+
+def check_depth(prog: Program, lowerer: Lowerer) -> None:
+    for eq in (*prog.updates, prog.output):
+        d = node_depth(eq.value)
+        if d > MAX_DEPTH:
+            raise lowerer.err(f"the value of '{eq.target}' is nested too deeply ({d} levels once lets and functions "
+                              f"are substituted; at most {MAX_DEPTH})", eq.pos,
+                              hint="split long chains into fewer, flatter expressions")
 
 
 def check_attention_shape(prog: Program, lowerer: Lowerer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,7 +11,6 @@ from lark import Token, Transformer, v_args
 
 from . import ast
 from .errors import MixError, Pos, Source
-
 
 
 def _grammar_text() -> str:
@@ -226,39 +226,155 @@ def _describe(expected) -> str:
     return ", ".join(words)
 
 
+_PAIRS = {"(": ")", "[": "]"}
+# Characters that other languages use, and what a .mix file writes instead.
+_CHAR_HINTS = {
+    "&": "write 'and'",
+    "|": "write 'or'",
+    "!": "write 'not' (or '!=' to compare)",
+    "^": "write '**' for a power",
+    ";": "write one statement per line",
+}
+
+
+def _offset(text: str, line: int, col: int) -> int:
+    """Character offset of a 1-based (line, column)."""
+    rows = text.split("\n")
+    return sum(len(r) + 1 for r in rows[: line - 1]) + col - 1
+
+
+def _open_brackets(text: str, end: int) -> list[tuple[str, Pos]]:
+    """The brackets still open at offset ``end`` (innermost last), skipping comments."""
+    stack: list[tuple[str, Pos]] = []
+    line, col, i = 1, 1, 0
+    while i < end and i < len(text):
+        c = text[i]
+        if c == "#":
+            while i < end and i < len(text) and text[i] != "\n":
+                i += 1
+                col += 1
+            continue
+        if c in _PAIRS:
+            stack.append((c, Pos(line, col, line, col + 1)))
+        elif c in ")]" and stack:
+            stack.pop()
+        if c == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+        i += 1
+    return stack
+
+
+def _filter_expected(expected, stack) -> set[str]:
+    """Drop what cannot follow here (lark's LALR tables merge states: ')' may be offered at depth 0)."""
+    out = set(expected)
+    if not stack:
+        out -= {"RPAR", "RSQB"}
+    else:
+        out -= {"RSQB" if stack[-1][0] == "(" else "RPAR", "_NL", "$END"}
+    return out or set(expected)
+
+
+_KEYWORDS = {"MIXER", "SIZE", "CONST", "INPUT", "PARAM", "BUFFER", "STATE", "DEF", "LET", "MASK", "OUT"}
+_ASSIGNMENT = re.compile(r"[A-Za-z_]\w*\s*(\[[^\]\n]*\])?\s*=(?!=)")
+
+
+def _starts_statement(tok: Token, text: str, offset: int) -> bool:
+    """Whether ``tok`` opens a line that reads like a new statement (a keyword or ``x[...] = ...``)."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    if text[line_start:offset].strip():
+        return False
+    return tok.type in _KEYWORDS or (tok.type == "NAME" and _ASSIGNMENT.match(text, offset) is not None)
+
+
 def _syntax_error(err: lark.exceptions.UnexpectedInput, source: Source) -> MixError:
+    text = source.text
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
+        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "?"
         pos = Pos(err.line, err.column, err.line, err.column + 1)
-        hint = None
-        if char in "{}$@`'\"":
+        stack = _open_brackets(text, err.pos_in_stream)
+        hint = _CHAR_HINTS.get(char)
+        if hint is None and char in "{}$@`'\"?\\":
             hint = "a .mix file uses only names, numbers, operators, ( ) [ ] , : = ~ and #comments"
-        return MixError(f"unexpected character {char!r}", pos, expected=_describe(err.allowed), hint=hint,
-                        source=source)
-    assert isinstance(err, lark.exceptions.UnexpectedToken)
+        return MixError(f"unexpected character {char!r}", pos, expected=_describe(_filter_expected(err.allowed, stack)),
+                        hint=hint, source=source)
+    if not isinstance(err, lark.exceptions.UnexpectedToken):  # pragma: no cover - not raised by the LALR parser
+        line, col = getattr(err, "line", None), getattr(err, "column", None)
+        pos = Pos(line, col, line, col + 1) if isinstance(line, int) and isinstance(col, int) and line > 0 else None
+        return MixError("syntax error", pos, source=source)
     tok = err.token
     if tok.type == "$END":
-        rows = source.text.rstrip().splitlines() or [""]
-        line = len(rows)
-        pos = Pos(line, len(rows[-1]) + 1, line, len(rows[-1]) + 2)
-        return MixError("unexpected end of file", pos, expected=_describe(err.expected),
-                        hint="a bracket may be left open", source=source)
+        stack = _open_brackets(text, len(text))
+        expected = _describe(_filter_expected(err.expected, stack))
+        if stack:
+            br, bpos = stack[-1]
+            return MixError(f"unexpected end of file: '{br}' is never closed", bpos, expected=f"'{_PAIRS[br]}'",
+                            hint=f"close it with '{_PAIRS[br]}'", source=source)
+        if tok.end_line and tok.end_column:  # lark's end token borrows the position of the last token
+            pos = Pos(tok.end_line, tok.end_column, tok.end_line, tok.end_column + 1)
+        else:
+            rows = text.rstrip().split("\n")
+            pos = Pos(len(rows), len(rows[-1]) + 1, len(rows), len(rows[-1]) + 2)
+        return MixError("unexpected end of file", pos, expected=expected, hint="the last statement is incomplete",
+                        source=source)
     pos = _tok_pos(tok)
+    start = tok.start_pos if tok.start_pos is not None else _offset(text, tok.line, tok.column)
+    stack = _open_brackets(text, start)
+    expected = _filter_expected(err.expected, stack)
     what = "end of line" if tok.type == "_NL" else repr(str(tok))
+    if tok.type == "_NL" and not re.sub(r"#[^\n]*|\s", "", text[tok.end_pos :] if tok.end_pos is not None else "x"):
+        what = "end of file"  # only blank lines and comments follow
     if tok.type == "_NL":
         pos = Pos(tok.line, tok.column, tok.line, tok.column + 1)
-    hint = None
-    expected = set(err.expected)
-    if tok.type == "_NL" and expected & {"RPAR", "RSQB"}:
-        hint = "a bracket is left open on this line"
-    elif str(tok) == "=" and "EQUAL" not in expected:
+    if stack and tok.line > stack[-1][1].line and _starts_statement(tok, text, start):
+        # Inside brackets a newline continues the statement, so a missing ')' shows up on a later line.
+        br, bpos = stack[-1]
+        return MixError(f"'{br}' is never closed (the statement runs on into {what} on line {tok.line})", bpos,
+                        expected=f"'{_PAIRS[br]}' before the end of line {bpos.line}",
+                        hint=f"close it with '{_PAIRS[br]}'", source=source)
+    if tok.type in ("RPAR", "RSQB"):
+        if not stack:
+            return MixError(f"unmatched {what}", pos, expected=_describe(expected),
+                            hint="no bracket is open here; remove it or add the opening bracket", source=source)
+        br, bpos = stack[-1]
+        if _PAIRS[br] != str(tok):
+            return MixError(f"{what} does not match the '{br}' opened at line {bpos.line}, column {bpos.col}", pos,
+                            expected=_describe(expected), source=source)
+    nxt = text[tok.end_pos : tok.end_pos + 2] if tok.end_pos is not None else ""
+    if tok.type in ("ADDOP", "MULOP", "POW", "PLUS", "MINUS") and nxt[:1] == "=" and nxt != "==":
+        op = f"{tok}="
+        lhs = text[text.rfind("\n", 0, start) + 1 : start].strip()
+        if not re.fullmatch(r"[A-Za-z_]\w*\s*(\[[^\]]*\])?", lhs):
+            lhs = "x"
+        example = f"{lhs} = {lhs} {tok} ..."
+        return MixError(f"'{op}' is not an operator in .mix", Pos(pos.line, pos.col, pos.line, pos.col + len(op)),
+                        expected="'='", hint=f"write the whole update: {example}", source=source)
+    hint = "the last statement is incomplete" if what == "end of file" else None
+    if str(tok) == "=" and "EQUAL" not in expected:
         hint = "use '==' to compare; '=' only appears once, after the name being defined"
-    elif tok.type == "NAME" and expected <= {"_NL", "$END", "COMMA", "ADDOP", "MULOP", "COMPOP", "RPAR", "RSQB",
-                                               "POW", "COLON", "EQUAL", "TILDE", "COMPLEX", "LSQB", "LPAR"}:
-        hint = "an operator may be missing between two operands (write '*' for products)"
-    elif str(tok) in {"+=", "-="}:
-        hint = "write the whole update: S[i, j] = S[i, j] + ..."
+    elif tok.type in ("NAME", "NUMBER", "IMAG", "REDUCER", "LPAR") and "MULOP" in expected:
+        return MixError(f"missing operator before {what}", pos, expected=_describe(expected),
+                        hint="two operands cannot stand side by side: write '*' for a product", source=source)
     return MixError(f"unexpected {what}", pos, expected=_describe(expected), hint=hint, source=source)
+
+
+# Deeper expressions than this are rejected: later passes recurse over the expression tree.
+MAX_DEPTH = 100
+
+
+def _check_depth(tree: lark.Tree, source: Source) -> None:
+    """Reject absurdly nested expressions with a located error (iteratively: no recursion)."""
+    for stmt in tree.children:
+        if not isinstance(stmt, lark.Tree):
+            continue
+        stack = [(stmt, 0)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise MixError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", _pos(stmt),
+                               hint="split it into named parts with let", source=source)
+            stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
 
 
 def parse(text: str, path: str = "<string>") -> ast.Module:
@@ -268,4 +384,5 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise _syntax_error(err, source) from None
+    _check_depth(tree, source)
     return _ToAst().transform(tree)
