@@ -258,10 +258,10 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     final = "{}"
     if cp.normaliser:
         em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
-        final = (f"{{{cp.state!r}: ht[..., :{V}]{tr}, {cp.normaliser!r}: ht[..., {V}]}} "
+        final = (f"{{{cp.state!r}: ht[..., :{V}]{tr}.to(real), {cp.normaliser!r}: ht[..., {V}].to(real)}} "
                  "if output_final_state else None")
     else:
-        final = f"{{{cp.state!r}: ht{tr}}} if output_final_state else None"
+        final = f"{{{cp.state!r}: ht{tr}.to(real)}} if output_final_state else None"
     if cp.gate is not None:
         gname = _as_btd(em, cp.gate, (cp.value,), f"B, H, T, {V}")
         em.emit(f"o = o * {gname}")

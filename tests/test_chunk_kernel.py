@@ -85,8 +85,8 @@ def test_sharp_gates_do_not_overflow():
     """Log gates down to -30 per token (decays to exp(-480) within one chunk) stay finite."""
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 40, 1, 4, 4
-    q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
-    gk = -30 * torch.rand(B, T, H, K, generator=gen)
+    q, k, v = (torch.randn(B, T, H, d, generator=gen).to(DEV) for d in (K, K, V))
+    gk = -30 * torch.rand(B, T, H, K, generator=gen).to(DEV)
     o, ht = chunk_recurrence(q, k, v, gk=gk, output_final_state=True)
     ro, rh = naive(q, k, v, gk, None, None, None, None)
     assert torch.isfinite(o).all() and rel(o, ro) < 1e-5
