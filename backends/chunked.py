@@ -132,10 +132,20 @@ def _chunk_fwd_kernel(
             b_o = b_o * tl.exp(b_Gv)
         if HAS_GS:
             b_o = b_o * tl.exp(b_Gs)[:, None]
-        # within the chunk: A[t, s] = sum_i q[t, i] k[s, i] exp(Gk[t, i] - Gk[s, i]), s <= t
+        # within the chunk: A[t, s] = sum_i q[t, i] k[s, i] exp(Gk[t, i] - Gk[s, i]), s <= t, exactly,
+        # 16 key entries at a time (a [BT, BT, 16] block stays in registers)
         if HAS_GK:
-            b_dk = tl.exp(tl.where(m_causal[:, :, None], b_Gk[:, None, :] - b_Gk[None, :, :], -float("inf")))
-            b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dk, axis=2)
+            b_a = tl.zeros([BT, BT], dtype=tl.float32)
+            for ks in tl.static_range(0, BK, 16):
+                o_ks = i_k * BK + ks + tl.arange(0, 16)
+                m_ks = m_t[:, None] & (o_ks < K)[None, :]
+                m_gs = m_g[:, None] & (o_ks < K)[None, :]
+                q_s = tl.load(q + (i_t[:, None] * H + i_h) * K + o_ks[None, :], mask=m_ks, other=0.0).to(tl.float32)
+                k_s = tl.load(k + (i_t[:, None] * H + i_h) * K + o_ks[None, :], mask=m_ks, other=0.0).to(tl.float32)
+                g_s = tl.load(gk + (i_g[:, None] * H + i_h) * K + o_ks[None, :], mask=m_gs, other=0.0).to(tl.float32)
+                G_s = tl.cumsum(g_s, axis=0)
+                d_s = tl.exp(tl.where(m_causal[:, :, None], G_s[:, None, :] - G_s[None, :, :], -float("inf")))
+                b_a += tl.sum(q_s[:, None, :] * k_s[None, :, :] * d_s, axis=2)
         else:
             b_a = _dot(b_q, tl.trans(b_k), DOT)
         if HAS_GS:
@@ -194,21 +204,22 @@ def _dot_mode(dtype):
 
 
 def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=False, cu_seqlens=None,
-              reverse=False, shift_g=False, strict=False):
+              reverse=False, shift_g=False, strict=False, dot_dtype=None):
     """o_t = q_t^T S_t with S_t = Dk_t S_{t-1} Dv_t exp(gs_t) + k_t v_t^T (Dk = Diag(exp(gk_t)), ...).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; gk: [B, T, H, K], gv: [B, T, H, V], gs: [B, T, H] (log
     decays, <= 0, or None); h0: [N, H, K, V] fp32 or None (N = B, or the number of sequences of
     ``cu_seqlens`` with B = 1). ``reverse`` runs each sequence from its end; ``shift_g`` takes each
-    token's decay from the next token; ``strict`` leaves token t's own term out of o_t. Returns
+    token's decay from the next token; ``strict`` leaves token t's own term out of o_t; products take
+    their operands in ``dot_dtype`` (default: q's dtype; fp32 means exact fp32 products). Returns
     (o [B, T, H, V] fp32, final state [N, H, K, V] fp32 or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     diag = gk is not None or gv is not None  # per-entry decays: exact 16 x 16 blocks
     BT = 16 if diag else 64
-    BK = max(16, min(_pow2(K), 64 if diag else 128))
-    BV = max(16, min(_pow2(V), 32))
+    BK = max(16, min(_pow2(K), 64 if gk is not None else 128))
+    BV = max(16, min(_pow2(V), 16 if gv is not None else 64 if gk is not None else 32))
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     o = torch.empty(NK, B * T, H, V, dtype=torch.float32, device=q.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
@@ -222,7 +233,7 @@ def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=Fa
         T, B * T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         HAS_GK=gk is not None, HAS_GV=gv is not None, HAS_GS=gs is not None, USE_H0=h0 is not None,
         STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, REVERSE=reverse, SHIFT_G=shift_g,
-        STRICT=strict, DOT=_dot_mode(q.dtype), num_warps=4,
+        STRICT=strict, DOT=_dot_mode(dot_dtype or q.dtype), num_warps=4,
     )
     o = o.sum(0) if NK > 1 else o[0]
     return o.view(B, T, H, V), ht
@@ -266,6 +277,7 @@ class ChunkRecurrence(torch.autograd.Function):
     def forward(ctx, q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state):
         o, ht = chunk_run(q, k, v, gk, gv, gs, h0, True, cu_seqlens)
         ctx.save_for_backward(q, k, v, gk, gv, gs, h0, cu_seqlens, o, ht)
+        ctx.dot_dtype = q.dtype
         return o, ht
 
     @staticmethod
@@ -276,11 +288,12 @@ class ChunkRecurrence(torch.autograd.Function):
         dtypes = [None if g is None else g.dtype for g in (gk, gv, gs)]
         # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + q_t do_t^T, read three ways, each
         # without token t's own term (added below exactly, so the gate gradients do not cancel it)
-        dv, r0 = chunk_run(k, q, do, gk, gv, gs, dht, True, cu, reverse=True, shift_g=True, strict=True)
+        dd = ctx.dot_dtype  # products in the forward's precision (do holds values of the output's dtype)
+        dv, r0 = chunk_run(k, q, do, gk, gv, gs, dht, True, cu, reverse=True, shift_g=True, strict=True, dot_dtype=dd)
         dk, _ = chunk_run(v, do, q, gv, gk, gs, dht.transpose(-1, -2), False, cu, reverse=True, shift_g=True,
-                          strict=True)
+                          strict=True, dot_dtype=dd)
         h0t = h0.transpose(-1, -2) if h0 is not None else None
-        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu, strict=True)
+        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu, strict=True, dot_dtype=dd)
         qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
         qk = (qf * kf).sum(-1, keepdim=True)
         dov = (dof * vf).sum(-1, keepdim=True)
