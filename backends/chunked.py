@@ -16,9 +16,9 @@ linear recurrence run in reverse, with each token's decay taken from the next to
     dv = run(q=k,  k=q,  v=do, gk, gv, reverse)        (readout of dS_t with k_t)
     dk = run(q=v,  k=do, v=q,  gk=gv, gv=gk, reverse)  (dS_t contracted over the value axis)
     dq = run(q=do, k=v,  v=k,  gk=gv, gv=gk)           (S_t contracted over the value axis)
-each without token t's own term, which is added exactly afterwards; the log-gate gradients come
-from ``dG_t = q_t dq_t - k_t dk_t`` on those strict parts (so the large own terms, which cancel,
-never enter in low precision), plus the final state's term, summed from each sequence's end.
+and the log-gate gradients come from ``dG_t = q_t dq_t - k_t dk_t`` plus the final state's term,
+summed from each sequence's end. Each token's own term ``q_t . k_t v_t`` is formed in fp32 in every
+run, so in dG, where those large terms cancel, no bf16 rounding of them survives.
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
@@ -45,6 +45,7 @@ def _chunk_fwd_kernel(
     cu,  # [N + 1] int32 sequence boundaries (IS_VARLEN)
     T,  # tokens per sequence when not varlen
     NT,  # total tokens B*T (the stride of one key-block slab of o)
+    scale,  # o is multiplied by this number
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -59,7 +60,6 @@ def _chunk_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     REVERSE: tl.constexpr,  # walk each sequence from its last token to its first
     SHIFT_G: tl.constexpr,  # the decay at token t is the gate of token t + 1 (0 past the end)
-    STRICT: tl.constexpr,  # o_t leaves out token t's own term (s < t within a chunk)
     DOT: tl.constexpr,  # operand precision of the products: 0 bf16, 1 fp16, 2 tf32, 3 ieee fp32
 ):
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -76,10 +76,8 @@ def _chunk_fwd_kernel(
     m_k = o_k < K
     m_v = o_v < V
     o_t = tl.arange(0, BT)
-    if STRICT:
-        m_causal = o_t[:, None] > o_t[None, :]
-    else:
-        m_causal = o_t[:, None] >= o_t[None, :]
+    # token t's own term is kept out of the low-precision products and added in fp32 (below)
+    m_causal = o_t[:, None] > o_t[None, :]
     # the state block S[BK, BV], fp32, carried across chunks
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -156,8 +154,10 @@ def _chunk_fwd_kernel(
             b_o += tl.sum(b_a[:, :, None] * b_v[None, :, :] * b_dv, axis=1)
         else:
             b_o += _dot(b_a, b_v, DOT)
+        # token t's own term q_t . k_t v_t (every decay is exp(0) there), exactly in fp32
+        b_o += tl.sum(b_q * b_k, axis=1)[:, None] * b_v
         p_o = o + (i_k.to(tl.int64) * NT + i_t[:, None]) * H * V + i_h * V + o_v[None, :]
-        tl.store(p_o, b_o, mask=m_tv)
+        tl.store(p_o, b_o * scale, mask=m_tv)
         # carry the state to the end of the chunk
         if HAS_GK:
             b_s = b_s * tl.exp(b_Gk_last)[:, None]
@@ -204,14 +204,15 @@ def _dot_mode(dtype):
 
 
 def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=False, cu_seqlens=None,
-              reverse=False, shift_g=False, strict=False, dot_dtype=None):
+              reverse=False, shift_g=False, scale=1.0, dot_dtype=None):
     """o_t = q_t^T S_t with S_t = Dk_t S_{t-1} Dv_t exp(gs_t) + k_t v_t^T (Dk = Diag(exp(gk_t)), ...).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; gk: [B, T, H, K], gv: [B, T, H, V], gs: [B, T, H] (log
     decays, <= 0, or None); h0: [N, H, K, V] fp32 or None (N = B, or the number of sequences of
     ``cu_seqlens`` with B = 1). ``reverse`` runs each sequence from its end; ``shift_g`` takes each
-    token's decay from the next token; ``strict`` leaves token t's own term out of o_t; products take
-    their operands in ``dot_dtype`` (default: q's dtype; fp32 means exact fp32 products). Returns
+    token's decay from the next token; o is multiplied by ``scale``; products take their operands in
+    ``dot_dtype`` (default: q's dtype; fp32 means exact fp32 products), but each token's own term
+    q_t . k_t v_t is always formed in fp32. Returns
     (o [B, T, H, V] fp32, final state [N, H, K, V] fp32 or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -230,10 +231,10 @@ def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=Fa
         _flat(gs) if gs is not None else dummy,
         h0.contiguous() if h0 is not None else dummy, o, ht if ht is not None else dummy,
         cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy,
-        T, B * T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        T, B * T, float(scale), H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         HAS_GK=gk is not None, HAS_GV=gv is not None, HAS_GS=gs is not None, USE_H0=h0 is not None,
         STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None, REVERSE=reverse, SHIFT_G=shift_g,
-        STRICT=strict, DOT=_dot_mode(dot_dtype or q.dtype), num_warps=4,
+        DOT=_dot_mode(dot_dtype or q.dtype), num_warps=4,
     )
     o = o.sum(0) if NK > 1 else o[0]
     return o.view(B, T, H, V), ht
@@ -274,42 +275,40 @@ class ChunkRecurrence(torch.autograd.Function):
     """Autograd for :func:`chunk_run` (gradients for q, k, v, every decay and the initial state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state):
-        o, ht = chunk_run(q, k, v, gk, gv, gs, h0, True, cu_seqlens)
+    def forward(ctx, q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, scale):
+        o, ht = chunk_run(q, k, v, gk, gv, gs, h0, True, cu_seqlens, scale=scale)
         ctx.save_for_backward(q, k, v, gk, gv, gs, h0, cu_seqlens, o, ht)
         ctx.dot_dtype = q.dtype
+        ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gk, gv, gs, h0, cu, o, ht = ctx.saved_tensors
         do = do.contiguous()
+        c = ctx.scale
         dht = torch.zeros_like(ht) if dht is None else dht.float()
         dtypes = [None if g is None else g.dtype for g in (gk, gv, gs)]
-        # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + q_t do_t^T, read three ways, each
-        # without token t's own term (added below exactly, so the gate gradients do not cancel it)
         dd = ctx.dot_dtype  # products in the forward's precision (do holds values of the output's dtype)
-        dv, r0 = chunk_run(k, q, do, gk, gv, gs, dht, True, cu, reverse=True, shift_g=True, strict=True, dot_dtype=dd)
-        dk, _ = chunk_run(v, do, q, gv, gk, gs, dht.transpose(-1, -2), False, cu, reverse=True, shift_g=True,
-                          strict=True, dot_dtype=dd)
+        # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + c q_t do_t^T (+ dht), read three ways;
+        # dht enters unscaled, so it is divided by c and every result scaled by c
+        dhs = dht / c
+        dv, r0 = chunk_run(k, q, do, gk, gv, gs, dhs, True, cu, reverse=True, shift_g=True, scale=c, dot_dtype=dd)
+        dk, _ = chunk_run(v, do, q, gv, gk, gs, dhs.transpose(-1, -2), False, cu, reverse=True, shift_g=True,
+                          scale=c, dot_dtype=dd)
         h0t = h0.transpose(-1, -2) if h0 is not None else None
-        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu, strict=True, dot_dtype=dd)
-        qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-        qk = (qf * kf).sum(-1, keepdim=True)
-        dov = (dof * vf).sum(-1, keepdim=True)
-        # log-gate gradients from the strict parts: dG_t = q dq - k dk (key side), (o - qk v) do - v dv
-        # (value side), plus the final state's term, summed from each sequence's end
+        dq, _ = chunk_run(do, v, k, gv, gk, gs, h0t, False, cu, scale=c, dot_dtype=dd)
+        r0 = r0 * c
+        # log-gate gradients: dG_t = q dq - k dk (key side), o do - v dv (value side), plus the final
+        # state's term, summed from each sequence's end (own terms cancel to fp32 precision)
         dgk = dgv = dgs = None
         fin = ht * dht  # [N, H, K, V]
         if gk is not None:
-            dgk = _rev_cumsum(_add_at_last(qf * dq - kf * dk, fin.sum(-1), cu), cu)
+            dgk = _rev_cumsum(_add_at_last(q * dq - k * dk, fin.sum(-1), cu), cu)
         if gv is not None:
-            dgv = _rev_cumsum(_add_at_last((o - qk * vf) * dof - vf * dv, fin.sum(-2), cu), cu)
+            dgv = _rev_cumsum(_add_at_last(o * do - v * dv, fin.sum(-2), cu), cu)
         if gs is not None:
-            dgs = _rev_cumsum(_add_at_last((qf * dq - kf * dk).sum(-1), fin.sum((-1, -2)), cu), cu)
-        dq = dq + dov * kf
-        dk = dk + dov * qf
-        dv = dv + qk * dof
+            dgs = _rev_cumsum(_add_at_last((q * dq - k * dk).sum(-1), fin.sum((-1, -2)), cu), cu)
         dh0 = None
         if h0 is not None:  # dh0 = D_0^T dS_0
             dh0 = r0
@@ -320,7 +319,7 @@ class ChunkRecurrence(torch.autograd.Function):
             if gs is not None:
                 dh0 = dh0 * _first_decay(gs.float(), cu)[..., None, None]
         dgk, dgv, dgs = (None if d is None else d.to(t) for d, t in zip((dgk, dgv, dgs), dtypes))
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dgs, dh0, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dgs, dh0, None, None, None)
 
 
 def tensor_product(*xs):
@@ -331,7 +330,9 @@ def tensor_product(*xs):
     return out
 
 
-def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False):
-    """Differentiable :func:`chunk_run`: returns (o [B, T, H, V] fp32, final state or None)."""
-    o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state)
+def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False,
+                     scale=1.0):
+    """Differentiable :func:`chunk_run` (o scaled by ``scale``): returns (o [B, T, H, V] fp32, final
+    state or None). The final state is not scaled."""
+    o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
     return o, (ht if output_final_state else None)

@@ -195,6 +195,12 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
     return name
 
 
+def _is_number(n: Node) -> bool:
+    """Whether a value is a plain number at run time (built from constants and sizes only)."""
+    return not n.idx and all(x.op not in ("input", "param", "buffer", "state", "iota", "head", "rand", "eye")
+                             for x in n.walk())
+
+
 def _scale_by(em, factors: list[Node]) -> str:
     """`` * f`` for each per-token scalar factor (numbers stay numbers)."""
     out = ""
@@ -217,7 +223,12 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     em = prologue(p, lines, extra)
     K, V = em.sizes_var[cp.key.axis], em.sizes_var[cp.value.axis]
     em.emit(f"# q'_t = {show(cp.q)},  k'_t = {show(cp.k)},  v'_t = {show(cp.v)}")
-    q = _as_btd(em, cp.q, (cp.key,), f"B, H, T, {K}")
+    # number factors of q' (such as K ** -0.5) scale the kernel's output instead of a copy of q
+    numbers, tensors = [], []
+    for f in _flatten_mul(cp.q):
+        (numbers if _is_number(f) else tensors).append(f)
+    scale = " * ".join(em._paren(em.val(f, "pre")[0]) for f in numbers) or "1.0"
+    q = _as_btd(em, _mul_all(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
     k = _as_btd(em, cp.k, (cp.key,), f"B, H, T, {K}")
     v = _as_btd(em, cp.v, (cp.value,), f"B, H, T, {V}")
     if cp.normaliser:
@@ -253,7 +264,7 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         em.emit(f"    z0 = torch.zeros(n_seq, H, {K}, device=dev) if z0 is None else z0.float()")
         em.emit("    h0 = torch.cat([h0, z0[..., None]], dim=-1)")
     em.emit(f"o, ht = chunk_recurrence({q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, "
-            "cu_seqlens=cu_seqlens, output_final_state=output_final_state)")
+            f"cu_seqlens=cu_seqlens, output_final_state=output_final_state, scale={scale})")
     em.emit("o = o.to(real)")
     final = "{}"
     if cp.normaliser:
