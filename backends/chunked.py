@@ -242,8 +242,9 @@ def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=Fa
 
 def _rev_cumsum(x, cu_seqlens):
     """sum_{r >= t} x_r within each sequence (along dim 1)."""
-    if cu_seqlens is None:
-        return x.flip(1).cumsum(1).flip(1)
+    if cu_seqlens is None:  # scan along the innermost axis (an outer-axis scan is many times slower)
+        y = x.movedim(1, -1).flip(-1).contiguous()
+        return y.cumsum(-1).flip(-1).movedim(-1, 1)
     out = torch.empty_like(x)
     for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
         out[:, a:b] = x[:, a:b].flip(1).cumsum(1).flip(1)
@@ -285,11 +286,11 @@ class ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gk, gv, gs, h0, cu, o, ht = ctx.saved_tensors
+        dd = ctx.dot_dtype  # products in the forward's precision
         do = do.contiguous()
         c = ctx.scale
         dht = torch.zeros_like(ht) if dht is None else dht.float()
         dtypes = [None if g is None else g.dtype for g in (gk, gv, gs)]
-        dd = ctx.dot_dtype  # products in the forward's precision (do holds values of the output's dtype)
         # the adjoint state dS_t = Dk_{t+1} dS_{t+1} Dv_{t+1} + c q_t do_t^T (+ dht), read three ways;
         # dht enters unscaled, so it is divided by c and every result scaled by c
         dhs = dht / c
