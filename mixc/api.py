@@ -37,9 +37,16 @@ class Mixer:
     """
 
     def __init__(self, program: Program) -> None:
+        from .analysis import analyse
+
         self.program = program
         self.name = program.name
-        self.source_code = emit.module_source(program)
+        self.analysis = analyse(program)
+        self.source_code = emit.module_source(program, self.analysis)
+        if os.environ.get("MIXC_DEBUG"):
+            import sys
+
+            print(f"{format_program(program)}\n\n{self.analysis.explain()}\n\n{self.source_code}", file=sys.stderr)
         self._module: ModuleType = emit.load_module(self.source_code, program.name)
         self.meta = self._module.MIXER
 

@@ -133,24 +133,48 @@ def cmd_check(args) -> int:
 
 
 def _add_explain(sub) -> None:
-    p = sub.add_parser("explain", help="print the typed IR of a mixer",
-                       description="Compile FILE and print its typed IR: declarations, parameter "
-                                   "initialisers, the key-token mask, the state step and the output.")
+    p = sub.add_parser("explain", help="print the IR and the analysis of a mixer",
+                       description="Compile FILE and print its typed IR (declarations, parameter "
+                                   "initialisers, the key-token mask, the state step and the output), then "
+                                   "the analysis: normal form, transition class, separability, time "
+                                   "invariance, and the legal forms with the reason for each.")
     p.add_argument("file", metavar="FILE", help="a .mix file")
+    p.add_argument("--json", action="store_true",
+                   help="print the analysis as JSON (forms, default_form, separable, feature_width, "
+                        "transition, time_invariant, reasons, ...)")
+    p.add_argument("--graph", metavar="OUT",
+                   help="also write the dataflow graph to OUT.dot (and OUT.png when matplotlib is installed)")
     _add_defines(p)
     p.set_defaults(run=cmd_explain)
 
 
 def explain_text(mixer) -> str:
-    """What ``mixc explain`` prints for a compiled :class:`mixc.Mixer`."""
+    """What ``mixc explain`` prints for a compiled :class:`mixc.Mixer`: the IR, then the analysis."""
     from .ir import format_program
 
-    return format_program(mixer.program)
+    built = ", ".join(mixer.forms)
+    return (f"{format_program(mixer.program)}\n\n{mixer.analysis.explain()}\n"
+            f"  emitted: {built} (run with form=...; 'reference' is the plain-PyTorch meaning)")
+
+
+def explain_json(mixer) -> dict:
+    """What ``mixc explain --json`` prints."""
+    return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms}
 
 
 def cmd_explain(args) -> int:
     mixer = load_mixer(args.file, args.defines)
-    print(explain_text(mixer))
+    if args.json:
+        import json
+
+        print(json.dumps(explain_json(mixer), indent=2))
+    else:
+        print(explain_text(mixer))
+    if args.graph:
+        from .graph import write_graph
+
+        for path in write_graph(mixer.program, args.graph):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -70,24 +70,25 @@ def _strip_module_docstring(src: str) -> str:
     return src
 
 
-def _form_plans(p: Program):
-    """(analysis, chunk plan or None, why not) for program ``p``."""
+def _form_plans(p: Program, a=None):
+    """(analysis, the chunked form's lines or None, why not) for program ``p``."""
     from .analysis import analyse
     from .backends.chunked_emit import emit_any
 
-    a = analyse(p)
+    a = a if a is not None else analyse(p)
     lines, why = emit_any(a) if "chunked" in a.forms else (None, a.reasons.get("chunked", ""))
     return a, lines, why
 
 
-def module_source(p: Program) -> str:
-    """The full text of the standalone module for program ``p`` (deterministic)."""
+def module_source(p: Program, analysis=None) -> str:
+    """The full text of the standalone module for program ``p`` (deterministic). ``analysis`` is
+    ``analyse(p)`` when the caller already has it."""
     from .backends import chunked
 
     text = p.source.text
     digest = hashlib.sha256(text.encode()).hexdigest()
     about = _header_comment(text)
-    analysis, cp, why_not = _form_plans(p)
+    analysis, cp, why_not = _form_plans(p, analysis)
     forms = (["chunked"] if cp is not None else []) + ["reference"]
     default = analysis.default_form if analysis.default_form in forms else "reference"
     meta = metadata(p)

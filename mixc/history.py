@@ -52,7 +52,8 @@ def token_history(p: Program) -> dict[str, int]:
 
 
 def eval_size(ranges) -> int:
+    """How many offsets the ranges span (Python ints: no overflow for huge constants)."""
     total = 1
     for r in ranges:
-        total *= len(r)
+        total *= max(0, r.stop - r.start)
     return total

@@ -180,12 +180,33 @@ def test_explain_define(cli):
     assert code == 2 and "NAME=VALUE" in err
 
 
-def test_explain_text_is_the_ir():
+def test_explain_text_is_the_ir_then_the_analysis():
     import mixc
     from mixc.cli import explain_text
 
     m = mixc.load(ROOT / "examples/hgrn.mix")
-    assert explain_text(m) == m.ir()
+    text = explain_text(m)
+    assert text.startswith(m.ir() + "\n\nanalysis of hgrn:")
+    assert "transition elementwise" in text and "default: recurrent" in text
+
+
+def test_explain_json_and_graph(cli, tmp_path):
+    import json
+
+    code, out, err = cli("explain", "examples/based.mix", "--json")
+    assert code == 0, err
+    j = json.loads(out)
+    assert j["separable"] is True and j["feature_width"] == "1 + K + K**2"
+    assert j["default_form"] == "chunked" and "chunked" in j["emitted_forms"]
+    for key in ("forms", "transition", "time_invariant", "reasons"):
+        assert key in j
+    code, out, err = cli("explain", "examples/s4d.mix", "--json")
+    j = json.loads(out)
+    assert j["separable"] is None and j["time_invariant"] is True and j["forms"] == ["recurrent", "fft"]
+    code, out, err = cli("explain", "examples/gla.mix", "--graph", tmp_path / "g")
+    assert code == 0, err
+    dot = (tmp_path / "g.dot").read_text()
+    assert dot.startswith('digraph "gla"') and "->" in dot
 
 
 def test_compile_define_and_errors(cli, tmp_path):

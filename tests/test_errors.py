@@ -274,3 +274,10 @@ def test_only_mixerror_escapes():
             str(err)  # rendering never fails either
         except Exception as err:  # pragma: no cover - the failure report
             pytest.fail(f"{type(err).__name__}: {err}\n--- input ---\n{src}")
+
+
+def test_a_huge_lookback_is_a_located_error():
+    src = next(p for p in EXAMPLES if p.stem == "h3").read_text().replace("const M = 4", "const M = 10 ** 30")
+    with pytest.raises(mixc.MixError) as e:
+        mixc.loads(src, "h3big.mix")
+    assert "too many offsets" in e.value.message and e.value.pos is not None
