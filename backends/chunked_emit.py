@@ -222,7 +222,12 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     extra = [n for n in (cp.q, cp.k, cp.v, cp.g, cp.gate, cp.skip) if n is not None]
     em = prologue(p, lines, extra)
     K, V = em.sizes_var[cp.key.axis], em.sizes_var[cp.value.axis]
-    em.emit(f"# q'_t = {show(cp.q)},  k'_t = {show(cp.k)},  v'_t = {show(cp.v)}")
+    upd = next((eq for eq in p.updates if eq.target == cp.state), None)
+    src = p.source.path
+    where_u = f"{src}:{upd.pos.line}" if upd is not None and upd.pos else src
+    where_o = f"{src}:{p.output.pos.line}" if p.output.pos else src
+    em.emit(f"# k'_t = {show(cp.k)},  v'_t = {show(cp.v)}  (the update of {cp.state}, {where_u})")
+    em.emit(f"# q'_t = {show(cp.q)}  (the output {p.output.target}, {where_o})")
     # number factors of q' (such as K ** -0.5) scale the kernel's output instead of a copy of q
     numbers, tensors = [], []
     for f in _flatten_mul(cp.q):
@@ -380,6 +385,8 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
     em = prologue(p, lines, nodes)
+    where = f"{p.source.path}:{p.output.pos.line}" if p.output.pos else p.source.path
+    em.emit(f"# w(t, u) = {a.separability.weight}  ({where}); feature width {fp.width}")
     j = fp.value_var
     V = em.sizes_var[j.axis]
     qs, ks = [], []
