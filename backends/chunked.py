@@ -198,7 +198,9 @@ def _flat(x):
 
 
 def _dot_mode(dtype):
-    if INTERPRET or dtype == torch.float32:
+    """Products in the operands' own precision: exact fp32 for fp32/fp64 (and in the interpreter,
+    which has no bf16), tensor cores for bf16/fp16."""
+    if INTERPRET or dtype in (torch.float32, torch.float64):
         return 3
     return 1 if dtype == torch.float16 else 0
 
