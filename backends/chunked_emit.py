@@ -137,7 +137,7 @@ def plan(a: Analysis) -> ChunkPlan:
         num, den = rd.ratio
         if num.skip or den.skip:
             raise NoChunkedForm("a normalised readout with a skip term")
-        q_node, gate = _readout_parts(_rename_terms(num.terms, outmap), main.name, key, value, decl_vars(p, main))
+        q_node, gate = _readout_parts(_rename_terms(num.terms, outmap), main.name, key, value, tuple(main.axes))
         zdecl = a.states[[s.name for s in a.states].index(normaliser)]
         qz, gz = _readout_parts(_rename_terms(den.terms, outmap), normaliser, zdecl.axes[0], Var("_none", "_"),
                                 (zdecl.axes[0],))
@@ -147,7 +147,7 @@ def plan(a: Analysis) -> ChunkPlan:
     else:
         if normaliser is not None:
             raise NoChunkedForm("a normaliser state that the output does not divide by")
-        q_node, gate = _readout_parts(_rename_terms(rd.terms, outmap), main.name, key, value, decl_vars(p, main))
+        q_node, gate = _readout_parts(_rename_terms(rd.terms, outmap), main.name, key, value, tuple(main.axes))
         if rd.skip:
             parts = [rename(_signed(t.factors, t.sign), outmap) for t in rd.skip]
             skip = parts[0]
@@ -156,10 +156,6 @@ def plan(a: Analysis) -> ChunkPlan:
     if any(n.dtype == "complex" for n in (q_node, k_node, v_node) if n is not None):
         raise NoChunkedForm("complex-valued recurrences have no chunked kernel")
     return ChunkPlan(main.name, transposed, key, value, q_node, k_node, v_node, decay, g, gate, skip, normaliser)
-
-
-def decl_vars(p, sf: StateForm) -> tuple[Var, ...]:
-    return tuple(sf.axes)
 
 
 def _rename_terms(terms: list[Term], m: dict) -> list[Term]:

@@ -405,7 +405,7 @@ def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
         d = next(x for x in p.inputs if x.name == name)
         key = history_name(name)
         shape = ", ".join(["B", "H", str(past)] + [sizes_var[a] for a in d.axes])
-        em.leaf(("input"), name)
+        em.leaf("input", name)
         lines.append(f"    past_{name} = states.get({key!r})  # the last {past} tokens of {name} before this call")
         lines.append(f"    past_{name} = torch.zeros({shape}, dtype=real, device=dev) if past_{name} is None "
                      f"else past_{name}.to(dtype=real, device=dev)")
