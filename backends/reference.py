@@ -345,14 +345,16 @@ def _init_lines(p: Program) -> list[str]:
         em.count = 0
         out.append(f"    # {d.kind} {d.name}{d.shape_str()}")
         rands = [n for n in d.init.walk() if n.op == "rand"]
+        if rands:  # one generator per tensor, seeded by its name; its draws in a fixed order
+            out.append(f"    gen = torch.Generator().manual_seed(seed_for({d.name!r}, seed))")
         for r in rands:
             name = em.fresh()
             shape = ", ".join(["1", "H"] + [sizes_var[v.axis] for v in r.idx])
-            gen = f"torch.Generator().manual_seed(seed_for({d.name!r}, seed))"
-            draw = "torch.rand" if r.arg == "uniform" else "torch.randn"
+            gen = "gen"
+            draw = "torch.rand" if r.arg[0] == "uniform" else "torch.randn"
             lo, lo_l = em.val(r.src[0], "pre")
             hi, hi_l = em.val(r.src[1], "pre")
-            if r.arg == "uniform":
+            if r.arg[0] == "uniform":
                 expr = f"{em._paren(lo)} + ({hi} - {lo}) * {name}_u"
             else:
                 expr = f"{em._paren(lo)} + {em._paren(hi)} * {name}_u"

@@ -79,7 +79,7 @@ def show(n: Node, prec: int = 0) -> str:
     if op == "softmax":
         return f"softmax(u: {show(n.src[0])})"
     if op == "rand":
-        return f"{n.arg}({show(n.src[0])}, {show(n.src[1])})"
+        return f"{n.arg[0]}({show(n.src[0])}, {show(n.src[1])})"
     if op == "neg":
         s = "-" + show(n.src[0], _PREC["neg"])
         return f"({s})" if prec > _PREC["neg"] else s

@@ -225,7 +225,7 @@ def _fmt_arg(n: Node, names: dict[Node, str]) -> str:
         pre = "prev " if n.op == "state" else ""
         return f"{n.op} {pre}{name}[{tok}{', '.join(v.name for v in vars_)}]"
     if n.op == "rand":
-        return f"{n.arg}({ops})"
+        return f"{n.arg[0]}({ops}) for {n.arg[1]}"
     if n.op == "sum":
         return f"sum[{','.join(v.name for v in n.arg)}] {ops}"
     if n.op == "softmax":

@@ -116,9 +116,10 @@ class _Ctx:
     env: dict[str, Var] = field(default_factory=dict)  # index names in scope
     funcs: dict[str, Node] = field(default_factory=dict)  # def parameters in scope
     where: str = ""
+    owner: str = ""  # the parameter or buffer an initialiser belongs to (names its random draws)
 
     def with_vars(self, extra: dict[str, Var]) -> _Ctx:
-        return _Ctx(self.kind, {**self.env, **extra}, self.funcs, self.where)
+        return _Ctx(self.kind, {**self.env, **extra}, self.funcs, self.where, self.owner)
 
 
 class Lowerer:
@@ -566,7 +567,7 @@ class Lowerer:
                 raise self.err(f"function '{name}' calls itself", _head(pos, name),
                                hint="functions are substituted where called, so they cannot recurse")
             args = [self.expr(a, ctx, const_busy) for a in e.args]
-            inner = _Ctx(ctx.kind, ctx.env, dict(zip(d.params, args)), ctx.where)
+            inner = _Ctx(ctx.kind, ctx.env, dict(zip(d.params, args)), ctx.where, ctx.owner)
             self._def_stack.append(name)
             try:
                 return self.expr(d.body, inner, const_busy)
@@ -593,7 +594,8 @@ class Lowerer:
                 self.need_number(n, a.pos)
                 self.need_real(n, a.pos, name)
             idx = canonical(list(ctx.env.values()))
-            return Node("rand", (lo, hi), name, idx, "real", pos)
+            # the draw belongs to its tensor (seeded by its name): equal formulas are distinct draws
+            return Node("rand", (lo, hi), (name, ctx.owner), idx, "real", pos)
         if name == "where":
             self._arity(e, 3, "where(condition, a, b)")
             c, a, b = (self.expr(x, ctx, const_busy) for x in e.args)
@@ -756,7 +758,7 @@ class Lowerer:
             if a.var in RESERVED or a.var in self.all_names():
                 raise self.err(f"'{a.var}' is already a name and cannot be an index", a.pos)
             init_vars.append(Var(var_name, a.size))
-        ctx = _Ctx("init", {v.name: v for v in init_vars}, where=f"the initialiser of '{st.name}'")
+        ctx = _Ctx("init", {v.name: v for v in init_vars}, where=f"the initialiser of '{st.name}'", owner=st.name)
         node = self.expr(st.init, ctx)
         self.need_number(node, st.init.pos)
         self.need_real(node, st.init.pos, f"{st.kind} '{st.name}'")
