@@ -50,6 +50,7 @@ CASES = [
     (1, 37, 2, 5, 7, "s", [0, 16, 37], False),
     (2, 20, 1, 70, 5, "k", None, True),  # several key blocks
     (2, 20, 1, 5, 70, "v", None, False),  # several value blocks
+    (1, 19, 1, 200, 130, "ks", None, True),  # head widths up to 256, not powers of two
 ]
 
 

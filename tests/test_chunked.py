@@ -142,3 +142,10 @@ def test_kernel_forms_on_cpu_without_the_interpreter_fall_back_or_explain():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "runs Triton kernels" in r.stdout
+
+
+def test_chunked_wide_heads():
+    """Head widths up to 256 and not powers of two (several key and value blocks)."""
+    m = load("gla")
+    x = m.random_inputs(1, 21, 1, dtype=torch.float64, seed=4, K=200, V=131)
+    check(*run_both(m, x, {}, states_for(m, 1, 1, {"K": 200, "V": 131})))
