@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixc.analysis import Analysis, Readout, StateForm, Term, _flatten_mul, _k_factors, show
-from mixc.ir import T_VAR, Node, Var, canonical
-from mixc.lower import rename
+from mixc.analysis import Analysis, Readout, StateForm, Term, _flatten_mul, _k_factors, product, show
+from mixc.ir import T_VAR, Node, Var
+from mixc.lower import make, rename
 
 from .reference import prologue
 
@@ -37,30 +37,22 @@ class NoChunkedForm(Exception):
     """Why a program in a chunkable class still has no chunked form in this backend."""
 
 
-def _mul_all(nodes: list[Node]) -> Node:
-    out = nodes[0]
-    for n in nodes[1:]:
-        out = Node("mul", (out, n), None, canonical(out.idx + n.idx),
-                   "complex" if "complex" in (out.dtype, n.dtype) else "real")
-    return out
-
-
 def _const(v) -> Node:
     return Node("const", arg=v)
 
 
 def _log_decay(factors: list[Node]) -> Node:
     """log of a product of decay factors: exp(x) contributes x, anything else log(f)."""
-    terms = [f.src[0] if f.op == "exp" else Node("log", (f,), None, f.idx, f.dtype) for f in factors]
+    terms = [f.src[0] if f.op == "exp" else make("log", (f,), None) for f in factors]
     out = terms[0]
     for t in terms[1:]:
-        out = Node("add", (out, t), None, canonical(out.idx + t.idx), "real")
+        out = make("add", (out, t), None)
     return out
 
 
 def _signed(factors: list[Node], sign: int) -> Node:
-    node = _mul_all(factors) if factors else _const(1)
-    return node if sign > 0 else Node("neg", (node,), None, node.idx, node.dtype)
+    node = product(factors) if factors else _const(1)
+    return node if sign > 0 else make("neg", (node,), None)
 
 
 def _readout_parts(terms: list[Term], state: str, key: Var, value: Var, decl_vars) -> tuple[Node, Node | None]:
@@ -81,7 +73,7 @@ def _readout_parts(terms: list[Term], state: str, key: Var, value: Var, decl_var
             raise NoChunkedForm(f"the readout factor {show(f)} depends on both state axes")
         (gf if value in axes else qf).append(f)
     q = _signed(qf, t.sign)
-    gate = _mul_all(gf) if gf else None
+    gate = product(gf) if gf else None
     return q, gate
 
 
@@ -105,7 +97,7 @@ def plan(a: Analysis) -> ChunkPlan:
     inp = main.inputs[0]
     k_node = _signed(_k_factors(inp, value), inp.sign)
     vf = [f for f in inp.factors if value in f.idx]
-    v_node = _mul_all(vf) if vf else _const(1)
+    v_node = product(vf) if vf else _const(1)
     if any(key in f.idx for f in vf):
         raise NoChunkedForm("the input term is not an outer product")
     # decay
@@ -152,7 +144,7 @@ def plan(a: Analysis) -> ChunkPlan:
             parts = [rename(_signed(t.factors, t.sign), outmap) for t in rd.skip]
             skip = parts[0]
             for x in parts[1:]:
-                skip = Node("add", (skip, x), None, canonical(skip.idx + x.idx), "real")
+                skip = make("add", (skip, x), None)
     if any(n.dtype == "complex" for n in (q_node, k_node, v_node) if n is not None):
         raise NoChunkedForm("complex-valued recurrences have no chunked kernel")
     return ChunkPlan(main.name, transposed, key, value, q_node, k_node, v_node, decay, g, gate, skip, normaliser)
@@ -206,15 +198,18 @@ def _scale_by(em, factors: list[Node]) -> str:
     return out
 
 
+def _header(doc: str) -> list[str]:
+    """The chunked form's signature and its (two-line) docstring."""
+    return ["def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
+            f'    """{doc}."""']
+
+
 def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     """Lines of ``chunked(inputs, params, states, sizes, output_final_state, cu_seqlens)``."""
     p = a.program
-    lines = [
-        "def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
-        f'    """The chunked form of {p.name}: q\', k\', v\' and log decays in PyTorch, then one chunked',
-        f"    kernel for the {a.transition} recurrence of state {cp.state}"
-        + (f" (with {cp.normaliser} as an extra value column)" if cp.normaliser else "") + '."""',
-    ]
+    lines = _header(f"The chunked form of {p.name}: q', k', v' and log decays in PyTorch, then one chunked\n"
+                    f"    kernel for the {a.transition} recurrence of state {cp.state}"
+                    + (f" (with {cp.normaliser} as an extra value column)" if cp.normaliser else ""))
     extra = [n for n in (cp.q, cp.k, cp.v, cp.g, cp.gate, cp.skip) if n is not None]
     em = prologue(p, lines, extra)
     K, V = em.sizes_var[cp.key.axis], em.sizes_var[cp.value.axis]
@@ -229,7 +224,7 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     for f in _flatten_mul(cp.q):
         (numbers if _is_number(f) else tensors).append(f)
     scale = " * ".join(em._paren(em.val(f, "pre")[0]) for f in numbers) or "1.0"
-    q = _as_btd(em, _mul_all(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
+    q = _as_btd(em, product(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
     k = _as_btd(em, cp.k, (cp.key,), f"B, H, T, {K}")
     v = _as_btd(em, cp.v, (cp.value,), f"B, H, T, {V}")
     if cp.normaliser:
@@ -341,7 +336,7 @@ def plan_features(a: Analysis) -> FeaturePlan:
     wf = [f for f in factors if j not in f.idx]
     if any(set(f.idx) - {T_VAR, U_VAR, j} for f in vf) or not vf:
         raise NoChunkedForm("the value factor must depend on the key token and the output axis only")
-    w = _mul_all(wf) if wf else _const(1)
+    w = product(wf) if wf else _const(1)
     if den is not None and den.src[0] != w:
         raise NoChunkedForm("the denominator's weight differs from the numerator's")
     from mixc.analysis import separability
@@ -358,26 +353,23 @@ def plan_features(a: Analysis) -> FeaturePlan:
                 raise NoChunkedForm("a dot product over several indices")
             side_t = [f for f in _flatten_mul(node.src[0]) if _side(f) in ("t", "none")]
             side_u = [f for f in _flatten_mul(node.src[0]) if _side(f) == "u"]
-            A = _mul_all(side_t) if side_t else _const(1)
-            B = _to_t(_mul_all(side_u)) if side_u else _const(1)
+            A = product(side_t) if side_t else _const(1)
+            B = _to_t(product(side_u)) if side_u else _const(1)
             pairs += [(A, B)] * int(e)
         qf, kf = [], []
         for sym, e in ranks.items():
             node = sep.rank_one_nodes[sym]
             (kf if _side(node) == "u" else qf).extend([_to_t(node) if _side(node) == "u" else node] * e)
         blocks.append(FeatureBlock(float(coeff), pairs, qf, kf))
-    return FeaturePlan(blocks, _to_t(_mul_all(vf)), j, den is not None, a.feature_width or "?")
+    return FeaturePlan(blocks, _to_t(product(vf)), j, den is not None, a.feature_width or "?")
 
 
 def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     """Lines of ``chunked(...)`` for an attention-form file with a separable weight."""
     p = a.program
-    lines = [
-        "def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
-        f'    """The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width',
-        f"    {fp.width}; phi(q) and psi(k) are formed in PyTorch, then one linear-attention kernel"
-        + (" with a normaliser column" if fp.normalised else "") + '."""',
-    ]
+    lines = _header(f"The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width\n"
+                    f"    {fp.width}; phi(q) and psi(k) are formed in PyTorch, then one linear-attention kernel"
+                    + (" with a normaliser column" if fp.normalised else ""))
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
     em = prologue(p, lines, nodes)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from .ir import T_VAR, U_VAR, Node, Program, Var, toposort
+from .lower import make
 
 # ---- printing IR expressions as maths ---------------------------------------------------------
 
@@ -99,10 +100,6 @@ def show(n: Node, prec: int = 0) -> str:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def reads(n: Node, ops: tuple[str, ...]) -> list[Node]:
-    return [x for x in toposort([n]) if x.op in ops]
-
-
 def token_dependent(n: Node) -> bool:
     """Whether the value changes from token to token (reads inputs or the token index)."""
     return any(x.op == "input" or (x.op == "iota" and x.arg in (T_VAR, U_VAR)) for x in toposort([n]))
@@ -112,22 +109,11 @@ def state_free(n: Node) -> bool:
     return not any(x.op == "state" for x in toposort([n]))
 
 
-def _mul(a: Node | None, b: Node) -> Node:
-    if a is None:
-        return b
-    return Node("mul", (a, b), None, _canon(a.idx + b.idx), "complex" if "complex" in (a.dtype, b.dtype) else "real")
-
-
-def _canon(vs):
-    from .ir import canonical
-
-    return canonical(vs)
-
-
-def _product(factors: list[Node]) -> Node | None:
+def product(factors: list[Node]) -> Node | None:
+    """The product of the factors as one node (None for no factors)."""
     out = None
     for f in factors:
-        out = _mul(out, f)
+        out = f if out is None else make("mul", (out, f), None)
     return out
 
 
@@ -289,7 +275,7 @@ def classify_transition(sf: StateForm, key_axis: Var | None) -> tuple[str, str]:
         return "general", f"the term {other[0].show()} mixes state entries in a way mixc does not classify"
     if len(diag) > 1:
         return "general", "the state is scaled by several separate terms"
-    coef = _product(diag[0].factors) if diag else None
+    coef = product(diag[0].factors) if diag else None
     coef_axes = set(coef.idx) - {T_VAR} if coef is not None else set()
     sign_ok = not diag or diag[0].sign > 0
     if rank_one:
@@ -821,7 +807,7 @@ def _analyse_attention(p: Program, reasons: dict, notes: list) -> Analysis:
         for s in sums:
             factors = _flatten_mul(s.src[0])
             weight = [f for f in factors if not (set(f.idx) - {T_VAR, U_VAR})]
-            w = _product(weight) if weight else Node("const", arg=1)
+            w = product(weight) if weight else Node("const", arg=1)
             seps.append(separability(w))
         bad = [x for x in seps if not x.separable]
         sep = bad[0] if bad else seps[0]

@@ -467,9 +467,9 @@ class Lowerer:
         if len(set(vars_)) != len(vars_):
             raise self.err(f"'{st.name}' is indexed twice by the same index (a diagonal)", pos,
                            hint="use eye(i, j) to select a diagonal")
-        if st.kind == "state" and ctx.kind == "let":
-            pass  # a let is substituted where used: prev state in an update, current in the output
-        op = {"input": "input", "param": "param", "buffer": "buffer", "state": "state"}[st.kind]
+        # (a let that reads a state is substituted where used: the previous state in an update,
+        # the updated one in the output)
+        op = st.kind
         src = (token,) if token is not None else ()
         idx = canonical(([v for v in token.idx] if token is not None else []) + list(vars_))
         return Node(op, src, (st.name, vars_), idx, "complex" if st.complex else "real", pos)
