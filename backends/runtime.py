@@ -177,7 +177,7 @@ def bind_call(meta, kwargs, initial_state, cu_seqlens, init_params):
             for axis in m["axes"]:
                 sizes.need(axis, f"'{name}'")
     if any(n not in params for n in param_meta):
-        defaults = init_params(H, sizes.value, dtype=torch.float64, device=device)
+        defaults = default_params(init_params, H, sizes.value, device)
         for n in param_meta:
             params.setdefault(n, defaults[n])
     return kwargs, params, states, sizes.value, (B, T, H, n_seq), dtype
@@ -190,6 +190,18 @@ def zero_state(meta, name, sizes, H, dtype, inputs):
     sm = meta["states"][name]
     shape = (1, H, *[sizes[a] for a in sm["axes"]])
     return torch.zeros(shape, dtype=cplx if sm["complex"] else real, device=device)
+
+
+_DEFAULTS = {}
+
+
+def default_params(init_params, H, sizes, device):
+    """The file's default parameters for this head count, sizes and device, computed once (they are
+    deterministic) rather than on every call; the cache never hands out a tensor to be modified."""
+    key = (init_params, H, tuple(sorted(sizes.items())), str(device))
+    if key not in _DEFAULTS:
+        _DEFAULTS[key] = init_params(H, sizes, dtype=torch.float64, device=device)
+    return _DEFAULTS[key]
 
 
 def split_varlen(x, cu, i, axis):
