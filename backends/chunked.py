@@ -185,6 +185,411 @@ def _dot(a, b, DOT: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
+# ---- the chunk-parallel form (decays: none, scalar, per key entry) ------------------------------
+#
+# Four kernels, as in flash-linear-attention's chunk algorithm:
+#   _state_fwd_kernel   walks each sequence chunk by chunk and stores the state at every chunk start
+#                       (and the final state): the only sequential part, a k^T v product per chunk;
+#   _out_kernel         one program per (row block, chunk, head): o = (q e^G) h + A v, all in parallel;
+#   _state_bwd_kernel   the adjoint walk from each sequence's end: dh at every chunk end;
+#   _dv_kernel, _dqk_kernel  per-chunk gradients, in parallel, including the log-gate gradient.
+# Within a chunk, G is the inclusive cumulative log gate from the chunk's first token (<= 0 and
+# decreasing). With a per-key decay, factors e^{G_t - G_s} are formed only as products of two
+# factors <= 1 around a reference point: the chunk is cut into row blocks of BS tokens; a block
+# against earlier blocks uses the block's start as reference (tensor cores); within a block the
+# scores are exact, one column at a time (CUDA cores).
+# GATE: 0 no decay, 1 scalar decay g [B*T, H], 2 per-key decay g [B*T, H, K].
+
+
+@triton.jit
+def _seq_bounds(i_n, cu, T, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(cu + i_n).to(tl.int64)
+        eos = tl.load(cu + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def _chunk_of(i_c, cu, cinfo, hoff, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token of the sequence, its length, chunk number in it, index of its stored state)."""
+    if IS_VARLEN:
+        i_n = tl.load(cinfo + 2 * i_c)
+        c = tl.load(cinfo + 2 * i_c + 1)
+        hb = tl.load(hoff + i_n)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_n = i_c // NT
+        c = i_c % NT
+        hb = i_n * (NT + 1)
+    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
+    return bos, eos - bos, c, hb + c
+
+
+@triton.jit
+def _state_fwd_kernel(
+    k, v, g,  # [B*T, H, K], [B*T, H, V], log decay ([B*T, H] or [B*T, H, K])
+    h0,  # [N, H, K, V] fp32 initial state (USE_H0)
+    hs,  # [sum_n (chunks_n + 1), H, K, V] the state at every chunk start, then the final state
+    ht,  # [N, H, K, V] fp32 final state (STORE_HT)
+    cu, hoff, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
+    L = eos - bos
+    if IS_VARLEN:
+        hb = tl.load(hoff + i_n).to(tl.int64)
+    else:
+        hb = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    p_hv = (o_k[:, None] * V + o_v[None, :])
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
+    for c0 in range(0, L, BT):
+        tl.store(hs + ((hb + c0 // BT) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+        m_t = (c0 + o_t) < L
+        i_t = bos + c0 + o_t
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
+                      other=0.0).to(tl.float32)
+        if GATE == 1:
+            b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_GL = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # padding adds 0: row BT-1 is the last
+            b_k = b_k * tl.exp(b_GL - b_G)[:, None]
+            b_s = b_s * tl.exp(b_GL)
+        if GATE == 2:
+            b_G = tl.cumsum(tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+                            .to(tl.float32), axis=0)
+            b_GL = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), axis=0)
+            b_k = b_k * tl.exp(b_GL[None, :] - b_G)
+            b_s = b_s * tl.exp(b_GL)[:, None]
+        b_s += _dot(tl.trans(b_k), b_v, DOT)
+    tl.store(hs + ((hb + tl.cdiv(L, BT)) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_hv, b_s, mask=m_kv)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    q, g, do,  # [B*T, H, K], log decay, [B*T, H, V]
+    dht,  # [N, H, K, V] fp32 gradient of the final state (USE_DHT)
+    dhs,  # [sum_n (chunks_n + 1), H, K, V] gradient of the state at the end of every chunk
+    dh0,  # [N, H, K, V] fp32 gradient of the initial state (STORE_DH0)
+    cu, hoff, T, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
+    L = eos - bos
+    if IS_VARLEN:
+        hb = tl.load(hoff + i_n).to(tl.int64)
+    else:
+        hb = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    p_hv = (o_k[:, None] * V + o_v[None, :])
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
+    for ic in range(tl.cdiv(L, BT) - 1, -1, -1):
+        c0 = ic * BT
+        tl.store(dhs + ((hb + ic) * H + i_h) * K * V + p_hv, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
+        m_t = (c0 + o_t) < L
+        i_t = bos + c0 + o_t
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_q = tl.load(q + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_do = tl.load(do + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
+                       other=0.0).to(tl.float32)
+        b_q = b_q * scale
+        if GATE == 1:
+            b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_GL = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+            b_q = b_q * tl.exp(b_G)[:, None]
+            b_dh = b_dh * tl.exp(b_GL)
+        if GATE == 2:
+            b_G = tl.cumsum(tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+                            .to(tl.float32), axis=0)
+            b_GL = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), axis=0)
+            b_q = b_q * tl.exp(b_G)
+            b_dh = b_dh * tl.exp(b_GL)[:, None]
+        b_dh += _dot(tl.trans(b_q), b_do, DOT)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_hv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _out_kernel(
+    q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
+    hs,  # chunk-start states from _state_fwd_kernel
+    o,  # [B*T, H, V] output
+    cu, cinfo, hoff, T, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """Rows s0 .. s0+BS of one chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si)."""
+    i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    s0 = c0 + (i_cs % NSB) * BS
+    if s0 < L:
+        o_j = tl.arange(0, BS)
+        o_r = s0 + o_j  # this block's rows (positions in the sequence)
+        o_c = c0 + tl.arange(0, BT)  # the chunk's rows
+        m_r, m_c = o_r < L, o_c < L
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_o = tl.zeros([BS, BV], dtype=tl.float32)
+        b_a = tl.zeros([BS, BT], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
+            p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_kc = tl.load(k + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_h = tl.load(hs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                          mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            if GATE == 2:
+                b_Gc = tl.cumsum(tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0)
+                b_R = tl.sum(tl.where((o_c == s0 - 1)[:, None], b_Gc, 0.0), axis=0)  # G before the block
+                b_G = b_R[None, :] + tl.cumsum(tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0)
+                                               .to(tl.float32), 0)
+                b_o += _dot(b_q * tl.exp(b_G), b_h, DOT)
+                # earlier blocks of the chunk, around the reference b_R
+                b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
+                b_a += _dot(b_q * tl.exp(b_G - b_R[None, :]), tl.trans(b_kp), DOT)
+                # this block, exactly, one key column s at a time
+                b_kr = tl.load(k + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                for j in tl.static_range(BS):
+                    sel = (o_j == j)[:, None]
+                    b_kj = tl.sum(tl.where(sel, b_kr, 0.0), axis=0)
+                    b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
+                    e = tl.exp(tl.where((o_j >= j)[:, None], b_G - b_Gj[None, :], float("-inf")))
+                    b_aj = tl.sum(b_q * b_kj[None, :] * e, axis=1)
+                    b_a += tl.where((o_c == s0 + j)[None, :], b_aj[:, None], 0.0)
+            else:
+                b_o += _dot(b_q, b_h, DOT)
+                b_a += _dot(b_q, tl.trans(b_kc), DOT)
+        if GATE == 1:  # BS == BT: the block is the chunk
+            b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+            b_o = b_o * tl.exp(b_Gc)[:, None]
+            b_a = b_a * tl.exp(tl.where(o_r[:, None] >= o_c[None, :], b_Gc[:, None] - b_Gc[None, :], float("-inf")))
+        if GATE != 2:
+            b_a = tl.where(o_r[:, None] >= o_c[None, :], b_a, 0.0)
+        b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32)
+        b_o += _dot(b_a, b_vc, DOT)
+        tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty),
+                 mask=m_r[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dv_kernel(
+    q, k, g, do,  # inputs and the output's cotangent
+    dhs,  # gradient of the state at every chunk end (from _state_bwd_kernel)
+    dv,  # [B*T, H, V]
+    cu, cinfo, hoff, T, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """Rows s0 .. s0+BS of one chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t."""
+    i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    s0 = c0 + (i_cs % NSB) * BS
+    if s0 < L:
+        o_j = tl.arange(0, BS)
+        o_r = s0 + o_j
+        o_c = c0 + tl.arange(0, BT)
+        m_r, m_c = o_r < L, o_c < L
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_dv = tl.zeros([BS, BV], dtype=tl.float32)
+        b_at = tl.zeros([BS, BT], dtype=tl.float32)  # A transposed: [s in the block, t in the chunk]
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
+            p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+            b_k = tl.load(k + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qc = tl.load(q + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_dh = tl.load(dhs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                           mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            if GATE == 2:
+                b_Gc = tl.cumsum(tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0)
+                b_GL = tl.sum(tl.where((o_c == c0 + BT - 1)[:, None], b_Gc, 0.0), axis=0)
+                b_R = tl.sum(tl.where((o_c == s0 - 1)[:, None], b_Gc, 0.0), axis=0)
+                b_G = b_R[None, :] + tl.cumsum(tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0)
+                                               .to(tl.float32), 0)
+                b_E = tl.sum(tl.where((o_c == s0 + BS - 1)[:, None], b_Gc, 0.0), axis=0)  # G at the block's end
+                b_dv += _dot(b_k * tl.exp(b_GL[None, :] - b_G), b_dh, DOT)
+                # later blocks of the chunk, around the reference b_E
+                b_qn = b_qc * tl.exp(tl.where((o_c > s0 + BS - 1)[:, None], b_Gc - b_E[None, :], float("-inf")))
+                b_at += _dot(b_k * tl.exp(b_E[None, :] - b_G), tl.trans(b_qn), DOT)
+                # this block exactly, one query row t at a time
+                b_qr = tl.load(q + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                for j in tl.static_range(BS):
+                    sel = (o_j == j)[:, None]
+                    b_qj = tl.sum(tl.where(sel, b_qr, 0.0), axis=0)
+                    b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
+                    e = tl.exp(tl.where((o_j <= j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
+                    b_aj = tl.sum(b_k * b_qj[None, :] * e, axis=1)
+                    b_at += tl.where((o_c == s0 + j)[None, :], b_aj[:, None], 0.0)
+            else:
+                b_dv += _dot(b_k, b_dh, DOT)
+                b_at += _dot(b_k, tl.trans(b_qc), DOT)
+        if GATE == 1:
+            b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+            b_GL = tl.sum(tl.where(o_c == c0 + BT - 1, b_Gc, 0.0), axis=0)
+            b_dv = b_dv * tl.exp(b_GL - b_Gc)[:, None]
+            b_at = b_at * tl.exp(tl.where(o_c[None, :] >= o_r[:, None], b_Gc[None, :] - b_Gc[:, None], float("-inf")))
+        if GATE != 2:
+            b_at = tl.where(o_c[None, :] >= o_r[:, None], b_at, 0.0)
+        b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                        other=0.0).to(tl.float32)
+        b_dv += _dot(b_at * scale, b_doc, DOT)
+        tl.store(dv + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_r[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dqk_kernel(
+    q, k, v, g, do,
+    hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
+    dq, dk,  # [B*T, H, K]
+    dg,  # [B*T, H, K] fp32 (GATE 2) or [NK, B*T, H] fp32 partial sums over key blocks (GATE 1)
+    cu, cinfo, hoff, T, scale, NTOT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """One chunk and key block: dq, dk and the log-gate gradient
+    dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum_v (h dh)(chunk end)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_c = c0 + tl.arange(0, BT)
+    m_c = o_c < L
+    o_j = tl.arange(0, BS)
+    p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    m_ck = m_c[:, None] & m_k[None, :]
+    b_qc = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    if GATE == 2:
+        b_Gc = tl.cumsum(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32), 0)
+        b_GL = tl.sum(tl.where((o_c == c0 + BT - 1)[:, None], b_Gc, 0.0), axis=0)
+    if GATE == 1:
+        b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+        b_GL = tl.sum(tl.where(o_c == c0 + BT - 1, b_Gc, 0.0), axis=0)
+    p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
+    b_carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the rows after the current block
+    for jj in tl.static_range(NSB):
+        ib = NSB - 1 - jj  # blocks from the chunk's end (for the reverse sum of dG)
+        s0 = c0 + ib * BS
+        o_r = s0 + o_j
+        m_r = o_r < L
+        p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
+        m_rk = m_r[:, None] & m_k[None, :]
+        b_dq = tl.zeros([BS, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BS, BK], dtype=tl.float32)
+        b_da = tl.zeros([BS, BT], dtype=tl.float32)  # dA[t in the block, s in the chunk] = do_t . v_s
+        b_dat = tl.zeros([BS, BT], dtype=tl.float32)  # dA[t in the chunk, s in the block], transposed
+        b_own = tl.zeros([BS], dtype=tl.float32)  # dA[t, t], in fp32
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            m_v = o_v < V
+            p_vr = ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :]
+            p_vc = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
+            b_dor = tl.load(do + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_vr = tl.load(v + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_dq += _dot(b_dor, tl.trans(b_h), DOT)
+            b_dk += _dot(b_vr, tl.trans(b_dh), DOT)
+            b_own += tl.sum(b_dor * b_vr, axis=1)
+            if NSB == 1:
+                b_da += _dot(b_dor, tl.trans(b_vr), DOT)
+            else:
+                b_doc = tl.load(do + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_vc = tl.load(v + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_da += _dot(b_dor, tl.trans(b_vc), DOT)
+                b_dat += _dot(b_vr, tl.trans(b_doc), DOT)
+            if GATE != 0:
+                if jj == 0:  # the chunk-end term sum_v h_next dh, once
+                    b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                                   other=0.0).to(tl.float32)
+                    b_carry += tl.sum(b_hn * b_dh, axis=1)
+        b_da = b_da * scale
+        b_dat = b_dat * scale
+        if GATE == 2:
+            b_R = tl.sum(tl.where((o_c == s0 - 1)[:, None], b_Gc, 0.0), axis=0)
+            b_E = tl.sum(tl.where((o_c == s0 + BS - 1)[:, None], b_Gc, 0.0), axis=0)
+            b_G = b_R[None, :] + tl.cumsum(tl.load(g + p_r, mask=m_rk, other=0.0).to(tl.float32), 0)
+            b_q = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            b_dq = b_dq * tl.exp(b_G) * scale
+            b_dk = b_dk * tl.exp(b_GL[None, :] - b_G)
+            # earlier blocks (dq) and later blocks (dk), around the block's start / end
+            b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
+            b_dq += _dot(b_da, b_kp, DOT) * tl.exp(b_G - b_R[None, :])
+            b_qn = b_qc * tl.exp(tl.where((o_c > s0 + BS - 1)[:, None], b_Gc - b_E[None, :], float("-inf")))
+            b_dk += _dot(b_dat, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
+            # within the block, exactly, strictly below the diagonal
+            for j in tl.static_range(BS):
+                sel = (o_j == j)[:, None]
+                b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
+                b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
+                b_qj = tl.sum(tl.where(sel, b_q, 0.0), axis=0)
+                b_daj = tl.sum(tl.where((o_c == s0 + j)[None, :], b_da, 0.0), axis=1)  # dA[t, s0 + j]
+                b_datj = tl.sum(tl.where((o_c == s0 + j)[None, :], b_dat, 0.0), axis=1)  # dA[s0 + j, s]
+                b_dq += b_daj[:, None] * b_kj[None, :] * tl.exp(
+                    tl.where((o_j > j)[:, None], b_G - b_Gj[None, :], float("-inf")))
+                b_dk += b_datj[:, None] * b_qj[None, :] * tl.exp(
+                    tl.where((o_j < j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
+            b_dG = b_q * b_dq - b_k * b_dk
+            b_dg = b_carry[None, :] + tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+            b_carry += tl.sum(b_dG, axis=0)
+            tl.store(dg + p_r, b_dg, mask=m_rk)
+        else:  # NSB == 1: the block is the chunk
+            b_q, b_k = b_qc, b_kc
+            m_s = o_c[:, None] > o_c[None, :]
+            if GATE == 1:
+                b_da = b_da * tl.exp(tl.where(m_s, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
+                b_dq = b_dq * tl.exp(b_Gc)[:, None]
+                b_dk = b_dk * tl.exp(b_GL - b_Gc)[:, None]
+            b_da = tl.where(m_s, b_da, 0.0)
+            b_dq = b_dq * scale + _dot(b_da, b_k, DOT)
+            b_dk += _dot(tl.trans(b_da), b_q, DOT)
+            if GATE == 1:
+                b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1)
+                b_dg = tl.sum(b_carry, axis=0) + tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
+                tl.store(dg + i_k.to(tl.int64) * NTOT * H + (bos + o_r) * H + i_h, b_dg, mask=m_r)
+        # each token's own term (it cancels in dG), in fp32
+        b_dq += (b_own * scale)[:, None] * b_k
+        b_dk += (b_own * scale)[:, None] * b_q
+        tl.store(dq + p_r, b_dq.to(dq.dtype.element_ty), mask=m_rk)
+        tl.store(dk + p_r, b_dk.to(dk.dtype.element_ty), mask=m_rk)
+
+
 # ---- launching -------------------------------------------------------------------------------
 
 
@@ -325,6 +730,115 @@ class ChunkRecurrence(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dgs, dh0, None, None, None)
 
 
+def _layout(B, T, cu_seqlens, BT, device):
+    """Chunk bookkeeping: (number of chunks, stored states, per-chunk (sequence, chunk) pairs and
+    each sequence's first stored state, both int32 and None without cu_seqlens)."""
+    if cu_seqlens is None:
+        NT = triton.cdiv(T, BT)
+        return B * NT, B * (NT + 1), None, None
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nch = (lens + BT - 1) // BT
+    counts = nch.tolist()  # the grid size needs them on the host
+    NC = sum(counts)
+    hoff = torch.cumsum(nch + 1, 0) - (nch + 1)
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=device), nch)
+    first = torch.repeat_interleave(torch.cumsum(nch, 0) - nch, nch)
+    cinfo = torch.stack([seq, torch.arange(NC, device=device) - first], 1).to(torch.int32).contiguous()
+    return NC, NC + len(counts), cinfo, hoff.to(torch.int32)
+
+
+def _blocks(K, V, gate):
+    BT = 64
+    BS = 16 if gate == 2 else BT
+    BK = max(16, min(_pow2(K), 64))
+    BV = max(16, min(_pow2(V), 64))
+    return BT, BS, BK, BV
+
+
+def _gate_of(g):
+    return 0 if g is None else (1 if g.dim() == 3 else 2)
+
+
+def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None):
+    """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
+    decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
+    stored chunk states)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    gate = _gate_of(g)
+    BT, BS, BK, BV = _blocks(K, V, gate)
+    NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
+    sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
+    hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
+    dummy = ht
+    cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy
+    cinfo = cinfo if cinfo is not None else dummy
+    hoff = hoff if hoff is not None else dummy
+    dot = _dot_mode(q.dtype)
+    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot)
+    _state_fwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        kf, vf, gf if g is not None else dummy, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
+        USE_H0=h0 is not None, STORE_HT=True, **common)
+    o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
+    _out_kernel[(triton.cdiv(V, BV), NC * (BT // BS), H)](
+        qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, **common)
+    return o, ht, hs
+
+
+class ChunkParallel(torch.autograd.Function):
+    """Autograd for :func:`chunk_fwd`: gradients for q, k, v, the log decay and the initial state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype):
+        o, ht, hs = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
+        ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, hs)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, h0, cu_seqlens, hs = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        gate = _gate_of(g)
+        BT, BS, BK, BV = _blocks(K, V, gate)
+        NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
+        do = do.contiguous()
+        dhs = torch.empty_like(hs)
+        dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+        dummy = hs
+        cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy
+        cinfo = cinfo if cinfo is not None else dummy
+        hoff = hoff if hoff is not None else dummy
+        qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _flat(g) if g is not None else dummy, _flat(do)
+        common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=cu_seqlens is not None,
+                      DOT=_dot_mode(q.dtype))
+        _state_bwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+            qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, dh0 if dh0 is not None else dummy,
+            cu, hoff, T, float(ctx.scale), USE_DHT=dht is not None, STORE_DH0=h0 is not None, **common)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        NK = triton.cdiv(K, BK)
+        dg = None
+        if gate == 2:
+            dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+        elif gate == 1:
+            dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+        _dv_kernel[(triton.cdiv(V, BV), NC * (BT // BS), H)](
+            qf, kf, gf, dof, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, **common)
+        _dqk_kernel[(NK, NC, H)](
+            qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy, cu, cinfo, hoff, T,
+            float(ctx.scale), B * T, BS=BS, **common)
+        if gate == 1:
+            dg = dg.sum(0) if NK > 1 else dg[0]
+        if dg is not None:
+            dg = dg.to(g.dtype)
+        return dq, dk, dv, dg, dh0, None, None, None
+
+
 def tensor_product(*xs):
     """Flattened outer product over the last axis: [..., K1], [..., K2] -> [..., K1 * K2]."""
     out = xs[0]
@@ -334,8 +848,17 @@ def tensor_product(*xs):
 
 
 def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False,
-                     scale=1.0):
-    """Differentiable :func:`chunk_run` (o scaled by ``scale``): returns (o [B, T, H, V] fp32, final
-    state or None). The final state is not scaled."""
-    o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
+                     scale=1.0, out_dtype=None):
+    """Differentiable S_t = Dk S_{t-1} Dv e^gs + k_t v_t^T, o_t = scale q_t^T S_t: returns (o [B, T, H, V] in
+    ``out_dtype`` (default q's dtype), final state [N, H, K, V] fp32 (not scaled) or None).
+
+    Without a per-value decay this is the chunk-parallel form (:class:`ChunkParallel`; a scalar and a
+    per-key decay are merged into one per-key decay); with one, the sequential walk
+    (:class:`ChunkRecurrence`)."""
+    if gv is None:
+        g = gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
+        o, ht = ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype)
+    else:
+        o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
+        o = o.to(out_dtype or q.dtype)
     return o, (ht if output_final_state else None)

@@ -259,9 +259,11 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         em.emit(f"    h0 = torch.zeros(n_seq, H, {K}, {V}, device=dev) if h0 is None else h0")
         em.emit(f"    z0 = torch.zeros(n_seq, H, {K}, device=dev) if z0 is None else z0.float()")
         em.emit("    h0 = torch.cat([h0, z0[..., None]], dim=-1)")
+    # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
+    epilogue = cp.normaliser is not None or cp.gate is not None or cp.skip is not None
     em.emit(f"o, ht = chunk_recurrence({q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, "
-            f"cu_seqlens=cu_seqlens, output_final_state=output_final_state, scale={scale})")
-    em.emit("o = o.to(real)")
+            f"cu_seqlens=cu_seqlens, output_final_state=output_final_state, scale={scale}"
+            + (", out_dtype=real)" if epilogue else ")"))
     final = "{}"
     if cp.normaliser:
         em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
@@ -403,8 +405,8 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width}]")
     em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
     em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
-    em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
-    em.emit("o = o.to(real)")
+    em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens"
+            + (", out_dtype=real)" if fp.normalised else ")"))
     if fp.normalised:
         em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
     em.emit("return o, ({} if output_final_state else None)")

@@ -51,6 +51,13 @@ CASES = [
     (2, 20, 1, 70, 5, "k", None, True),  # several key blocks
     (2, 20, 1, 5, 70, "v", None, False),  # several value blocks
     (1, 19, 1, 200, 130, "ks", None, True),  # head widths up to 256, not powers of two
+    # several 64-token chunks: states passed between chunks, a partial last chunk
+    (2, 150, 1, 20, 24, "", None, True),
+    (2, 150, 1, 20, 24, "s", None, True),
+    (2, 150, 1, 20, 24, "k", None, True),
+    (1, 211, 2, 9, 12, "k", [0, 70, 70, 64 + 70, 210, 211], True),
+    (1, 211, 2, 9, 12, "s", [0, 129, 211], True),
+    (1, 130, 1, 70, 66, "ks", None, False),
 ]
 
 
@@ -83,11 +90,17 @@ def test_chunk_kernel_matches_the_loop(B, T, H, K, V, use, cu, h0):
 
 
 def test_sharp_gates_do_not_overflow():
-    """Log gates down to -30 per token (decays to exp(-480) within one chunk) stay finite."""
+    """Log gates down to -30 per token (decays to exp(-1900) within one chunk) stay finite, gradients included."""
     gen = torch.Generator().manual_seed(0)
-    B, T, H, K, V = 1, 40, 1, 4, 4
+    B, T, H, K, V = 1, 100, 1, 4, 4
     q, k, v = (torch.randn(B, T, H, d, generator=gen).to(DEV) for d in (K, K, V))
     gk = -30 * torch.rand(B, T, H, K, generator=gen).to(DEV)
-    o, ht = chunk_recurrence(q, k, v, gk=gk, output_final_state=True)
-    ro, rh = naive(q, k, v, gk, None, None, None, None)
+    ref = [x.double().requires_grad_() for x in (q, k, v, gk)]
+    ro, rh = naive(*ref[:3], ref[3], None, None, None, None)
+    (ro.square().sum() + rh.sum()).backward()
+    ours = [x.detach().float().requires_grad_() for x in ref]
+    o, ht = chunk_recurrence(*ours[:3], gk=ours[3], output_final_state=True)
+    (o.square().sum() + ht.sum()).backward()
     assert torch.isfinite(o).all() and rel(o, ro) < 1e-5
+    for name, a, b in zip("q k v gk".split(), ours, ref):
+        assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
