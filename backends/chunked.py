@@ -306,7 +306,9 @@ def _state_bwd_kernel(
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
-    for ic in range(tl.cdiv(L, BT) - 1, -1, -1):
+    NT = tl.cdiv(L, BT)
+    for i in range(0, NT):
+        ic = NT - 1 - i
         c0 = ic * BT
         tl.store(dhs + ((hb + ic) * H + i_h) * K * V + p_hv, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
         m_t = (c0 + o_t) < L
