@@ -198,7 +198,8 @@ def _dot(a, b, DOT: tl.constexpr):
 # factors <= 1 around a reference point: the chunk is cut into row blocks of BS tokens; a block
 # against earlier blocks uses the block's start as reference (tensor cores); within a block the
 # scores are exact, one column at a time (CUDA cores).
-# GATE: 0 no decay, 1 scalar decay g [B*T, H], 2 per-key decay g [B*T, H, K].
+# GATE: 0 no decay, 1 scalar decay g [B*T, H] (the kernels sum it within each chunk), 2 per-key decay,
+# passed as its chunk-local inclusive cumulative sum G [B*T, H, K] (_local_cumsum_kernel).
 
 
 @triton.jit
@@ -225,7 +226,27 @@ def _chunk_of(i_c, cu, cinfo, hoff, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr
         c = i_c % NT
         hb = i_n * (NT + 1)
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
-    return bos, eos - bos, c, hb + c
+    return bos, eos - bos, c, (hb + c).to(tl.int64)
+
+
+@triton.jit
+def _local_cumsum_kernel(g, G, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """G = the inclusive cumulative sum of g within each chunk, in fp32."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    o_c = c * BT + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (o_c < L)[:, None] & (o_k < K)[None, :]
+    p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    tl.store(G + p, tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0), mask=m)
+
+
+@triton.jit
+def _row(x, bos, r, lo, hi, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """Row r of x [B*T, H, K] over the entries o_k, in fp32 (0 unless lo <= r < hi)."""
+    rr = tl.zeros_like(o_k) + r
+    return tl.load(x + ((bos + r) * H + i_h) * K + o_k, mask=m_k & (rr >= lo) & (rr < hi), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -262,15 +283,15 @@ def _state_fwd_kernel(
         b_k = tl.load(k + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
                       other=0.0).to(tl.float32)
+        last = tl.minimum(L - c0, BT) - 1  # the chunk's last row
         if GATE == 1:
             b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # padding adds 0: row BT-1 is the last
+            b_GL = tl.sum(tl.where(o_t == last, b_G, 0.0), axis=0)
             b_k = b_k * tl.exp(b_GL - b_G)[:, None]
             b_s = b_s * tl.exp(b_GL)
         if GATE == 2:
-            b_G = tl.cumsum(tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-                            .to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), axis=0)
+            b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
             b_k = b_k * tl.exp(b_GL[None, :] - b_G)
             b_s = b_s * tl.exp(b_GL)[:, None]
         b_s += _dot(tl.trans(b_k), b_v, DOT)
@@ -318,15 +339,15 @@ def _state_bwd_kernel(
         b_do = tl.load(do + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
                        other=0.0).to(tl.float32)
         b_q = b_q * scale
+        last = tl.minimum(L - c0, BT) - 1
         if GATE == 1:
             b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+            b_GL = tl.sum(tl.where(o_t == last, b_G, 0.0), axis=0)
             b_q = b_q * tl.exp(b_G)[:, None]
             b_dh = b_dh * tl.exp(b_GL)
         if GATE == 2:
-            b_G = tl.cumsum(tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-                            .to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), axis=0)
+            b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
             b_q = b_q * tl.exp(b_G)
             b_dh = b_dh * tl.exp(b_GL)[:, None]
         b_dh += _dot(tl.trans(b_q), b_do, DOT)
@@ -358,6 +379,8 @@ def _out_kernel(
         m_v = o_v < V
         b_o = tl.zeros([BS, BV], dtype=tl.float32)
         b_a = tl.zeros([BS, BT], dtype=tl.float32)
+        if GATE == 2:
+            b_ad = tl.zeros([BS, BS], dtype=tl.float32)  # the block's own scores, exactly
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
@@ -368,23 +391,21 @@ def _out_kernel(
             b_h = tl.load(hs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                           mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             if GATE == 2:
-                b_Gc = tl.cumsum(tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0)
-                b_R = tl.sum(tl.where((o_c == s0 - 1)[:, None], b_Gc, 0.0), axis=0)  # G before the block
-                b_G = b_R[None, :] + tl.cumsum(tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0)
-                                               .to(tl.float32), 0)
+                b_Gc = tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                b_R = _row(g, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block (0 at the chunk's start)
                 b_o += _dot(b_q * tl.exp(b_G), b_h, DOT)
                 # earlier blocks of the chunk, around the reference b_R
                 b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
-                b_a += _dot(b_q * tl.exp(b_G - b_R[None, :]), tl.trans(b_kp), DOT)
-                # this block, exactly, one key column s at a time
-                b_kr = tl.load(k + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                b_a += _dot(b_q * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf"))), tl.trans(b_kp),
+                            DOT)
+                # this block, exactly, one key column s0 + j at a time
                 for j in tl.static_range(BS):
-                    sel = (o_j == j)[:, None]
-                    b_kj = tl.sum(tl.where(sel, b_kr, 0.0), axis=0)
-                    b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
-                    e = tl.exp(tl.where((o_j >= j)[:, None], b_G - b_Gj[None, :], float("-inf")))
+                    b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                    b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                    e = tl.exp(tl.where(((o_j >= j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
                     b_aj = tl.sum(b_q * b_kj[None, :] * e, axis=1)
-                    b_a += tl.where((o_c == s0 + j)[None, :], b_aj[:, None], 0.0)
+                    b_ad += tl.where((o_j == j)[None, :], b_aj[:, None], 0.0)
             else:
                 b_o += _dot(b_q, b_h, DOT)
                 b_a += _dot(b_q, tl.trans(b_kc), DOT)
@@ -397,6 +418,10 @@ def _out_kernel(
         b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                        other=0.0).to(tl.float32)
         b_o += _dot(b_a, b_vc, DOT)
+        if GATE == 2:
+            b_vr = tl.load(v + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :],
+                           mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_o += _dot(b_ad, b_vr, DOT)
         tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty),
                  mask=m_r[:, None] & m_v[None, :])
 
@@ -425,6 +450,8 @@ def _dv_kernel(
         m_v = o_v < V
         b_dv = tl.zeros([BS, BV], dtype=tl.float32)
         b_at = tl.zeros([BS, BT], dtype=tl.float32)  # A transposed: [s in the block, t in the chunk]
+        if GATE == 2:
+            b_atd = tl.zeros([BS, BS], dtype=tl.float32)  # ... within the block, exactly
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
@@ -435,25 +462,23 @@ def _dv_kernel(
             b_dh = tl.load(dhs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                            mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             if GATE == 2:
-                b_Gc = tl.cumsum(tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0)
-                b_GL = tl.sum(tl.where((o_c == c0 + BT - 1)[:, None], b_Gc, 0.0), axis=0)
-                b_R = tl.sum(tl.where((o_c == s0 - 1)[:, None], b_Gc, 0.0), axis=0)
-                b_G = b_R[None, :] + tl.cumsum(tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0)
-                                               .to(tl.float32), 0)
-                b_E = tl.sum(tl.where((o_c == s0 + BS - 1)[:, None], b_Gc, 0.0), axis=0)  # G at the block's end
+                b_Gc = tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                b_GL = _row(g, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # G at the chunk's end
+                b_E = _row(g, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # ... at the block's end
                 b_dv += _dot(b_k * tl.exp(b_GL[None, :] - b_G), b_dh, DOT)
                 # later blocks of the chunk, around the reference b_E
-                b_qn = b_qc * tl.exp(tl.where((o_c > s0 + BS - 1)[:, None], b_Gc - b_E[None, :], float("-inf")))
+                b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :],
+                                              float("-inf")))
                 b_at += _dot(b_k * tl.exp(b_E[None, :] - b_G), tl.trans(b_qn), DOT)
-                # this block exactly, one query row t at a time
-                b_qr = tl.load(q + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                # this block exactly, one query row s0 + j at a time
                 for j in tl.static_range(BS):
-                    sel = (o_j == j)[:, None]
-                    b_qj = tl.sum(tl.where(sel, b_qr, 0.0), axis=0)
-                    b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
-                    e = tl.exp(tl.where((o_j <= j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
+                    b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                    b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                    e = tl.exp(tl.where(((o_j <= j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G,
+                                        float("-inf")))
                     b_aj = tl.sum(b_k * b_qj[None, :] * e, axis=1)
-                    b_at += tl.where((o_c == s0 + j)[None, :], b_aj[:, None], 0.0)
+                    b_atd += tl.where((o_j == j)[None, :], b_aj[:, None], 0.0)
             else:
                 b_dv += _dot(b_k, b_dh, DOT)
                 b_at += _dot(b_k, tl.trans(b_qc), DOT)
@@ -467,6 +492,10 @@ def _dv_kernel(
         b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                         other=0.0).to(tl.float32)
         b_dv += _dot(b_at * scale, b_doc, DOT)
+        if GATE == 2:
+            b_dor = tl.load(do + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :],
+                            mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_dv += _dot(b_atd * scale, b_dor, DOT)
         tl.store(dv + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=m_r[:, None] & m_v[None, :])
 
@@ -497,13 +526,20 @@ def _dqk_kernel(
     b_qc = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
     b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
     if GATE == 2:
-        b_Gc = tl.cumsum(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32), 0)
-        b_GL = tl.sum(tl.where((o_c == c0 + BT - 1)[:, None], b_Gc, 0.0), axis=0)
+        b_Gc = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
+        b_GL = _row(g, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
     if GATE == 1:
         b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
         b_GL = tl.sum(tl.where(o_c == c0 + BT - 1, b_Gc, 0.0), axis=0)
     p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
     b_carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the rows after the current block
+    if GATE != 0:  # starting with the chunk-end term sum_v (h dh)(chunk end)
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            m_hv = m_k[:, None] & (o_v < V)[None, :]
+            b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+            b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+            b_carry += tl.sum(b_hn * b_dh, axis=1)
     for jj in tl.static_range(NSB):
         ib = NSB - 1 - jj  # blocks from the chunk's end (for the reverse sum of dG)
         s0 = c0 + ib * BS
@@ -516,6 +552,7 @@ def _dqk_kernel(
         b_da = tl.zeros([BS, BT], dtype=tl.float32)  # dA[t in the block, s in the chunk] = do_t . v_s
         b_dat = tl.zeros([BS, BT], dtype=tl.float32)  # dA[t in the chunk, s in the block], transposed
         b_own = tl.zeros([BS], dtype=tl.float32)  # dA[t, t], in fp32
+        b_dad = tl.zeros([BS, BS], dtype=tl.float32)  # dA within the block
         for v0 in range(0, V, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < V
@@ -535,38 +572,34 @@ def _dqk_kernel(
                 b_vc = tl.load(v + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                 b_da += _dot(b_dor, tl.trans(b_vc), DOT)
                 b_dat += _dot(b_vr, tl.trans(b_doc), DOT)
-            if GATE != 0:
-                if jj == 0:  # the chunk-end term sum_v h_next dh, once
-                    b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                                   other=0.0).to(tl.float32)
-                    b_carry += tl.sum(b_hn * b_dh, axis=1)
+                b_dad += _dot(b_dor, tl.trans(b_vr), DOT)
         b_da = b_da * scale
         b_dat = b_dat * scale
         if GATE == 2:
-            b_R = tl.sum(tl.where((o_c == s0 - 1)[:, None], b_Gc, 0.0), axis=0)
-            b_E = tl.sum(tl.where((o_c == s0 + BS - 1)[:, None], b_Gc, 0.0), axis=0)
-            b_G = b_R[None, :] + tl.cumsum(tl.load(g + p_r, mask=m_rk, other=0.0).to(tl.float32), 0)
+            b_dad = b_dad * scale
+            b_R = _row(g, bos, tl.minimum(s0, L) - 1, c0, L, i_h, o_k, m_k, H, K)
+            b_E = _row(g, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)
+            b_G = tl.load(g + p_r, mask=m_rk, other=0.0).to(tl.float32)
             b_q = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
             b_k = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
             b_dq = b_dq * tl.exp(b_G) * scale
             b_dk = b_dk * tl.exp(b_GL[None, :] - b_G)
             # earlier blocks (dq) and later blocks (dk), around the block's start / end
             b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
-            b_dq += _dot(b_da, b_kp, DOT) * tl.exp(b_G - b_R[None, :])
-            b_qn = b_qc * tl.exp(tl.where((o_c > s0 + BS - 1)[:, None], b_Gc - b_E[None, :], float("-inf")))
+            b_dq += _dot(b_da, b_kp, DOT) * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf")))
+            b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :], float("-inf")))
             b_dk += _dot(b_dat, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
             # within the block, exactly, strictly below the diagonal
             for j in tl.static_range(BS):
-                sel = (o_j == j)[:, None]
-                b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
-                b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
-                b_qj = tl.sum(tl.where(sel, b_q, 0.0), axis=0)
-                b_daj = tl.sum(tl.where((o_c == s0 + j)[None, :], b_da, 0.0), axis=1)  # dA[t, s0 + j]
-                b_datj = tl.sum(tl.where((o_c == s0 + j)[None, :], b_dat, 0.0), axis=1)  # dA[s0 + j, s]
+                b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_daj = tl.sum(tl.where((o_j == j)[None, :], b_dad, 0.0), axis=1)  # dA[t, s0 + j]
+                b_datj = tl.sum(tl.where((o_j == j)[:, None], b_dad, 0.0), axis=0)  # dA[s0 + j, s]
                 b_dq += b_daj[:, None] * b_kj[None, :] * tl.exp(
-                    tl.where((o_j > j)[:, None], b_G - b_Gj[None, :], float("-inf")))
+                    tl.where(((o_j > j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
                 b_dk += b_datj[:, None] * b_qj[None, :] * tl.exp(
-                    tl.where((o_j < j)[:, None], b_Gj[None, :] - b_G, float("-inf")))
+                    tl.where(((o_j < j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G, float("-inf")))
             b_dG = b_q * b_dq - b_k * b_dk
             b_dg = b_carry[None, :] + tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
             b_carry += tl.sum(b_dG, axis=0)
@@ -753,7 +786,7 @@ def _blocks(K, V, gate):
     BT = 64
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
-    BV = max(16, min(_pow2(V), 64))
+    BV = max(16, min(_pow2(V), 128 if gate == 2 else 64))  # per-key decays: the exact blocks once per 128 values
     return BT, BS, BK, BV
 
 
@@ -764,7 +797,7 @@ def _gate_of(g):
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
-    stored chunk states)."""
+    stored chunk states, the decay as the kernels take it)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -780,6 +813,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     cinfo = cinfo if cinfo is not None else dummy
     hoff = hoff if hoff is not None else dummy
     dot = _dot_mode(q.dtype)
+    if gate == 2:  # the kernels take the chunk-local cumulative sum
+        G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
+        _local_cumsum_kernel[(triton.cdiv(K, BK), NC, H)](gf, G, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
+                                                          IS_VARLEN=cu_seqlens is not None)
+        gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot)
     _state_fwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         kf, vf, gf if g is not None else dummy, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
@@ -787,7 +825,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     _out_kernel[(triton.cdiv(V, BV), NC * (BT // BS), H)](
         qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, **common)
-    return o, ht, hs
+    return o, ht, hs, gf
 
 
 class ChunkParallel(torch.autograd.Function):
@@ -795,18 +833,20 @@ class ChunkParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype):
-        o, ht, hs = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
-        ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, hs)
+        o, ht, hs, gf = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs)
         ctx.scale = scale
+        ctx.gate = _gate_of(g)
+        ctx.g_dtype = None if g is None else g.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, cu_seqlens, hs = ctx.saved_tensors
+        q, k, v, gf, h0, cu_seqlens, hs = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        gate = _gate_of(g)
+        gate = ctx.gate
         BT, BS, BK, BV = _blocks(K, V, gate)
         NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
         do = do.contiguous()
@@ -816,7 +856,7 @@ class ChunkParallel(torch.autograd.Function):
         cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy
         cinfo = cinfo if cinfo is not None else dummy
         hoff = hoff if hoff is not None else dummy
-        qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _flat(g) if g is not None else dummy, _flat(do)
+        qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), gf if gf is not None else dummy, _flat(do)
         common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=cu_seqlens is not None,
                       DOT=_dot_mode(q.dtype))
         _state_bwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
@@ -837,7 +877,7 @@ class ChunkParallel(torch.autograd.Function):
         if gate == 1:
             dg = dg.sum(0) if NK > 1 else dg[0]
         if dg is not None:
-            dg = dg.to(g.dtype)
+            dg = dg.to(ctx.g_dtype)
         return dq, dk, dv, dg, dh0, None, None, None
 
 
