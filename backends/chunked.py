@@ -400,7 +400,7 @@ def _out_kernel(
                 b_a += _dot(b_q * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf"))), tl.trans(b_kp),
                             DOT)
                 # this block, exactly, one key column s0 + j at a time
-                for j in tl.static_range(BS):
+                for j in range(0, BS):
                     b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                     b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                     e = tl.exp(tl.where(((o_j >= j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
@@ -472,7 +472,7 @@ def _dv_kernel(
                                               float("-inf")))
                 b_at += _dot(b_k * tl.exp(b_E[None, :] - b_G), tl.trans(b_qn), DOT)
                 # this block exactly, one query row s0 + j at a time
-                for j in tl.static_range(BS):
+                for j in range(0, BS):
                     b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                     b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                     e = tl.exp(tl.where(((o_j <= j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G,
@@ -505,54 +505,102 @@ def _dqk_kernel(
     q, k, v, g, do,
     hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
     dq, dk,  # [B*T, H, K]
-    dg,  # [B*T, H, K] fp32 (GATE 2) or [NK, B*T, H] fp32 partial sums over key blocks (GATE 1)
+    dg,  # [NK, B*T, H] fp32: the scalar log-gate gradient, summed over this key block (GATE 1)
     cu, cinfo, hoff, T, scale, NTOT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One chunk and key block: dq, dk and the log-gate gradient
-    dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum_v (h dh)(chunk end)."""
+    """One chunk and key block, no decay or a scalar one: dq, dk and the log-gate gradient
+    dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum (h dh)(chunk end)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NSB: tl.constexpr = BT // BS
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
-    c0 = c * BT
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    o_c = c0 + tl.arange(0, BT)
+    o_c = c * BT + tl.arange(0, BT)
     m_c = o_c < L
-    o_j = tl.arange(0, BS)
     p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
     m_ck = m_c[:, None] & m_k[None, :]
-    b_qc = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
-    b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
-    if GATE == 2:
-        b_Gc = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
-        b_GL = _row(g, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
-    if GATE == 1:
-        b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
-        b_GL = tl.sum(tl.where(o_c == c0 + BT - 1, b_Gc, 0.0), axis=0)
     p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
-    b_carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the rows after the current block
-    if GATE != 0:  # starting with the chunk-end term sum_v (h dh)(chunk end)
-        for v0 in range(0, V, BV):
-            o_v = v0 + tl.arange(0, BV)
-            m_hv = m_k[:, None] & (o_v < V)[None, :]
-            b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
-            b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
-            b_carry += tl.sum(b_hn * b_dh, axis=1)
-    for jj in tl.static_range(NSB):
-        ib = NSB - 1 - jj  # blocks from the chunk's end (for the reverse sum of dG)
-        s0 = c0 + ib * BS
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_da = tl.zeros([BT, BT], dtype=tl.float32)  # dA[t, s] = do_t . v_s
+    b_own = tl.zeros([BT], dtype=tl.float32)  # dA[t, t], in fp32
+    b_end = tl.zeros([BK], dtype=tl.float32)  # sum_v (h dh)(chunk end)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        p_v = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_dq += _dot(b_do, tl.trans(b_h), DOT)
+        b_dk += _dot(b_v, tl.trans(b_dh), DOT)
+        b_da += _dot(b_do, tl.trans(b_v), DOT)
+        b_own += tl.sum(b_do * b_v, axis=1)
+        if GATE == 1:
+            b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                           other=0.0).to(tl.float32)
+            b_end += tl.sum(b_hn * b_dh, axis=1)
+    b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    m_s = o_c[:, None] > o_c[None, :]
+    b_da = b_da * scale
+    if GATE == 1:
+        b_G = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+        b_GL = tl.sum(tl.where(o_c == tl.minimum(c * BT + BT, L) - 1, b_G, 0.0), axis=0)
+        b_da = b_da * tl.exp(tl.where(m_s, b_G[:, None] - b_G[None, :], float("-inf")))
+        b_dq = b_dq * tl.exp(b_G)[:, None]
+        b_dk = b_dk * tl.exp(b_GL - b_G)[:, None]
+    b_da = tl.where(m_s, b_da, 0.0)
+    b_dq = b_dq * scale + _dot(b_da, b_k, DOT)
+    b_dk += _dot(tl.trans(b_da), b_q, DOT)
+    if GATE == 1:
+        b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1)
+        b_dg = tl.sum(b_end, axis=0) + tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
+        tl.store(dg + i_k.to(tl.int64) * NTOT * H + (bos + o_c) * H + i_h, b_dg, mask=m_c)
+    # each token's own term (it cancels in dG), in fp32
+    b_dq += (b_own * scale)[:, None] * b_k
+    b_dk += (b_own * scale)[:, None] * b_q
+    tl.store(dq + p_c, b_dq.to(dq.dtype.element_ty), mask=m_ck)
+    tl.store(dk + p_c, b_dk.to(dk.dtype.element_ty), mask=m_ck)
+
+
+@triton.jit
+def _dqk_key_kernel(
+    q, k, v, G, do,
+    hs, dhs,
+    dx,  # [B*T, H, K]: dq (SIDE 0) or dk (SIDE 1)
+    dG,  # [B*T, H, K] fp32: q dq (SIDE 0), then q dq - k dk (SIDE 1), own terms left out
+    cu, cinfo, hoff, T, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, SIDE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """Per-key decay, rows s0 .. s0+BS of one chunk, one key block:
+    SIDE 0: dq_t = scale (e^G_t (do_t h^T) + sum_{s < t} dA[t, s] k_s e^(G_t - G_s)) (+ own term)
+    SIDE 1: dk_s = e^(G_L - G_s) (v_s dh^T) + scale sum_{t > s} dA[t, s] q_t e^(G_t - G_s) (+ own term)
+    with dA[t, s] = do_t . v_s; earlier / later blocks on tensor cores around the block's first /
+    last row, the block itself exactly."""
+    i_k, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    s0 = c0 + (i_cs % NSB) * BS
+    if s0 < L:
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        o_c = c0 + tl.arange(0, BT)
+        m_c = o_c < L
+        o_j = tl.arange(0, BS)
         o_r = s0 + o_j
         m_r = o_r < L
         p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
         m_rk = m_r[:, None] & m_k[None, :]
-        b_dq = tl.zeros([BS, BK], dtype=tl.float32)
-        b_dk = tl.zeros([BS, BK], dtype=tl.float32)
-        b_da = tl.zeros([BS, BT], dtype=tl.float32)  # dA[t in the block, s in the chunk] = do_t . v_s
-        b_dat = tl.zeros([BS, BT], dtype=tl.float32)  # dA[t in the chunk, s in the block], transposed
-        b_own = tl.zeros([BS], dtype=tl.float32)  # dA[t, t], in fp32
-        b_dad = tl.zeros([BS, BS], dtype=tl.float32)  # dA within the block
+        p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
+        b_x = tl.zeros([BS, BK], dtype=tl.float32)  # the inter-chunk part
+        b_da = tl.zeros([BS, BT], dtype=tl.float32)  # dA between this block and the rest of the chunk
+        b_dad = tl.zeros([BS, BS], dtype=tl.float32)  # dA within the block: [t, s]
+        b_own = tl.zeros([BS], dtype=tl.float32)
         for v0 in range(0, V, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < V
@@ -560,69 +608,86 @@ def _dqk_kernel(
             p_vc = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
             b_dor = tl.load(do + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             b_vr = tl.load(v + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_dq += _dot(b_dor, tl.trans(b_h), DOT)
-            b_dk += _dot(b_vr, tl.trans(b_dh), DOT)
             b_own += tl.sum(b_dor * b_vr, axis=1)
-            if NSB == 1:
-                b_da += _dot(b_dor, tl.trans(b_vr), DOT)
-            else:
-                b_doc = tl.load(do + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_dad += _dot(b_dor, tl.trans(b_vr), DOT)
+            if SIDE == 0:
+                b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                 b_vc = tl.load(v + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                b_da += _dot(b_dor, tl.trans(b_vc), DOT)
-                b_dat += _dot(b_vr, tl.trans(b_doc), DOT)
-                b_dad += _dot(b_dor, tl.trans(b_vr), DOT)
+                b_x += _dot(b_dor, tl.trans(b_h), DOT)
+                b_da += _dot(b_dor, tl.trans(b_vc), DOT)  # [t in the block, s in the chunk]
+            else:
+                b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_doc = tl.load(do + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_x += _dot(b_vr, tl.trans(b_dh), DOT)
+                b_da += _dot(b_vr, tl.trans(b_doc), DOT)  # [s in the block, t in the chunk]
         b_da = b_da * scale
-        b_dat = b_dat * scale
-        if GATE == 2:
-            b_dad = b_dad * scale
-            b_R = _row(g, bos, tl.minimum(s0, L) - 1, c0, L, i_h, o_k, m_k, H, K)
-            b_E = _row(g, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)
-            b_G = tl.load(g + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            b_q = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            b_k = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            b_dq = b_dq * tl.exp(b_G) * scale
-            b_dk = b_dk * tl.exp(b_GL[None, :] - b_G)
-            # earlier blocks (dq) and later blocks (dk), around the block's start / end
+        b_dad = b_dad * scale
+        b_G = tl.load(G + p_r, mask=m_rk, other=0.0).to(tl.float32)
+        b_Gc = tl.load(G + ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                       other=0.0).to(tl.float32)
+        p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        if SIDE == 0:
+            b_R = _row(G, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block
+            b_x = b_x * tl.exp(b_G) * scale
+            b_kc = tl.load(k + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
-            b_dq += _dot(b_da, b_kp, DOT) * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf")))
-            b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :], float("-inf")))
-            b_dk += _dot(b_dat, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
-            # within the block, exactly, strictly below the diagonal
-            for j in tl.static_range(BS):
-                b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+            b_x += _dot(b_da, b_kp, DOT) * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf")))
+            for j in range(0, BS):  # key column s0 + j, strictly below the diagonal
+                b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                 b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                 b_daj = tl.sum(tl.where((o_j == j)[None, :], b_dad, 0.0), axis=1)  # dA[t, s0 + j]
-                b_datj = tl.sum(tl.where((o_j == j)[:, None], b_dad, 0.0), axis=0)  # dA[s0 + j, s]
-                b_dq += b_daj[:, None] * b_kj[None, :] * tl.exp(
+                b_x += b_daj[:, None] * b_kj[None, :] * tl.exp(
                     tl.where(((o_j > j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
-                b_dk += b_datj[:, None] * b_qj[None, :] * tl.exp(
+            b_y = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            b_other = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            tl.store(dG + p_r, b_y * b_x, mask=m_rk)
+        else:
+            b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
+            b_E = _row(G, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # G at the block's end
+            b_x = b_x * tl.exp(b_GL[None, :] - b_G)
+            b_qc = tl.load(q + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :], float("-inf")))
+            b_x += _dot(b_da, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
+            for j in range(0, BS):  # query row s0 + j, strictly after the key
+                b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_datj = tl.sum(tl.where((o_j == j)[:, None], b_dad, 0.0), axis=0)  # dA[s0 + j, s]
+                b_x += b_datj[:, None] * b_qj[None, :] * tl.exp(
                     tl.where(((o_j < j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G, float("-inf")))
-            b_dG = b_q * b_dq - b_k * b_dk
-            b_dg = b_carry[None, :] + tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
-            b_carry += tl.sum(b_dG, axis=0)
-            tl.store(dg + p_r, b_dg, mask=m_rk)
-        else:  # NSB == 1: the block is the chunk
-            b_q, b_k = b_qc, b_kc
-            m_s = o_c[:, None] > o_c[None, :]
-            if GATE == 1:
-                b_da = b_da * tl.exp(tl.where(m_s, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
-                b_dq = b_dq * tl.exp(b_Gc)[:, None]
-                b_dk = b_dk * tl.exp(b_GL - b_Gc)[:, None]
-            b_da = tl.where(m_s, b_da, 0.0)
-            b_dq = b_dq * scale + _dot(b_da, b_k, DOT)
-            b_dk += _dot(tl.trans(b_da), b_q, DOT)
-            if GATE == 1:
-                b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1)
-                b_dg = tl.sum(b_carry, axis=0) + tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
-                tl.store(dg + i_k.to(tl.int64) * NTOT * H + (bos + o_r) * H + i_h, b_dg, mask=m_r)
-        # each token's own term (it cancels in dG), in fp32
-        b_dq += (b_own * scale)[:, None] * b_k
-        b_dk += (b_own * scale)[:, None] * b_q
-        tl.store(dq + p_r, b_dq.to(dq.dtype.element_ty), mask=m_rk)
-        tl.store(dk + p_r, b_dk.to(dk.dtype.element_ty), mask=m_rk)
+            b_y = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            b_other = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            tl.store(dG + p_r, tl.load(dG + p_r, mask=m_rk, other=0.0) - b_y * b_x, mask=m_rk)
+        # the token's own term (it cancels in dG), in fp32
+        b_x += (b_own * scale)[:, None] * b_other
+        tl.store(dx + p_r, b_x.to(dx.dtype.element_ty), mask=m_rk)
+
+
+@triton.jit
+def _dg_key_kernel(
+    dG,  # [B*T, H, K] fp32: q dq - k dk; overwritten with dg
+    hs, dhs, cu, cinfo, hoff, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dg_t = sum_{r >= t in the chunk} dG_r + sum_v (h dh)(chunk end)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_c = c * BT + tl.arange(0, BT)
+    m = (o_c < L)[:, None] & m_k[None, :]
+    p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
+    b_end = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_hv = m_k[:, None] & (o_v < V)[None, :]
+        b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+        b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+        b_end += tl.sum(b_hn * b_dh, axis=1)
+    p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    b_dG = tl.load(dG + p, mask=m, other=0.0)
+    b_dg = b_end[None, :] + tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+    tl.store(dG + p, b_dg, mask=m)
 
 
 # ---- launching -------------------------------------------------------------------------------
@@ -783,11 +848,16 @@ def _layout(B, T, cu_seqlens, BT, device):
 
 
 def _blocks(K, V, gate):
+    """(chunk, row block, key block, value block, value block of the output and dv kernels)."""
     BT = 64
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
-    BV = max(16, min(_pow2(V), 128 if gate == 2 else 64))  # per-key decays: the exact blocks once per 128 values
-    return BT, BS, BK, BV
+    BV = max(16, min(_pow2(V), 64))
+    BVO = max(16, min(_pow2(V), 128 if gate == 2 else 64))  # per-key decays: exact blocks once per 128 values
+    return BT, BS, BK, BV, BVO
+
+
+WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_check.py)
 
 
 def _gate_of(g):
@@ -802,7 +872,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     gate = _gate_of(g)
-    BT, BS, BK, BV = _blocks(K, V, gate)
+    BT, BS, BK, BV, BVO = _blocks(K, V, gate)
     NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
@@ -816,15 +886,16 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     if gate == 2:  # the kernels take the chunk-local cumulative sum
         G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
         _local_cumsum_kernel[(triton.cdiv(K, BK), NC, H)](gf, G, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
-                                                          IS_VARLEN=cu_seqlens is not None)
+                                                          IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
-    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot)
+    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
+                  num_warps=WARPS)
     _state_fwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         kf, vf, gf if g is not None else dummy, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
-        USE_H0=h0 is not None, STORE_HT=True, **common)
+        USE_H0=h0 is not None, STORE_HT=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
-    _out_kernel[(triton.cdiv(V, BV), NC * (BT // BS), H)](
-        qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, **common)
+    _out_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
+        qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO, **common)
     return o, ht, hs, gf
 
 
@@ -847,7 +918,7 @@ class ChunkParallel(torch.autograd.Function):
         V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         gate = ctx.gate
-        BT, BS, BK, BV = _blocks(K, V, gate)
+        BT, BS, BK, BV, BVO = _blocks(K, V, gate)
         NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
         do = do.contiguous()
         dhs = torch.empty_like(hs)
@@ -857,11 +928,11 @@ class ChunkParallel(torch.autograd.Function):
         cinfo = cinfo if cinfo is not None else dummy
         hoff = hoff if hoff is not None else dummy
         qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), gf if gf is not None else dummy, _flat(do)
-        common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=cu_seqlens is not None,
-                      DOT=_dot_mode(q.dtype))
+        common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
+                      DOT=_dot_mode(q.dtype), num_warps=WARPS)
         _state_bwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, dh0 if dh0 is not None else dummy,
-            cu, hoff, T, float(ctx.scale), USE_DHT=dht is not None, STORE_DH0=h0 is not None, **common)
+            cu, hoff, T, float(ctx.scale), USE_DHT=dht is not None, STORE_DH0=h0 is not None, BV=BV, **common)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         NK = triton.cdiv(K, BK)
         dg = None
@@ -869,11 +940,20 @@ class ChunkParallel(torch.autograd.Function):
             dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
         elif gate == 1:
             dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-        _dv_kernel[(triton.cdiv(V, BV), NC * (BT // BS), H)](
-            qf, kf, gf, dof, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, **common)
-        _dqk_kernel[(NK, NC, H)](
-            qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy, cu, cinfo, hoff, T,
-            float(ctx.scale), B * T, BS=BS, **common)
+        _dv_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
+            qf, kf, gf, dof, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, BV=BVO, **common)
+        if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
+            for side, dx in ((0, dq), (1, dk)):
+                _dqk_key_kernel[(NK, NC * (BT // BS), H)](
+                    qf, kf, vf, gf, dof, hs, dhs, dx, dg, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, BV=BV,
+                    SIDE=side, H=H, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
+                    num_warps=WARPS)
+            _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                        IS_VARLEN=cu_seqlens is not None, num_warps=4)
+        else:
+            _dqk_kernel[(NK, NC, H)](
+                qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy, cu, cinfo, hoff, T,
+                float(ctx.scale), B * T, BV=BV, **common)
         if gate == 1:
             dg = dg.sum(0) if NK > 1 else dg[0]
         if dg is not None:

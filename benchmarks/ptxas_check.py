@@ -1,0 +1,96 @@
+"""Compile the chunked kernels for an H100 (sm_90) without a GPU and report registers and stack use.
+
+    python benchmarks/ptxas_check.py [--warps 4,8] [--gates 0,1,2]
+
+Uses the local Triton to compile and its bundled cuobjdump to read the cubin's resource usage, so
+register pressure (STACK > 0 means spills) can be checked before spending device time. The local
+Triton may be newer than the device's, so treat the numbers as indications. Shapes: K = V = 128,
+bf16 inputs (the issue's training shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mixc.backends import chunked as C
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_one(fn, sig, consts, warps):
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    regs = re.findall(r"REG:(\d+)", out)
+    stack = re.findall(r"STACK:(\d+)", out)
+    return int(regs[-1]) if regs else -1, int(stack[-1]) if stack else -1
+
+
+def sig_of(fn, ptrs, ints, floats):
+    import inspect
+
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in ptrs:
+            sig[name] = ptrs[name]
+        elif name in ints:
+            sig[name] = "i32"
+        elif name in floats:
+            sig[name] = "fp32"
+    return sig
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warps", default=str(C.WARPS))
+    ap.add_argument("--gates", default="0,1,2")
+    args = ap.parse_args()
+    K = V = 128
+    bf, f32, i32 = "*bf16", "*fp32", "*i32"
+    for gate in map(int, args.gates.split(",")):
+        BT, BS, BK, BV, BVO = C._blocks(K, V, gate)
+        gptr = f32
+        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0)
+        kernels = {
+            "_state_fwd_kernel": (dict(k=bf, v=bf, g=gptr, h0=f32, hs=bf, ht=f32, cu=i32, hoff=i32),
+                                  dict(USE_H0=False, STORE_HT=True)),
+            "_out_kernel": (dict(q=bf, k=bf, v=bf, g=gptr, hs=bf, o=bf, cu=i32, cinfo=i32, hoff=i32),
+                            dict(BS=BS, BV=BVO)),
+            "_state_bwd_kernel": (dict(q=bf, g=gptr, do=bf, dht=f32, dhs=bf, dh0=f32, cu=i32, hoff=i32),
+                                  dict(USE_DHT=True, STORE_DH0=False)),
+            "_dv_kernel": (dict(q=bf, k=bf, g=gptr, do=bf, dhs=bf, dv=bf, cu=i32, cinfo=i32, hoff=i32),
+                           dict(BS=BS, BV=BVO)),
+        }
+        if gate == 2:
+            for side in (0, 1):
+                kernels[f"_dqk_key_kernel/{side}"] = (dict(q=bf, k=bf, v=bf, G=f32, do=bf, hs=bf, dhs=bf, dx=bf,
+                                                           dG=f32, cu=i32, cinfo=i32, hoff=i32), dict(BS=BS, SIDE=side))
+            kernels["_dg_key_kernel"] = (dict(dG=f32, hs=bf, dhs=bf, cu=i32, cinfo=i32, hoff=i32), {})
+        else:
+            kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, g=gptr, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, dg=f32,
+                                           cu=i32, cinfo=i32, hoff=i32), {})
+        for name, (ptrs, extra) in kernels.items():
+            fn = getattr(C, name.split('/')[0])
+            sig = sig_of(fn, ptrs, {"T", "NTOT"}, {"scale"})
+            consts = {**base, **extra}
+            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+            for k_ in consts:
+                sig[k_] = "constexpr"
+            for w in map(int, args.warps.split(",")):
+                regs, spill = compile_one(fn, sig, consts, w)
+                print(f"gate {gate} {name:<18} warps {w}: {regs} registers, stack {spill} bytes", flush=True)
+
+
+if __name__ == "__main__":
+    main()
