@@ -140,6 +140,23 @@ def bench_one(name, B, T, H, D, ops, do_bwd, dtype=torch.bfloat16):
     return row
 
 
+def warm_one(name, B, T, H, D, ops, dtype=torch.bfloat16):
+    """One forward+backward of ours and of fla: fills Triton's compile cache, times nothing."""
+    m = mixc.load(ROOT / "examples" / f"{name}.mix")
+    Dk = 16 if name == "based" else D
+    sizes = {k: v for k, v in {"K": Dk, "V": D, "N": D, "P": D}.items() if k in m.meta["sizes"]}
+    x = {k: v.to(DEV, dtype).requires_grad_() for k, v in m.random_inputs(B, T, H, seed=1, **sizes).items()}
+    o = m(**x, form="chunked")
+    o.backward(torch.randn_like(o))
+    if ops and name in ops:
+        try:
+            f = fla_call(name, ops[name], x, m)
+            f().float().sum().backward()
+        except Exception as e:
+            print("fla warm-up:", name, repr(e)[:120])
+    torch.cuda.synchronize()
+
+
 def grad_check(name, B, T, H, D):
     """bf16 chunked gradients vs fp32 reference gradients (relative RMS, every input)."""
     m = mixc.load(ROOT / "examples" / f"{name}.mix")
@@ -169,6 +186,9 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--long", action="store_true", help="also B1 T16384 (forward only)")
     ap.add_argument("--no-checks", action="store_true", help="skip the gradient checks")
+    ap.add_argument("--shapes", default="train,small", help="train (B4 T4096 H16 D128), small (B8 T1024 H16 D64)")
+    ap.add_argument("--warm", action="store_true",
+                    help="only compile: run ours and fla once per shape (run one process per mixer in parallel first)")
     args = ap.parse_args()
     ops = fla_ops()
     names = ["gla", "retnet", "linear_attention", "mamba2", "based"]
@@ -184,9 +204,15 @@ def main():
         env["fla"] = None
     print(json.dumps(env))
     rows = []
-    shapes = [(4, 4096, 16, 128, True), (8, 1024, 16, 64, True)] + ([(1, 16384, 16, 128, False)] if args.long else [])
+    table = {"train": (4, 4096, 16, 128, True), "small": (8, 1024, 16, 64, True)}
+    shapes = [table[s] for s in args.shapes.split(",")] + ([(1, 16384, 16, 128, False)] if args.long else [])
     if args.quick:
-        shapes = shapes[1:2]
+        shapes = [table["small"]]
+    if args.warm:
+        for B, T, H, D, _ in shapes:
+            for n in names:
+                warm_one(n, B, T, H, D, ops)
+        return 0
     for B, T, H, D, bwd in shapes:
         for n in names:
             try:

@@ -1,4 +1,4 @@
-"""Where does a chunked forward+backward spend its time? Per-call kernel timings and a torch profile.
+"""Where does a chunked call spend its time? Kernel-level timings and a torch profile per mixer.
 
     python benchmarks/profile_chunked.py [NAME ...]
 """
@@ -7,30 +7,38 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import mixc
-from mixc.backends.chunked import chunk_run
+from mixc.backends.chunked import chunk_recurrence
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main(names):
-    B, T, H, D = 4, 4096, 16, 128
+def kernels_alone(B=4, T=4096, H=16, D=128):
     dev = "cuda"
-    q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    gs = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=dev))
-    h0 = torch.zeros(B, H, D, D, device=dev)
-    for label, kw in [("plain", {}), ("gs", {"gs": gs})]:
-        for mode in ({}, {"reverse": True, "shift_g": True}):
-            ms = do_bench(lambda: chunk_run(q, k, v, h0=h0, output_final_state=True, **kw, **mode),
-                          return_mode="median")
-            print(f"chunk_run {label:<5} {'bwd-mode' if mode else 'fwd-mode'}: {ms:.3f} ms", flush=True)
+    q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    gs = F.logsigmoid(torch.randn(B, T, H, device=dev)).requires_grad_()
+    gk = F.logsigmoid(torch.randn(B, T, H, D, device=dev)).requires_grad_()
+    do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    for label, kw in [("none", {}), ("scalar", {"gs": gs}), ("per key", {"gk": gk})]:
+        fwd = do_bench(lambda: chunk_recurrence(q, k, v, **kw), return_mode="median")
+
+        def fb():
+            chunk_recurrence(q, k, v, **kw)[0].backward(do)
+        both = do_bench(fb, return_mode="median")
+        print(f"chunk_recurrence decay={label:<8} fwd {fwd:.3f} ms  fwd+bwd {both:.3f} ms", flush=True)
+
+
+def main(names):
+    kernels_alone()
+    B, T, H, D = 4, 4096, 16, 128
     for name in names:
         m = mixc.load(ROOT / "examples" / f"{name}.mix")
-        sizes = {k_: D for k_ in m.meta["sizes"]}
-        x = {k_: v_.to(dev, torch.bfloat16).requires_grad_() for k_, v_ in
+        sizes = {k_: (16 if name == "based" and k_ == "K" else D) for k_ in m.meta["sizes"]}
+        x = {k_: v_.to("cuda", torch.bfloat16).requires_grad_() for k_, v_ in
              m.random_inputs(B, T, H, seed=1, **sizes).items()}
         o = m(**x, form="chunked")
         do = torch.randn_like(o)
@@ -41,9 +49,9 @@ def main(names):
                 o = m(**x, form="chunked")
                 o.backward(do)
             torch.cuda.synchronize()
-        print(f"== {name}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        print(f"== {name} (3 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["retnet", "linear_attention"])
+    main(sys.argv[1:] or ["based", "linear_attention"])
