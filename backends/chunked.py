@@ -858,6 +858,7 @@ def _blocks(K, V, gate):
 
 
 WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_check.py)
+WARPS_KEY = 8  # the per-key-decay kernels over 16-row blocks
 
 
 def _gate_of(g):
@@ -895,7 +896,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         USE_H0=h0 is not None, STORE_HT=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     _out_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
-        qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO, **common)
+        qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO,
+        **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
     return o, ht, hs, gf
 
 
@@ -941,13 +943,14 @@ class ChunkParallel(torch.autograd.Function):
         elif gate == 1:
             dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
         _dv_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
-            qf, kf, gf, dof, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, BV=BVO, **common)
+            qf, kf, gf, dof, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, BV=BVO,
+            **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
         if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
             for side, dx in ((0, dq), (1, dk)):
                 _dqk_key_kernel[(NK, NC * (BT // BS), H)](
                     qf, kf, vf, gf, dof, hs, dhs, dx, dg, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, BV=BV,
                     SIDE=side, H=H, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
-                    num_warps=WARPS)
+                    num_warps=WARPS_KEY)
             _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                         IS_VARLEN=cu_seqlens is not None, num_warps=4)
         else:
