@@ -360,6 +360,7 @@ def _out_kernel(
     q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
     hs,  # chunk-start states from _state_fwd_kernel
     o,  # [B*T, H, V] output
+    A,  # [B*T, H, BT] fp32: the in-chunk scores A[t, s] (s <= t) kept for the backward (GATE 2)
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
@@ -422,6 +423,10 @@ def _out_kernel(
             b_vr = tl.load(v + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :],
                            mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             b_o += _dot(b_ad, b_vr, DOT)
+            if i_v == 0:  # earlier blocks' columns, then the block's own
+                p_a = ((bos + o_r)[:, None] * H + i_h) * BT
+                tl.store(A + p_a + (o_c - c0)[None, :], b_a, mask=m_r[:, None] & (o_c < s0)[None, :])
+                tl.store(A + p_a + (o_r - c0)[None, :], b_ad, mask=m_r[:, None] & m_r[None, :])
         tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty),
                  mask=m_r[:, None] & m_v[None, :])
 
@@ -429,75 +434,55 @@ def _out_kernel(
 @triton.jit
 def _dv_kernel(
     q, k, g, do,  # inputs and the output's cotangent
+    A,  # the forward's in-chunk scores (GATE 2)
     dhs,  # gradient of the state at every chunk end (from _state_bwd_kernel)
     dv,  # [B*T, H, V]
     cu, cinfo, hoff, T, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Rows s0 .. s0+BS of one chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t."""
-    i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NSB: tl.constexpr = BT // BS
-    bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
-    s0 = c0 + (i_cs % NSB) * BS
-    if s0 < L:
-        o_j = tl.arange(0, BS)
-        o_r = s0 + o_j
-        o_c = c0 + tl.arange(0, BT)
-        m_r, m_c = o_r < L, o_c < L
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_dv = tl.zeros([BS, BV], dtype=tl.float32)
-        b_at = tl.zeros([BS, BT], dtype=tl.float32)  # A transposed: [s in the block, t in the chunk]
+    o_c = c0 + tl.arange(0, BT)
+    m_c = o_c < L
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_ts = o_c[None, :] >= o_c[:, None]  # [s, t]: t >= s
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    b_at = tl.zeros([BT, BT], dtype=tl.float32)  # A transposed: [s, t]
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        m_ck = m_c[:, None] & m_k[None, :]
+        b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+        b_dh = tl.load(dhs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                       mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         if GATE == 2:
-            b_atd = tl.zeros([BS, BS], dtype=tl.float32)  # ... within the block, exactly
-        for k0 in range(0, K, BK):
-            o_k = k0 + tl.arange(0, BK)
-            m_k = o_k < K
-            p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
-            p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-            b_k = tl.load(k + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_qc = tl.load(q + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_dh = tl.load(dhs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                           mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            if GATE == 2:
-                b_Gc = tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-                b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-                b_GL = _row(g, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # G at the chunk's end
-                b_E = _row(g, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # ... at the block's end
-                b_dv += _dot(b_k * tl.exp(b_GL[None, :] - b_G), b_dh, DOT)
-                # later blocks of the chunk, around the reference b_E
-                b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :],
-                                              float("-inf")))
-                b_at += _dot(b_k * tl.exp(b_E[None, :] - b_G), tl.trans(b_qn), DOT)
-                # this block exactly, one query row s0 + j at a time
-                for j in range(0, BS):
-                    b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                    b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                    e = tl.exp(tl.where(((o_j <= j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G,
-                                        float("-inf")))
-                    b_aj = tl.sum(b_k * b_qj[None, :] * e, axis=1)
-                    b_atd += tl.where((o_j == j)[None, :], b_aj[:, None], 0.0)
-            else:
-                b_dv += _dot(b_k, b_dh, DOT)
-                b_at += _dot(b_k, tl.trans(b_qc), DOT)
+            b_G = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
+            b_GL = _row(g, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
+            b_k = b_k * tl.exp(tl.where(m_c[:, None], b_GL[None, :] - b_G, float("-inf")))
+        else:
+            b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
+            b_at += _dot(b_k, tl.trans(b_q), DOT)
+        b_dv += _dot(b_k, b_dh, DOT)
+    if GATE == 2:
+        b_at = tl.load(A + ((bos + o_c)[None, :] * H + i_h) * BT + (o_c - c0)[:, None],
+                       mask=m_ts & m_c[None, :] & m_c[:, None], other=0.0)
+    else:
         if GATE == 1:
-            b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where(o_c == c0 + BT - 1, b_Gc, 0.0), axis=0)
-            b_dv = b_dv * tl.exp(b_GL - b_Gc)[:, None]
-            b_at = b_at * tl.exp(tl.where(o_c[None, :] >= o_r[:, None], b_Gc[None, :] - b_Gc[:, None], float("-inf")))
-        if GATE != 2:
-            b_at = tl.where(o_c[None, :] >= o_r[:, None], b_at, 0.0)
-        b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
-                        other=0.0).to(tl.float32)
-        b_dv += _dot(b_at * scale, b_doc, DOT)
-        if GATE == 2:
-            b_dor = tl.load(do + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :],
-                            mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_dv += _dot(b_atd * scale, b_dor, DOT)
-        tl.store(dv + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-                 mask=m_r[:, None] & m_v[None, :])
+            b_G = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+            b_GL = tl.sum(tl.where(o_c == tl.minimum(c0 + BT, L) - 1, b_G, 0.0), axis=0)
+            b_dv = b_dv * tl.exp(b_GL - b_G)[:, None]
+            b_at = b_at * tl.exp(tl.where(m_ts, b_G[None, :] - b_G[:, None], float("-inf")))
+        b_at = tl.where(m_ts, b_at, 0.0)
+    b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                    other=0.0).to(tl.float32)
+    b_dv += _dot(b_at * scale, b_doc, DOT)
+    tl.store(dv + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_c[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -853,12 +838,12 @@ def _blocks(K, V, gate):
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
     BV = max(16, min(_pow2(V), 64))
-    BVO = max(16, min(_pow2(V), 128 if gate == 2 else 64))  # per-key decays: exact blocks once per 128 values
+    BVO = max(16, min(_pow2(V), 128 if gate == 2 else 64))  # output kernel: exact blocks once per 128 values
     return BT, BS, BK, BV, BVO
 
 
 WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_check.py)
-WARPS_KEY = 8  # the per-key-decay kernels over 16-row blocks
+WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 
 
 def _gate_of(g):
@@ -868,7 +853,7 @@ def _gate_of(g):
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
-    stored chunk states, the decay as the kernels take it)."""
+    stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -895,10 +880,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         kf, vf, gf if g is not None else dummy, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
         USE_H0=h0 is not None, STORE_HT=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
+    A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if gate == 2 else None
     _out_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
-        qf, kf, vf, gf if g is not None else dummy, hs, o, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO,
-        **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
-    return o, ht, hs, gf
+        qf, kf, vf, gf if g is not None else dummy, hs, o, A if A is not None else dummy, cu, cinfo, hoff, T,
+        float(scale), BS=BS, BV=BVO, **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
+    return o, ht, hs, gf, A
 
 
 class ChunkParallel(torch.autograd.Function):
@@ -906,8 +892,8 @@ class ChunkParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype):
-        o, ht, hs, gf = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
-        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs)
+        o, ht, hs, gf, A = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A)
         ctx.scale = scale
         ctx.gate = _gate_of(g)
         ctx.g_dtype = None if g is None else g.dtype
@@ -915,7 +901,7 @@ class ChunkParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, gf, h0, cu_seqlens, hs = ctx.saved_tensors
+        q, k, v, gf, h0, cu_seqlens, hs, A = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -942,9 +928,9 @@ class ChunkParallel(torch.autograd.Function):
             dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
         elif gate == 1:
             dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-        _dv_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
-            qf, kf, gf, dof, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BS=BS, BV=BVO,
-            **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
+        _dv_kernel[(triton.cdiv(V, BV), NC, H)](
+            qf, kf, gf, dof, A if A is not None else dummy, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BV=BV,
+            **common)
         if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
             for side, dx in ((0, dq), (1, dk)):
                 _dqk_key_kernel[(NK, NC * (BT // BS), H)](

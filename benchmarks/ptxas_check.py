@@ -65,12 +65,11 @@ def main():
         kernels = {
             "_state_fwd_kernel": (dict(k=bf, v=bf, g=gptr, h0=f32, hs=bf, ht=f32, cu=i32, hoff=i32),
                                   dict(USE_H0=False, STORE_HT=True)),
-            "_out_kernel": (dict(q=bf, k=bf, v=bf, g=gptr, hs=bf, o=bf, cu=i32, cinfo=i32, hoff=i32),
+            "_out_kernel": (dict(q=bf, k=bf, v=bf, g=gptr, hs=bf, o=bf, A=f32, cu=i32, cinfo=i32, hoff=i32),
                             dict(BS=BS, BV=BVO)),
             "_state_bwd_kernel": (dict(q=bf, g=gptr, do=bf, dht=f32, dhs=bf, dh0=f32, cu=i32, hoff=i32),
                                   dict(USE_DHT=True, STORE_DH0=False)),
-            "_dv_kernel": (dict(q=bf, k=bf, g=gptr, do=bf, dhs=bf, dv=bf, cu=i32, cinfo=i32, hoff=i32),
-                           dict(BS=BS, BV=BVO)),
+            "_dv_kernel": (dict(q=bf, k=bf, g=gptr, do=bf, A=f32, dhs=bf, dv=bf, cu=i32, cinfo=i32, hoff=i32), {}),
         }
         if gate == 2:
             for side in (0, 1):
