@@ -1,4 +1,4 @@
-"""The chunked form: one generic Triton kernel for gated linear recurrences, forward and backward.
+"""The chunked form: generic Triton kernels for gated linear recurrences, forward and backward.
 
 Every mixer the analysis puts in a chunkable class reduces, after a PyTorch prologue that forms
 ``q'``, ``k'``, ``v'`` and the log decays from the ``.mix`` expressions, to
@@ -6,19 +6,25 @@ Every mixer the analysis puts in a chunkable class reduces, after a PyTorch prol
     S_t = Diag(exp(gk_t)) S_{t-1} Diag(exp(gv_t)) * exp(gs_t) + k_t v_t^T,     o_t = q_t^T S_t
 
 per (sequence, head), with any subset of the decays ``gk`` (per key entry), ``gv`` (per value
-entry) and ``gs`` (scalar). :func:`_chunk_fwd_kernel` walks each sequence chunk by chunk with the
-state in registers: within a chunk a masked ``BT x BT`` product (tensor cores; exact 16 x 16
-blocks where decays differ per entry), across chunks the state. Decays enter only as differences
-of in-chunk cumulative log gates that are <= 0, so nothing overflows.
+entry) and ``gs`` (scalar). Decays enter only as differences of in-chunk cumulative log gates
+taken in the direction that is <= 0, so nothing overflows.
 
-The backward pass is the same kernel three more times (the adjoint of a linear recurrence is a
-linear recurrence run in reverse, with each token's decay taken from the next token):
-    dv = run(q=k,  k=q,  v=do, gk, gv, reverse)        (readout of dS_t with k_t)
-    dk = run(q=v,  k=do, v=q,  gk=gv, gv=gk, reverse)  (dS_t contracted over the value axis)
-    dq = run(q=do, k=v,  v=k,  gk=gv, gv=gk)           (S_t contracted over the value axis)
-and the log-gate gradients come from ``dG_t = q_t dq_t - k_t dk_t`` plus the final state's term,
-summed from each sequence's end. Each token's own term ``q_t . k_t v_t`` is formed in fp32 in every
-run, so in dG, where those large terms cancel, no bf16 rounding of them survives.
+Without a per-value decay (identity, scalar and per-key transitions: linear attention, based,
+RetNet, Mamba-2, GLA) the call is the chunk-parallel form (:class:`ChunkParallel`):
+    forward   _state_fwd_kernel  the state at every 64-token chunk start (sequential over chunks)
+              _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores)
+    backward  _state_bwd_kernel  the adjoint state at every chunk end (sequential, reverse)
+              _dv_kernel         dv = (k e^(G_L - G)) dh + A^T do
+              _dqk_kernel        dq, dk and the log-gate gradient, per chunk
+The log-gate gradient uses dG_t = q_t dq_t - k_t dk_t, summed within the chunk from its end, plus
+sum (h dh) at the chunk's end; each token's own term q_t . k_t v_t cancels there and is added to dq,
+dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a per-key decay the
+in-chunk scores are formed over 16-row blocks: blocks against earlier blocks on tensor cores
+around a reference row, each block against itself exactly (_dqk_key_kernel, _dg_key_kernel).
+
+With a per-value decay the call is :class:`ChunkRecurrence`: one kernel (:func:`_chunk_fwd_kernel`)
+walks each sequence with the state in registers, and the backward is the same kernel three more
+times (the adjoint recurrence run in reverse, read three ways).
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
