@@ -58,6 +58,7 @@ CASES = [
     (1, 211, 2, 9, 12, "k", [0, 70, 70, 64 + 70, 210, 211], True),
     (1, 211, 2, 9, 12, "s", [0, 129, 211], True),
     (1, 130, 1, 70, 66, "ks", None, False),
+    (1, 70, 1, 130, 70, "k", None, True),  # several key blocks, per-key decay, two chunks
 ]
 
 
@@ -104,3 +105,26 @@ def test_sharp_gates_do_not_overflow():
     assert torch.isfinite(o).all() and rel(o, ro) < 1e-5
     for name, a, b in zip("q k v gk".split(), ours, ref):
         assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("use", ["", "s", "k"])
+def test_half_precision_inputs(use):
+    """fp16 inputs (products in fp16 on a GPU, fp32 accumulation): outputs and gradients within 2e-2."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 1, 80, 2, 16, 16
+    q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
+    gk = F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) if use == "k" else None
+    gs = F.logsigmoid(torch.randn(B, T, H, generator=gen)) if use == "s" else None
+    ref = [x.double().to(DEV).requires_grad_() if x is not None else None for x in (q, k, v, gk, gs)]
+    ro, _ = naive(ref[0], ref[1], ref[2], ref[3], None, ref[4], None, None)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    (ro * do).sum().backward()
+    ours = [x.detach().to(torch.float16).requires_grad_() if i < 3 else
+            (x.detach().float().requires_grad_() if x is not None else None) for i, x in enumerate(ref)]
+    o, _ = chunk_recurrence(ours[0], ours[1], ours[2], gk=ours[3], gs=ours[4])
+    assert o.dtype == torch.float16
+    (o.float() * do).sum().backward()
+    assert rel(o, ro) < 2e-2
+    for name, a, b in zip("q k v gk gs".split(), ours, ref):
+        if a is not None:
+            assert a.grad.dtype == a.dtype and rel(a.grad, b.grad) < 2e-2, name
