@@ -11,9 +11,9 @@ taken in the direction that is <= 0, so nothing overflows.
 
 Without a per-value decay (identity, scalar and per-key transitions: linear attention, based,
 RetNet, Mamba-2, GLA) the call is the chunk-parallel form (:class:`ChunkParallel`):
-    forward   _state_fwd_kernel  the state at every 64-token chunk start (sequential over chunks)
+    forward   _state_walk_kernel the state at every 64-token chunk start (sequential over chunks)
               _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores)
-    backward  _state_bwd_kernel  the adjoint state at every chunk end (sequential, reverse)
+    backward  _state_walk_kernel the adjoint state at every chunk end (sequential, in reverse)
               _dv_kernel         dv = (k e^(G_L - G)) dh + A^T do
               _dqk_kernel        dq, dk and the log-gate gradient, per chunk
 The log-gate gradient uses dG_t = q_t dq_t - k_t dk_t, summed within the chunk from its end, plus
@@ -193,12 +193,13 @@ def _dot(a, b, DOT: tl.constexpr):
 
 # ---- the chunk-parallel form (decays: none, scalar, per key entry) ------------------------------
 #
-# Four kernels, as in flash-linear-attention's chunk algorithm:
-#   _state_fwd_kernel   walks each sequence chunk by chunk and stores the state at every chunk start
+# As in flash-linear-attention's chunk algorithm:
+#   _state_walk_kernel  walks each sequence chunk by chunk and stores the state at every chunk start
 #                       (and the final state): the only sequential part, a k^T v product per chunk;
+#                       run in reverse it is the adjoint walk, storing dh at every chunk end;
 #   _out_kernel         one program per (row block, chunk, head): o = (q e^G) h + A v, all in parallel;
-#   _state_bwd_kernel   the adjoint walk from each sequence's end: dh at every chunk end;
-#   _dv_kernel, _dqk_kernel  per-chunk gradients, in parallel, including the log-gate gradient.
+#   _dv_kernel, _dqk_kernel (_dqk_key_kernel and _dg_key_kernel for per-key decays): per-chunk
+#                       gradients, in parallel, including the log-gate gradient.
 # Within a chunk, G is the inclusive cumulative log gate from the chunk's first token (<= 0 and
 # decreasing). With a per-key decay, factors e^{G_t - G_s} are formed only as products of two
 # factors <= 1 around a reference point: the chunk is cut into row blocks of BS tokens; a block
@@ -256,15 +257,19 @@ def _row(x, bos, r, lo, hi, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_kernel(
-    k, v, g,  # [B*T, H, K], [B*T, H, V], log decay ([B*T, H] or [B*T, H, K])
-    h0,  # [N, H, K, V] fp32 initial state (USE_H0)
-    hs,  # [sum_n (chunks_n + 1), H, K, V] the state at every chunk start, then the final state
-    ht,  # [N, H, K, V] fp32 final state (STORE_HT)
-    cu, hoff, T,
+def _state_walk_kernel(
+    x, g, y,  # [B*T, H, K], log decay, [B*T, H, V]: k, v forward; q, do in reverse
+    s0,  # [N, H, K, V] fp32: the initial state forward, the final state's gradient in reverse (USE_S0)
+    hs,  # [sum_n (chunks_n + 1), H, K, V]: the (adjoint) state at each chunk's start (end, in reverse)
+    sN,  # [N, H, K, V] fp32: the final state forward, the initial state's gradient in reverse (STORE_SN)
+    cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    GATE: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
+    """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
+    every chunk start and at the end. Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
+    from the last chunk, storing dS at every chunk end."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
@@ -279,92 +284,52 @@ def _state_fwd_kernel(
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     p_hv = (o_k[:, None] * V + o_v[None, :])
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
-    for c0 in range(0, L, BT):
-        tl.store(hs + ((hb + c0 // BT) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+    if USE_S0:
+        b_s += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
+    NT = tl.cdiv(L, BT)
+    for i in range(0, NT):
+        if REVERSE:
+            ic = NT - 1 - i
+        else:
+            ic = i
+        c0 = ic * BT
+        tl.store(hs + ((hb + ic) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
         m_t = (c0 + o_t) < L
         i_t = bos + c0 + o_t
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
+        b_x = tl.load(x + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_y = tl.load(y + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
                       other=0.0).to(tl.float32)
+        if REVERSE:
+            b_x = b_x * scale
         last = tl.minimum(L - c0, BT) - 1  # the chunk's last row
         if GATE == 1:
             b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
             b_GL = tl.sum(tl.where(o_t == last, b_G, 0.0), axis=0)
-            b_k = b_k * tl.exp(b_GL - b_G)[:, None]
+            if REVERSE:
+                b_x = b_x * tl.exp(b_G)[:, None]
+            else:
+                b_x = b_x * tl.exp(b_GL - b_G)[:, None]
             b_s = b_s * tl.exp(b_GL)
         if GATE == 2:
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
             b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
-            b_k = b_k * tl.exp(b_GL[None, :] - b_G)
+            if REVERSE:
+                b_x = b_x * tl.exp(b_G)
+            else:
+                b_x = b_x * tl.exp(b_GL[None, :] - b_G)
             b_s = b_s * tl.exp(b_GL)[:, None]
-        b_s += _dot(tl.trans(b_k), b_v, DOT)
-    tl.store(hs + ((hb + tl.cdiv(L, BT)) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
-    if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_hv, b_s, mask=m_kv)
-
-
-@triton.jit
-def _state_bwd_kernel(
-    q, g, do,  # [B*T, H, K], log decay, [B*T, H, V]
-    dht,  # [N, H, K, V] fp32 gradient of the final state (USE_DHT)
-    dhs,  # [sum_n (chunks_n + 1), H, K, V] gradient of the state at the end of every chunk
-    dh0,  # [N, H, K, V] fp32 gradient of the initial state (STORE_DH0)
-    cu, hoff, T, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr,
-):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
-    L = eos - bos
-    if IS_VARLEN:
-        hb = tl.load(hoff + i_n).to(tl.int64)
-    else:
-        hb = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    p_hv = (o_k[:, None] * V + o_v[None, :])
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
-    NT = tl.cdiv(L, BT)
-    for i in range(0, NT):
-        ic = NT - 1 - i
-        c0 = ic * BT
-        tl.store(dhs + ((hb + ic) * H + i_h) * K * V + p_hv, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
-        m_t = (c0 + o_t) < L
-        i_t = bos + c0 + o_t
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_q = tl.load(q + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_do = tl.load(do + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
-                       other=0.0).to(tl.float32)
-        b_q = b_q * scale
-        last = tl.minimum(L - c0, BT) - 1
-        if GATE == 1:
-            b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where(o_t == last, b_G, 0.0), axis=0)
-            b_q = b_q * tl.exp(b_G)[:, None]
-            b_dh = b_dh * tl.exp(b_GL)
-        if GATE == 2:
-            b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
-            b_q = b_q * tl.exp(b_G)
-            b_dh = b_dh * tl.exp(b_GL)[:, None]
-        b_dh += _dot(tl.trans(b_q), b_do, DOT)
-    if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_hv, b_dh, mask=m_kv)
+        b_s += _dot(tl.trans(b_x), b_y, DOT)
+    if not REVERSE:
+        tl.store(hs + ((hb + NT) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+    if STORE_SN:
+        tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv, b_s, mask=m_kv)
 
 
 @triton.jit
 def _out_kernel(
     q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
-    hs,  # chunk-start states from _state_fwd_kernel
+    hs,  # chunk-start states from _state_walk_kernel
     o,  # [B*T, H, V] output
     A,  # [B*T, H, BT] fp32: the in-chunk scores A[t, s] (s <= t) kept for the backward (GATE 2)
     cu, cinfo, hoff, T, scale,
@@ -441,7 +406,7 @@ def _out_kernel(
 def _dv_kernel(
     q, k, g, do,  # inputs and the output's cotangent
     A,  # the forward's in-chunk scores (GATE 2)
-    dhs,  # gradient of the state at every chunk end (from _state_bwd_kernel)
+    dhs,  # gradient of the state at every chunk end (_state_walk_kernel in reverse)
     dv,  # [B*T, H, V]
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -882,9 +847,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
                   num_warps=WARPS)
-    _state_fwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        kf, vf, gf if g is not None else dummy, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
-        USE_H0=h0 is not None, STORE_HT=True, BV=BV, **common)
+    _state_walk_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        kf, gf if g is not None else dummy, vf, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
+        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if gate == 2 else None
     _out_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
@@ -924,9 +889,10 @@ class ChunkParallel(torch.autograd.Function):
         qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), gf if gf is not None else dummy, _flat(do)
         common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
                       DOT=_dot_mode(q.dtype), num_warps=WARPS)
-        _state_bwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        _state_walk_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, dh0 if dh0 is not None else dummy,
-            cu, hoff, T, float(ctx.scale), USE_DHT=dht is not None, STORE_DH0=h0 is not None, BV=BV, **common)
+            cu, hoff, T, float(ctx.scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=h0 is not None, BV=BV,
+            **common)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         NK = triton.cdiv(K, BK)
         dg = None

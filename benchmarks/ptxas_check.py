@@ -63,12 +63,12 @@ def main():
         gptr = f32
         base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0)
         kernels = {
-            "_state_fwd_kernel": (dict(k=bf, v=bf, g=gptr, h0=f32, hs=bf, ht=f32, cu=i32, hoff=i32),
-                                  dict(USE_H0=False, STORE_HT=True)),
+            "_state_walk_kernel/fwd": (dict(x=bf, g=gptr, y=bf, s0=f32, hs=bf, sN=f32, cu=i32, hoff=i32),
+                                       dict(REVERSE=False, USE_S0=False, STORE_SN=True)),
             "_out_kernel": (dict(q=bf, k=bf, v=bf, g=gptr, hs=bf, o=bf, A=f32, cu=i32, cinfo=i32, hoff=i32),
                             dict(BS=BS, BV=BVO)),
-            "_state_bwd_kernel": (dict(q=bf, g=gptr, do=bf, dht=f32, dhs=bf, dh0=f32, cu=i32, hoff=i32),
-                                  dict(USE_DHT=True, STORE_DH0=False)),
+            "_state_walk_kernel/rev": (dict(x=bf, g=gptr, y=bf, s0=f32, hs=bf, sN=f32, cu=i32, hoff=i32),
+                                       dict(REVERSE=True, USE_S0=True, STORE_SN=False)),
             "_dv_kernel": (dict(q=bf, k=bf, g=gptr, do=bf, A=f32, dhs=bf, dv=bf, cu=i32, cinfo=i32, hoff=i32), {}),
         }
         if gate == 2:
