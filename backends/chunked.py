@@ -649,6 +649,11 @@ def _dg_key_kernel(
 # ---- launching -------------------------------------------------------------------------------
 
 
+def _cdiv(a, b):
+    """ceil(a / b) for host ints (triton.cdiv is a jit function in newer Triton: microseconds a call)."""
+    return -(-a // b)
+
+
 def _pow2(n):
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -684,7 +689,7 @@ def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=Fa
     BT = 16 if diag else 64
     BK = max(16, min(_pow2(K), 64 if gk is not None else 128))
     BV = max(16, min(_pow2(V), 16 if gv is not None else 64 if gk is not None else 32))
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    NK, NV = _cdiv(K, BK), _cdiv(V, BV)
     o = torch.empty(NK, B * T, H, V, dtype=torch.float32, device=q.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     dummy = o
@@ -790,7 +795,7 @@ def _layout(B, T, cu_seqlens, BT, device):
     """Chunk bookkeeping: (number of chunks, stored states, per-chunk (sequence, chunk) pairs and
     each sequence's first stored state, both int32 and None without cu_seqlens)."""
     if cu_seqlens is None:
-        NT = triton.cdiv(T, BT)
+        NT = _cdiv(T, BT)
         return B * NT, B * (NT + 1), None, None
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     nch = (lens + BT - 1) // BT
@@ -842,17 +847,17 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     dot = _dot_mode(q.dtype)
     if gate == 2:  # the kernels take the chunk-local cumulative sum
         G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
-        _local_cumsum_kernel[(triton.cdiv(K, BK), NC, H)](gf, G, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
+        _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
                   num_warps=WARPS)
-    _state_walk_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+    _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
         kf, gf if g is not None else dummy, vf, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if gate == 2 else None
-    _out_kernel[(triton.cdiv(V, BVO), NC * (BT // BS), H)](
+    _out_kernel[(_cdiv(V, BVO), NC * (BT // BS), H)](
         qf, kf, vf, gf if g is not None else dummy, hs, o, A if A is not None else dummy, cu, cinfo, hoff, T,
         float(scale), BS=BS, BV=BVO, **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
     return o, ht, hs, gf, A
@@ -889,18 +894,18 @@ class ChunkParallel(torch.autograd.Function):
         qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), gf if gf is not None else dummy, _flat(do)
         common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
                       DOT=_dot_mode(q.dtype), num_warps=WARPS)
-        _state_walk_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
             qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, dh0 if dh0 is not None else dummy,
             cu, hoff, T, float(ctx.scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=h0 is not None, BV=BV,
             **common)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        NK = triton.cdiv(K, BK)
+        NK = _cdiv(K, BK)
         dg = None
         if gate == 2:
             dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
         elif gate == 1:
             dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-        _dv_kernel[(triton.cdiv(V, BV), NC, H)](
+        _dv_kernel[(_cdiv(V, BV), NC, H)](
             qf, kf, gf, dof, A if A is not None else dummy, dhs, dv, cu, cinfo, hoff, T, float(ctx.scale), BV=BV,
             **common)
         if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
