@@ -85,7 +85,8 @@ def states_for(m, n, H, sizes):
     return out
 
 
-CASES = [(n, B, T, H) for n in NAMES + ["synthetic"] for (B, T, H) in ((2, 37, 2), (1, 1, 3))]
+# T = 37 fits one 64-token chunk; T = 150 crosses two chunk edges and ends in a partial chunk
+CASES = [(n, B, T, H) for n in NAMES + ["synthetic"] for (B, T, H) in ((2, 37, 2), (1, 1, 3), (1, 150, 1))]
 
 
 @pytest.mark.parametrize("name,B,T,H", CASES, ids=[f"{c[0]}-B{c[1]}-T{c[2]}-H{c[3]}" for c in CASES])
@@ -100,14 +101,14 @@ def test_chunked_matches_reference(name, B, T, H):
     check(*run_both(m, x, params, None))
 
 
+@pytest.mark.parametrize("cu", [[0, 5, 5, 20, 37], [0, 70, 70, 150]], ids=["one-chunk", "across-chunks"])
 @pytest.mark.parametrize("name", NAMES + ["synthetic"])
-def test_chunked_varlen(name):
+def test_chunked_varlen(name, cu):
     m = load(name)
     sz = sizes_of(m)
-    cu = torch.tensor([0, 5, 5, 20, 37], device=DEV)
-    x = m.random_inputs(1, 37, 2, dtype=torch.float64, seed=3, **sz)
+    x = m.random_inputs(1, cu[-1], 2, dtype=torch.float64, seed=3, **sz)
     params = m.parameters_init(2, dtype=torch.float64, **sz)
-    check(*run_both(m, x, params, states_for(m, 4, 2, sz), cu=cu))
+    check(*run_both(m, x, params, states_for(m, len(cu) - 1, 2, sz), cu=torch.tensor(cu, device=DEV)))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2)] + ([(torch.bfloat16, 2e-2)] if DEV == "cuda" else []))
