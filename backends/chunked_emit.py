@@ -14,7 +14,7 @@ from mixc.analysis import Analysis, Readout, StateForm, Term, _flatten_mul, _k_f
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
-from .reference import prologue
+from .reference import input_dtype_emitter, prologue
 
 
 @dataclass
@@ -198,6 +198,14 @@ def _scale_by(em, factors: list[Node]) -> str:
     return out
 
 
+def _feature_emitter(p, em):
+    """An emitter for q', k', v' (and feature maps) in the dtype the kernels take (``dt_in``: the
+    inputs' own bf16/fp16, else fp32): one rounding per operation instead of fp32 copies of every
+    input and a cast at the end. Decays and the epilogue stay with ``em``, in fp32 at least."""
+    em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
+    return input_dtype_emitter(p, em, "dt_in", "lp")
+
+
 def _header(doc: str) -> list[str]:
     """The chunked form's signature and its (two-line) docstring."""
     return ["def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
@@ -211,7 +219,8 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
                     f"    kernel for the {a.transition} recurrence of state {cp.state}"
                     + (f" (with {cp.normaliser} as an extra value column)" if cp.normaliser else ""))
     extra = [n for n in (cp.q, cp.k, cp.v, cp.g, cp.gate, cp.skip) if n is not None]
-    em = prologue(p, lines, extra)
+    em = prologue(p, lines, extra)  # decays and the epilogue: in the compute dtype (fp32 at least)
+    fe = _feature_emitter(p, em)  # q', k', v': in the kernels' input dtype
     K, V = em.sizes_var[cp.key.axis], em.sizes_var[cp.value.axis]
     upd = next((eq for eq in p.updates if eq.target == cp.state), None)
     src = p.source.path
@@ -224,11 +233,13 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     for f in _flatten_mul(cp.q):
         (numbers if _is_number(f) else tensors).append(f)
     scale = " * ".join(em._paren(em.val(f, "pre")[0]) for f in numbers) or "1.0"
-    q = _as_btd(em, product(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
-    k = _as_btd(em, cp.k, (cp.key,), f"B, H, T, {K}")
-    v = _as_btd(em, cp.v, (cp.value,), f"B, H, T, {V}")
+    q = _as_btd(fe, product(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
+    k = _as_btd(fe, cp.k, (cp.key,), f"B, H, T, {K}")
+    v = _as_btd(fe, cp.v, (cp.value,), f"B, H, T, {V}")
     if cp.normaliser:
-        em.emit(f"{v} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # {cp.normaliser} as a column")
+        vn = em.fresh()  # a new name: v' may be an input read as is, which other terms still use
+        em.emit(f"{vn} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # {cp.normaliser} as a column")
+        v = vn
     gargs = ""
     if cp.decay != "none":
         em.emit(f"# log decay ({cp.decay}): {show(cp.g)}")
@@ -244,9 +255,10 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         else:
             g = _as_btd(em, cp.g, (cp.value,), f"B, H, T, {V}")
             if cp.normaliser:
-                em.emit(f"{g} = torch.cat([{g}, torch.zeros_like({g}[..., :1])], dim=-1)")
+                gn = em.fresh()
+                em.emit(f"{gn} = torch.cat([{g}, torch.zeros_like({g}[..., :1])], dim=-1)")
+                g = gn
             gargs = f", gv={g}"
-    em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
     st = f"states.get({cp.state!r})"
     em.emit(f"h0 = {st}")
     tr = ".transpose(-1, -2)" if cp.transposed else ""
@@ -375,6 +387,7 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
     em = prologue(p, lines, nodes)
+    fe = _feature_emitter(p, em)  # the feature maps: in the kernels' input dtype
     where = f"{p.source.path}:{p.output.pos.line}" if p.output.pos else p.source.path
     em.emit(f"# w(t, u) = {a.separability.weight}  ({where}); feature width {fp.width}")
     j = fp.value_var
@@ -385,13 +398,13 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         qa, ka = [], []
         for A, B in b.pairs:
             (i,) = [v for v in A.idx if v != T_VAR] or [None]
-            qa.append(_as_btd(em, A, (i,), f"B, H, T, {em.sizes_var[i.axis]}") if i else None)
+            qa.append(_as_btd(fe, A, (i,), f"B, H, T, {em.sizes_var[i.axis]}") if i else None)
             (i2,) = [v for v in B.idx if v != T_VAR] or [None]
-            ka.append(_as_btd(em, B, (i2,), f"B, H, T, {em.sizes_var[i2.axis]}") if i2 else None)
-        qterm = f"tensor_product({', '.join(qa)})" if qa else "torch.ones(B, T, H, 1, dtype=real, device=dev)"
-        kterm = f"tensor_product({', '.join(ka)})" if ka else "torch.ones(B, T, H, 1, dtype=real, device=dev)"
-        qterm += _scale_by(em, b.q_factors)
-        kterm += _scale_by(em, b.k_factors)
+            ka.append(_as_btd(fe, B, (i2,), f"B, H, T, {em.sizes_var[i2.axis]}") if i2 else None)
+        qterm = f"tensor_product({', '.join(qa)})" if qa else "torch.ones(B, T, H, 1, dtype=dt_in, device=dev)"
+        kterm = f"tensor_product({', '.join(ka)})" if ka else "torch.ones(B, T, H, 1, dtype=dt_in, device=dev)"
+        qterm += _scale_by(fe, b.q_factors)
+        kterm += _scale_by(fe, b.k_factors)
         if b.coeff != 1.0:
             qterm = f"{b.coeff!r} * {qterm}"
         qn, kn = em.fresh(), em.fresh()
@@ -399,12 +412,13 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         em.emit(f"{kn} = {kterm}")
         qs.append(qn)
         ks.append(kn)
-    v = _as_btd(em, fp.value, (j,), f"B, H, T, {V}")
+    v = _as_btd(fe, fp.value, (j,), f"B, H, T, {V}")
     if fp.normalised:
-        em.emit(f"{v} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # the denominator as a column")
+        vn = em.fresh()
+        em.emit(f"{vn} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # the denominator as a column")
+        v = vn
     em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width}]")
     em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
-    em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
     em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens"
             + (", out_dtype=real)" if fp.normalised else ")"))
     if fp.normalised:

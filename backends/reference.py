@@ -412,12 +412,31 @@ def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
         lines.append(f"    past_{name} = torch.zeros({shape}, dtype=real, device=dev) if past_{name} is None "
                      f"else past_{name}.to(dtype=real, device=dev)")
         lines.append(f"    ext_{name} = torch.cat([past_{name}, in_{name}], dim=2)")
+    _param_leaves(p, em)
+    return em
+
+
+def _param_leaves(p: Program, em: Emitter) -> None:
     for d in p.params + p.buffers:
         nm = f"{'pm' if d.kind == 'param' else 'bf'}_{d.name}"
         em.leaf_defs[(d.kind, d.name)] = [f"{nm} = params[{d.name!r}].to(dtype=real, device=dev).unsqueeze(0)  # [1, H"
                                           + "".join(f", {a}" for a in d.axes) + "]"]
         em.leaf_names[(d.kind, d.name)] = nm
-    return em
+
+
+def input_dtype_emitter(p: Program, em: Emitter, dtype_var: str, prefix: str) -> Emitter:
+    """A second emitter over ``em``'s lines and sizes whose inputs (and constants) are in the dtype
+    named by ``dtype_var`` instead of the compute dtype; parameters stay in the compute dtype. For
+    programs without reads of past tokens."""
+    out = Emitter(em.sizes_var, em.lines, em.indent, dtype_var, em.cdt, em.dev)
+    out.count = 1000  # its names (x1001, ...) never meet em's
+    for d in p.inputs:
+        nm = f"{prefix}_{d.name}"
+        perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(d.axes))])
+        out.leaf_defs[("input", d.name)] = [f"{nm} = inputs[{d.name!r}].to({dtype_var}).permute({perm})"]
+        out.leaf_names[("input", d.name)] = nm
+    _param_leaves(p, out)
+    return out
 
 
 def emit_reference(p: Program) -> list[str]:
