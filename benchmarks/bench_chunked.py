@@ -179,6 +179,33 @@ def grad_check(name, B, T, H, D):
     return res
 
 
+def markdown_table(env, rows, checks, command):
+    """The run as a BENCHMARKS.md section: setup line, timing table, correctness table."""
+    out = [f"### {env['date']} on {env['gpu']} (torch {env['torch']}, Triton {env['triton']}, fla {env['fla']})",
+           "", f"Command: `{command}`", "",
+           "| op | B, T, H, D | ours fwd | fla fwd | ratio fwd | ours fwd+bwd | fla fwd+bwd | ratio fwd+bwd | "
+           "bf16 err |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = f"{r['B']}, {r['T']}, {r['H']}, {r['D']}"
+        if r["op"] == "sdpa_causal":
+            out.append(f"| sdpa | {shape} | | {r['fwd_ms']:.3f} | | | | | |")
+            continue
+
+        def f(k, r=r):
+            v = r.get(k)
+            return f"{v:.3f}" if isinstance(v, float) else ("err" if k.replace("_ms", "_error") in r else "")
+        err = r.get("fwd_rel_err_vs_fp32_ref")
+        out.append(f"| {r['op']} | {shape} | {f('ours_fwd_ms')} | {f('fla_fwd_ms')} | {f('ratio_fwd')} | "
+                   f"{f('ours_fwdbwd_ms')} | {f('fla_fwdbwd_ms')} | {f('ratio_fwdbwd')} | "
+                   f"{'' if err is None else f'{err:.1e}'} |" + (f" {r['error']}" if "error" in r else ""))
+    if checks:
+        out += ["", "| op (bf16 vs fp32 reference) | relative RMS errors |", "|---|---|"]
+        for c in checks:
+            errs = ", ".join(f"{k} {v:.1e}" for k, v in c.items() if isinstance(v, float))
+            out.append(f"| {c['op']} | {errs or c.get('error', '')} |")
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -239,19 +266,9 @@ def main():
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_chunked.json").write_text(json.dumps({"env": env, "checks": checks, "rows": rows},
                                                                    indent=1))
-    print("\n| op | B, T, H, D | ours fwd | fla fwd | ratio fwd | ours fwd+bwd | fla fwd+bwd | ratio fwd+bwd | "
-          "bf16 err |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r["op"] == "sdpa_causal":
-            print(f"| sdpa | {r['B']}, {r['T']}, {r['H']}, {r['D']} | | {r['fwd_ms']:.3f} | | | | | |")
-            continue
-        def f(k):
-            v = r.get(k)
-            return f"{v:.3f}" if isinstance(v, float) else ("err" if k.replace("_ms", "_error") in r else "")
-        print(f"| {r['op']} | {r['B']}, {r['T']}, {r['H']}, {r['D']} | {f('ours_fwd_ms')} | {f('fla_fwd_ms')} | "
-              f"{f('ratio_fwd')} | {f('ours_fwdbwd_ms')} | {f('fla_fwdbwd_ms')} | {f('ratio_fwdbwd')} | "
-              f"{r.get('fwd_rel_err_vs_fp32_ref', float('nan')):.1e} |" + (f" {r['error']}" if 'error' in r else ""))
+    table = markdown_table(env, rows, checks, " ".join(sys.argv))
+    print("\n" + table)
+    (Path(args.out) / "bench_table.md").write_text(table)  # a section to paste into BENCHMARKS.md
     return 0
 
 
