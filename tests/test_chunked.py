@@ -150,3 +150,16 @@ def test_chunked_wide_heads():
     m = load("gla")
     x = m.random_inputs(1, 21, 1, dtype=torch.float64, seed=4, K=200, V=131)
     check(*run_both(m, x, {}, states_for(m, 1, 1, {"K": 200, "V": 131})))
+
+
+def test_chunked_mixer_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) over a whole mixer call: argument checks, prologue and the kernels
+    (a custom operator under compilation) trace as one graph and give the eager result."""
+    m = load("gla")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(1, 40, 2, seed=1, K=8, V=8).items()}
+
+    def f(q, k, v, g):
+        return m(q=q, k=k, v=v, g=g, form="chunked")
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(**x)
+    assert rel(got, f(**x)) < 1e-6
