@@ -937,6 +937,8 @@ def _empty(x):
 
 
 def _define_ops():
+    from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
+
     tag = _ops_tag()
     fwd_name, bwd_name = f"chunk_fwd_{tag}", f"chunk_bwd_{tag}"
     try:  # already defined by another module pasting the same source
@@ -946,8 +948,8 @@ def _define_ops():
     Tensor = torch.Tensor
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
-    def fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor | None,
-            cu_seqlens: Tensor | None, scale: float, out_dtype: torch.dtype | None
+    def fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
+            cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype]  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         o, ht, hs, gf, A = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
         # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
@@ -971,8 +973,9 @@ def _define_ops():
                 q.new_empty(B * T, H, BT, dtype=f32) if gate == 2 else _empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
-    def bwd(do: Tensor, dht: Tensor | None, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, G: Tensor,
-            A: Tensor, h0: Tensor | None, cu_seqlens: Tensor | None, hs: Tensor, scale: float
+    def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
+            G: Tensor, A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
+            scale: float
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
         gf = G if gate == 2 else (_flat(g) if gate == 1 else None)
@@ -1005,7 +1008,8 @@ def _define_ops():
     return fwd, bwd
 
 
-_CHUNK_FWD_OP, _CHUNK_BWD_OP = _define_ops()
+# torch.library.custom_op exists from torch 2.4; before that, compiled models break their graph here
+_CHUNK_FWD_OP, _CHUNK_BWD_OP = _define_ops() if hasattr(torch.library, "custom_op") else (None, None)
 
 
 class ChunkParallel(torch.autograd.Function):
@@ -1046,7 +1050,7 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
     (:class:`ChunkRecurrence`)."""
     if gv is None:
         g = gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
-        if torch.compiler.is_compiling():  # an opaque operator: no graph break
+        if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():  # an opaque operator: no graph break
             o, ht = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype)[:2]
         else:
             o, ht = ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype)
