@@ -71,12 +71,7 @@ def _chunk_fwd_kernel(
 ):
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu + i_n).to(tl.int64)
-        eos = tl.load(cu + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
     L = eos - bos
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -222,19 +217,32 @@ def _seq_bounds(i_n, cu, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _first_state(i_n, hoff, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Index of sequence i_n's first stored state (each sequence stores chunks + 1 states)."""
+    if IS_VARLEN:
+        hb = tl.load(hoff + i_n).to(tl.int64)
+    else:
+        hb = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1)
+    return hb
+
+
+@triton.jit
 def _chunk_of(i_c, cu, cinfo, hoff, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(first token of the sequence, its length, chunk number in it, index of its stored state)."""
     if IS_VARLEN:
         i_n = tl.load(cinfo + 2 * i_c)
         c = tl.load(cinfo + 2 * i_c + 1)
-        hb = tl.load(hoff + i_n)
     else:
-        NT = tl.cdiv(T, BT)
-        i_n = i_c // NT
-        c = i_c % NT
-        hb = i_n * (NT + 1)
+        i_n = i_c // tl.cdiv(T, BT)
+        c = i_c % tl.cdiv(T, BT)
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
-    return bos, eos - bos, c, (hb + c).to(tl.int64)
+    return bos, eos - bos, c, _first_state(i_n, hoff, T, BT, IS_VARLEN) + c
+
+
+@triton.jit
+def _suffix_sum(x):
+    """sum_{r >= t} x_r along axis 0."""
+    return tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
 
 
 @triton.jit
@@ -275,10 +283,7 @@ def _state_walk_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
     L = eos - bos
-    if IS_VARLEN:
-        hb = tl.load(hoff + i_n).to(tl.int64)
-    else:
-        hb = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1)
+    hb = _first_state(i_n, hoff, T, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -395,12 +400,11 @@ def _out_kernel(
             b_vr = tl.load(v + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :],
                            mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
             b_o += _dot(b_ad, b_vr, DOT)
-            if i_v == 0:  # earlier blocks' columns, then the block's own
+            if i_v == 0:  # b_a outside the block (0 after it: no garbage for later columns), then the block
                 p_a = ((bos + o_r)[:, None] * H + i_h) * BT
-                tl.store(A + p_a + (o_c - c0)[None, :], b_a, mask=m_r[:, None] & (o_c < s0)[None, :])
+                m_out = (o_c < s0) | (o_c >= s0 + BS)
+                tl.store(A + p_a + (o_c - c0)[None, :], b_a, mask=m_r[:, None] & m_out[None, :])
                 tl.store(A + p_a + (o_r - c0)[None, :], b_ad, mask=m_r[:, None] & (o_j < BS)[None, :])
-                tl.store(A + p_a + (o_c - c0)[None, :], tl.zeros([BS, BT], dtype=tl.float32),
-                         mask=m_r[:, None] & (o_c >= s0 + BS)[None, :])  # later columns: 0 (no garbage)
         tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty),
                  mask=m_r[:, None] & m_v[None, :])
 
@@ -516,7 +520,7 @@ def _dqk_kernel(
     b_dk += _dot(tl.trans(b_da), b_q, DOT)
     if GATE == 1:
         b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1)
-        b_dg = tl.sum(b_end, axis=0) + tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
+        b_dg = tl.sum(b_end, axis=0) + _suffix_sum(b_dG)
         tl.store(dg + i_k.to(tl.int64) * NTOT * H + (bos + o_c) * H + i_h, b_dg, mask=m_c)
     # each token's own term (it cancels in dG), in fp32
     b_dq += (b_own * scale)[:, None] * b_k
@@ -581,14 +585,14 @@ def _dqk_key_kernel(
                 b_da += _dot(b_vr, tl.trans(b_doc), DOT)  # [s in the block, t in the chunk]
         b_da = b_da * scale
         b_dad = b_dad * scale
-        b_G = tl.load(G + p_r, mask=m_rk, other=0.0).to(tl.float32)
-        b_Gc = tl.load(G + ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
-                       other=0.0).to(tl.float32)
         p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        m_ck = m_c[:, None] & m_k[None, :]
+        b_G = tl.load(G + p_r, mask=m_rk, other=0.0).to(tl.float32)
+        b_Gc = tl.load(G + p_c, mask=m_ck, other=0.0).to(tl.float32)
         if SIDE == 0:
             b_R = _row(G, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block
             b_x = b_x * tl.exp(b_G) * scale
-            b_kc = tl.load(k + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
             b_x += _dot(b_da, b_kp, DOT) * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf")))
             for j in range(0, BS):  # key column s0 + j, strictly below the diagonal
@@ -604,7 +608,7 @@ def _dqk_key_kernel(
             b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
             b_E = _row(G, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # G at the block's end
             b_x = b_x * tl.exp(b_GL[None, :] - b_G)
-            b_qc = tl.load(q + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qc = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :], float("-inf")))
             b_x += _dot(b_da, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
             for j in range(0, BS):  # query row s0 + j, strictly after the key
@@ -645,7 +649,7 @@ def _dg_key_kernel(
         b_end += tl.sum(b_hn * b_dh, axis=1)
     p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
     b_dG = tl.load(dG + p, mask=m, other=0.0)
-    b_dg = b_end[None, :] + tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+    b_dg = b_end[None, :] + _suffix_sum(b_dG)
     tl.store(dG + p, b_dg, mask=m)
 
 
@@ -942,7 +946,7 @@ def _define_ops():
     tag = _ops_tag()
     fwd_name, bwd_name = f"chunk_fwd_{tag}", f"chunk_bwd_{tag}"
     try:  # already defined by another module pasting the same source
-        return getattr(torch.ops.mixc, fwd_name), getattr(torch.ops.mixc, bwd_name)
+        return getattr(torch.ops.mixc, fwd_name)
     except (AttributeError, RuntimeError):
         pass
     Tensor = torch.Tensor
@@ -1005,11 +1009,11 @@ def _define_ops():
                 None, None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    return fwd, bwd
+    return fwd
 
 
 # torch.library.custom_op exists from torch 2.4; before that, compiled models break their graph here
-_CHUNK_FWD_OP, _CHUNK_BWD_OP = _define_ops() if hasattr(torch.library, "custom_op") else (None, None)
+_CHUNK_FWD_OP = _define_ops() if hasattr(torch.library, "custom_op") else None
 
 
 class ChunkParallel(torch.autograd.Function):

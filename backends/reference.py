@@ -395,12 +395,7 @@ def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
         sizes_var[a] = f"sz_{a}"
         lines.append(f"    sz_{a} = sizes[{a!r}]")
     em = Emitter(sizes_var, lines, "    ", "real", "cplx", "dev")
-    for d in p.inputs:
-        nm = f"in_{d.name}"
-        perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(d.axes))])
-        em.leaf_defs[("input", d.name)] = [
-            f"{nm} = inputs[{d.name!r}].to(real).permute({perm})  # [B, H, T, {', '.join(d.axes)}]".replace(", ]", "]")]
-        em.leaf_names[("input", d.name)] = nm
+    _input_leaves(p, em, "real", "in")
     history = token_history(p)
     em.history = history
     for name, past in history.items():
@@ -414,6 +409,17 @@ def prologue(p: Program, lines: list[str], extra_nodes=()) -> Emitter:
         lines.append(f"    ext_{name} = torch.cat([past_{name}, in_{name}], dim=2)")
     _param_leaves(p, em)
     return em
+
+
+def _input_leaves(p: Program, em: Emitter, dtype_var: str, prefix: str) -> None:
+    """Each input, bound on first use as ``{prefix}_{name}``: cast to ``dtype_var``, laid out [B, H, T, ...]."""
+    for d in p.inputs:
+        nm = f"{prefix}_{d.name}"
+        perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(d.axes))])
+        em.leaf_defs[("input", d.name)] = [
+            f"{nm} = inputs[{d.name!r}].to({dtype_var}).permute({perm})  # [B, H, T, {', '.join(d.axes)}]"
+            .replace(", ]", "]")]
+        em.leaf_names[("input", d.name)] = nm
 
 
 def _param_leaves(p: Program, em: Emitter) -> None:
@@ -430,11 +436,7 @@ def input_dtype_emitter(p: Program, em: Emitter, dtype_var: str, prefix: str) ->
     programs without reads of past tokens."""
     out = Emitter(em.sizes_var, em.lines, em.indent, dtype_var, em.cdt, em.dev)
     out.count = 1000  # its names (x1001, ...) never meet em's
-    for d in p.inputs:
-        nm = f"{prefix}_{d.name}"
-        perm = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(d.axes))])
-        out.leaf_defs[("input", d.name)] = [f"{nm} = inputs[{d.name!r}].to({dtype_var}).permute({perm})"]
-        out.leaf_names[("input", d.name)] = nm
+    _input_leaves(p, out, dtype_var, prefix)
     _param_leaves(p, out)
     return out
 

@@ -17,14 +17,14 @@ from mixc.backends.chunked import chunk_recurrence
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def kernels_alone(B=4, T=4096, H=16, D=128):
+def kernels_alone(decays=("none", "scalar", "per key"), B=4, T=4096, H=16, D=128):
     dev = "cuda"
     q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     gs = F.logsigmoid(torch.randn(B, T, H, device=dev)).requires_grad_()
     gk = F.logsigmoid(torch.randn(B, T, H, D, device=dev)).requires_grad_()
     do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
     for label, kw in [("none", {}), ("scalar", {"gs": gs}), ("per key", {"gk": gk})]:
-        if label != "per key" and kernels_alone.done:
+        if label not in decays:
             continue
         fwd = do_bench(lambda: chunk_recurrence(q, k, v, **kw), return_mode="median")
 
@@ -32,20 +32,20 @@ def kernels_alone(B=4, T=4096, H=16, D=128):
             chunk_recurrence(q, k, v, **kw)[0].backward(do)
         both = do_bench(fb, return_mode="median")
         print(f"chunk_recurrence decay={label:<8} fwd {fwd:.3f} ms  fwd+bwd {both:.3f} ms", flush=True)
-    kernels_alone.done = True
-
-
-kernels_alone.done = False
 
 
 def main(names):
     from mixc.backends import chunked
 
-    for w in (8, 4):
-        chunked.WARPS_KEY = w
-        print(f"-- per-key kernels with {w} warps")
-        kernels_alone()
-    chunked.WARPS_KEY = 8
+    default = chunked.WARPS_KEY
+    print(f"-- per-key kernels with {default} warps (the default)")
+    kernels_alone()
+    for w in (4, 8):
+        if w != default:
+            chunked.WARPS_KEY = w
+            print(f"-- per-key kernels with {w} warps")
+            kernels_alone(("per key",))
+    chunked.WARPS_KEY = default
     B, T, H, D = 4, 4096, 16, 128
     for name in names:
         m = mixc.load(ROOT / "examples" / f"{name}.mix")
