@@ -271,14 +271,17 @@ def _state_walk_kernel(
     s0,  # [N, H, K, V] fp32: the initial state forward, the final state's gradient in reverse (USE_S0)
     hs,  # [sum_n (chunks_n + 1), H, K, V]: the (adjoint) state at each chunk's start (end, in reverse)
     sN,  # [N, H, K, V] fp32: the final state forward, the initial state's gradient in reverse (STORE_SN)
+    yz,  # NORM, reverse: [B*T, H] fp32, the normaliser's cotangent dden
+    z0, zs, zN,  # NORM: the normaliser z [K] as s0, hs, sN (fp32)
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
     every chunk start and at the end. Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
-    from the last chunk, storing dS at every chunk end."""
+    from the last chunk, storing dS at every chunk end. NORM: the normaliser z <- e^G_L z + sum k e^(G_L - G)
+    (reverse: dz <- e^G_L dz + scale sum (q e^G) dden) walks along, in the programs of value block 0."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
@@ -292,6 +295,10 @@ def _state_walk_kernel(
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_S0:
         b_s += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    m_z = (o_k < K) & ((o_k * 0 + i_v) == 0)  # (i_v == 0) broadcast: a tensor mask for the interpreter
+    if NORM and USE_S0:
+        b_z += tl.load(z0 + i_nh.to(tl.int64) * K + o_k, mask=m_z, other=0.0)
     NT = tl.cdiv(L, BT)
     for i in range(0, NT):
         if REVERSE:
@@ -300,6 +307,8 @@ def _state_walk_kernel(
             ic = i
         c0 = ic * BT
         tl.store(hs + ((hb + ic) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+        if NORM:
+            tl.store(zs + ((hb + ic) * H + i_h) * K + o_k, b_z, mask=m_z)
         m_t = (c0 + o_t) < L
         i_t = bos + c0 + o_t
         m_tk = m_t[:, None] & (o_k < K)[None, :]
@@ -317,6 +326,7 @@ def _state_walk_kernel(
             else:
                 b_x = b_x * tl.exp(b_GL - b_G)[:, None]
             b_s = b_s * tl.exp(b_GL)
+            b_z = b_z * tl.exp(b_GL)
         if GATE == 2:
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
             b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
@@ -325,11 +335,21 @@ def _state_walk_kernel(
             else:
                 b_x = b_x * tl.exp(b_GL[None, :] - b_G)
             b_s = b_s * tl.exp(b_GL)[:, None]
+            b_z = b_z * tl.exp(b_GL)
         b_s += _dot(tl.trans(b_x), b_y, DOT)
+        if NORM:
+            if REVERSE:
+                b_z += tl.sum(b_x * tl.load(yz + i_t * H + i_h, mask=m_t, other=0.0)[:, None], axis=0)
+            else:
+                b_z += tl.sum(b_x, axis=0)
     if not REVERSE:
         tl.store(hs + ((hb + NT) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+        if NORM:
+            tl.store(zs + ((hb + NT) * H + i_h) * K + o_k, b_z, mask=m_z)
     if STORE_SN:
         tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv, b_s, mask=m_kv)
+        if NORM:
+            tl.store(zN + i_nh.to(tl.int64) * K + o_k, b_z, mask=m_z)
 
 
 @triton.jit
@@ -338,11 +358,14 @@ def _out_kernel(
     hs,  # chunk-start states from _state_walk_kernel
     o,  # [B*T, H, V] output
     A,  # [B*T, H, BT] fp32: the in-chunk scores A[t, s] (s <= t) kept for the backward (GATE 2)
+    zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """Rows s0 .. s0+BS of one chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si)."""
+    """Rows s0 .. s0+BS of one chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si).
+    NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser."""
     i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NSB: tl.constexpr = BT // BS
     bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -359,6 +382,7 @@ def _out_kernel(
         b_a = tl.zeros([BS, BT], dtype=tl.float32)
         if GATE == 2:
             b_ad = tl.zeros([BS, BS], dtype=tl.float32)  # the block's own scores, exactly
+        b_den = tl.zeros([BS], dtype=tl.float32)
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
@@ -373,6 +397,9 @@ def _out_kernel(
                 b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
                 b_R = _row(g, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block (0 at the chunk's start)
                 b_o += _dot(b_q * tl.exp(b_G), b_h, DOT)
+                if NORM:
+                    b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
+                    b_den += tl.sum(b_q * tl.exp(b_G) * b_z[None, :], axis=1)
                 # earlier blocks of the chunk, around the reference b_R
                 b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
                 b_a += _dot(b_q * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf"))), tl.trans(b_kp),
@@ -387,9 +414,13 @@ def _out_kernel(
             else:
                 b_o += _dot(b_q, b_h, DOT)
                 b_a += _dot(b_q, tl.trans(b_kc), DOT)
+                if NORM:
+                    b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
+                    b_den += tl.sum(b_q * b_z[None, :], axis=1)
         if GATE == 1:  # BS == BT: the block is the chunk
             b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
             b_o = b_o * tl.exp(b_Gc)[:, None]
+            b_den = b_den * tl.exp(b_Gc)
             b_a = b_a * tl.exp(tl.where(o_r[:, None] >= o_c[None, :], b_Gc[:, None] - b_Gc[None, :], float("-inf")))
         if GATE != 2:
             b_a = tl.where(o_r[:, None] >= o_c[None, :], b_a, 0.0)
@@ -405,7 +436,16 @@ def _out_kernel(
                 m_out = (o_c < s0) | (o_c >= s0 + BS)
                 tl.store(A + p_a + (o_c - c0)[None, :], b_a, mask=m_r[:, None] & m_out[None, :])
                 tl.store(A + p_a + (o_r - c0)[None, :], b_ad, mask=m_r[:, None] & (o_j < BS)[None, :])
-        tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty),
+        if NORM:
+            b_den += tl.sum(b_a, axis=1)
+            if GATE == 2:
+                b_den += tl.sum(b_ad, axis=1)
+            b_den = tl.where(m_r, b_den * scale, 1.0)
+            b_o = b_o / b_den[:, None]
+            tl.store(den + (bos + o_r) * H + i_h, b_den, mask=m_r & ((o_r * 0 + i_v) == 0))
+        else:
+            b_o = b_o * scale
+        tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_r[:, None] & m_v[None, :])
 
 
@@ -469,12 +509,14 @@ def _dqk_kernel(
     hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
     dq, dk,  # [B*T, H, K]
     dg,  # [NK, B*T, H] fp32: the scalar log-gate gradient, summed over this key block (GATE 1)
+    dden, zs, dzs,  # NORM: the normaliser's cotangent [B*T, H], z at chunk starts, dz at chunk ends
     cu, cinfo, hoff, T, scale, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr,
 ):
     """One chunk and key block, no decay or a scalar one: dq, dk and the log-gate gradient
-    dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum (h dh)(chunk end)."""
+    dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum (h dh)(chunk end). NORM: the normaliser
+    acts as one more value column (v = 1, do = dden, state z)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -505,6 +547,16 @@ def _dqk_kernel(
             b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                            other=0.0).to(tl.float32)
             b_end += tl.sum(b_hn * b_dh, axis=1)
+    if NORM:
+        b_dd = tl.load(dden + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
+        p_z = (ih * H + i_h) * K + o_k
+        b_dz = tl.load(dzs + p_z, mask=m_k, other=0.0)
+        b_dq += b_dd[:, None] * tl.load(zs + p_z, mask=m_k, other=0.0)[None, :]
+        b_dk += b_dz[None, :]
+        b_da += b_dd[:, None]
+        b_own += b_dd
+        if GATE == 1:
+            b_end += tl.load(zs + p_z + H * K, mask=m_k, other=0.0) * b_dz
     b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
     m_s = o_c[:, None] > o_c[None, :]
@@ -833,10 +885,13 @@ def _gate_of(g):
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
-def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None):
+def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
-    stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay)."""
+    stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
+    with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
+    [B*T, H] (all fp32; else None)). ``norm`` divides o by the normaliser's readout, the same
+    recurrence with v = 1 (initial value ``z0``)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -846,6 +901,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
+    zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
+    den = torch.empty(B * T, H, dtype=torch.float32, device=q.device) if norm else None
     qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
     dummy = ht
     cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy
@@ -858,27 +916,51 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
-                  num_warps=WARPS)
+                  NORM=norm, num_warps=WARPS)
+    if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
+        h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
+        z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
-        kf, gf if g is not None else dummy, vf, h0.contiguous() if h0 is not None else dummy, hs, ht, cu, hoff, T,
+        kf, gf if g is not None else dummy, vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy,
+        z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if gate == 2 else None
     _out_kernel[(_cdiv(V, BVO), NC * (BT // BS), H)](
-        qf, kf, vf, gf if g is not None else dummy, hs, o, A if A is not None else dummy, cu, cinfo, hoff, T,
-        float(scale), BS=BS, BV=BVO, **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
-    return o, ht, hs, gf, A
+        qf, kf, vf, gf if g is not None else dummy, hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
+        cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO,
+        **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
+    return o, ht, hs, gf, A, zt, zs, den
 
 
-def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale):
+def _or(x, dummy):
+    return dummy if x is None else x
+
+
+def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None):
     """Backward of :func:`chunk_fwd` from its saved tensors (``gate``: 0, 1 or 2; ``gf``: the decay as
     the kernels take it, flattened). Returns (dq, dk, dv, the log decay's gradient in fp32 or None, the
-    initial state's gradient or None)."""
+    initial state's gradient or None, the initial normaliser's gradient or None). ``norm``: for a
+    normalised forward (decays 0 and 1), (o, den, zs, z0, dzt): its output, denominators, stored
+    normalisers, initial normaliser (or None) and the final normaliser's cotangent (or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
     NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
+    dzs = dz0 = dden = zs = dzt = None
+    if norm is not None:  # o = num / den: num's cotangent do / den, den's -(do . o) / den
+        o, den, zs, z0, dzt = norm
+        den = den.view(B, T, H, 1)
+        dden = (-(do.float() * o.float()).sum(-1, keepdim=True) / den).view(B * T, H)
+        do = (do.float() / den).to(do.dtype)
+        dzs = torch.empty_like(zs)
+        if h0 is not None or z0 is not None:
+            dz0 = torch.empty(N, H, K, dtype=torch.float32, device=q.device)
+            h0 = h0 if h0 is not None else zs  # only "is there one" matters below
+        if dht is not None or dzt is not None:
+            dht = dht if dht is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
+            dzt = dzt.float().contiguous() if dzt is not None else torch.zeros(N, H, K, device=q.device)
     do = do.contiguous()
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
@@ -889,10 +971,12 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale):
     qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), gf if gf is not None else dummy, _flat(do)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
                   DOT=_dot_mode(q.dtype), num_warps=WARPS)
+    nm = norm is not None
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
         qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, dh0 if dh0 is not None else dummy,
+        _or(dden, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
         cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=h0 is not None, BV=BV,
-        **common)
+        NORM=nm, **common)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     NK = _cdiv(K, BK)
     dg = None
@@ -900,6 +984,8 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale):
         dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     elif gate == 1:
         dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    if nm and gate == 2:
+        raise NotImplementedError("normalised backward with a per-key decay: chunk_normalised adds a column")
     _dv_kernel[(_cdiv(V, BV), NC, H)](
         qf, kf, gf, dof, A if A is not None else dummy, dhs, dv, cu, cinfo, hoff, T, float(scale), BV=BV,
         **common)
@@ -913,11 +999,12 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale):
                                     IS_VARLEN=cu_seqlens is not None, num_warps=4)
     else:
         _dqk_kernel[(NK, NC, H)](
-            qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy, cu, cinfo, hoff, T,
-            float(scale), B * T, BV=BV, **common)
+            qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy,
+            _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), cu, cinfo, hoff, T,
+            float(scale), B * T, BV=BV, NORM=nm, **common)
     if gate == 1:
         dg = dg.sum(0) if NK > 1 else dg[0]
-    return dq, dk, dv, dg, dh0
+    return dq, dk, dv, dg, dh0, dz0
 
 
 # ---- the chunk-parallel form as a torch operator ----------------------------------------------
@@ -940,6 +1027,10 @@ def _empty(x):
     return x.new_empty(0, dtype=torch.float32)
 
 
+def _none_if_empty(x):
+    return None if x is None or x.numel() == 0 else x
+
+
 def _define_ops():
     from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
 
@@ -953,14 +1044,16 @@ def _define_ops():
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
-            cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype]  # noqa: UP045
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, hs, gf, A = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
+            cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype],  # noqa: UP045
+            z0: Optional[Tensor], norm: bool  # noqa: UP045
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm)
         # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
-        return o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), A if A is not None else _empty(q)
+        return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
+                _or(zs, _empty(q)), _or(den, _empty(q)))
 
     @fwd.register_fake
-    def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype):
+    def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm):
         B, T, H, K = q.shape
         V = v.shape[-1]
         gate = _gate_of(g)
@@ -974,39 +1067,50 @@ def _define_ops():
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
                 q.new_empty(B * T, H, K, dtype=f32) if gate == 2 else _empty(q),
-                q.new_empty(B * T, H, BT, dtype=f32) if gate == 2 else _empty(q))
+                q.new_empty(B * T, H, BT, dtype=f32) if gate == 2 else _empty(q),
+                q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
+                q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
+                q.new_empty(B * T, H, dtype=f32) if norm else _empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
             G: Tensor, A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
-            scale: float
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            scale: float, o: Tensor, den: Tensor, zs: Tensor, z0: Optional[Tensor],  # noqa: UP045
+            dzt: Optional[Tensor]  # noqa: UP045
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
         gf = G if gate == 2 else (_flat(g) if gate == 1 else None)
-        dq, dk, dv, dg, dh0 = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A if gate == 2 else None,
-                                        scale)
-        return dq, dk, dv, dg if dg is not None else _empty(q), dh0 if dh0 is not None else _empty(q)
+        norm = (o, den, zs, z0, dzt) if den.numel() else None
+        dq, dk, dv, dg, dh0, dz0 = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
+                                             A if gate == 2 else None, scale, norm)
+        return dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q))
 
     @bwd.register_fake
-    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale):
+    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt):
+        B, T, H, K = q.shape
         f32 = torch.float32
+        norm = den.numel() > 0
+        state0 = h0 is not None or (norm and z0 is not None)
+        N = (h0 if h0 is not None else z0).shape[0] if state0 else 0
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 g.new_empty(g.shape, dtype=f32) if g is not None else _empty(q),
-                h0.new_empty(h0.shape, dtype=f32) if h0 is not None else _empty(q))
+                q.new_empty(N, H, K, v.shape[-1], dtype=f32) if state0 else _empty(q),
+                q.new_empty(N, H, K, dtype=f32) if state0 and norm else _empty(q))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, g, h0, cu_seqlens, scale, out_dtype = inputs
-        o, ht, hs, G, A = output
-        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs)
+        q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm = inputs
+        o, ht, hs, G, A, zt, zs, den = output
+        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0)
         ctx.scale = scale
 
-    def backward(ctx, do, dht, *unused):
-        q, k, v, g, G, A, h0, cu_seqlens, hs = ctx.saved_tensors
+    def backward(ctx, do, dht, _dhs, _dG, _dA, dzt, _dzs, _dden):
+        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0 = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dg, dh0 = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale)
+        dq, dk, dv, dg, dh0, dz0 = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den, zs, z0,
+                                       dzt)
         return (dq, dk, dv, dg.to(g.dtype) if g is not None else None, dh0 if h0 is not None else None,
-                None, None, None)
+                None, None, None, dz0 if z0 is not None else None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -1022,17 +1126,19 @@ class ChunkParallel(torch.autograd.Function):
     benchmarks/host_overhead.py), which matters for short sequences."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype):
-        o, ht, hs, gf, A = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype)
-        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A)
+    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm):
+        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
-        return o, ht
+        return o, ht, zt
 
     @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, gf, h0, cu_seqlens, hs, A = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A, ctx.scale)
-        return dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0, None, None, None
+    def backward(ctx, do, dht, dzt):
+        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0 = ctx.saved_tensors
+        norm = (o, den, zs, z0, dzt) if den is not None else None
+        dq, dk, dv, dg, dh0, dz0 = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A, ctx.scale, norm)
+        return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
+                None, None, dz0 if z0 is not None else None, None)
 
 
 def tensor_product(*xs):
@@ -1041,6 +1147,19 @@ def tensor_product(*xs):
     for x in xs[1:]:
         out = (out[..., :, None] * x[..., None, :]).flatten(-2)
     return out
+
+
+def _merge_decays(gk, gs):
+    return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
+
+
+def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False):
+    """(o, final state, final normaliser or None) through the custom operator while torch.compile
+    traces (an opaque operator: no graph break), else through :class:`ChunkParallel`."""
+    if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
+        o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm)[:6]
+        return o, ht, (zt if norm else None)
+    return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm)
 
 
 def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False,
@@ -1053,12 +1172,35 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
     and a per-key decay are merged into one per-key decay); with one, the sequential walk
     (:class:`ChunkRecurrence`)."""
     if gv is None:
-        g = gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
-        if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():  # an opaque operator: no graph break
-            o, ht = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype)[:2]
-        else:
-            o, ht = ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype)
+        o, ht, _ = _chunk_parallel(q, k, v, _merge_decays(gk, gs), h0, cu_seqlens, scale, out_dtype)
     else:
         o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
         o = o.to(out_dtype or q.dtype)
     return o, (ht if output_final_state else None)
+
+
+def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_seqlens=None,
+                     output_final_state=False, scale=1.0, out_dtype=None):
+    """The recurrence of :func:`chunk_recurrence` together with its normaliser z_t = Dk z_{t-1} e^gs + k_t
+    (the same decays, v = 1), divided: o_t = (q_t^T S_t) / (q_t^T z_t) (``scale`` cancels; it only
+    matters for rounding). Returns (o, final S or None, final z [N, H, K] or None).
+
+    With no decay or a scalar one the kernels carry z themselves and divide in the output kernel; with
+    a per-key or per-value decay z is one more value column and the division a PyTorch op."""
+    g = _merge_decays(gk, gs)
+    if gv is None and (g is None or g.dim() == 3):
+        o, ht, zt = _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, True)
+        return o, (ht if output_final_state else None), (zt if output_final_state else None)
+    V = v.shape[-1]
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    gv1 = None if gv is None else torch.cat([gv, torch.zeros_like(gv[..., :1])], dim=-1)
+    if h0 is not None or z0 is not None:
+        ref = h0 if h0 is not None else z0
+        N, H, K = ref.shape[:3]
+        h0 = torch.zeros(N, H, K, V, device=ref.device) if h0 is None else h0.float()
+        z0 = torch.zeros(N, H, K, device=ref.device) if z0 is None else z0.float()
+        h0 = torch.cat([h0, z0[..., None]], dim=-1)
+    o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale,
+                             out_dtype=torch.float32)
+    o = (o[..., :V] / o[..., V:]).to(out_dtype or q.dtype)
+    return o, (ht[..., :V] if output_final_state else None), (ht[..., V] if output_final_state else None)

@@ -217,7 +217,7 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     p = a.program
     lines = _header(f"The chunked form of {p.name}: q', k', v' and log decays in PyTorch, then one chunked\n"
                     f"    kernel for the {a.transition} recurrence of state {cp.state}"
-                    + (f" (with {cp.normaliser} as an extra value column)" if cp.normaliser else ""))
+                    + (f" (with its normaliser {cp.normaliser}, divided in the kernel)" if cp.normaliser else ""))
     extra = [n for n in (cp.q, cp.k, cp.v, cp.g, cp.gate, cp.skip) if n is not None]
     em = prologue(p, lines, extra)  # decays and the epilogue: in the compute dtype (fp32 at least)
     fe = _feature_emitter(p, em)  # q', k', v': in the kernels' input dtype
@@ -236,10 +236,6 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     q = _as_btd(fe, product(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
     k = _as_btd(fe, cp.k, (cp.key,), f"B, H, T, {K}")
     v = _as_btd(fe, cp.v, (cp.value,), f"B, H, T, {V}")
-    if cp.normaliser:
-        vn = em.fresh()  # a new name: v' may be an input read as is, which other terms still use
-        em.emit(f"{vn} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # {cp.normaliser} as a column")
-        v = vn
     gargs = ""
     if cp.decay != "none":
         em.emit(f"# log decay ({cp.decay}): {show(cp.g)}")
@@ -254,34 +250,24 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
             gargs = f", gk={g}"
         else:
             g = _as_btd(em, cp.g, (cp.value,), f"B, H, T, {V}")
-            if cp.normaliser:
-                gn = em.fresh()
-                em.emit(f"{gn} = torch.cat([{g}, torch.zeros_like({g}[..., :1])], dim=-1)")
-                g = gn
             gargs = f", gv={g}"
     st = f"states.get({cp.state!r})"
     em.emit(f"h0 = {st}")
     tr = ".transpose(-1, -2)" if cp.transposed else ""
     em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
-    if cp.normaliser:
-        z = cp.normaliser
-        em.emit(f"z0 = states.get({z!r})")
-        em.emit("if h0 is not None or z0 is not None:")
-        em.emit("    n_seq = (h0 if h0 is not None else z0).shape[0]")
-        em.emit(f"    h0 = torch.zeros(n_seq, H, {K}, {V}, device=dev) if h0 is None else h0")
-        em.emit(f"    z0 = torch.zeros(n_seq, H, {K}, device=dev) if z0 is None else z0.float()")
-        em.emit("    h0 = torch.cat([h0, z0[..., None]], dim=-1)")
     # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
-    epilogue = cp.normaliser is not None or cp.gate is not None or cp.skip is not None
-    em.emit(f"o, ht = chunk_recurrence({q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, "
-            f"cu_seqlens=cu_seqlens, output_final_state=output_final_state, scale={scale}"
-            + (", out_dtype=real)" if epilogue else ")"))
-    final = "{}"
+    epilogue = cp.gate is not None or cp.skip is not None
+    args = (f"{q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, cu_seqlens=cu_seqlens, "
+            f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
     if cp.normaliser:
-        em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
-        final = (f"{{{cp.state!r}: ht[..., :{V}]{tr}.to(real), {cp.normaliser!r}: ht[..., {V}].to(real)}} "
+        em.emit(f"z0 = states.get({cp.normaliser!r})")
+        em.emit("z0 = None if z0 is None else z0.float()")
+        em.emit(f"# o = (q'^T {cp.state}) / (q'^T {cp.normaliser}): the kernels carry {cp.normaliser} and divide")
+        em.emit(f"o, ht, zt = chunk_normalised({args.replace(', cu_seqlens', ', z0=z0, cu_seqlens')}")
+        final = (f"{{{cp.state!r}: ht{tr}.to(real), {cp.normaliser!r}: zt.to(real)}} "
                  "if output_final_state else None")
     else:
+        em.emit(f"o, ht = chunk_recurrence({args}")
         final = f"{{{cp.state!r}: ht{tr}.to(real)}} if output_final_state else None"
     if cp.gate is not None:
         gname = _as_btd(em, cp.gate, (cp.value,), f"B, H, T, {V}")
@@ -413,16 +399,13 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         qs.append(qn)
         ks.append(kn)
     v = _as_btd(fe, fp.value, (j,), f"B, H, T, {V}")
-    if fp.normalised:
-        vn = em.fresh()
-        em.emit(f"{vn} = torch.cat([{v}, torch.ones_like({v}[..., :1])], dim=-1)  # the denominator as a column")
-        v = vn
     em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width}]")
     em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
-    em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens"
-            + (", out_dtype=real)" if fp.normalised else ")"))
     if fp.normalised:
-        em.emit(f"o = o[..., :{V}] / o[..., {V}:]")
+        em.emit("# o = (phi_q^T S) / (phi_q^T z), z = sum psi_k: the kernels carry z and divide")
+        em.emit(f"o, _, _ = chunk_normalised(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
+    else:
+        em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
     em.emit("return o, ({} if output_final_state else None)")
     return lines
 

@@ -1,6 +1,9 @@
 """Where does a chunked call spend its time? Kernel-level timings and a torch profile per mixer.
 
-    python benchmarks/profile_chunked.py [NAME ...]
+    python benchmarks/profile_chunked.py [--mixers-only] [NAME ...]
+
+``--mixers-only`` skips the kernel-level timings; each mixer gets a forward-only profile and a
+forward+backward one.
 """
 
 import sys
@@ -34,9 +37,15 @@ def kernels_alone(decays=("none", "scalar", "per key"), B=4, T=4096, H=16, D=128
         print(f"chunk_recurrence decay={label:<8} fwd {fwd:.3f} ms  fwd+bwd {both:.3f} ms", flush=True)
 
 
-def main(names):
+def main(names, mixers_only=False):
     from mixc.backends import chunked
 
+    if not mixers_only:
+        kernel_timings(chunked)
+    mixer_profiles(names)
+
+
+def kernel_timings(chunked):
     default = chunked.WARPS_KEY
     print(f"-- per-key kernels with {default} warps (the default)")
     kernels_alone()
@@ -46,6 +55,9 @@ def main(names):
             print(f"-- per-key kernels with {w} warps")
             kernels_alone(("per key",))
     chunked.WARPS_KEY = default
+
+
+def mixer_profiles(names):
     B, T, H, D = 4, 4096, 16, 128
     for name in names:
         m = mixc.load(ROOT / "examples" / f"{name}.mix")
@@ -56,14 +68,19 @@ def main(names):
         do = torch.randn_like(o)
         o.backward(do)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                o = m(**x, form="chunked")
-                o.backward(do)
-            torch.cuda.synchronize()
-        print(f"== {name} (3 calls)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+        for label, backward in (("forward", False), ("forward+backward", True)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    o = m(**x, form="chunked")
+                    if backward:
+                        o.backward(do)
+                torch.cuda.synchronize()
+            print(f"== {name} {label} (3 calls)")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["based", "linear_attention"])
+    args = sys.argv[1:]
+    only = "--mixers-only" in args
+    args = [a for a in args if a != "--mixers-only"]
+    main(args or ["based", "linear_attention"], mixers_only=only)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixc.backends.chunked import chunk_recurrence
+from mixc.backends.chunked import chunk_normalised, chunk_recurrence
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -146,9 +146,21 @@ def test_custom_operator_passes_opcheck(gate):
     from mixc.backends.chunked import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(gate)
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False))
     cu = torch.tensor([0, 30, 70], device=DEV)  # varlen: the stored states' count depends on cu_seqlens
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, False))
+
+
+@pytest.mark.parametrize("gate", [0, 1])
+def test_custom_operator_passes_opcheck_normalised(gate):
+    from mixc.backends.chunked import _CHUNK_FWD_OP
+
+    q, k, v, g, h0 = _opcheck_args(gate)
+    q, k = (F.elu(x.detach()).add(1).requires_grad_() for x in (q, k))
+    z0 = torch.rand(1, 2, 8).to(DEV).requires_grad_()
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, z0, True))
+    cu = torch.tensor([0, 30, 70], device=DEV)
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, True))
 
 
 def test_torch_compile_has_no_graph_break():
@@ -158,6 +170,107 @@ def test_torch_compile_has_no_graph_break():
     def f(q, k, v, g, h0):
         o, ht = chunk_recurrence(q, k, v, gk=g, h0=h0, output_final_state=True)
         return o.square().sum() + ht.sum()
+
+    ref = f(q, k, v, g, h0)
+    want = torch.autograd.grad(ref, (q, k, v, g, h0))
+    got_l = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, g, h0)
+    got = torch.autograd.grad(got_l, (q, k, v, g, h0))
+    assert rel(got_l, ref.detach()) < 1e-6
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-6
+
+
+def naive_normalised(q, k, v, gk, gv, gs, h0, z0, cu):
+    """o = (q^T S) / (q^T z), z the same recurrence as S with v = 1."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    ones = torch.ones(B, T, H, 1, dtype=v.dtype, device=v.device)
+    gv1 = None if gv is None else torch.cat([gv, torch.zeros_like(ones)], -1)
+    s0 = None
+    if h0 is not None or z0 is not None:
+        N = (h0 if h0 is not None else z0).shape[0]
+        h = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float64, device=q.device)
+        z = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float64, device=q.device)
+        s0 = torch.cat([h, z[..., None]], -1)
+    o, ht = naive(q, k, torch.cat([v, ones], -1), gk, gv1, gs, s0, cu)
+    return o[..., :V] / o[..., V:], ht[..., :V], ht[..., V]
+
+
+NORM_CASES = [
+    # B, T, H, K, V, decays, cu_seqlens, initial (h: S, z: the normaliser)
+    (1, 1, 1, 4, 4, "", None, "hz"),
+    (2, 37, 2, 5, 7, "", None, ""),
+    (2, 37, 2, 5, 7, "s", None, "hz"),
+    (2, 150, 1, 20, 70, "", None, "h"),  # several chunks, several value blocks, S given without z
+    (2, 150, 1, 70, 24, "s", None, "z"),  # several key blocks, z without S
+    (1, 211, 2, 9, 12, "s", [0, 70, 70, 64 + 70, 210, 211], "hz"),
+    (2, 37, 2, 5, 7, "k", None, "hz"),  # per-key and per-value decays: z as a value column
+    (1, 37, 2, 5, 7, "v", [0, 16, 37], "z"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,use,cu,init", NORM_CASES,
+                         ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-g{c[5] or 0}-{c[7] or 'none'}"
+                              + ("-varlen" if c[6] else "") for c in NORM_CASES])
+def test_normalised_kernel_matches_the_loop(B, T, H, K, V, use, cu, init):
+    """chunk_normalised (the kernels carry the normaliser and divide) against the loop: outputs, final S
+    and z, and the gradients of every input, both initial values included."""
+    gen = torch.Generator().manual_seed(T * 3 + V)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k = F.elu(r(B, T, H, K)) + 1, F.elu(r(B, T, H, K)) + 1  # positive features: den > 0
+    v = r(B, T, H, V)
+    gk = F.logsigmoid(r(B, T, H, K)) if "k" in use else None
+    gv = F.logsigmoid(r(B, T, H, V)) if "v" in use else None
+    gs = F.logsigmoid(r(B, T, H)) if "s" in use else None
+    N = B if cu is None else len(cu) - 1
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    h0 = r(N, H, K, V) if "h" in init else None
+    z0 = torch.rand(N, H, K, generator=gen) if "z" in init else None
+    ref = [x.double().to(DEV).requires_grad_() if x is not None else None for x in (q, k, v, gk, gv, gs, h0, z0)]
+    ro, rh, rz = naive_normalised(*ref, cu_t)
+    do = r(B, T, H, V).to(DEV)
+    ((ro * do).sum() + (rh * 0.3).sum() + (rz * 0.7).sum()).backward()
+    ours = [x.detach().float().requires_grad_() if x is not None else None for x in ref]
+    o, ht, zt = chunk_normalised(*ours, cu_seqlens=cu_t, output_final_state=True)
+    assert o.dtype == torch.float32 and zt.shape == (N, H, K)
+    ((o * do).sum() + (ht * 0.3).sum() + (zt * 0.7).sum()).backward()
+    assert rel(o, ro) < 1e-5 and rel(ht, rh) < 1e-5 and rel(zt, rz) < 1e-5
+    for name, a, b in zip("q k v gk gv gs h0 z0".split(), ours, ref):
+        if a is not None:
+            assert rel(a.grad, b.grad) < 1e-4, name
+
+
+def test_normalised_half_precision():
+    """fp16 inputs: the output comes back in fp16, divided in fp32 inside the kernel."""
+    gen = torch.Generator().manual_seed(2)
+    B, T, H, K, V = 1, 80, 2, 16, 16
+    q, k = (F.elu(torch.randn(B, T, H, K, generator=gen)) + 1 for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    gs = F.logsigmoid(torch.randn(B, T, H, generator=gen))
+    ref = [x.double().to(DEV).requires_grad_() for x in (q, k, v, gs)]
+    ro, _, _ = naive_normalised(ref[0], ref[1], ref[2], None, None, ref[3], None, None, None)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    (ro * do).sum().backward()
+    ours = [x.detach().to(torch.float16).requires_grad_() if i < 3 else x.detach().float().requires_grad_()
+            for i, x in enumerate(ref)]
+    o, _, _ = chunk_normalised(ours[0], ours[1], ours[2], gs=ours[3])
+    assert o.dtype == torch.float16
+    (o.float() * do).sum().backward()
+    assert rel(o, ro) < 2e-2
+    for name, a, b in zip("q k v gs".split(), ours, ref):
+        assert rel(a.grad, b.grad) < 2e-2, name
+
+
+def test_torch_compile_normalised_has_no_graph_break():
+    q, k, v, g, h0 = _opcheck_args(1)
+    q, k = (F.elu(x.detach()).add(1).requires_grad_() for x in (q, k))
+
+    def f(q, k, v, g, h0):
+        o, ht, zt = chunk_normalised(q, k, v, gs=g, h0=h0, output_final_state=True)
+        return o.square().sum() + ht.sum() + zt.sum()
 
     ref = f(q, k, v, g, h0)
     want = torch.autograd.grad(ref, (q, k, v, g, h0))
