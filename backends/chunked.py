@@ -359,10 +359,11 @@ def _out_kernel(
     o,  # [B*T, H, V] output
     A,  # [B*T, H, BT] fp32: the in-chunk scores A[t, s] (s <= t) kept for the backward (GATE 2)
     zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
+    skip,  # SKIP: [H] fp32, o += skip[h] v
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, SKIP: tl.constexpr,
 ):
     """Rows s0 .. s0+BS of one chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si).
     NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser."""
@@ -445,21 +446,28 @@ def _out_kernel(
             tl.store(den + (bos + o_r) * H + i_h, b_den, mask=m_r & ((o_r * 0 + i_v) == 0))
         else:
             b_o = b_o * scale
+        if SKIP:  # the state-free term, on the value rows already loaded
+            if GATE == 2:
+                b_o += tl.load(skip + i_h) * b_vr
+            else:
+                b_o += tl.load(skip + i_h) * b_vc
         tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_r[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _dv_kernel(
-    q, k, g, do,  # inputs and the output's cotangent
+    q, k, v, g, do,  # inputs and the output's cotangent
     A,  # the forward's in-chunk scores (GATE 2)
     dhs,  # gradient of the state at every chunk end (_state_walk_kernel in reverse)
     dv,  # [B*T, H, V]
-    cu, cinfo, hoff, T, scale,
+    skip, dskip,  # SKIP: [H] fp32; [value blocks, chunks, H] fp32 partial sums of do . v
+    cu, cinfo, hoff, T, scale, NCT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
-    """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t."""
+    """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t (+ skip do_s)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
@@ -499,6 +507,11 @@ def _dv_kernel(
     b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                     other=0.0).to(tl.float32)
     b_dv += _dot(b_at * scale, b_doc, DOT)
+    if SKIP:
+        b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                       other=0.0).to(tl.float32)
+        b_dv += tl.load(skip + i_h) * b_doc
+        tl.store(dskip + (i_v * NCT + i_c) * H + i_h, tl.sum(tl.sum(b_doc * b_vc, axis=1), axis=0))
     tl.store(dv + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_c[:, None] & m_v[None, :])
 
@@ -885,13 +898,14 @@ def _gate_of(g):
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
-def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False):
+def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
+              skip=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
     with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
     [B*T, H] (all fp32; else None)). ``norm`` divides o by the normaliser's readout, the same
-    recurrence with v = 1 (initial value ``z0``)."""
+    recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -928,7 +942,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if gate == 2 else None
     _out_kernel[(_cdiv(V, BVO), NC * (BT // BS), H)](
         qf, kf, vf, gf if g is not None else dummy, hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
-        cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO,
+        skip.float().contiguous() if skip is not None else dummy, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO,
+        SKIP=skip is not None,
         **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
     return o, ht, hs, gf, A, zt, zs, den
 
@@ -937,10 +952,11 @@ def _or(x, dummy):
     return dummy if x is None else x
 
 
-def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None):
+def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None):
     """Backward of :func:`chunk_fwd` from its saved tensors (``gate``: 0, 1 or 2; ``gf``: the decay as
     the kernels take it, flattened). Returns (dq, dk, dv, the log decay's gradient in fp32 or None, the
-    initial state's gradient or None, the initial normaliser's gradient or None). ``norm``: for a
+    initial state's gradient or None, the initial normaliser's gradient or None, the skip's gradient
+    [H] fp32 or None). ``norm``: for a
     normalised forward (decays 0 and 1), (o, den, zs, z0, dzt): its output, denominators, stored
     normalisers, initial normaliser (or None) and the final normaliser's cotangent (or None)."""
     B, T, H, K = q.shape
@@ -986,9 +1002,11 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
     if nm and gate == 2:
         raise NotImplementedError("normalised backward with a per-key decay: chunk_normalised adds a column")
+    dskip = torch.empty(_cdiv(V, BV), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     _dv_kernel[(_cdiv(V, BV), NC, H)](
-        qf, kf, gf, dof, A if A is not None else dummy, dhs, dv, cu, cinfo, hoff, T, float(scale), BV=BV,
-        **common)
+        qf, kf, vf, gf, dof, A if A is not None else dummy, dhs, dv,
+        skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), cu, cinfo, hoff, T,
+        float(scale), NC, BV=BV, SKIP=skip is not None, **common)
     if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
         for side, dx in ((0, dq), (1, dk)):
             _dqk_key_kernel[(NK, NC * (BT // BS), H)](
@@ -1004,7 +1022,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
             float(scale), B * T, BV=BV, NORM=nm, **common)
     if gate == 1:
         dg = dg.sum(0) if NK > 1 else dg[0]
-    return dq, dk, dv, dg, dh0, dz0
+    return dq, dk, dv, dg, dh0, dz0, (dskip.sum((0, 1)) if dskip is not None else None)
 
 
 # ---- the chunk-parallel form as a torch operator ----------------------------------------------
@@ -1045,15 +1063,15 @@ def _define_ops():
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
             cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype],  # noqa: UP045
-            z0: Optional[Tensor], norm: bool  # noqa: UP045
+            z0: Optional[Tensor], norm: bool, skip: Optional[Tensor]  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm)
+        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip)
         # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
         return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
                 _or(zs, _empty(q)), _or(den, _empty(q)))
 
     @fwd.register_fake
-    def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm):
+    def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip):
         B, T, H, K = q.shape
         V = v.shape[-1]
         gate = _gate_of(g)
@@ -1076,17 +1094,18 @@ def _define_ops():
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
             G: Tensor, A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
             scale: float, o: Tensor, den: Tensor, zs: Tensor, z0: Optional[Tensor],  # noqa: UP045
-            dzt: Optional[Tensor]  # noqa: UP045
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            dzt: Optional[Tensor], skip: Optional[Tensor]  # noqa: UP045
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
         gf = G if gate == 2 else (_flat(g) if gate == 1 else None)
         norm = (o, den, zs, z0, dzt) if den.numel() else None
-        dq, dk, dv, dg, dh0, dz0 = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
-                                             A if gate == 2 else None, scale, norm)
-        return dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q))
+        dq, dk, dv, dg, dh0, dz0, dskip = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
+                                                    A if gate == 2 else None, scale, norm, skip)
+        return (dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q)),
+                _or(dskip, _empty(q)))
 
     @bwd.register_fake
-    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt):
+    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip):
         B, T, H, K = q.shape
         f32 = torch.float32
         norm = den.numel() > 0
@@ -1095,22 +1114,24 @@ def _define_ops():
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 g.new_empty(g.shape, dtype=f32) if g is not None else _empty(q),
                 q.new_empty(N, H, K, v.shape[-1], dtype=f32) if state0 else _empty(q),
-                q.new_empty(N, H, K, dtype=f32) if state0 and norm else _empty(q))
+                q.new_empty(N, H, K, dtype=f32) if state0 and norm else _empty(q),
+                skip.new_empty(skip.shape, dtype=f32) if skip is not None else _empty(q))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm = inputs
+        q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip = inputs
         o, ht, hs, G, A, zt, zs, den = output
-        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0)
+        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip)
         ctx.scale = scale
 
     def backward(ctx, do, dht, _dhs, _dG, _dA, dzt, _dzs, _dden):
-        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0 = ctx.saved_tensors
+        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dg, dh0, dz0 = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den, zs, z0,
-                                       dzt)
+        dq, dk, dv, dg, dh0, dz0, dskip = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den, zs,
+                                              z0, dzt, skip)
         return (dq, dk, dv, dg.to(g.dtype) if g is not None else None, dh0 if h0 is not None else None,
-                None, None, None, dz0 if z0 is not None else None, None)
+                None, None, None, dz0 if z0 is not None else None, None,
+                dskip.to(skip.dtype) if skip is not None else None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -1126,19 +1147,21 @@ class ChunkParallel(torch.autograd.Function):
     benchmarks/host_overhead.py), which matters for short sequences."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm):
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm)
-        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0)
+    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip):
+        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
         return o, ht, zt
 
     @staticmethod
     def backward(ctx, do, dht, dzt):
-        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0 = ctx.saved_tensors
+        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip = ctx.saved_tensors
         norm = (o, den, zs, z0, dzt) if den is not None else None
-        dq, dk, dv, dg, dh0, dz0 = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A, ctx.scale, norm)
+        dq, dk, dv, dg, dh0, dz0, dskip = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
+                                                    ctx.scale, norm, skip)
         return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
-                None, None, dz0 if z0 is not None else None, None)
+                None, None, dz0 if z0 is not None else None, None,
+                dskip.to(skip.dtype) if skip is not None else None)
 
 
 def tensor_product(*xs):
@@ -1153,28 +1176,31 @@ def _merge_decays(gk, gs):
     return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
 
 
-def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False):
+def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False, skip=None):
     """(o, final state, final normaliser or None) through the custom operator while torch.compile
     traces (an opaque operator: no graph break), else through :class:`ChunkParallel`."""
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
-        o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm)[:6]
+        o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip)[:6]
         return o, ht, (zt if norm else None)
-    return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm)
+    return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip)
 
 
 def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False,
-                     scale=1.0, out_dtype=None):
-    """Differentiable S_t = Dk S_{t-1} Dv e^gs + k_t v_t^T, o_t = scale q_t^T S_t: returns (o [B, T, H, V] in
-    ``out_dtype`` (default q's dtype), final state [N, H, K, V] fp32 (not scaled) or None).
+                     scale=1.0, out_dtype=None, skip=None):
+    """Differentiable S_t = Dk S_{t-1} Dv e^gs + k_t v_t^T, o_t = scale q_t^T S_t (+ skip[h] v_t, skip [H]):
+    returns (o [B, T, H, V] in ``out_dtype`` (default q's dtype), final state [N, H, K, V] fp32 (not scaled)
+    or None).
 
     Without a per-value decay this is the chunk-parallel form (:func:`chunk_fwd` and :func:`chunk_bwd`,
     through :class:`ChunkParallel` in eager mode and a custom operator under torch.compile; a scalar
     and a per-key decay are merged into one per-key decay); with one, the sequential walk
     (:class:`ChunkRecurrence`)."""
     if gv is None:
-        o, ht, _ = _chunk_parallel(q, k, v, _merge_decays(gk, gs), h0, cu_seqlens, scale, out_dtype)
+        o, ht, _ = _chunk_parallel(q, k, v, _merge_decays(gk, gs), h0, cu_seqlens, scale, out_dtype, skip=skip)
     else:
         o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
+        if skip is not None:
+            o = o + skip.float()[:, None] * v.float()
         o = o.to(out_dtype or q.dtype)
     return o, (ht if output_final_state else None)
 
@@ -1200,7 +1226,6 @@ def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_se
         h0 = torch.zeros(N, H, K, V, device=ref.device) if h0 is None else h0.float()
         z0 = torch.zeros(N, H, K, device=ref.device) if z0 is None else z0.float()
         h0 = torch.cat([h0, z0[..., None]], dim=-1)
-    o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale,
-                             out_dtype=torch.float32)
+    o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale, torch.float32)
     o = (o[..., :V] / o[..., V:]).to(out_dtype or q.dtype)
     return o, (ht[..., :V] if output_final_state else None), (ht[..., V] if output_final_state else None)

@@ -206,6 +206,19 @@ def _feature_emitter(p, em):
     return input_dtype_emitter(p, em, "dt_in", "lp")
 
 
+def _skip_coefficient(skip: Node, v: Node) -> Node | None:
+    """``c`` if the skip term is c * v' with c a per-head constant (numbers, parameters, buffers), so the
+    output kernel can add it; else None (the skip stays a PyTorch epilogue)."""
+    rest = _flatten_mul(skip)
+    for f in _flatten_mul(v):
+        if f not in rest:
+            return None
+        rest.remove(f)
+    if any(f.idx or any(x.op in ("input", "state", "iota", "rand") for x in f.walk()) for f in rest):
+        return None
+    return product(rest) if rest else _const(1)
+
+
 def _header(doc: str) -> list[str]:
     """The chunked form's signature and its (two-line) docstring."""
     return ["def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
@@ -255,8 +268,15 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     em.emit(f"h0 = {st}")
     tr = ".transpose(-1, -2)" if cp.transposed else ""
     em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
+    skip = cp.skip
+    if skip is not None and cp.gate is None and (coef := _skip_coefficient(skip, cp.v)) is not None:
+        e, lay = em.val(coef, "pre")
+        sk = em.fresh()
+        em.emit(f"{sk} = ({em.tensor(e, lay)}).expand(1, H).reshape(H)  # skip {show(skip)}: added in the kernel")
+        gargs += f", skip={sk}"
+        skip = None
     # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
-    epilogue = cp.gate is not None or cp.skip is not None
+    epilogue = cp.gate is not None or skip is not None
     args = (f"{q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, cu_seqlens=cu_seqlens, "
             f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
     if cp.normaliser:
@@ -272,8 +292,8 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     if cp.gate is not None:
         gname = _as_btd(em, cp.gate, (cp.value,), f"B, H, T, {V}")
         em.emit(f"o = o * {gname}")
-    if cp.skip is not None:
-        sname = _as_btd(em, cp.skip, (cp.value,), f"B, H, T, {V}")
+    if skip is not None:
+        sname = _as_btd(em, skip, (cp.value,), f"B, H, T, {V}")
         em.emit(f"o = o + {sname}")
     em.emit(f"return o, ({final})")
     return lines

@@ -146,9 +146,9 @@ def test_custom_operator_passes_opcheck(gate):
     from mixc.backends.chunked import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(gate)
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, None))
     cu = torch.tensor([0, 30, 70], device=DEV)  # varlen: the stored states' count depends on cu_seqlens
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, False))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, False, None))
 
 
 @pytest.mark.parametrize("gate", [0, 1])
@@ -158,9 +158,9 @@ def test_custom_operator_passes_opcheck_normalised(gate):
     q, k, v, g, h0 = _opcheck_args(gate)
     q, k = (F.elu(x.detach()).add(1).requires_grad_() for x in (q, k))
     z0 = torch.rand(1, 2, 8).to(DEV).requires_grad_()
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, z0, True))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, z0, True, None))
     cu = torch.tensor([0, 30, 70], device=DEV)
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, True))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, True, None))
 
 
 def test_torch_compile_has_no_graph_break():
@@ -279,3 +279,39 @@ def test_torch_compile_normalised_has_no_graph_break():
     assert rel(got_l, ref.detach()) < 1e-6
     for a, b in zip(got, want):
         assert rel(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("use,cu", [("", None), ("s", None), ("k", None), ("s", [0, 70, 70, 150]), ("v", None)])
+def test_skip_term_matches_the_loop(use, cu):
+    """o = q^T S + skip[h] v, the skip added in the output kernel; its gradient [H] from the dv kernel."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, K, V = (2, 150, 2, 9, 70) if cu is None else (1, 150, 2, 9, 70)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v, skip = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(H)
+    gk = F.logsigmoid(r(B, T, H, K)) if "k" in use else None
+    gv = F.logsigmoid(r(B, T, H, V)) if "v" in use else None
+    gs = F.logsigmoid(r(B, T, H)) if "s" in use else None
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    ref = [x.double().to(DEV).requires_grad_() if x is not None else None for x in (q, k, v, gk, gv, gs, skip)]
+    ro, _ = naive(*ref[:6], None, cu_t)
+    ro = ro + ref[6][:, None] * ref[2]
+    do = r(B, T, H, V).to(DEV)
+    (ro * do).sum().backward()
+    ours = [x.detach().float().requires_grad_() if x is not None else None for x in ref]
+    o, _ = chunk_recurrence(*ours[:6], cu_seqlens=cu_t, skip=ours[6])
+    (o * do).sum().backward()
+    assert rel(o, ro) < 1e-5
+    for name, a, b in zip("q k v gk gv gs skip".split(), ours, ref):
+        if a is not None:
+            assert rel(a.grad, b.grad) < 1e-4, name
+
+
+def test_custom_operator_passes_opcheck_with_skip():
+    from mixc.backends.chunked import _CHUNK_FWD_OP
+
+    q, k, v, g, h0 = _opcheck_args(1)
+    skip = torch.randn(2).to(DEV).requires_grad_()
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, skip))
