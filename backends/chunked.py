@@ -353,106 +353,121 @@ def _state_walk_kernel(
 
 
 @triton.jit
+def _intra_key_kernel(
+    q, k, g,  # [B*T, H, K]; g: the chunk-local cumulative log decay G (fp32)
+    A,  # [B*T, H, BT] fp32 out: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
+    cu, cinfo, hoff, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
+    tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
+    (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
+    against itself is exact: one column j of every block at a time."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    o_i = tl.arange(0, BT)
+    o_c = c0 + o_i
+    m_c = o_c < L
+    blk = o_i // BS  # each row's block
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_c[:, None] & m_k[None, :]
+        p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+        b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+        # every row's reference: G at the row before its block (0 before the chunk)
+        p_R = ((bos + c0 + blk * BS - 1)[:, None] * H + i_h) * K + o_k[None, :]
+        b_R = tl.load(g + p_R, mask=((blk > 0) & m_c)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
+        for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1
+            b_Rb = _row(g, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
+            b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
+            b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
+        for j in range(0, BS):  # column j of every block, exactly
+            o_j = blk * BS + j
+            m_j = ((o_i % BS) >= j) & m_c
+            p_j = ((bos + c0 + o_j)[:, None] * H + i_h) * K + o_k[None, :]
+            m_jk = m_j[:, None] & m_k[None, :]
+            b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_Gj = tl.load(g + p_j, mask=m_jk, other=0.0).to(tl.float32)
+            b_aj = tl.sum(b_q * b_kj * tl.exp(tl.where(m_jk, b_G - b_Gj, float("-inf"))), axis=1)
+            b_a += tl.where(o_i[None, :] == o_j[:, None], b_aj[:, None], 0.0)
+    tl.store(A + ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :], b_a, mask=m_c[:, None])
+
+
+@triton.jit
 def _out_kernel(
     q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
     hs,  # chunk-start states from _state_walk_kernel
     o,  # [B*T, H, V] output
-    A,  # [B*T, H, BT] fp32: the in-chunk scores A[t, s] (s <= t) kept for the backward (GATE 2)
+    A,  # GATE 2: [B*T, H, BT] fp32, the in-chunk scores from _intra_key_kernel
     zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
     skip,  # SKIP: [H] fp32, o += skip[h] v
     cu, cinfo, hoff, T, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
     NORM: tl.constexpr, SKIP: tl.constexpr,
 ):
-    """Rows s0 .. s0+BS of one chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si).
+    """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
+    here without a decay or with a scalar one, loaded with a per-key one).
     NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser."""
-    i_v, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NSB: tl.constexpr = BT // BS
-    bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
-    s0 = c0 + (i_cs % NSB) * BS
-    if s0 < L:
-        o_j = tl.arange(0, BS)
-        o_r = s0 + o_j  # this block's rows (positions in the sequence)
-        o_c = c0 + tl.arange(0, BT)  # the chunk's rows
-        m_r, m_c = o_r < L, o_c < L
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_o = tl.zeros([BS, BV], dtype=tl.float32)
-        b_a = tl.zeros([BS, BT], dtype=tl.float32)
+    o_c = c0 + tl.arange(0, BT)
+    m_c = o_c < L
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    b_den = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        m_ck = m_c[:, None] & m_k[None, :]
+        b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
+        b_h = tl.load(hs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         if GATE == 2:
-            b_ad = tl.zeros([BS, BS], dtype=tl.float32)  # the block's own scores, exactly
-        b_den = tl.zeros([BS], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            o_k = k0 + tl.arange(0, BK)
-            m_k = o_k < K
-            p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
-            p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-            b_q = tl.load(q + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_kc = tl.load(k + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_h = tl.load(hs + (ih * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                          mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            if GATE == 2:
-                b_Gc = tl.load(g + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-                b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-                b_R = _row(g, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block (0 at the chunk's start)
-                b_o += _dot(b_q * tl.exp(b_G), b_h, DOT)
-                if NORM:
-                    b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
-                    b_den += tl.sum(b_q * tl.exp(b_G) * b_z[None, :], axis=1)
-                # earlier blocks of the chunk, around the reference b_R
-                b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
-                b_a += _dot(b_q * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf"))), tl.trans(b_kp),
-                            DOT)
-                # this block, exactly, one key column s0 + j at a time
-                for j in range(0, BS):
-                    b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                    b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                    e = tl.exp(tl.where(((o_j >= j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
-                    b_aj = tl.sum(b_q * b_kj[None, :] * e, axis=1)
-                    b_ad += tl.where((o_j == j)[None, :], b_aj[:, None], 0.0)
-            else:
-                b_o += _dot(b_q, b_h, DOT)
-                b_a += _dot(b_q, tl.trans(b_kc), DOT)
-                if NORM:
-                    b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
-                    b_den += tl.sum(b_q * b_z[None, :], axis=1)
-        if GATE == 1:  # BS == BT: the block is the chunk
+            b_q = b_q * tl.exp(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32))
+        else:
+            b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+            b_a += _dot(b_q, tl.trans(b_kc), DOT)
+        b_o += _dot(b_q, b_h, DOT)
+        if NORM:
+            b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
+            b_den += tl.sum(b_q * b_z[None, :], axis=1)
+    m_ts = o_c[:, None] >= o_c[None, :]
+    if GATE == 2:
+        b_a = tl.load(A + ((bos + o_c)[:, None] * H + i_h) * BT + (o_c - c0)[None, :],
+                      mask=m_c[:, None] & m_ts, other=0.0)
+    else:
+        if GATE == 1:
             b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
             b_o = b_o * tl.exp(b_Gc)[:, None]
             b_den = b_den * tl.exp(b_Gc)
-            b_a = b_a * tl.exp(tl.where(o_r[:, None] >= o_c[None, :], b_Gc[:, None] - b_Gc[None, :], float("-inf")))
-        if GATE != 2:
-            b_a = tl.where(o_r[:, None] >= o_c[None, :], b_a, 0.0)
-        b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
-                       other=0.0).to(tl.float32)
-        b_o += _dot(b_a, b_vc, DOT)
-        if GATE == 2:
-            b_vr = tl.load(v + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :],
-                           mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_o += _dot(b_ad, b_vr, DOT)
-            if i_v == 0:  # b_a outside the block (0 after it: no garbage for later columns), then the block
-                p_a = ((bos + o_r)[:, None] * H + i_h) * BT
-                m_out = (o_c < s0) | (o_c >= s0 + BS)
-                tl.store(A + p_a + (o_c - c0)[None, :], b_a, mask=m_r[:, None] & m_out[None, :])
-                tl.store(A + p_a + (o_r - c0)[None, :], b_ad, mask=m_r[:, None] & (o_j < BS)[None, :])
-        if NORM:
-            b_den += tl.sum(b_a, axis=1)
-            if GATE == 2:
-                b_den += tl.sum(b_ad, axis=1)
-            b_den = tl.where(m_r, b_den * scale, 1.0)
-            b_o = b_o / b_den[:, None]
-            tl.store(den + (bos + o_r) * H + i_h, b_den, mask=m_r & ((o_r * 0 + i_v) == 0))
-        else:
-            b_o = b_o * scale
-        if SKIP:  # the state-free term, on the value rows already loaded
-            if GATE == 2:
-                b_o += tl.load(skip + i_h) * b_vr
-            else:
-                b_o += tl.load(skip + i_h) * b_vc
-        tl.store(o + ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-                 mask=m_r[:, None] & m_v[None, :])
+            b_a = b_a * tl.exp(tl.where(m_ts, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
+        b_a = tl.where(m_ts, b_a, 0.0)
+    b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                   other=0.0).to(tl.float32)
+    b_o += _dot(b_a, b_vc, DOT)
+    if NORM:
+        b_den = tl.where(m_c, (b_den + tl.sum(b_a, axis=1)) * scale, 1.0)
+        b_o = b_o / b_den[:, None]
+        tl.store(den + (bos + o_c) * H + i_h, b_den, mask=m_c & ((o_c * 0 + i_v) == 0))
+    else:
+        b_o = b_o * scale
+    if SKIP:  # the state-free term, on the value rows already loaded
+        b_o += tl.load(skip + i_h) * b_vc
+    tl.store(o + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_c[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -886,7 +901,7 @@ def _blocks(K, V, gate):
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
     BV = max(16, min(_pow2(V), 64))
-    BVO = max(16, min(_pow2(V), 128 if gate == 2 else 64))  # output kernel: exact blocks once per 128 values
+    BVO = max(16, min(_pow2(V), 64))  # the output kernel's value block
     return BT, BS, BK, BV, BVO
 
 
@@ -939,12 +954,15 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
-    A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if gate == 2 else None
-    _out_kernel[(_cdiv(V, BVO), NC * (BT // BS), H)](
+    A = None
+    if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
+        A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device)
+        _intra_key_kernel[(NC, H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
+                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, num_warps=WARPS)
+    _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, gf if g is not None else dummy, hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
-        skip.float().contiguous() if skip is not None else dummy, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BVO,
-        SKIP=skip is not None,
-        **{**common, "num_warps": WARPS_KEY if gate == 2 else WARPS})
+        skip.float().contiguous() if skip is not None else dummy, cu, cinfo, hoff, T, float(scale), BV=BVO,
+        SKIP=skip is not None, **common)
     return o, ht, hs, gf, A, zt, zs, den
 
 
@@ -1035,8 +1053,8 @@ def _ops_tag():
     import hashlib
     import inspect
 
-    kernels = (_state_walk_kernel, _out_kernel, _dv_kernel, _dqk_kernel, _dqk_key_kernel, _dg_key_kernel,
-               _local_cumsum_kernel)
+    kernels = (_state_walk_kernel, _intra_key_kernel, _out_kernel, _dv_kernel, _dqk_kernel, _dqk_key_kernel,
+               _dg_key_kernel, _local_cumsum_kernel)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 

@@ -37,58 +37,58 @@ def compile_one(fn, sig, consts, warps):
     return int(regs[-1]) if regs else -1, int(stack[-1]) if stack else -1
 
 
-def sig_of(fn, ptrs, ints, floats):
+def sig_of(fn, ptrs, ints, floats, consts):
+    """Triton signature: listed pointers as given, other pointers fp32, ints, floats, constexprs."""
     import inspect
 
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
-        if name in ptrs:
-            sig[name] = ptrs[name]
+        if name in consts:
+            sig[name] = "constexpr"
         elif name in ints:
             sig[name] = "i32"
         elif name in floats:
             sig[name] = "fp32"
+        else:
+            sig[name] = ptrs.get(name, "*fp32")
     return sig
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--warps", default=str(C.WARPS))
+    ap.add_argument("--warps", default="", help="comma-separated; default: the warps each kernel runs with")
     ap.add_argument("--gates", default="0,1,2")
     args = ap.parse_args()
     K = V = 128
-    bf, f32, i32 = "*bf16", "*fp32", "*i32"
+    bf, i32 = "*bf16", "*i32"
     for gate in map(int, args.gates.split(",")):
         BT, BS, BK, BV, BVO = C._blocks(K, V, gate)
-        gptr = f32
-        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0)
-        kernels = {
-            "_state_walk_kernel/fwd": (dict(x=bf, g=gptr, y=bf, s0=f32, hs=bf, sN=f32, cu=i32, hoff=i32),
-                                       dict(REVERSE=False, USE_S0=False, STORE_SN=True)),
-            "_out_kernel": (dict(q=bf, k=bf, v=bf, g=gptr, hs=bf, o=bf, A=f32, cu=i32, cinfo=i32, hoff=i32),
-                            dict(BS=BS, BV=BVO)),
-            "_state_walk_kernel/rev": (dict(x=bf, g=gptr, y=bf, s0=f32, hs=bf, sN=f32, cu=i32, hoff=i32),
-                                       dict(REVERSE=True, USE_S0=True, STORE_SN=False)),
-            "_dv_kernel": (dict(q=bf, k=bf, g=gptr, do=bf, A=f32, dhs=bf, dv=bf, cu=i32, cinfo=i32, hoff=i32), {}),
+        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False)
+        ints = dict(cu=i32, cinfo=i32, hoff=i32)
+        kernels = {  # name: (pointer types other than fp32, constexprs, warps it runs with)
+            "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), dict(REVERSE=False, USE_S0=False,
+                                                                             STORE_SN=True), C.WARPS),
+            "_out_kernel": (dict(q=bf, k=bf, v=bf, hs=bf, o=bf, **ints), dict(BV=BVO), C.WARPS),
+            "_state_walk_kernel/rev": (dict(x=bf, y=bf, hs=bf, **ints), dict(REVERSE=True, USE_S0=True,
+                                                                             STORE_SN=False), C.WARPS),
+            "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), {}, C.WARPS),
         }
         if gate == 2:
+            kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
             for side in (0, 1):
-                kernels[f"_dqk_key_kernel/{side}"] = (dict(q=bf, k=bf, v=bf, G=f32, do=bf, hs=bf, dhs=bf, dx=bf,
-                                                           dG=f32, cu=i32, cinfo=i32, hoff=i32), dict(BS=BS, SIDE=side))
-            kernels["_dg_key_kernel"] = (dict(dG=f32, hs=bf, dhs=bf, cu=i32, cinfo=i32, hoff=i32), {})
+                kernels[f"_dqk_key_kernel/{side}"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dx=bf, **ints),
+                                                      dict(BS=BS, SIDE=side), C.WARPS_KEY)
+            kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), {}, 4)
         else:
-            kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, g=gptr, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, dg=f32,
-                                           cu=i32, cinfo=i32, hoff=i32), {})
-        for name, (ptrs, extra) in kernels.items():
+            kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), {},
+                                      C.WARPS)
+        for name, (ptrs, extra, warps) in kernels.items():
             fn = getattr(C, name.split('/')[0])
-            sig = sig_of(fn, ptrs, {"T", "NTOT"}, {"scale"})
-            consts = {**base, **extra}
-            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-            for k_ in consts:
-                sig[k_] = "constexpr"
-            for w in map(int, args.warps.split(",")):
+            consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
+            sig = sig_of(fn, ptrs, {"T", "NTOT", "NCT"}, {"scale"}, consts)
+            for w in (map(int, args.warps.split(",")) if args.warps else [warps]):
                 regs, spill = compile_one(fn, sig, consts, w)
-                print(f"gate {gate} {name:<18} warps {w}: {regs} registers, stack {spill} bytes", flush=True)
+                print(f"gate {gate} {name:<22} warps {w}: {regs} registers, stack {spill} bytes", flush=True)
 
 
 if __name__ == "__main__":
