@@ -46,15 +46,8 @@ def main(names, mixers_only=False):
 
 
 def kernel_timings(chunked):
-    default = chunked.WARPS_KEY
-    print(f"-- per-key kernels with {default} warps (the default)")
+    print(f"-- kernels at {chunked.WARPS} warps")
     kernels_alone()
-    for w in (4, 8):
-        if w != default:
-            chunked.WARPS_KEY = w
-            print(f"-- per-key kernels with {w} warps")
-            kernels_alone(("per key",))
-    chunked.WARPS_KEY = default
 
 
 def mixer_profiles(names):
