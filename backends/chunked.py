@@ -17,13 +17,14 @@ custom operator under torch.compile, so compiled models do not break their graph
               _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores)
     backward  _state_walk_kernel the adjoint state at every chunk end (sequential, in reverse)
               _dv_kernel         dv = (k e^(G_L - G)) dh + A^T do
-              _dqk_kernel        dq, dk and the log-gate gradient, per chunk (_dqk_key_kernel with a
-                                 per-key decay)
+              _dqk_kernel        dq, dk and the log-gate gradient, per chunk (_dqk_key_kernel and
+                                 _dg_key_kernel with a per-key decay)
 The log-gate gradient uses dG_t = q_t dq_t - k_t dk_t, summed within the chunk from its end, plus
 sum (h dh) at the chunk's end; each token's own term q_t . k_t v_t cancels there and is added to dq,
 dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a per-key decay the
 in-chunk scores are formed over 16-row blocks: blocks against other blocks on tensor cores
-around a reference row, each block against itself exactly (_intra_key_kernel, _dqk_key_kernel).
+around a reference row, each block against itself exactly (_intra_key_kernel, _intra_diag_kernel,
+_dqk_key_kernel).
 A normaliser (o = q^T S / q^T z, z the same recurrence with v = 1) walks beside the state and
 the output kernel divides (NORM); a skip term c_h v_t is added there too (SKIP).
 
@@ -197,15 +198,16 @@ def _dot(a, b, DOT: tl.constexpr):
 #   _state_walk_kernel  walks each sequence chunk by chunk and stores the state at every chunk start
 #                       (and the final state): the only sequential part, a k^T v product per chunk;
 #                       run in reverse it is the adjoint walk, storing dh at every chunk end;
-#   _intra_key_kernel   per-key decay: the in-chunk scores A of one chunk, kept for the backward;
+#   _intra_key_kernel   per-key decay: the in-chunk scores A of one chunk, kept for the backward
+#                       (_intra_diag_kernel: each 16-row block against itself);
 #   _out_kernel         one program per (value block, chunk, head): o = (q e^G) h + A v, in parallel;
-#   _dv_kernel, _dqk_kernel (_dqk_key_kernel for per-key decays): per-chunk gradients, in parallel,
-#                       including the log-gate gradient.
+#   _dv_kernel, _dqk_kernel (_dqk_key_kernel and _dg_key_kernel for per-key decays): per-chunk
+#                       gradients, in parallel, including the log-gate gradient.
 # Within a chunk, G is the inclusive cumulative log gate from the chunk's first token (<= 0 and
 # decreasing). With a per-key decay, factors e^{G_t - G_s} are formed only as products of two
 # factors <= 1 around a reference point: the chunk is cut into row blocks of BS tokens; a block
 # against other blocks uses a row at the block's edge as reference (tensor cores); within a block
-# the scores are exact, [blocks, BS, BS, keys] products (CUDA cores).
+# the scores are exact, one column at a time (CUDA cores).
 # GATE: 0 no decay, 1 scalar decay g [B*T, H] (the kernels sum it within each chunk), 2 per-key decay,
 # passed as its chunk-local inclusive cumulative sum G [B*T, H, K] (_local_cumsum_kernel).
 
@@ -363,12 +365,12 @@ def _intra_key_kernel(
     A,  # [B*T, H, BT] fp32 out: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    BI: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
     """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
     tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
     (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
-    against itself is exact: all blocks at once as [blocks, BS, BS, BI] products, BI keys at a time."""
+    against itself is left to _intra_diag_kernel (exact)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -395,24 +397,39 @@ def _intra_key_kernel(
             b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
             b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
     p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
-    tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))
-    # each block against itself: [NSB, BS (t), BS (s), BI] exact products
-    o_t = tl.arange(0, BS)
-    tri = (o_t[:, None] >= o_t[None, :])[None, :, :, None] & tl.reshape(m_c, [NSB, BS])[:, :, None, None]
-    b_d = tl.zeros([NSB, BS, BS], dtype=tl.float32)
-    for i0 in range(0, K, BI):
-        o_k = i0 + tl.arange(0, BI)
-        m = m_c[:, None] & (o_k < K)[None, :]
-        p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.reshape(tl.load(q + p, mask=m, other=0.0).to(tl.float32), [NSB, BS, BI])
-        b_k = tl.reshape(tl.load(k + p, mask=m, other=0.0).to(tl.float32), [NSB, BS, BI])
-        b_G = tl.reshape(tl.load(g + p, mask=m, other=0.0).to(tl.float32), [NSB, BS, BI])
-        e = tl.exp(tl.where(tri, b_G[:, :, None, :] - b_G[:, None, :, :], float("-inf")))
-        b_d += tl.sum(b_q[:, :, None, :] * b_k[:, None, :, :] * e, axis=3)
-    o_b = tl.arange(0, NSB)[:, None, None] * BS
-    r3 = o_b + o_t[None, :, None]  # row in the chunk
-    p_d = ((bos + c0 + r3) * H + i_h) * BT + o_b + o_t[None, None, :]
-    tl.store(A + p_d, b_d, mask=(c0 + r3) < L)
+    tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
+
+
+@triton.jit
+def _intra_diag_kernel(
+    q, k, g, A, cu, cinfo, hoff, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The scores of one BS-row block against itself, exactly: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si)
+    for s <= t, one key column s at a time (rows of BS tokens on CUDA cores)."""
+    i_cs, i_h = tl.program_id(0), tl.program_id(1)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, _ = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    s0 = c0 + (i_cs % NSB) * BS
+    if s0 < L:
+        o_j = tl.arange(0, BS)
+        o_r = s0 + o_j
+        m_r = o_r < L
+        b_d = tl.zeros([BS, BS], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            for j in range(0, BS):
+                b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                e = tl.exp(tl.where(((o_j >= j) & m_r)[:, None] & m_k[None, :], b_G - b_Gj[None, :], float("-inf")))
+                b_d += tl.where((o_j == j)[None, :], tl.sum(b_q * b_kj[None, :] * e, axis=1)[:, None], 0.0)
+        tl.store(A + ((bos + o_r)[:, None] * H + i_h) * BT + (s0 - c0 + o_j)[None, :], b_d, mask=m_r[:, None])
 
 
 @triton.jit
@@ -626,89 +643,125 @@ def _dqk_kernel(
 @triton.jit
 def _dqk_key_kernel(
     q, k, v, G, do,
-    hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
-    dq, dk,  # [B*T, H, K]
-    dg,  # [B*T, H, K] fp32: the log decay's gradient
+    hs, dhs,
+    dx,  # [B*T, H, K]: dq (SIDE 0) or dk (SIDE 1)
+    dG,  # [B*T, H, K] fp32: q dq (SIDE 0), then q dq - k dk (SIDE 1), own terms left out
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, SIDE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Per-key decay, one chunk and key block:
-    dq_t = scale (e^G_t (do_t h^T) + sum_{s < t} dA[t, s] k_s e^(G_t - G_s)) (+ own term)
-    dk_s = e^(G_L - G_s) (v_s dh^T) + scale sum_{t > s} dA[t, s] q_t e^(G_t - G_s) (+ own term)
-    dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum_v (h dh)(chunk end)
-    with dA[t, s] = do_t . v_s. Row blocks of BS tokens: a block against the other blocks on tensor
-    cores around a reference row (the row before it for dq, its last row for dk: every factor <= 1);
-    each block against itself exactly, all blocks at once as [blocks, BS, BS, BK] products."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Per-key decay, rows s0 .. s0+BS of one chunk, one key block:
+    SIDE 0: dq_t = scale (e^G_t (do_t h^T) + sum_{s < t} dA[t, s] k_s e^(G_t - G_s)) (+ own term)
+    SIDE 1: dk_s = e^(G_L - G_s) (v_s dh^T) + scale sum_{t > s} dA[t, s] q_t e^(G_t - G_s) (+ own term)
+    with dA[t, s] = do_t . v_s; earlier / later blocks on tensor cores around the block's first /
+    last row, the block itself exactly."""
+    i_k, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NSB: tl.constexpr = BT // BS
-    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
-    o_i = tl.arange(0, BT)
-    o_c = c0 + o_i
-    m_c = o_c < L
-    blk = o_i // BS
+    s0 = c0 + (i_cs % NSB) * BS
+    if s0 < L:
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        o_c = c0 + tl.arange(0, BT)
+        m_c = o_c < L
+        o_j = tl.arange(0, BS)
+        o_r = s0 + o_j
+        m_r = o_r < L
+        p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
+        m_rk = m_r[:, None] & m_k[None, :]
+        p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
+        b_x = tl.zeros([BS, BK], dtype=tl.float32)  # the inter-chunk part
+        b_da = tl.zeros([BS, BT], dtype=tl.float32)  # dA between this block and the rest of the chunk
+        b_dad = tl.zeros([BS, BS], dtype=tl.float32)  # dA within the block: [t, s]
+        b_own = tl.zeros([BS], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            m_v = o_v < V
+            p_vr = ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :]
+            p_vc = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
+            b_dor = tl.load(do + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_vr = tl.load(v + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_own += tl.sum(b_dor * b_vr, axis=1)
+            b_dad += _dot(b_dor, tl.trans(b_vr), DOT)
+            if SIDE == 0:
+                b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_vc = tl.load(v + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_x += _dot(b_dor, tl.trans(b_h), DOT)
+                b_da += _dot(b_dor, tl.trans(b_vc), DOT)  # [t in the block, s in the chunk]
+            else:
+                b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_doc = tl.load(do + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                b_x += _dot(b_vr, tl.trans(b_dh), DOT)
+                b_da += _dot(b_vr, tl.trans(b_doc), DOT)  # [s in the block, t in the chunk]
+        b_da = b_da * scale
+        b_dad = b_dad * scale
+        p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        m_ck = m_c[:, None] & m_k[None, :]
+        b_G = tl.load(G + p_r, mask=m_rk, other=0.0).to(tl.float32)
+        b_Gc = tl.load(G + p_c, mask=m_ck, other=0.0).to(tl.float32)
+        if SIDE == 0:
+            b_R = _row(G, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block
+            b_x = b_x * tl.exp(b_G) * scale
+            b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+            b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
+            b_x += _dot(b_da, b_kp, DOT) * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf")))
+            for j in range(0, BS):  # key column s0 + j, strictly below the diagonal
+                b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_daj = tl.sum(tl.where((o_j == j)[None, :], b_dad, 0.0), axis=1)  # dA[t, s0 + j]
+                b_x += b_daj[:, None] * b_kj[None, :] * tl.exp(
+                    tl.where(((o_j > j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
+            b_y = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            b_other = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            tl.store(dG + p_r, b_y * b_x, mask=m_rk)
+        else:
+            b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
+            b_E = _row(G, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # G at the block's end
+            b_x = b_x * tl.exp(b_GL[None, :] - b_G)
+            b_qc = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
+            b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :], float("-inf")))
+            b_x += _dot(b_da, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
+            for j in range(0, BS):  # query row s0 + j, strictly after the key
+                b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                b_datj = tl.sum(tl.where((o_j == j)[:, None], b_dad, 0.0), axis=0)  # dA[s0 + j, s]
+                b_x += b_datj[:, None] * b_qj[None, :] * tl.exp(
+                    tl.where(((o_j < j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G, float("-inf")))
+            b_y = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            b_other = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
+            tl.store(dG + p_r, tl.load(dG + p_r, mask=m_rk, other=0.0) - b_y * b_x, mask=m_rk)
+        # the token's own term (it cancels in dG), in fp32
+        b_x += (b_own * scale)[:, None] * b_other
+        tl.store(dx + p_r, b_x.to(dx.dtype.element_ty), mask=m_rk)
+
+
+@triton.jit
+def _dg_key_kernel(
+    dG,  # [B*T, H, K] fp32: q dq - k dk; overwritten with dg
+    hs, dhs, cu, cinfo, hoff, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dg_t = sum_{r >= t in the chunk} dG_r + sum_v (h dh)(chunk end)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-    m_ck = m_c[:, None] & m_k[None, :]
+    o_c = c * BT + tl.arange(0, BT)
+    m = (o_c < L)[:, None] & m_k[None, :]
     p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_da = tl.zeros([BT, BT], dtype=tl.float32)  # dA[t, s] = do_t . v_s
-    b_own = tl.zeros([BT], dtype=tl.float32)  # dA[t, t], in fp32
-    b_end = tl.zeros([BK], dtype=tl.float32)  # sum_v (h dh)(chunk end)
+    b_end = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
-        m_v = o_v < V
-        m_hv = m_k[:, None] & m_v[None, :]
-        p_v = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
-        b_do = tl.load(do + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
-        b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+        m_hv = m_k[:, None] & (o_v < V)[None, :]
         b_hn = tl.load(hs + p_hs + H * K * V + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
-        b_dq += _dot(b_do, tl.trans(b_h), DOT)
-        b_dk += _dot(b_v, tl.trans(b_dh), DOT)
-        b_da += _dot(b_do, tl.trans(b_v), DOT)
-        b_own += tl.sum(b_do * b_v, axis=1)
+        b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
         b_end += tl.sum(b_hn * b_dh, axis=1)
-    b_da = b_da * scale
-    b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
-    b_G = tl.load(G + p_c, mask=m_ck, other=0.0).to(tl.float32)
-    b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
-    b_dq = b_dq * tl.exp(b_G) * scale
-    b_dk = b_dk * tl.exp(tl.where(m_ck, b_GL[None, :] - b_G, float("-inf")))
-    for b in tl.static_range(1, NSB):  # queries of block b against keys of earlier blocks
-        b_R = _row(G, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
-        b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m_ck, b_R[None, :] - b_G, float("-inf")))
-        in_b = (blk == b)[:, None] & m_ck
-        b_dq += tl.where(in_b, _dot(b_da, b_kb, DOT), 0.0) * tl.exp(tl.where(in_b, b_G - b_R[None, :],
-                                                                              float("-inf")))
-    for b in tl.static_range(0, NSB - 1):  # keys of block b against queries of later blocks
-        b_E = _row(G, bos, tl.minimum(c0 + (b + 1) * BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)
-        b_qb = b_q * tl.exp(tl.where((o_i >= (b + 1) * BS)[:, None] & m_ck, b_G - b_E[None, :], float("-inf")))
-        in_b = (blk == b)[:, None] & m_ck
-        b_dk += tl.where(in_b, _dot(tl.trans(b_da), b_qb, DOT), 0.0) * tl.exp(tl.where(in_b, b_E[None, :] - b_G,
-                                                                                        float("-inf")))
-    # each block against itself, exactly: x[b, t, s, i] = dA[t, s] e^(G_ti - G_si), s < t in block b
-    o_b = tl.arange(0, NSB)
-    same = (o_b[:, None] == o_b[None, :])[:, None, :, None]
-    b_dad = tl.sum(tl.where(same, tl.reshape(b_da, [NSB, BS, NSB, BS]), 0.0), axis=2)  # [NSB, BS (t), BS (s)]
-    o_t = tl.arange(0, BS)
-    below = (o_t[:, None] > o_t[None, :])[None, :, :, None] & tl.reshape(m_c, [NSB, BS])[:, :, None, None]
-    b_G3 = tl.reshape(b_G, [NSB, BS, BK])
-    x = b_dad[:, :, :, None] * tl.exp(tl.where(below, b_G3[:, :, None, :] - b_G3[:, None, :, :], float("-inf")))
-    b_dq += tl.reshape(tl.sum(x * tl.reshape(b_k, [NSB, BS, BK])[:, None, :, :], axis=2), [BT, BK])
-    b_dk += tl.reshape(tl.sum(x * tl.reshape(b_q, [NSB, BS, BK])[:, :, None, :], axis=1), [BT, BK])
-    b_dg = b_end[None, :] + _suffix_sum(b_q * b_dq - b_k * b_dk)
-    tl.store(dg + p_c, b_dg, mask=m_ck)
-    # each token's own term (it cancels in dg), in fp32
-    b_dq += (b_own * scale)[:, None] * b_k
-    b_dk += (b_own * scale)[:, None] * b_q
-    tl.store(dq + p_c, b_dq.to(dq.dtype.element_ty), mask=m_ck)
-    tl.store(dk + p_c, b_dk.to(dk.dtype.element_ty), mask=m_ck)
+    p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    b_dG = tl.load(dG + p, mask=m, other=0.0)
+    b_dg = b_end[None, :] + _suffix_sum(b_dG)
+    tl.store(dG + p, b_dg, mask=m)
 
 
 # ---- launching -------------------------------------------------------------------------------
@@ -884,8 +937,7 @@ def _blocks(K, V, gate):
 
 
 WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_check.py)
-BI_KEY = 16  # keys per step of the exact in-block products ([4, 16, 16, BI] temporaries)
-BK_KEY = 16  # keys per program of the per-key dq/dk/dg kernel (its [4, 16, 16, BK] temporaries)
+WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 
 
 def _gate_of(g):
@@ -936,8 +988,10 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     A = None
     if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
         A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device)
-        _intra_key_kernel[(NC, H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK, BI=BI_KEY,
+        _intra_key_kernel[(NC, H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
                                    IS_VARLEN=cu_seqlens is not None, DOT=dot, num_warps=WARPS)
+        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
+                                                 IS_VARLEN=cu_seqlens is not None, num_warps=WARPS_KEY)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, gf if g is not None else dummy, hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, cu, cinfo, hoff, T, float(scale), BV=BVO,
@@ -1004,10 +1058,14 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         qf, kf, vf, gf, dof, A if A is not None else dummy, dhs, dv,
         skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), cu, cinfo, hoff, T,
         float(scale), NC, BV=BV, SKIP=skip is not None, **common)
-    if gate == 2:  # dq, dk and dg together, one program per chunk and BK_KEY keys
-        _dqk_key_kernel[(_cdiv(K, BK_KEY), NC, H)](
-            qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BV,
-            H=H, K=K, V=V, BT=BT, BK=BK_KEY, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"], num_warps=WARPS)
+    if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
+        for side, dx in ((0, dq), (1, dk)):
+            _dqk_key_kernel[(NK, NC * (BT // BS), H)](
+                qf, kf, vf, gf, dof, hs, dhs, dx, dg, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BV,
+                SIDE=side, H=H, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
+                num_warps=WARPS_KEY)
+        _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                    IS_VARLEN=cu_seqlens is not None, num_warps=4)
     else:
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy,
@@ -1028,8 +1086,8 @@ def _ops_tag():
     import hashlib
     import inspect
 
-    kernels = (_state_walk_kernel, _intra_key_kernel, _out_kernel, _dv_kernel, _dqk_kernel, _dqk_key_kernel,
-               _local_cumsum_kernel)
+    kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
+               _dqk_key_kernel, _dg_key_kernel, _local_cumsum_kernel)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 

@@ -46,7 +46,7 @@ def main(names, mixers_only=False):
 
 
 def kernel_timings(chunked):
-    print(f"-- kernels at {chunked.WARPS} warps")
+    print(f"-- kernels at {chunked.WARPS} warps, the per-key row-block kernels at {chunked.WARPS_KEY}")
     kernels_alone()
 
 

@@ -74,9 +74,12 @@ def main():
             "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), {}, C.WARPS),
         }
         if gate == 2:
-            kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS, BI=C.BI_KEY), C.WARPS)
-            kernels["_dqk_key_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints),
-                                          dict(BS=BS, BK=C.BK_KEY), C.WARPS)
+            kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
+            kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
+            for side in (0, 1):
+                kernels[f"_dqk_key_kernel/{side}"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dx=bf, **ints),
+                                                      dict(BS=BS, SIDE=side), C.WARPS_KEY)
+            kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), {}, 4)
         else:
             kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), {},
                                       C.WARPS)
