@@ -932,7 +932,7 @@ def _blocks(K, V, gate):
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
     BV = max(16, min(_pow2(V), 64))
-    BVO = max(16, min(_pow2(V), 64))  # the output kernel's value block
+    BVO = max(16, min(_pow2(V), 128))  # the output kernel's value block (128: q k^T once per 128 values)
     return BT, BS, BK, BV, BVO
 
 

@@ -1,9 +1,9 @@
 """Where does a chunked call spend its time? Kernel-level timings and a torch profile per mixer.
 
-    python benchmarks/profile_chunked.py [--mixers-only] [NAME ...]
+    python benchmarks/profile_chunked.py [--mixers-only] [--bvo 64,128] [NAME ...]
 
 ``--mixers-only`` skips the kernel-level timings; each mixer gets a forward-only profile and a
-forward+backward one.
+forward+backward one. ``--bvo`` times the kernels alone once per output-kernel value block.
 """
 
 import sys
@@ -37,17 +37,23 @@ def kernels_alone(decays=("none", "scalar", "per key"), B=4, T=4096, H=16, D=128
         print(f"chunk_recurrence decay={label:<8} fwd {fwd:.3f} ms  fwd+bwd {both:.3f} ms", flush=True)
 
 
-def main(names, mixers_only=False):
+def main(names, mixers_only=False, bvos=()):
     from mixc.backends import chunked
 
     if not mixers_only:
-        kernel_timings(chunked)
+        kernel_timings(chunked, bvos)
     mixer_profiles(names)
 
 
-def kernel_timings(chunked):
+def kernel_timings(chunked, bvos=()):
     print(f"-- kernels at {chunked.WARPS} warps, the per-key row-block kernels at {chunked.WARPS_KEY}")
     kernels_alone()
+    default = chunked._blocks
+    for bvo in bvos:
+        chunked._blocks = lambda K, V, gate, bvo=bvo: (*default(K, V, gate)[:4], max(16, min(chunked._pow2(V), bvo)))
+        print(f"-- output kernel value block {bvo}")
+        kernels_alone()
+    chunked._blocks = default
 
 
 def mixer_profiles(names):
@@ -76,4 +82,9 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     only = "--mixers-only" in args
     args = [a for a in args if a != "--mixers-only"]
-    main(args or ["based", "linear_attention"], mixers_only=only)
+    bvos = ()
+    if "--bvo" in args:
+        i = args.index("--bvo")
+        bvos = tuple(int(x) for x in args[i + 1].split(","))
+        del args[i:i + 2]
+    main(args, mixers_only=only, bvos=bvos)
