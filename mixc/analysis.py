@@ -567,8 +567,9 @@ class Analysis:
             out.append(f"  state {s.name}[{', '.join(str(v) for v in s.axes)}]: transition {s.transition} -- "
                        f"{s.transition_reason}")
             if s.normaliser_of:
-                out.append(f"    normaliser: a running sum of {s.k}, i.e. an extra value column of "
-                           f"{s.normaliser_of} (v' = 1)")
+                out.append(f"    normaliser: a running sum of {s.k} under {s.normaliser_of}'s decay, i.e. an extra "
+                           f"value column of {s.normaliser_of} (v' = 1); the chunked kernels carry it beside "
+                           f"{s.normaliser_of} and divide")
             elif s.k is not None and len(s.axes) == 1:
                 out.append(f"    input: {s.name}_t = A_t({s.name}_(t-1)) + {s.k}")
             elif s.k is not None:
@@ -655,7 +656,7 @@ def analyse(p: Program) -> Analysis:
         if len(z.axes) != 1 or z.k is None:
             continue
         for s in states:
-            if s is z or len(s.axes) != 2 or s.k is None or s.transition != z.transition:
+            if s is z or len(s.axes) != 2 or s.k is None or not _same_decay(z, s):
                 continue
             same_k = _same_up_to_names(z.k_factors, s.k_factors, z.axes[0], s.key_axis)
             if same_k and z.inputs[0].sign == s.inputs[0].sign:
@@ -703,6 +704,20 @@ def analyse(p: Program) -> Analysis:
     width = main.key_axis.axis if main.key_axis is not None and len(main.axes) == 2 else None
     return Analysis(p, "recurrence", transition, main.transition_reason, states, readout_lines, None, None, width,
                     ti, ti_reason, kernel, forms, default, reasons, notes)
+
+
+def _same_decay(z: StateForm, s: StateForm) -> bool:
+    """Whether the vector state z decays exactly as the matrix state s along s's key axis (then z is
+    s's recurrence with v' = 1): one linear term each, the same sign and the same factors once z's
+    axis is renamed to s's key axis (the state itself left out)."""
+    if len(z.linear) != len(s.linear):
+        return False
+    if not z.linear:
+        return True
+    tz, ts = z.linear[0], s.linear[0]
+    if len(z.linear) != 1 or tz.sign != ts.sign:
+        return False
+    return _same_up_to_names(tuple(tz.factors), tuple(ts.factors), z.axes[0], s.key_axis)
 
 
 def _same_up_to_names(a: tuple[Node, ...], b: tuple[Node, ...], va: Var, vb: Var | None) -> bool:

@@ -76,6 +76,24 @@ def test_normal_forms_name_their_parts():
     assert "extra value column of S" in la.explain()
 
 
+def test_a_normaliser_decays_like_its_state():
+    """z is recognised as S's normaliser only with S's decay (else two independent states)."""
+    src = """
+size K, V
+input q[K], k[K], v[V]
+input f[] ~ logsigmoid
+state S[K, V], z[K]
+S[i, j] = exp(f) * S[i, j] + k[i] * v[j]
+z[i] = exp(F) * z[i] + k[i]
+out o[j] = sum(i: q[i] * S[i, j]) / sum(i: q[i] * z[i])
+"""
+    same = ans(src.replace("exp(F)", "exp(f)"))
+    other = ans(src.replace("exp(F)", "exp(f / 2)"))
+    assert next(s for s in same.states if s.name == "z").normaliser_of == "S"
+    assert next(s for s in other.states if s.name == "z").normaliser_of is None
+    assert "chunked" in same.forms and "chunked" not in other.forms
+
+
 def test_json_has_the_promised_fields():
     for name in list(EXPECTED) + ATTENTION + ["based"]:
         j = an(name).to_json()

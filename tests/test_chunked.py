@@ -32,9 +32,35 @@ out r[y] = w * sum(x: silu(a[x]) * M[x, y]) * sigmoid(c[y]) + c[y]
 """
 
 
+# A normaliser under a scalar decay, with feature maps no example has (the kernels carry it and divide)
+SYNTHETIC_NORM = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input f[] ~ logsigmoid
+state M[Dk, Dv], n[Dk]
+M[x, y] = exp(f) * M[x, y] + exp(b[x]) * c[y]
+n[x] = exp(f) * n[x] + exp(b[x])
+out r[y] = sum(x: sigmoid(a[x]) * M[x, y]) / sum(x: sigmoid(a[x]) * n[x])
+"""
+# The same under a per-key decay (the normaliser becomes a value column)
+SYNTHETIC_KEYNORM = SYNTHETIC_NORM.replace("input f[] ~", "input f[Dk] ~").replace("exp(f) *", "exp(f[x]) *")
+# A skip 2 w c (a number times a parameter times the value input): added by the output kernel
+SYNTHETIC_SKIP = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input f[] ~ logsigmoid
+param w[] = 0.5
+state M[Dk, Dv]
+M[x, y] = exp(f) * M[x, y] + b[x] * c[y]
+out r[y] = sum(x: a[x] * M[x, y]) + 2 * w * c[y]
+"""
+SYNTHETICS = {"synthetic": SYNTHETIC, "synthetic_norm": SYNTHETIC_NORM, "synthetic_keynorm": SYNTHETIC_KEYNORM,
+              "synthetic_skip": SYNTHETIC_SKIP}
+
+
 def load(name):
-    if name == "synthetic":
-        return mixc.loads(SYNTHETIC, "synthetic.mix")
+    if name in SYNTHETICS:
+        return mixc.loads(SYNTHETICS[name], f"{name}.mix")
     return mixc.load(ROOT / "examples" / f"{name}.mix")
 
 
@@ -86,7 +112,7 @@ def states_for(m, n, H, sizes):
 
 
 # T = 37 fits one 64-token chunk; T = 150 crosses two chunk edges and ends in a partial chunk
-CASES = [(n, B, T, H) for n in NAMES + ["synthetic"] for (B, T, H) in ((2, 37, 2), (1, 1, 3), (1, 150, 1))]
+CASES = [(n, B, T, H) for n in NAMES + list(SYNTHETICS) for (B, T, H) in ((2, 37, 2), (1, 1, 3), (1, 150, 1))]
 
 
 @pytest.mark.parametrize("name,B,T,H", CASES, ids=[f"{c[0]}-B{c[1]}-T{c[2]}-H{c[3]}" for c in CASES])
@@ -102,7 +128,7 @@ def test_chunked_matches_reference(name, B, T, H):
 
 
 @pytest.mark.parametrize("cu", [[0, 5, 5, 20, 37], [0, 70, 70, 150]], ids=["one-chunk", "across-chunks"])
-@pytest.mark.parametrize("name", NAMES + ["synthetic"])
+@pytest.mark.parametrize("name", NAMES + list(SYNTHETICS))
 def test_chunked_varlen(name, cu):
     m = load(name)
     sz = sizes_of(m)
@@ -118,6 +144,25 @@ def test_chunked_low_precision_inputs(dtype, tol):
     ref = m.reference(**x)
     o = m(**{k: v.to(DEV, dtype) for k, v in x.items()}, form="chunked")
     assert o.dtype == dtype and rel(o.cpu(), ref) < tol
+
+
+def test_the_kernels_carry_the_normaliser_and_the_skip():
+    """The generated chunked form hands the normaliser and a per-head skip to the kernels, with no
+    PyTorch division or addition around them (per-key decays: the normaliser as a value column)."""
+    for name in ("linear_attention", "synthetic_norm"):
+        src = load(name).source_code
+        body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
+        assert "chunk_normalised(" in body and "torch.cat" not in body and "o = o[" not in body
+    body = load("synthetic_skip").source_code
+    body = body[body.index("def chunked("):body.index("chunked.native_varlen")]
+    assert "skip=" in body and "o = o +" not in body
+
+
+def test_a_normaliser_must_decay_like_its_state():
+    """n decaying as exp(2 f) while M decays as exp(f) is no normaliser of M: no chunked form (the
+    kernels would give n M's decay)."""
+    m = mixc.loads(SYNTHETIC_NORM.replace("n[x] = exp(f) * n[x]", "n[x] = exp(2 * f) * n[x]"), "other.mix")
+    assert "chunked" not in m.forms
 
 
 def test_chunked_is_the_default_for_chunkable_mixers():
