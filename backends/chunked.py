@@ -945,19 +945,20 @@ def _gate_of(g):
 
 
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
-              skip=None):
+              skip=None, layout=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
     with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
     [B*T, H] (all fp32; else None)). ``norm`` divides o by the normaliser's readout, the same
-    recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output."""
+    recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
+    ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     gate = _gate_of(g)
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
-    NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
+    NC, NS, cinfo, hoff = layout or _layout(B, T, cu_seqlens, BT, q.device)
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
@@ -1003,18 +1004,18 @@ def _or(x, dummy):
     return dummy if x is None else x
 
 
-def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None):
+def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None, layout=None):
     """Backward of :func:`chunk_fwd` from its saved tensors (``gate``: 0, 1 or 2; ``gf``: the decay as
     the kernels take it, flattened). Returns (dq, dk, dv, the log decay's gradient in fp32 or None, the
     initial state's gradient or None, the initial normaliser's gradient or None, the skip's gradient
-    [H] fp32 or None). ``norm``: for a
+    [H] fp32 or None). ``layout`` as in :func:`chunk_fwd`. ``norm``: for a
     normalised forward (decays 0 and 1), (o, den, zs, z0, dzt): its output, denominators, stored
     normalisers, initial normaliser (or None) and the final normaliser's cotangent (or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
-    NC, NS, cinfo, hoff = _layout(B, T, cu_seqlens, BT, q.device)
+    NC, NS, cinfo, hoff = layout or _layout(B, T, cu_seqlens, BT, q.device)
     dzs = dz0 = dden = zs = dzt = None
     if norm is not None:  # o = num / den: num's cotangent do / den, den's -(do . o) / den
         o, den, zs, z0, dzt = norm
@@ -1199,7 +1200,11 @@ class ChunkParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip):
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip)
+        # the chunk layout once for both passes (with cu_seqlens: one host sync instead of two)
+        ctx.layout = _layout(q.shape[0], q.shape[1], cu_seqlens, _blocks(q.shape[-1], v.shape[-1], _gate_of(g))[0],
+                             q.device)
+        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
+                                                  ctx.layout)
         ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
         return o, ht, zt
@@ -1209,7 +1214,7 @@ class ChunkParallel(torch.autograd.Function):
         q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip = ctx.saved_tensors
         norm = (o, den, zs, z0, dzt) if den is not None else None
         dq, dk, dv, dg, dh0, dz0, dskip = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
-                                                    ctx.scale, norm, skip)
+                                                    ctx.scale, norm, skip, ctx.layout)
         return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
                 None, None, dz0 if z0 is not None else None, None,
                 dskip.to(skip.dtype) if skip is not None else None)
