@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One device-tool call: install the carried wheels, compile every mixer in parallel (one process
 # each), then time and check in one process. Usage (from the repository root, on the device):
-#   bash benchmarks/run_device.sh SHAPES [--no-checks] [--profile NAMES]
-# Writes bench_rows.json, bench_chunked.json, bench_table.md (and profile.txt) under $OUT.
+#   bash benchmarks/run_device.sh SHAPES [--no-checks] [--profile NAMES] [--tests]
+# Writes bench_rows.json, bench_chunked.json, bench_table.md (and profile.txt, gpu_tests.txt) under $OUT.
+# --tests: afterwards, the kernel tests on the GPU (fp32 kernels against the float64 loop: normaliser,
+# skip, per-key decays, sharp gates, fp16, opcheck), at most 230 s.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
 shapes=$1; shift
-checks=""; profile=""
+checks=""; profile=""; tests=""
 while [ $# -gt 0 ]; do
   case $1 in
     --no-checks) checks="--no-checks" ;;
     --profile) profile=$2; shift ;;
+    --tests) tests=1 ;;
   esac
   shift
 done
@@ -27,4 +30,9 @@ cat "$OUT/bench_table.md" 2>/dev/null  # the section to paste into BENCHMARKS.md
 if [ -n "$profile" ]; then
   timeout 200 python3 benchmarks/profile_chunked.py ${profile//,/ } > "$OUT/profile.txt" 2>&1
   grep -E "^(chunk_recurrence|--)" "$OUT/profile.txt"
+fi
+if [ -n "$tests" ]; then
+  timeout 230 python3 -m pytest -q -x tests/test_chunk_kernel.py -p no:cacheprovider \
+    -k "normalised or skip or sharp or half or gk" > "$OUT/gpu_tests.txt" 2>&1
+  tail -3 "$OUT/gpu_tests.txt"
 fi
