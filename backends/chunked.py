@@ -957,6 +957,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     gate = _gate_of(g)
+    if norm and gate == 2:  # the per-key dq/dk kernels have no normaliser column
+        raise ValueError("chunk_fwd(norm=True) takes no decay or a scalar one; chunk_normalised carries the "
+                         "normaliser of a per-key decay as a value column")
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
     NC, NS, cinfo, hoff = layout or _layout(B, T, cu_seqlens, BT, q.device)
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
@@ -1052,8 +1055,6 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     elif gate == 1:
         dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-    if nm and gate == 2:
-        raise NotImplementedError("normalised backward with a per-key decay: chunk_normalised adds a column")
     dskip = torch.empty(_cdiv(V, BV), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     _dv_kernel[(_cdiv(V, BV), NC, H)](
         qf, kf, vf, gf, dof, A if A is not None else dummy, dhs, dv,
