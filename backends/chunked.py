@@ -1229,6 +1229,35 @@ def tensor_product(*xs):
     return out
 
 
+def symmetric_power(x, e):
+    """The symmetric e-th tensor power over the last axis: features x_i1 ... x_ie for i1 <= ... <= ie,
+    each times sqrt(e! / prod(multiplicities!)), so that symmetric_power(a, e) . symmetric_power(b, e)
+    = (a . b)^e with C(K + e - 1, e) features instead of K^e. Selected from the full product (its
+    backward scatters to distinct positions: deterministic)."""
+    K = x.shape[-1]
+    pos, w = _symmetric_index(K, e)
+    full = tensor_product(*([x] * e))
+    return full[..., pos.to(x.device)] * w.to(x.device, x.dtype)
+
+
+_SYMMETRIC = {}
+
+
+def _symmetric_index(K, e):
+    """(positions in the flattened K^e product, weights) of the symmetric power's features."""
+    if (K, e) not in _SYMMETRIC:
+        import itertools
+        import math
+
+        pos, w = [], []
+        for ix in itertools.combinations_with_replacement(range(K), e):
+            pos.append(sum(i * K ** (e - 1 - r) for r, i in enumerate(ix)))
+            counts = [ix.count(i) for i in set(ix)]
+            w.append(math.sqrt(math.factorial(e) / math.prod(math.factorial(c) for c in counts)))
+        _SYMMETRIC[K, e] = (torch.tensor(pos), torch.tensor(w, dtype=torch.float64))
+    return _SYMMETRIC[K, e]
+
+
 def _merge_decays(gk, gs):
     return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
 

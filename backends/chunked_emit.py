@@ -327,6 +327,7 @@ class FeaturePlan:
     value_var: Var
     normalised: bool
     width: str
+    width_symmetric: str  # with each power of one pair as its symmetric power
 
 
 def _to_t(n: Node) -> Node:
@@ -381,14 +382,18 @@ def plan_features(a: Analysis) -> FeaturePlan:
             node = sep.rank_one_nodes[sym]
             (kf if _side(node) == "u" else qf).extend([_to_t(node) if _side(node) == "u" else node] * e)
         blocks.append(FeatureBlock(float(coeff), pairs, qf, kf))
-    return FeaturePlan(blocks, _to_t(product(vf)), j, den is not None, a.feature_width or "?")
+    from mixc.analysis import sizes_str
+
+    return FeaturePlan(blocks, _to_t(product(vf)), j, den is not None, a.feature_width or "?",
+                       sizes_str(sep.width_symmetric) if sep.width_symmetric is not None else "?")
 
 
 def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     """Lines of ``chunked(...)`` for an attention-form file with a separable weight."""
     p = a.program
     lines = _header(f"The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width\n"
-                    f"    {fp.width}; phi(q) and psi(k) are formed in PyTorch, then one linear-attention kernel"
+                    f"    {fp.width} ({fp.width_symmetric} with symmetric powers); phi(q) and psi(k) are formed in "
+                    "PyTorch,\n    then one linear-attention kernel"
                     + (" with a normaliser column" if fp.normalised else ""))
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
@@ -407,8 +412,12 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
             qa.append(_as_btd(fe, A, (i,), f"B, H, T, {em.sizes_var[i.axis]}") if i else None)
             (i2,) = [v for v in B.idx if v != T_VAR] or [None]
             ka.append(_as_btd(fe, B, (i2,), f"B, H, T, {em.sizes_var[i2.axis]}") if i2 else None)
-        qterm = f"tensor_product({', '.join(qa)})" if qa else "torch.ones(B, T, H, 1, dtype=dt_in, device=dev)"
-        kterm = f"tensor_product({', '.join(ka)})" if ka else "torch.ones(B, T, H, 1, dtype=dt_in, device=dev)"
+        if len(b.pairs) > 1 and all(pr == b.pairs[0] for pr in b.pairs) and qa[0] and ka[0]:
+            # (a . b)^e through symmetric powers: C(K + e - 1, e) features instead of K^e
+            qterm, kterm = (f"symmetric_power({x[0]}, {len(b.pairs)})" for x in (qa, ka))
+        else:
+            qterm = f"tensor_product({', '.join(qa)})" if qa else "torch.ones(B, T, H, 1, dtype=dt_in, device=dev)"
+            kterm = f"tensor_product({', '.join(ka)})" if ka else "torch.ones(B, T, H, 1, dtype=dt_in, device=dev)"
         qterm += _scale_by(fe, b.q_factors)
         kterm += _scale_by(fe, b.k_factors)
         if b.coeff != 1.0:
@@ -419,7 +428,7 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         qs.append(qn)
         ks.append(kn)
     v = _as_btd(fe, fp.value, (j,), f"B, H, T, {V}")
-    em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width}]")
+    em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width_symmetric}]")
     em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
     if fp.normalised:
         em.emit("# o = (phi_q^T S) / (phi_q^T z), z = sum psi_k: the kernels carry z and divide")

@@ -315,3 +315,23 @@ def test_custom_operator_passes_opcheck_with_skip():
     q, k, v, g, h0 = _opcheck_args(1)
     skip = torch.randn(2).to(DEV).requires_grad_()
     torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, skip))
+
+
+@pytest.mark.parametrize("K,e", [(5, 2), (4, 3), (16, 2), (3, 1)])
+def test_symmetric_power_keeps_the_dot_product(K, e):
+    """symmetric_power(a, e) . symmetric_power(b, e) = (a . b)^e with C(K + e - 1, e) features (based's
+    second-order term: 136 instead of 256 at K = 16); its gradient matches the full tensor product's."""
+    import math
+
+    from mixc.backends.chunked import symmetric_power, tensor_product
+
+    gen = torch.Generator().manual_seed(K + e)
+    a, b = (torch.randn(3, 7, K, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sa, sb = symmetric_power(a, e), symmetric_power(b, e)
+    assert sa.shape[-1] == math.comb(K + e - 1, e)
+    got = (sa * sb).sum(-1)
+    assert torch.allclose(got, (a * b).sum(-1) ** e, rtol=1e-12, atol=1e-12)
+    g = torch.autograd.grad(got.sum(), (a, b))
+    full = (tensor_product(*[a] * e) * tensor_product(*[b] * e)).sum(-1)
+    want = torch.autograd.grad(full.sum(), (a, b))
+    assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-12) for x, y in zip(g, want))

@@ -153,6 +153,8 @@ def test_the_kernels_carry_the_normaliser_and_the_skip():
         src = load(name).source_code
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert "chunk_normalised(" in body and "torch.cat" not in body and "o = o[" not in body
+    body = load("based").source_code
+    assert "symmetric_power(inputs['q'], 2)" in body  # width 1 + K + K(K+1)/2, not 1 + K + K^2
     body = load("synthetic_skip").source_code
     body = body[body.index("def chunked("):body.index("chunked.native_varlen")]
     assert "skip=" in body and "o = o +" not in body
