@@ -439,6 +439,42 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     return lines
 
 
+def describe(a: Analysis) -> list[str]:
+    """What the chunked form hands to the kernels and what stays in PyTorch, in words (for ``mixc
+    explain``); empty when there is no chunked form."""
+    try:
+        if a.kind == "attention":
+            fp = plan_features(a)
+            blocks = []
+            for b in fp.blocks:
+                e = len(b.pairs)
+                sym = e > 1 and all(pr == b.pairs[0] for pr in b.pairs)
+                blocks.append("1" if not e else f"({show(b.pairs[0][0])})^{e} as a symmetric power" if sym
+                              else " x ".join(f"({show(A)})" for A, _ in b.pairs))
+            out = [f"feature maps (PyTorch): {' + '.join(blocks)}; width {fp.width}, "
+                   f"{fp.width_symmetric} as stored"]
+            if fp.normalised:
+                out.append("normaliser: carried beside the state by the kernels; the output kernel divides")
+            return out
+        cp = plan(a)
+    except NoChunkedForm:
+        return []
+    out = [f"q' = {show(cp.q)}, k' = {show(cp.k)}, v' = {show(cp.v)} (PyTorch prologue, in the inputs' dtype)"]
+    if cp.decay != "none":
+        out.append(f"log decay ({cp.decay}): {show(cp.g)}, summed within each 64-token chunk by the kernels")
+    if cp.normaliser:
+        inside = cp.decay in ("none", "scalar")
+        out.append(f"normaliser {cp.normaliser}: " + ("carried beside the state by the kernels; the output kernel "
+                                                       "divides" if inside else "an extra value column (per-"
+                                                       f"{cp.decay} decay); divided in PyTorch"))
+    if cp.gate is not None:
+        out.append(f"output gate {show(cp.gate)}: PyTorch epilogue")
+    if cp.skip is not None:
+        fused = cp.gate is None and _skip_coefficient(cp.skip, cp.v) is not None
+        out.append(f"skip {show(cp.skip)}: " + ("added by the output kernel" if fused else "PyTorch epilogue"))
+    return out
+
+
 def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
     """The chunked form's lines for any analysed program, or None and the reason there is none."""
     try:

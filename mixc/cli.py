@@ -150,16 +150,21 @@ def _add_explain(sub) -> None:
 
 def explain_text(mixer) -> str:
     """What ``mixc explain`` prints for a compiled :class:`mixc.Mixer`: the IR, then the analysis."""
+    from .backends.chunked_emit import describe
     from .ir import format_program
 
     built = ", ".join(mixer.forms)
+    plan = "".join(f"\n    {line}" for line in describe(mixer.analysis))
     return (f"{format_program(mixer.program)}\n\n{mixer.analysis.explain()}\n"
-            f"  emitted: {built} (run with form=...; 'reference' is the plain-PyTorch meaning)")
+            f"  emitted: {built} (run with form=...; 'reference' is the plain-PyTorch meaning)"
+            + (f"\n  chunked kernels:{plan}" if plan else ""))
 
 
 def explain_json(mixer) -> dict:
     """What ``mixc explain --json`` prints."""
-    return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms}
+    from .backends.chunked_emit import describe
+
+    return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "chunked_plan": describe(mixer.analysis)}
 
 
 def cmd_explain(args) -> int:

@@ -190,6 +190,20 @@ def test_explain_text_is_the_ir_then_the_analysis():
     assert "transition elementwise" in text and "default: recurrent" in text
 
 
+def test_explain_says_what_the_kernels_carry():
+    """The chunked plan in words: what the kernels take over, what stays in PyTorch."""
+    import mixc
+    from mixc.cli import explain_json, explain_text
+
+    mamba2 = explain_text(mixc.load(ROOT / "examples/mamba2.mix"))
+    assert "chunked kernels:" in mamba2 and "skip D * x[p]: added by the output kernel" in mamba2
+    la = explain_text(mixc.load(ROOT / "examples/linear_attention.mix"))
+    assert "normaliser z: carried beside the state by the kernels" in la
+    based = explain_json(mixc.load(ROOT / "examples/based.mix"))["chunked_plan"]
+    assert any("symmetric power" in line and "1 + 3*K/2 + K**2/2" in line for line in based)
+    assert "chunked kernels:" not in explain_text(mixc.load(ROOT / "examples/hgrn.mix"))
+
+
 def test_explain_json_and_graph(cli, tmp_path):
     import json
 
