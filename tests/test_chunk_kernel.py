@@ -335,3 +335,13 @@ def test_symmetric_power_keeps_the_dot_product(K, e):
     full = (tensor_product(*[a] * e) * tensor_product(*[b] * e)).sum(-1)
     want = torch.autograd.grad(full.sum(), (a, b))
     assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-12) for x, y in zip(g, want))
+
+
+def test_in_kernel_normaliser_refuses_a_per_key_decay():
+    """chunk_fwd(norm=True) has no per-key backward: it says so before any work (chunk_normalised
+    takes that case through a value column, tested above)."""
+    from mixc.backends.chunked import chunk_fwd
+
+    q, k, v, g, _ = _opcheck_args(2)
+    with pytest.raises(ValueError, match="per-key decay"):
+        chunk_fwd(q.detach(), k.detach(), v.detach(), g.detach(), norm=True)
