@@ -247,10 +247,16 @@ def _chunk_of(i_c, cu, cinfo, hoff, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr
 
 
 @triton.jit
-def _state_tile(s, i_s, i_h, o_k, o_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Stored state number i_s of head i_h ([NS, H, K, V]) over the keys o_k and values o_v, in fp32."""
-    return tl.load(s + (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                   mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
+def _state_rows(i_s, i_h, o_k, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Offsets of the rows o_k of stored state number i_s of head i_h in a [NS, H, K, V] tensor
+    (state i_s + 1 starts H * K * V further)."""
+    return (i_s * H + i_h) * K * V + o_k[:, None] * V
+
+
+@triton.jit
+def _state_tile(s, p_s, m_k, o_v, V: tl.constexpr):
+    """The [keys, values] tile at row offsets p_s (from _state_rows) over the values o_v, in fp32."""
+    return tl.load(s + p_s + o_v[None, :], mask=m_k[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -468,10 +474,11 @@ def _out_kernel(
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
+        p_hs = _state_rows(ih, i_h, o_k, H, K, V)
         p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
         m_ck = m_c[:, None] & m_k[None, :]
         b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
-        b_h = _state_tile(hs, ih, i_h, o_k, o_v, H, K, V)
+        b_h = _state_tile(hs, p_hs, m_k, o_v, V)
         if GATE == 2:
             b_q = b_q * tl.exp(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32))
         else:
@@ -533,10 +540,11 @@ def _dv_kernel(
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
+        p_hs = _state_rows(ih, i_h, o_k, H, K, V)
         p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
         m_ck = m_c[:, None] & m_k[None, :]
         b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
-        b_dh = _state_tile(dhs, ih, i_h, o_k, o_v, H, K, V)
+        b_dh = _state_tile(dhs, p_hs, m_k, o_v, V)
         if GATE == 2:
             b_G = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_GL = _row(g, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
@@ -585,6 +593,7 @@ def _dqk_kernel(
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
+    p_hs = _state_rows(ih, i_h, o_k, H, K, V)
     o_c = c * BT + tl.arange(0, BT)
     m_c = o_c < L
     p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
@@ -600,14 +609,14 @@ def _dqk_kernel(
         p_v = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         b_v = tl.load(v + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        b_h = _state_tile(hs, ih, i_h, o_k, o_v, H, K, V)
-        b_dh = _state_tile(dhs, ih, i_h, o_k, o_v, H, K, V)
+        b_h = _state_tile(hs, p_hs, m_k, o_v, V)
+        b_dh = _state_tile(dhs, p_hs, m_k, o_v, V)
         b_dq += _dot(b_do, tl.trans(b_h), DOT)
         b_dk += _dot(b_v, tl.trans(b_dh), DOT)
         b_da += _dot(b_do, tl.trans(b_v), DOT)
         b_own += tl.sum(b_do * b_v, axis=1)
         if GATE == 1:
-            b_hn = _state_tile(hs, ih + 1, i_h, o_k, o_v, H, K, V)
+            b_hn = _state_tile(hs, p_hs + H * K * V, m_k, o_v, V)
             b_end += tl.sum(b_hn * b_dh, axis=1)
     if NORM:
         b_dd = tl.load(dden + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
@@ -666,6 +675,7 @@ def _dqk_key_kernel(
     if s0 < L:
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
+        p_hs = _state_rows(ih, i_h, o_k, H, K, V)
         o_c = c0 + tl.arange(0, BT)
         m_c = o_c < L
         o_j = tl.arange(0, BS)
@@ -687,12 +697,12 @@ def _dqk_key_kernel(
             b_own += tl.sum(b_dor * b_vr, axis=1)
             b_dad += _dot(b_dor, tl.trans(b_vr), DOT)
             if SIDE == 0:
-                b_h = _state_tile(hs, ih, i_h, o_k, o_v, H, K, V)
+                b_h = _state_tile(hs, p_hs, m_k, o_v, V)
                 b_vc = tl.load(v + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                 b_x += _dot(b_dor, tl.trans(b_h), DOT)
                 b_da += _dot(b_dor, tl.trans(b_vc), DOT)  # [t in the block, s in the chunk]
             else:
-                b_dh = _state_tile(dhs, ih, i_h, o_k, o_v, H, K, V)
+                b_dh = _state_tile(dhs, p_hs, m_k, o_v, V)
                 b_doc = tl.load(do + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                 b_x += _dot(b_vr, tl.trans(b_dh), DOT)
                 b_da += _dot(b_vr, tl.trans(b_doc), DOT)  # [s in the block, t in the chunk]
@@ -750,13 +760,14 @@ def _dg_key_kernel(
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
+    p_hs = _state_rows(ih, i_h, o_k, H, K, V)
     o_c = c * BT + tl.arange(0, BT)
     m = (o_c < L)[:, None] & m_k[None, :]
     b_end = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
-        b_hn = _state_tile(hs, ih + 1, i_h, o_k, o_v, H, K, V)
-        b_dh = _state_tile(dhs, ih, i_h, o_k, o_v, H, K, V)
+        b_hn = _state_tile(hs, p_hs + H * K * V, m_k, o_v, V)
+        b_dh = _state_tile(dhs, p_hs, m_k, o_v, V)
         b_end += tl.sum(b_hn * b_dh, axis=1)
     p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
     b_dG = tl.load(dG + p, mask=m, other=0.0)
@@ -1089,8 +1100,8 @@ def _ops_tag():
     import inspect
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
-               _dqk_key_kernel, _dg_key_kernel, _local_cumsum_kernel,
-               _dot, _seq_bounds, _first_state, _chunk_of, _state_tile, _suffix_sum, _row)  # and their helpers
+               _dqk_key_kernel, _dg_key_kernel, _local_cumsum_kernel,  # and the helpers they call:
+               _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
