@@ -938,7 +938,7 @@ def _layout(B, T, cu_seqlens, BT, device):
 
 
 def _blocks(K, V, gate):
-    """(chunk, row block, key block, value block, value block of the output and dv kernels)."""
+    """(chunk, row block, key block, value block, value block of the output kernel)."""
     BT = 64
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
@@ -972,18 +972,15 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         raise ValueError("chunk_fwd(norm=True) takes no decay or a scalar one; chunk_normalised carries the "
                          "normaliser of a per-key decay as a value column")
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
-    NC, NS, cinfo, hoff = layout or _layout(B, T, cu_seqlens, BT, q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, ht)
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
     zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
     den = torch.empty(B * T, H, dtype=torch.float32, device=q.device) if norm else None
     qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
     dummy = ht
-    cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy
-    cinfo = cinfo if cinfo is not None else dummy
-    hoff = hoff if hoff is not None else dummy
     dot = _dot_mode(q.dtype)
     if gate == 2:  # the kernels take the chunk-local cumulative sum
         G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
@@ -996,7 +993,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
-        kf, gf if g is not None else dummy, vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy,
+        kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
@@ -1008,7 +1005,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
                                                  IS_VARLEN=cu_seqlens is not None, num_warps=WARPS_KEY)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
-        qf, kf, vf, gf if g is not None else dummy, hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
+        qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, cu, cinfo, hoff, T, float(scale), BV=BVO,
         SKIP=skip is not None, **common)
     return o, ht, hs, gf, A, zt, zs, den
@@ -1016,6 +1013,14 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
 
 def _or(x, dummy):
     return dummy if x is None else x
+
+
+def _geometry(B, T, cu_seqlens, BT, device, layout, dummy):
+    """(chunks, stored states, cu_seqlens as int32, per-chunk info, first stored states) for a launch;
+    tensors a call does not use are ``dummy``."""
+    NC, NS, cinfo, hoff = layout or _layout(B, T, cu_seqlens, BT, device)
+    cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None
+    return NC, NS, _or(cu, dummy), _or(cinfo, dummy), _or(hoff, dummy)
 
 
 def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None, layout=None):
@@ -1029,35 +1034,33 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
-    NC, NS, cinfo, hoff = layout or _layout(B, T, cu_seqlens, BT, q.device)
+    NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, hs)
     dzs = dz0 = dden = zs = dzt = None
+    has_s0 = h0 is not None  # an initial state (S, or with a normaliser S or z): its gradient is wanted
     if norm is not None:  # o = num / den: num's cotangent do / den, den's -(do . o) / den
         o, den, zs, z0, dzt = norm
         den = den.view(B, T, H, 1)
         dden = (-(do.float() * o.float()).sum(-1, keepdim=True) / den).view(B * T, H)
         do = (do.float() / den).to(do.dtype)
         dzs = torch.empty_like(zs)
-        if h0 is not None or z0 is not None:
+        has_s0 = h0 is not None or z0 is not None  # the forward started both S and z from them (or zeros)
+        if has_s0:
             dz0 = torch.empty(N, H, K, dtype=torch.float32, device=q.device)
-            h0 = h0 if h0 is not None else zs  # only "is there one" matters below
         if dht is not None or dzt is not None:
             dht = dht if dht is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
             dzt = dzt.float().contiguous() if dzt is not None else torch.zeros(N, H, K, device=q.device)
     do = do.contiguous()
     dhs = torch.empty_like(hs)
-    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if has_s0 else None
     dummy = hs
-    cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else dummy
-    cinfo = cinfo if cinfo is not None else dummy
-    hoff = hoff if hoff is not None else dummy
-    qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), gf if gf is not None else dummy, _flat(do)
+    qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _or(gf, dummy), _flat(do)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
                   DOT=_dot_mode(q.dtype), num_warps=WARPS)
     nm = norm is not None
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
-        qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, dh0 if dh0 is not None else dummy,
+        qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, _or(dh0, dummy),
         _or(dden, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
-        cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=h0 is not None, BV=BV,
+        cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BV,
         NORM=nm, **common)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     NK = _cdiv(K, BK)
@@ -1068,7 +1071,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
     dskip = torch.empty(_cdiv(V, BV), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     _dv_kernel[(_cdiv(V, BV), NC, H)](
-        qf, kf, vf, gf, dof, A if A is not None else dummy, dhs, dv,
+        qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
         skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), cu, cinfo, hoff, T,
         float(scale), NC, BV=BV, SKIP=skip is not None, **common)
     if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
@@ -1081,7 +1084,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
                                     IS_VARLEN=cu_seqlens is not None, num_warps=4)
     else:
         _dqk_kernel[(NK, NC, H)](
-            qf, kf, vf, gf, dof, hs, dhs, dq, dk, dg if dg is not None else dummy,
+            qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), cu, cinfo, hoff, T,
             float(scale), B * T, BV=BV, NORM=nm, **common)
     if gate == 1:

@@ -206,6 +206,18 @@ def _feature_emitter(p, em):
     return input_dtype_emitter(p, em, "dt_in", "lp")
 
 
+def _kernel_skip(cp: ChunkPlan) -> Node | None:
+    """The per-head coefficient of a skip term the output kernel adds (none with an output gate, which
+    multiplies before the skip is added), or None."""
+    return _skip_coefficient(cp.skip, cp.v) if cp.skip is not None and cp.gate is None else None
+
+
+def _normaliser_in_kernel(cp: ChunkPlan) -> bool:
+    """Whether the kernels carry the normaliser (no decay or a scalar one; chunk_normalised otherwise
+    makes it a value column)."""
+    return cp.normaliser is not None and cp.decay in ("none", "scalar")
+
+
 def _skip_coefficient(skip: Node, v: Node) -> Node | None:
     """``c`` if the skip term is c * v' with c a per-head constant (numbers, parameters, buffers), so the
     output kernel can add it; else None (the skip stays a PyTorch epilogue)."""
@@ -230,7 +242,8 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     p = a.program
     lines = _header(f"The chunked form of {p.name}: q', k', v' and log decays in PyTorch, then one chunked\n"
                     f"    kernel for the {a.transition} recurrence of state {cp.state}"
-                    + (f" (with its normaliser {cp.normaliser}, divided in the kernel)" if cp.normaliser else ""))
+                    + (f" (with its normaliser {cp.normaliser}, divided in the kernel)" if _normaliser_in_kernel(cp)
+                       else f" (with its normaliser {cp.normaliser} as a value column)" if cp.normaliser else ""))
     extra = [n for n in (cp.q, cp.k, cp.v, cp.g, cp.gate, cp.skip) if n is not None]
     em = prologue(p, lines, extra)  # decays and the epilogue: in the compute dtype (fp32 at least)
     fe = _feature_emitter(p, em)  # q', k', v': in the kernels' input dtype
@@ -269,21 +282,26 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     tr = ".transpose(-1, -2)" if cp.transposed else ""
     em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
     skip = cp.skip
-    if skip is not None and cp.gate is None and (coef := _skip_coefficient(skip, cp.v)) is not None:
+    if (coef := _kernel_skip(cp)) is not None:
         e, lay = em.val(coef, "pre")
         sk = em.fresh()
         em.emit(f"{sk} = ({em.tensor(e, lay)}).expand(1, H).reshape(H)  # skip {show(skip)}: added in the kernel")
         gargs += f", skip={sk}"
         skip = None
-    # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
-    epilogue = cp.gate is not None or skip is not None
-    args = (f"{q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, h0=h0, cu_seqlens=cu_seqlens, "
-            f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
     if cp.normaliser:
         em.emit(f"z0 = states.get({cp.normaliser!r})")
         em.emit("z0 = None if z0 is None else z0.float()")
-        em.emit(f"# o = (q'^T {cp.state}) / (q'^T {cp.normaliser}): the kernels carry {cp.normaliser} and divide")
-        em.emit(f"o, ht, zt = chunk_normalised({args.replace(', cu_seqlens', ', z0=z0, cu_seqlens')}")
+        gargs += ", h0=h0, z0=z0"
+    else:
+        gargs += ", h0=h0"
+    # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
+    epilogue = cp.gate is not None or skip is not None
+    args = (f"{q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, cu_seqlens=cu_seqlens, "
+            f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
+    if cp.normaliser:
+        em.emit(f"# o = (q'^T {cp.state}) / (q'^T {cp.normaliser}): " + ("the kernels carry it and divide"
+                if _normaliser_in_kernel(cp) else f"{cp.normaliser} as one more value column"))
+        em.emit(f"o, ht, zt = chunk_normalised({args}")
         final = (f"{{{cp.state!r}: ht{tr}.to(real), {cp.normaliser!r}: zt.to(real)}} "
                  "if output_final_state else None")
     else:
@@ -318,6 +336,11 @@ class FeatureBlock:
     pairs: list[tuple[Node, Node]]  # (A over the query token, B over the key token), one per factor
     q_factors: list[Node]
     k_factors: list[Node]
+
+
+def _power_of_one_pair(b: FeatureBlock) -> bool:
+    """Whether a feature block is (a . b)^e of one dot product, e >= 2 (a symmetric power serves it)."""
+    return len(b.pairs) > 1 and all(pr == b.pairs[0] for pr in b.pairs)
 
 
 @dataclass
@@ -394,7 +417,7 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     lines = _header(f"The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width\n"
                     f"    {fp.width} ({fp.width_symmetric} with symmetric powers); phi(q) and psi(k) are formed in "
                     "PyTorch,\n    then one linear-attention kernel"
-                    + (" with a normaliser column" if fp.normalised else ""))
+                    + (" that carries the normaliser and divides" if fp.normalised else ""))
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
     em = prologue(p, lines, nodes)
@@ -412,7 +435,7 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
             qa.append(_as_btd(fe, A, (i,), f"B, H, T, {em.sizes_var[i.axis]}") if i else None)
             (i2,) = [v for v in B.idx if v != T_VAR] or [None]
             ka.append(_as_btd(fe, B, (i2,), f"B, H, T, {em.sizes_var[i2.axis]}") if i2 else None)
-        if len(b.pairs) > 1 and all(pr == b.pairs[0] for pr in b.pairs) and qa[0] and ka[0]:
+        if _power_of_one_pair(b) and qa[0] and ka[0]:
             # (a . b)^e through symmetric powers: C(K + e - 1, e) features instead of K^e
             qterm, kterm = (f"symmetric_power({x[0]}, {len(b.pairs)})" for x in (qa, ka))
         else:
@@ -448,9 +471,8 @@ def describe(a: Analysis) -> list[str]:
             blocks = []
             for b in fp.blocks:
                 e = len(b.pairs)
-                sym = e > 1 and all(pr == b.pairs[0] for pr in b.pairs)
-                blocks.append("1" if not e else f"({show(b.pairs[0][0])})^{e} as a symmetric power" if sym
-                              else " x ".join(f"({show(A)})" for A, _ in b.pairs))
+                blocks.append("1" if not e else f"({show(b.pairs[0][0])})^{e} as a symmetric power"
+                              if _power_of_one_pair(b) else " x ".join(f"({show(A)})" for A, _ in b.pairs))
             out = [f"feature maps (PyTorch): {' + '.join(blocks)}; width {fp.width}, "
                    f"{fp.width_symmetric} as stored"]
             if fp.normalised:
@@ -463,15 +485,14 @@ def describe(a: Analysis) -> list[str]:
     if cp.decay != "none":
         out.append(f"log decay ({cp.decay}): {show(cp.g)}, summed within each 64-token chunk by the kernels")
     if cp.normaliser:
-        inside = cp.decay in ("none", "scalar")
         out.append(f"normaliser {cp.normaliser}: " + ("carried beside the state by the kernels; the output kernel "
-                                                       "divides" if inside else "an extra value column (per-"
-                                                       f"{cp.decay} decay); divided in PyTorch"))
+                                                       "divides" if _normaliser_in_kernel(cp) else "an extra value "
+                                                       f"column (per-{cp.decay} decay); divided in PyTorch"))
     if cp.gate is not None:
         out.append(f"output gate {show(cp.gate)}: PyTorch epilogue")
     if cp.skip is not None:
-        fused = cp.gate is None and _skip_coefficient(cp.skip, cp.v) is not None
-        out.append(f"skip {show(cp.skip)}: " + ("added by the output kernel" if fused else "PyTorch epilogue"))
+        out.append(f"skip {show(cp.skip)}: " + ("added by the output kernel" if _kernel_skip(cp) is not None
+                                                 else "PyTorch epilogue"))
     return out
 
 
