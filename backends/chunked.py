@@ -293,10 +293,11 @@ def _state_walk_kernel(
     sN,  # [N, H, K, V] fp32: the final state forward, the initial state's gradient in reverse (STORE_SN)
     yz,  # NORM, reverse: [B*T, H] fp32, the normaliser's cotangent dden
     z0, zs, zN,  # NORM: the normaliser z [K] as s0, hs, sN (fp32)
+    ks,  # KS, forward: [B*T, H] fp32, a per-token scale of k (the keys are ks_t k_t)
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
     every chunk start and at the end. Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
@@ -337,6 +338,8 @@ def _state_walk_kernel(
                       other=0.0).to(tl.float32)
         if REVERSE:
             b_x = b_x * scale
+        elif KS:
+            b_x = b_x * tl.load(ks + i_t * H + i_h, mask=m_t, other=0.0)[:, None]
         last = tl.minimum(L - c0, BT) - 1  # the chunk's last row
         if GATE == 1:
             b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
@@ -453,10 +456,11 @@ def _out_kernel(
     A,  # GATE 2: [B*T, H, BT] fp32, the in-chunk scores from _intra_key_kernel
     zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
     skip,  # SKIP: [H] fp32, o += skip[h] v
+    ks,  # KS: [B*T, H] fp32, the keys are ks_t k_t (GATE 0 and 1)
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    NORM: tl.constexpr, SKIP: tl.constexpr,
+    NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
     here without a decay or with a scalar one, loaded with a per-key one).
@@ -498,6 +502,8 @@ def _out_kernel(
             b_o = b_o * tl.exp(b_Gc)[:, None]
             b_den = b_den * tl.exp(b_Gc)
             b_a = b_a * tl.exp(tl.where(m_ts, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
+        if KS:  # A[t, s] = q_t . k'_s with k'_s = ks_s k_s: a column scale
+            b_a = b_a * tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0)[None, :]
         b_a = tl.where(m_ts, b_a, 0.0)
     b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                    other=0.0).to(tl.float32)
@@ -521,10 +527,11 @@ def _dv_kernel(
     dhs,  # gradient of the state at every chunk end (_state_walk_kernel in reverse)
     dv,  # [B*T, H, V]
     skip, dskip,  # SKIP: [H] fp32; [value blocks, chunks, H] fp32 partial sums of do . v
+    ks,  # KS: [B*T, H] fp32, the keys are ks_t k_t (GATE 0 and 1)
     cu, cinfo, hoff, T, scale, NCT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    SKIP: tl.constexpr,
+    SKIP: tl.constexpr, KS: tl.constexpr,
 ):
     """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t (+ skip do_s)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -562,6 +569,10 @@ def _dv_kernel(
             b_GL = tl.sum(tl.where(o_c == tl.minimum(c0 + BT, L) - 1, b_G, 0.0), axis=0)
             b_dv = b_dv * tl.exp(b_GL - b_G)[:, None]
             b_at = b_at * tl.exp(tl.where(m_ts, b_G[None, :] - b_G[:, None], float("-inf")))
+        if KS:  # both terms are linear in k'_s = ks_s k_s: a row scale
+            b_ks = tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
+            b_dv = b_dv * b_ks[:, None]
+            b_at = b_at * b_ks[:, None]
         b_at = tl.where(m_ts, b_at, 0.0)
     b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                     other=0.0).to(tl.float32)
@@ -582,13 +593,15 @@ def _dqk_kernel(
     dq, dk,  # [B*T, H, K]
     dg,  # [NK, B*T, H] fp32: the scalar log-gate gradient, summed over this key block (GATE 1)
     dden, zs, dzs,  # NORM: the normaliser's cotangent [B*T, H], z at chunk starts, dz at chunk ends
+    ks, dks,  # KS: [B*T, H] fp32, the keys are ks_t k_t; [NK, B*T, H] fp32 out, sum_i k_ti dk'_ti per key block
     cu, cinfo, hoff, T, scale, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
 ):
     """One chunk and key block, no decay or a scalar one: dq, dk and the log-gate gradient
     dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum (h dh)(chunk end). NORM: the normaliser
-    acts as one more value column (v = 1, do = dden, state z)."""
+    acts as one more value column (v = 1, do = dden, state z). KS: everything below is for k' = ks k; at
+    the end dk = ks dk' and dks = k . dk'."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -630,6 +643,9 @@ def _dqk_kernel(
             b_end += tl.load(zs + p_z + H * K, mask=m_k, other=0.0) * b_dz
     b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    if KS:
+        b_ks = tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
+        b_k = b_k * b_ks[:, None]
     m_s = o_c[:, None] > o_c[None, :]
     b_da = b_da * scale
     if GATE == 1:
@@ -648,6 +664,10 @@ def _dqk_kernel(
     # each token's own term (it cancels in dG), in fp32
     b_dq += (b_own * scale)[:, None] * b_k
     b_dk += (b_own * scale)[:, None] * b_q
+    if KS:  # dks = k . dk' with the unscaled k (reloaded: dividing k' by ks fails where ks = 0)
+        b_kdk = tl.sum(tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * b_dk, axis=1)
+        tl.store(dks + i_k.to(tl.int64) * NTOT * H + (bos + o_c) * H + i_h, b_kdk, mask=m_c)
+        b_dk = b_dk * b_ks[:, None]
     tl.store(dq + p_c, b_dq.to(dq.dtype.element_ty), mask=m_ck)
     tl.store(dk + p_c, b_dk.to(dk.dtype.element_ty), mask=m_ck)
 
@@ -956,14 +976,15 @@ def _gate_of(g):
 
 
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
-              skip=None, layout=None):
+              skip=None, layout=None, kscale=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
     with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
     [B*T, H] (all fp32; else None)). ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
-    ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync)."""
+    ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
+    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -971,6 +992,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     if norm and gate == 2:  # the per-key dq/dk kernels have no normaliser column
         raise ValueError("chunk_fwd(norm=True) takes no decay or a scalar one; chunk_normalised carries the "
                          "normaliser of a per-key decay as a value column")
+    if kscale is not None and gate == 2:  # the per-key score kernels do not scale k
+        raise ValueError("chunk_fwd(kscale=...) takes no decay or a scalar one; chunk_recurrence scales k "
+                         "before the kernels for a per-key decay")
     BT, BS, BK, BV, BVO = _blocks(K, V, gate)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, ht)
@@ -981,6 +1005,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     den = torch.empty(B * T, H, dtype=torch.float32, device=q.device) if norm else None
     qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
     dummy = ht
+    ksf = _or(_flat(kscale.float()) if kscale is not None else None, dummy)
     dot = _dot_mode(q.dtype)
     if gate == 2:  # the kernels take the chunk-local cumulative sum
         G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
@@ -994,8 +1019,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
         kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy,
-        z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), cu, hoff, T,
-        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, **common)
+        z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
+        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, KS=kscale is not None, **common)
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
@@ -1006,8 +1031,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
                                                  IS_VARLEN=cu_seqlens is not None, num_warps=WARPS_KEY)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
-        skip.float().contiguous() if skip is not None else dummy, cu, cinfo, hoff, T, float(scale), BV=BVO,
-        SKIP=skip is not None, **common)
+        skip.float().contiguous() if skip is not None else dummy, ksf, cu, cinfo, hoff, T, float(scale), BV=BVO,
+        SKIP=skip is not None, KS=kscale is not None, **common)
     return o, ht, hs, gf, A, zt, zs, den
 
 
@@ -1023,11 +1048,13 @@ def _geometry(B, T, cu_seqlens, BT, device, layout, dummy):
     return NC, NS, _or(cu, dummy), _or(cinfo, dummy), _or(hoff, dummy)
 
 
-def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None, layout=None):
+def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None, layout=None,
+              kscale=None):
     """Backward of :func:`chunk_fwd` from its saved tensors (``gate``: 0, 1 or 2; ``gf``: the decay as
     the kernels take it, flattened). Returns (dq, dk, dv, the log decay's gradient in fp32 or None, the
     initial state's gradient or None, the initial normaliser's gradient or None, the skip's gradient
-    [H] fp32 or None). ``layout`` as in :func:`chunk_fwd`. ``norm``: for a
+    [H] fp32 or None, the key scale's gradient [B, T, H] fp32 or None). ``layout`` and ``kscale`` as in
+    :func:`chunk_fwd`. ``norm``: for a
     normalised forward (decays 0 and 1), (o, den, zs, z0, dzt): its output, denominators, stored
     normalisers, initial normaliser (or None) and the final normaliser's cotangent (or None)."""
     B, T, H, K = q.shape
@@ -1060,8 +1087,8 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
         qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, _or(dh0, dummy),
         _or(dden, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
-        cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BV,
-        NORM=nm, **common)
+        dummy, cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BV,
+        NORM=nm, KS=False, **common)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     NK = _cdiv(K, BK)
     dg = None
@@ -1070,10 +1097,13 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     elif gate == 1:
         dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
     dskip = torch.empty(_cdiv(V, BV), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
+    ks = kscale is not None
+    ksf = _flat(kscale.float()) if ks else dummy
+    dks = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if ks else None
     _dv_kernel[(_cdiv(V, BV), NC, H)](
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
-        skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), cu, cinfo, hoff, T,
-        float(scale), NC, BV=BV, SKIP=skip is not None, **common)
+        skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, cu, cinfo, hoff, T,
+        float(scale), NC, BV=BV, SKIP=skip is not None, KS=ks, **common)
     if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
         for side, dx in ((0, dq), (1, dk)):
             _dqk_key_kernel[(NK, NC * (BT // BS), H)](
@@ -1085,11 +1115,13 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     else:
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
-            _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), cu, cinfo, hoff, T,
-            float(scale), B * T, BV=BV, NORM=nm, **common)
+            _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), ksf, _or(dks, dummy), cu, cinfo, hoff, T,
+            float(scale), B * T, BV=BV, NORM=nm, KS=ks, **common)
     if gate == 1:
         dg = dg.sum(0) if NK > 1 else dg[0]
-    return dq, dk, dv, dg, dh0, dz0, (dskip.sum((0, 1)) if dskip is not None else None)
+    if ks:
+        dks = dks.sum(0) if NK > 1 else dks[0]
+    return dq, dk, dv, dg, dh0, dz0, (dskip.sum((0, 1)) if dskip is not None else None), dks
 
 
 # ---- the chunk-parallel form as a torch operator ----------------------------------------------
@@ -1131,15 +1163,16 @@ def _define_ops():
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
     def fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
             cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype],  # noqa: UP045
-            z0: Optional[Tensor], norm: bool, skip: Optional[Tensor]  # noqa: UP045
+            z0: Optional[Tensor], norm: bool, skip: Optional[Tensor], kscale: Optional[Tensor]  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip)
+        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
+                                                  kscale=kscale)
         # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
         return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
                 _or(zs, _empty(q)), _or(den, _empty(q)))
 
     @fwd.register_fake
-    def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip):
+    def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale):
         B, T, H, K = q.shape
         V = v.shape[-1]
         gate = _gate_of(g)
@@ -1162,18 +1195,18 @@ def _define_ops():
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
             G: Tensor, A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
             scale: float, o: Tensor, den: Tensor, zs: Tensor, z0: Optional[Tensor],  # noqa: UP045
-            dzt: Optional[Tensor], skip: Optional[Tensor]  # noqa: UP045
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor]  # noqa: UP045
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
         gf = G if gate == 2 else (_flat(g) if gate == 1 else None)
         norm = (o, den, zs, z0, dzt) if den.numel() else None
-        dq, dk, dv, dg, dh0, dz0, dskip = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
-                                                    A if gate == 2 else None, scale, norm, skip)
+        dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
+                                                         A if gate == 2 else None, scale, norm, skip, kscale=kscale)
         return (dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q)),
-                _or(dskip, _empty(q)))
+                _or(dskip, _empty(q)), _or(dks, _empty(q)))
 
     @bwd.register_fake
-    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip):
+    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip, kscale):
         B, T, H, K = q.shape
         f32 = torch.float32
         norm = den.numel() > 0
@@ -1183,23 +1216,25 @@ def _define_ops():
                 g.new_empty(g.shape, dtype=f32) if g is not None else _empty(q),
                 q.new_empty(N, H, K, v.shape[-1], dtype=f32) if state0 else _empty(q),
                 q.new_empty(N, H, K, dtype=f32) if state0 and norm else _empty(q),
-                skip.new_empty(skip.shape, dtype=f32) if skip is not None else _empty(q))
+                skip.new_empty(skip.shape, dtype=f32) if skip is not None else _empty(q),
+                q.new_empty(q.shape[:3], dtype=f32) if kscale is not None else _empty(q))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip = inputs
+        q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale = inputs
         o, ht, hs, G, A, zt, zs, den = output
-        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip)
+        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale)
         ctx.scale = scale
 
     def backward(ctx, do, dht, _dhs, _dG, _dA, dzt, _dzs, _dden):
-        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip = ctx.saved_tensors
+        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dg, dh0, dz0, dskip = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den, zs,
-                                              z0, dzt, skip)
+        dq, dk, dv, dg, dh0, dz0, dskip, dks = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den,
+                                                   zs, z0, dzt, skip, kscale)
         return (dq, dk, dv, dg.to(g.dtype) if g is not None else None, dh0 if h0 is not None else None,
                 None, None, None, dz0 if z0 is not None else None, None,
-                dskip.to(skip.dtype) if skip is not None else None)
+                dskip.to(skip.dtype) if skip is not None else None,
+                dks.to(kscale.dtype) if kscale is not None else None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -1215,25 +1250,26 @@ class ChunkParallel(torch.autograd.Function):
     benchmarks/host_overhead.py), which matters for short sequences."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip):
+    def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale):
         # the chunk layout once for both passes (with cu_seqlens: one host sync instead of two)
         ctx.layout = _layout(q.shape[0], q.shape[1], cu_seqlens, _blocks(q.shape[-1], v.shape[-1], _gate_of(g))[0],
                              q.device)
         o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
-                                                  ctx.layout)
-        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip)
+                                                  ctx.layout, kscale)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip, kscale)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
         return o, ht, zt
 
     @staticmethod
     def backward(ctx, do, dht, dzt):
-        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip = ctx.saved_tensors
+        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip, kscale = ctx.saved_tensors
         norm = (o, den, zs, z0, dzt) if den is not None else None
-        dq, dk, dv, dg, dh0, dz0, dskip = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
-                                                    ctx.scale, norm, skip, ctx.layout)
+        dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
+                                                         ctx.scale, norm, skip, ctx.layout, kscale)
         return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
                 None, None, dz0 if z0 is not None else None, None,
-                dskip.to(skip.dtype) if skip is not None else None)
+                dskip.to(skip.dtype) if skip is not None else None,
+                dks.to(kscale.dtype) if kscale is not None else None)
 
 
 def tensor_product(*xs):
@@ -1277,28 +1313,36 @@ def _merge_decays(gk, gs):
     return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
 
 
-def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False, skip=None):
+def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False, skip=None, kscale=None):
     """(o, final state, final normaliser or None) through the custom operator while torch.compile
-    traces (an opaque operator: no graph break), else through :class:`ChunkParallel`."""
+    traces (an opaque operator: no graph break), else through :class:`ChunkParallel`. A key scale with a
+    per-key decay is applied here (the per-key kernels do not take one)."""
+    if kscale is not None and g is not None and g.dim() == 4:
+        k, kscale = (k.float() * kscale.float()[..., None]).to(k.dtype), None
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
-        o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip)[:6]
+        o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
+                                           kscale)[:6]
         return o, ht, (zt if norm else None)
-    return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip)
+    return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
 
 
 def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=None, output_final_state=False,
-                     scale=1.0, out_dtype=None, skip=None):
+                     scale=1.0, out_dtype=None, skip=None, kscale=None):
     """Differentiable S_t = Dk S_{t-1} Dv e^gs + k_t v_t^T, o_t = scale q_t^T S_t (+ skip[h] v_t, skip [H]):
     returns (o [B, T, H, V] in ``out_dtype`` (default q's dtype), final state [N, H, K, V] fp32 (not scaled)
-    or None).
+    or None). ``kscale`` [B, T, H]: the keys are kscale_t k_t (such as mamba2's dt_t B_t); the kernels
+    apply it as they load k, so the scaled keys are never written out.
 
     Without a per-value decay this is the chunk-parallel form (:func:`chunk_fwd` and :func:`chunk_bwd`,
     through :class:`ChunkParallel` in eager mode and a custom operator under torch.compile; a scalar
     and a per-key decay are merged into one per-key decay); with one, the sequential walk
     (:class:`ChunkRecurrence`)."""
     if gv is None:
-        o, ht, _ = _chunk_parallel(q, k, v, _merge_decays(gk, gs), h0, cu_seqlens, scale, out_dtype, skip=skip)
+        o, ht, _ = _chunk_parallel(q, k, v, _merge_decays(gk, gs), h0, cu_seqlens, scale, out_dtype, skip=skip,
+                                   kscale=kscale)
     else:
+        if kscale is not None:
+            k = (k.float() * kscale.float()[..., None]).to(k.dtype)
         o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
         if skip is not None:
             o = o + skip.float()[:, None] * v.float()
@@ -1307,16 +1351,17 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
 
 
 def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_seqlens=None,
-                     output_final_state=False, scale=1.0, out_dtype=None):
+                     output_final_state=False, scale=1.0, out_dtype=None, kscale=None):
     """The recurrence of :func:`chunk_recurrence` together with its normaliser z_t = Dk z_{t-1} e^gs + k_t
     (the same decays, v = 1), divided: o_t = (q_t^T S_t) / (q_t^T z_t) (``scale`` cancels; it only
     matters for rounding). Returns (o, final S or None, final z [N, H, K] or None).
 
     With no decay or a scalar one the kernels carry z themselves and divide in the output kernel; with
-    a per-key or per-value decay z is one more value column and the division a PyTorch op."""
+    a per-key or per-value decay z is one more value column and the division a PyTorch op. ``kscale`` as in
+    :func:`chunk_recurrence` (it scales z's input too)."""
     g = _merge_decays(gk, gs)
     if gv is None and (g is None or g.dim() == 3):
-        o, ht, zt = _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, True)
+        o, ht, zt = _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, True, kscale=kscale)
         return o, (ht if output_final_state else None), (zt if output_final_state else None)
     V = v.shape[-1]
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
@@ -1327,6 +1372,7 @@ def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_se
         h0 = torch.zeros(N, H, K, V, device=ref.device) if h0 is None else h0.float()
         z0 = torch.zeros(N, H, K, device=ref.device) if z0 is None else z0.float()
         h0 = torch.cat([h0, z0[..., None]], dim=-1)
-    o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale, torch.float32)
+    o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale, torch.float32,
+                             kscale=kscale)
     o = (o[..., :V] / o[..., V:]).to(out_dtype or q.dtype)
     return o, (ht[..., :V] if output_final_state else None), (ht[..., V] if output_final_state else None)

@@ -231,6 +231,19 @@ def _skip_coefficient(skip: Node, v: Node) -> Node | None:
     return product(rest) if rest else _const(1)
 
 
+def _key_scale(cp: ChunkPlan) -> tuple[Node | None, Node]:
+    """(the per-token scalar factors of k', what remains of k'): a factor that varies with the token only
+    (such as mamba2's dt in dt * B[n]) is passed to the kernels as a key scale, which they apply as they
+    load k, so the scaled keys are never written out. (None, k') when k' has no such factor, or nothing
+    but such factors."""
+    scal, rest = [], []
+    for f in _flatten_mul(cp.k):
+        (scal if set(f.idx) == {T_VAR} else rest).append(f)
+    if not scal or not any(cp.key in f.idx for f in rest):
+        return None, cp.k
+    return product(scal), product(rest)
+
+
 def _header(doc: str) -> list[str]:
     """The chunked form's signature and its (two-line) docstring."""
     return ["def chunked(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
@@ -260,7 +273,8 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         (numbers if _is_number(f) else tensors).append(f)
     scale = " * ".join(em._paren(em.val(f, "pre")[0]) for f in numbers) or "1.0"
     q = _as_btd(fe, product(tensors) if tensors else _const(1), (cp.key,), f"B, H, T, {K}")
-    k = _as_btd(fe, cp.k, (cp.key,), f"B, H, T, {K}")
+    kscale, k_rest = _key_scale(cp)
+    k = _as_btd(fe, k_rest, (cp.key,), f"B, H, T, {K}")
     v = _as_btd(fe, cp.v, (cp.value,), f"B, H, T, {V}")
     gargs = ""
     if cp.decay != "none":
@@ -277,6 +291,10 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         else:
             g = _as_btd(em, cp.g, (cp.value,), f"B, H, T, {V}")
             gargs = f", gv={g}"
+    if kscale is not None:
+        ks = _as_btd(em, kscale, (), "B, H, T")
+        em.emit(f"# key scale {show(kscale)}: the kernels multiply k by it as they load k")
+        gargs += f", kscale={ks}"
     st = f"states.get({cp.state!r})"
     em.emit(f"h0 = {st}")
     tr = ".transpose(-1, -2)" if cp.transposed else ""
@@ -481,7 +499,11 @@ def describe(a: Analysis) -> list[str]:
         cp = plan(a)
     except NoChunkedForm:
         return []
-    out = [f"q' = {show(cp.q)}, k' = {show(cp.k)}, v' = {show(cp.v)} (PyTorch prologue, in the inputs' dtype)"]
+    kscale, k_rest = _key_scale(cp)
+    out = [f"q' = {show(cp.q)}, k' = {show(k_rest)}, v' = {show(cp.v)} (PyTorch prologue, in the inputs' dtype)"]
+    if kscale is not None:
+        out.append(f"key scale {show(kscale)}: k' is scaled by it per token as the kernels load it "
+                   "(the scaled keys are never stored)")
     if cp.decay != "none":
         out.append(f"log decay ({cp.decay}): {show(cp.g)}, summed within each 64-token chunk by the kernels")
     if cp.normaliser:

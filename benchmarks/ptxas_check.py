@@ -58,12 +58,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--warps", default="", help="comma-separated; default: the warps each kernel runs with")
     ap.add_argument("--gates", default="0,1,2")
+    ap.add_argument("--ks", action="store_true", help="with a key scale (gates 0 and 1)")
     args = ap.parse_args()
     K = V = 128
     bf, i32 = "*bf16", "*i32"
     for gate in map(int, args.gates.split(",")):
         BT, BS, BK, BV, BVO = C._blocks(K, V, gate)
-        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False)
+        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
+                    KS=args.ks and gate < 2)
         ints = dict(cu=i32, cinfo=i32, hoff=i32)
         kernels = {  # name: (pointer types other than fp32, constexprs, warps it runs with)
             "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), dict(REVERSE=False, USE_S0=False,

@@ -146,9 +146,9 @@ def test_custom_operator_passes_opcheck(gate):
     from mixc.backends.chunked import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(gate)
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, None))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, None, None))
     cu = torch.tensor([0, 30, 70], device=DEV)  # varlen: the stored states' count depends on cu_seqlens
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, False, None))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, False, None, None))
 
 
 @pytest.mark.parametrize("gate", [0, 1])
@@ -158,9 +158,9 @@ def test_custom_operator_passes_opcheck_normalised(gate):
     q, k, v, g, h0 = _opcheck_args(gate)
     q, k = (F.elu(x.detach()).add(1).requires_grad_() for x in (q, k))
     z0 = torch.rand(1, 2, 8).to(DEV).requires_grad_()
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, z0, True, None))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, z0, True, None, None))
     cu = torch.tensor([0, 30, 70], device=DEV)
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, True, None))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, True, None, None))
 
 
 def test_torch_compile_has_no_graph_break():
@@ -314,7 +314,7 @@ def test_custom_operator_passes_opcheck_with_skip():
 
     q, k, v, g, h0 = _opcheck_args(1)
     skip = torch.randn(2).to(DEV).requires_grad_()
-    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, skip))
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, skip, None))
 
 
 @pytest.mark.parametrize("K,e", [(5, 2), (4, 3), (16, 2), (3, 1)])
@@ -345,3 +345,64 @@ def test_in_kernel_normaliser_refuses_a_per_key_decay():
     q, k, v, g, _ = _opcheck_args(2)
     with pytest.raises(ValueError, match="per-key decay"):
         chunk_fwd(q.detach(), k.detach(), v.detach(), g.detach(), norm=True)
+
+
+@pytest.mark.parametrize("use,cu,norm", [("", None, False), ("s", None, False), ("s", [0, 70, 70, 150], False),
+                                         ("k", None, False), ("v", None, False), ("s", None, True),
+                                         ("", [0, 5, 150], True)])
+def test_key_scale_matches_the_loop(use, cu, norm):
+    """k'_t = ks_t k_t with ks [B, T, H] applied as the kernels load k (none or scalar decays; scaled
+    before the kernels otherwise): outputs, final states and the gradients of k and ks, several key
+    blocks, with and without the normaliser (which the scale enters too)."""
+    gen = torch.Generator().manual_seed(13)
+    B, T, H, K, V = (2, 150, 2, 70, 9) if cu is None else (1, 150, 2, 70, 9)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k = (F.elu(r(B, T, H, K)) + 1, F.elu(r(B, T, H, K)) + 1) if norm else (r(B, T, H, K), r(B, T, H, K))
+    v, ks = r(B, T, H, V), torch.rand(B, T, H, generator=gen) * 2
+    ks[:, 3] = 0.0  # a zero scale: its gradient still comes from k . dk'
+    gk = F.logsigmoid(r(B, T, H, K)) if "k" in use else None
+    gv = F.logsigmoid(r(B, T, H, V)) if "v" in use else None
+    gs = F.logsigmoid(r(B, T, H)) if "s" in use else None
+    N = B if cu is None else len(cu) - 1
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    h0 = r(N, H, K, V)
+    ref = [x.double().to(DEV).requires_grad_() if x is not None else None for x in (q, k, v, gk, gv, gs, h0, ks)]
+    k_ref = ref[1] * ref[7][..., None]
+    if norm:
+        ro, rh, _ = naive_normalised(ref[0], k_ref, *ref[2:7], None, cu_t)
+    else:
+        ro, rh = naive(ref[0], k_ref, *ref[2:7], cu_t)
+    do = r(B, T, H, V).to(DEV)
+    ((ro * do).sum() + (rh * 0.3).sum()).backward()
+    ours = [x.detach().float().requires_grad_() if x is not None else None for x in ref]
+    if norm:
+        o, ht, _ = chunk_normalised(*ours[:7], cu_seqlens=cu_t, output_final_state=True, kscale=ours[7])
+    else:
+        o, ht = chunk_recurrence(*ours[:7], cu_seqlens=cu_t, output_final_state=True, kscale=ours[7])
+    ((o * do).sum() + (ht * 0.3).sum()).backward()
+    assert rel(o, ro) < 1e-5 and rel(ht, rh) < 1e-5
+    for name, a, b in zip("q k v gk gv gs h0 ks".split(), ours, ref):
+        if a is not None:
+            assert rel(a.grad, b.grad) < 1e-4, name
+
+
+def test_key_scale_in_half_precision_and_under_opcheck():
+    """fp16 keys with an fp32 scale; the custom operator's schema, fake shapes and autograd with kscale."""
+    from mixc.backends.chunked import _CHUNK_FWD_OP
+
+    q, k, v, g, h0 = _opcheck_args(1)
+    ks = torch.rand(1, 70, 2).to(DEV).requires_grad_()
+    torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, None, ks))
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v, g, ks)]
+    ro, _ = naive(ref[0], ref[1] * ref[4][..., None], ref[2], None, None, ref[3], None, None)
+    do = torch.randn_like(ro)
+    (ro * do).sum().backward()
+    ours = [x.detach().to(torch.float16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(ref)]
+    o, _ = chunk_recurrence(ours[0], ours[1], ours[2], gs=ours[3], kscale=ours[4])
+    (o.float() * do).sum().backward()
+    assert o.dtype == torch.float16 and rel(o, ro) < 2e-2
+    for name, a, b in zip("q k v gs ks".split(), ours, ref):
+        assert rel(a.grad, b.grad) < 2e-2, name

@@ -54,8 +54,19 @@ state M[Dk, Dv]
 M[x, y] = exp(f) * M[x, y] + b[x] * c[y]
 out r[y] = sum(x: a[x] * M[x, y]) + 2 * w * c[y]
 """
+# A per-token scale of the keys (beta, as mamba2's dt), normalised: the kernels scale k as they load it
+SYNTHETIC_KSCALE = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input beta[] ~ sigmoid
+input f[] ~ logsigmoid
+state M[Dk, Dv], n[Dk]
+M[x, y] = exp(f) * M[x, y] + beta * exp(b[x]) * c[y]
+n[x] = exp(f) * n[x] + beta * exp(b[x])
+out r[y] = sum(x: sigmoid(a[x]) * M[x, y]) / sum(x: sigmoid(a[x]) * n[x])
+"""
 SYNTHETICS = {"synthetic": SYNTHETIC, "synthetic_norm": SYNTHETIC_NORM, "synthetic_keynorm": SYNTHETIC_KEYNORM,
-              "synthetic_skip": SYNTHETIC_SKIP}
+              "synthetic_skip": SYNTHETIC_SKIP, "synthetic_kscale": SYNTHETIC_KSCALE}
 
 
 def load(name):
@@ -158,6 +169,16 @@ def test_the_kernels_carry_the_normaliser_and_the_skip():
     body = load("synthetic_skip").source_code
     body = body[body.index("def chunked("):body.index("chunked.native_varlen")]
     assert "skip=" in body and "o = o +" not in body
+
+
+def test_the_kernels_scale_the_keys():
+    """A per-token factor of k' (mamba2's dt in dt * B[n]) goes to the kernels as a key scale: the
+    prologue never forms the scaled keys."""
+    for name, scale in (("mamba2", "inputs['dt']"), ("synthetic_kscale", "inputs['beta']")):
+        src = load(name).source_code
+        body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
+        assert f"kscale={scale}" in body, name
+        assert "[:, :, :, None] *" not in body, name  # no [B, H, T, 1] x [B, H, T, K] product
 
 
 def test_a_normaliser_must_decay_like_its_state():
