@@ -1283,29 +1283,34 @@ def tensor_product(*xs):
 def symmetric_power(x, e):
     """The symmetric e-th tensor power over the last axis: features x_i1 ... x_ie for i1 <= ... <= ie,
     each times sqrt(e! / prod(multiplicities!)), so that symmetric_power(a, e) . symmetric_power(b, e)
-    = (a . b)^e with C(K + e - 1, e) features instead of K^e. Selected from the full product (its
-    backward scatters to distinct positions: deterministic)."""
-    K = x.shape[-1]
-    pos, w = _symmetric_index(K, e)
-    full = tensor_product(*([x] * e))
-    return full[..., pos.to(x.device)] * w.to(x.device, x.dtype)
+    = (a . b)^e with C(K + e - 1, e) features instead of K^e. Each factor x_ir is picked by a product
+    with a one-hot [K, features] matrix (exact), so the backward is matrix products too: no scatter,
+    deterministic, and no K^e-wide intermediate."""
+    picks, w = _symmetric_index(x.shape[-1], e)
+    out = w.to(x.device, x.dtype)
+    for pick in picks:
+        out = out * (x @ pick.to(x.device, x.dtype))
+    return out
 
 
 _SYMMETRIC = {}
 
 
 def _symmetric_index(K, e):
-    """(positions in the flattened K^e product, weights) of the symmetric power's features."""
+    """(e one-hot [K, features] matrices, the r-th picking each feature's r-th index; weights)."""
     if (K, e) not in _SYMMETRIC:
         import itertools
         import math
 
-        pos, w = [], []
-        for ix in itertools.combinations_with_replacement(range(K), e):
-            pos.append(sum(i * K ** (e - 1 - r) for r, i in enumerate(ix)))
+        idx = list(itertools.combinations_with_replacement(range(K), e))
+        picks = torch.zeros(e, K, len(idx), dtype=torch.float64)
+        w = []
+        for f, ix in enumerate(idx):
+            for r, i in enumerate(ix):
+                picks[r, i, f] = 1.0
             counts = [ix.count(i) for i in set(ix)]
             w.append(math.sqrt(math.factorial(e) / math.prod(math.factorial(c) for c in counts)))
-        _SYMMETRIC[K, e] = (torch.tensor(pos), torch.tensor(w, dtype=torch.float64))
+        _SYMMETRIC[K, e] = (picks, torch.tensor(w, dtype=torch.float64))
     return _SYMMETRIC[K, e]
 
 

@@ -335,6 +335,10 @@ def test_symmetric_power_keeps_the_dot_product(K, e):
     full = (tensor_product(*[a] * e) * tensor_product(*[b] * e)).sum(-1)
     want = torch.autograd.grad(full.sum(), (a, b))
     assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-12) for x, y in zip(g, want))
+    # bf16 picks are exact: the features equal the products of the bf16 entries, rounded once per product
+    ab = a.detach().to(torch.bfloat16)
+    want_b = symmetric_power(ab.double(), e).to(torch.bfloat16)
+    assert torch.allclose(symmetric_power(ab, e).double(), want_b.double(), rtol=2 ** -7 * e, atol=0)
 
 
 def test_in_kernel_normaliser_refuses_a_per_key_decay():
