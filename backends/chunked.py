@@ -673,20 +673,82 @@ def _dqk_kernel(
 
 
 @triton.jit
-def _dqk_key_kernel(
+def _dqk_key_off_kernel(
     q, k, v, G, do,
-    hs, dhs,
-    dx,  # [B*T, H, K]: dq (SIDE 0) or dk (SIDE 1)
-    dG,  # [B*T, H, K] fp32: q dq (SIDE 0), then q dq - k dk (SIDE 1), own terms left out
+    hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
+    dqa, dka,  # [B*T, H, K] fp32 out: dq, dk without each row block's own part
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, SIDE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Per-key decay, rows s0 .. s0+BS of one chunk, one key block:
-    SIDE 0: dq_t = scale (e^G_t (do_t h^T) + sum_{s < t} dA[t, s] k_s e^(G_t - G_s)) (+ own term)
-    SIDE 1: dk_s = e^(G_L - G_s) (v_s dh^T) + scale sum_{t > s} dA[t, s] q_t e^(G_t - G_s) (+ own term)
-    with dA[t, s] = do_t . v_s; earlier / later blocks on tensor cores around the block's first /
-    last row, the block itself exactly."""
+    """Per-key decay, one chunk and key block: the inter-chunk terms and the row blocks against the
+    other blocks of the chunk (tensor cores, dA = do v^T formed once per chunk):
+    dq_t = scale (e^G_t (do_t h^T) + sum_{s in earlier blocks} dA[t, s] k_s e^(G_t - G_s))
+    dk_s = e^(G_L - G_s) (v_s dh^T) + scale sum_{t in later blocks} dA[t, s] q_t e^(G_t - G_s)
+    around a reference row at the block's edge (the row before it for dq, its last row for dk)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NSB: tl.constexpr = BT // BS
+    bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
+    c0 = c * BT
+    o_i = tl.arange(0, BT)
+    o_c = c0 + o_i
+    m_c = o_c < L
+    blk = o_i // BS
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    m_ck = m_c[:, None] & m_k[None, :]
+    p_hs = (ih * H + i_h) * K * V + o_k[:, None] * V
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_da = tl.zeros([BT, BT], dtype=tl.float32)  # dA[t, s] = do_t . v_s
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        m_hv = m_k[:, None] & m_v[None, :]
+        p_v = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_v, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_h = tl.load(hs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+        b_dh = tl.load(dhs + p_hs + o_v[None, :], mask=m_hv, other=0.0).to(tl.float32)
+        b_dq += _dot(b_do, tl.trans(b_h), DOT)
+        b_dk += _dot(b_v, tl.trans(b_dh), DOT)
+        b_da += _dot(b_do, tl.trans(b_v), DOT)
+    b_da = b_da * scale
+    b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    b_G = tl.load(G + p_c, mask=m_ck, other=0.0).to(tl.float32)
+    b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
+    b_dq = b_dq * tl.exp(b_G) * scale
+    b_dk = b_dk * tl.exp(tl.where(m_ck, b_GL[None, :] - b_G, float("-inf")))
+    for b in tl.static_range(1, NSB):  # queries of block b against keys of earlier blocks
+        b_R = _row(G, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
+        b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m_ck, b_R[None, :] - b_G, float("-inf")))
+        in_b = (blk == b)[:, None] & m_ck
+        b_dq += tl.where(in_b, _dot(b_da, b_kb, DOT), 0.0) * tl.exp(tl.where(in_b, b_G - b_R[None, :],
+                                                                              float("-inf")))
+    for b in tl.static_range(0, NSB - 1):  # keys of block b against queries of later blocks
+        b_E = _row(G, bos, tl.minimum(c0 + (b + 1) * BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)
+        b_qb = b_q * tl.exp(tl.where((o_i >= (b + 1) * BS)[:, None] & m_ck, b_G - b_E[None, :], float("-inf")))
+        in_b = (blk == b)[:, None] & m_ck
+        b_dk += tl.where(in_b, _dot(tl.trans(b_da), b_qb, DOT), 0.0) * tl.exp(tl.where(in_b, b_E[None, :] - b_G,
+                                                                                        float("-inf")))
+    tl.store(dqa + p_c, b_dq, mask=m_ck)
+    tl.store(dka + p_c, b_dk, mask=m_ck)
+
+
+@triton.jit
+def _dqk_key_diag_kernel(
+    q, k, v, G, do,
+    dqa, dka,  # from _dqk_key_off_kernel
+    dq, dk,  # [B*T, H, K] out
+    dG,  # [B*T, H, K] fp32 out: q dq - k dk, each token's own term left out
+    cu, cinfo, hoff, T, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+):
+    """One BS-row block against itself, exactly (one column at a time, broadcast row loads), added to
+    the other blocks' part; then dG and the own terms."""
     i_k, i_cs, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NSB: tl.constexpr = BT // BS
     bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -695,77 +757,42 @@ def _dqk_key_kernel(
     if s0 < L:
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        p_hs = _state_rows(ih, i_h, o_k, H, K, V)
-        o_c = c0 + tl.arange(0, BT)
-        m_c = o_c < L
         o_j = tl.arange(0, BS)
         o_r = s0 + o_j
         m_r = o_r < L
         p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
         m_rk = m_r[:, None] & m_k[None, :]
-        b_x = tl.zeros([BS, BK], dtype=tl.float32)  # the inter-chunk part
-        b_da = tl.zeros([BS, BT], dtype=tl.float32)  # dA between this block and the rest of the chunk
         b_dad = tl.zeros([BS, BS], dtype=tl.float32)  # dA within the block: [t, s]
         b_own = tl.zeros([BS], dtype=tl.float32)
         for v0 in range(0, V, BV):
             o_v = v0 + tl.arange(0, BV)
-            m_v = o_v < V
             p_vr = ((bos + o_r)[:, None] * H + i_h) * V + o_v[None, :]
-            p_vc = ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :]
-            b_dor = tl.load(do + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_vr = tl.load(v + p_vr, mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            m_rv = m_r[:, None] & (o_v < V)[None, :]
+            b_dor = tl.load(do + p_vr, mask=m_rv, other=0.0).to(tl.float32)
+            b_vr = tl.load(v + p_vr, mask=m_rv, other=0.0).to(tl.float32)
             b_own += tl.sum(b_dor * b_vr, axis=1)
             b_dad += _dot(b_dor, tl.trans(b_vr), DOT)
-            if SIDE == 0:
-                b_h = _state_tile(hs, p_hs, m_k, o_v, V)
-                b_vc = tl.load(v + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                b_x += _dot(b_dor, tl.trans(b_h), DOT)
-                b_da += _dot(b_dor, tl.trans(b_vc), DOT)  # [t in the block, s in the chunk]
-            else:
-                b_dh = _state_tile(dhs, p_hs, m_k, o_v, V)
-                b_doc = tl.load(do + p_vc, mask=m_c[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                b_x += _dot(b_vr, tl.trans(b_dh), DOT)
-                b_da += _dot(b_vr, tl.trans(b_doc), DOT)  # [s in the block, t in the chunk]
-        b_da = b_da * scale
         b_dad = b_dad * scale
-        p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-        m_ck = m_c[:, None] & m_k[None, :]
         b_G = tl.load(G + p_r, mask=m_rk, other=0.0).to(tl.float32)
-        b_Gc = tl.load(G + p_c, mask=m_ck, other=0.0).to(tl.float32)
-        if SIDE == 0:
-            b_R = _row(G, bos, s0 - 1, c0, L, i_h, o_k, m_k, H, K)  # G before the block
-            b_x = b_x * tl.exp(b_G) * scale
-            b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
-            b_kp = b_kc * tl.exp(tl.where((o_c < s0)[:, None], b_R[None, :] - b_Gc, float("-inf")))
-            b_x += _dot(b_da, b_kp, DOT) * tl.exp(tl.where(m_r[:, None], b_G - b_R[None, :], float("-inf")))
-            for j in range(0, BS):  # key column s0 + j, strictly below the diagonal
-                b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                b_daj = tl.sum(tl.where((o_j == j)[None, :], b_dad, 0.0), axis=1)  # dA[t, s0 + j]
-                b_x += b_daj[:, None] * b_kj[None, :] * tl.exp(
-                    tl.where(((o_j > j) & m_r)[:, None], b_G - b_Gj[None, :], float("-inf")))
-            b_y = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            b_other = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            tl.store(dG + p_r, b_y * b_x, mask=m_rk)
-        else:
-            b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
-            b_E = _row(G, bos, tl.minimum(s0 + BS, L) - 1, 0, L, i_h, o_k, m_k, H, K)  # G at the block's end
-            b_x = b_x * tl.exp(b_GL[None, :] - b_G)
-            b_qc = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
-            b_qn = b_qc * tl.exp(tl.where(((o_c > s0 + BS - 1) & m_c)[:, None], b_Gc - b_E[None, :], float("-inf")))
-            b_x += _dot(b_da, b_qn, DOT) * tl.exp(b_E[None, :] - b_G)
-            for j in range(0, BS):  # query row s0 + j, strictly after the key
-                b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                b_datj = tl.sum(tl.where((o_j == j)[:, None], b_dad, 0.0), axis=0)  # dA[s0 + j, s]
-                b_x += b_datj[:, None] * b_qj[None, :] * tl.exp(
-                    tl.where(((o_j < j) & (o_r - o_j + j < L))[:, None], b_Gj[None, :] - b_G, float("-inf")))
-            b_y = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            b_other = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
-            tl.store(dG + p_r, tl.load(dG + p_r, mask=m_rk, other=0.0) - b_y * b_x, mask=m_rk)
-        # the token's own term (it cancels in dG), in fp32
-        b_x += (b_own * scale)[:, None] * b_other
-        tl.store(dx + p_r, b_x.to(dx.dtype.element_ty), mask=m_rk)
+        b_q = tl.load(q + p_r, mask=m_rk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_r, mask=m_rk, other=0.0).to(tl.float32)
+        b_dq = tl.load(dqa + p_r, mask=m_rk, other=0.0)
+        b_dk = tl.load(dka + p_r, mask=m_rk, other=0.0)
+        for j in range(0, BS):
+            b_Gj = _row(G, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+            b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+            b_qj = _row(q, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+            b_daj = tl.sum(tl.where((o_j == j)[None, :], b_dad, 0.0), axis=1)  # dA[t, s0 + j]
+            b_datj = tl.sum(tl.where((o_j == j)[:, None], b_dad, 0.0), axis=0)  # dA[s0 + j, s]
+            b_dq += b_daj[:, None] * b_kj[None, :] * tl.exp(
+                tl.where(((o_j > j) & m_r)[:, None] & m_k[None, :], b_G - b_Gj[None, :], float("-inf")))
+            b_dk += b_datj[:, None] * b_qj[None, :] * tl.exp(
+                tl.where(((o_j < j) & (s0 + j < L))[:, None] & m_k[None, :], b_Gj[None, :] - b_G, float("-inf")))
+        tl.store(dG + p_r, b_q * b_dq - b_k * b_dk, mask=m_rk)
+        b_dq += (b_own * scale)[:, None] * b_k
+        b_dk += (b_own * scale)[:, None] * b_q
+        tl.store(dq + p_r, b_dq.to(dq.dtype.element_ty), mask=m_rk)
+        tl.store(dk + p_r, b_dk.to(dk.dtype.element_ty), mask=m_rk)
 
 
 @triton.jit
@@ -1104,12 +1131,14 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
         skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, cu, cinfo, hoff, T,
         float(scale), NC, BV=BV, SKIP=skip is not None, KS=ks, **common)
-    if gate == 2:  # dq, then dk (each adds its part of dG), then dg within each chunk
-        for side, dx in ((0, dq), (1, dk)):
-            _dqk_key_kernel[(NK, NC * (BT // BS), H)](
-                qf, kf, vf, gf, dof, hs, dhs, dx, dg, cu, cinfo, hoff, T, float(scale), BS=BS, BV=BV,
-                SIDE=side, H=H, K=K, V=V, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
-                num_warps=WARPS_KEY)
+    if gate == 2:  # other blocks per chunk (tensor cores), then each block against itself, then dg
+        dqa = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)
+        dka = torch.empty_like(dqa)
+        key = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"])
+        _dqk_key_off_kernel[(NK, NC, H)](qf, kf, vf, gf, dof, hs, dhs, dqa, dka, cu, cinfo, hoff, T, float(scale),
+                                         **key, num_warps=WARPS)
+        _dqk_key_diag_kernel[(NK, NC * (BT // BS), H)](qf, kf, vf, gf, dof, dqa, dka, dq, dk, dg, cu, cinfo, hoff, T,
+                                                       float(scale), **key, num_warps=WARPS_KEY)
         _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                     IS_VARLEN=cu_seqlens is not None, num_warps=4)
     else:
@@ -1135,7 +1164,7 @@ def _ops_tag():
     import inspect
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
-               _dqk_key_kernel, _dg_key_kernel, _local_cumsum_kernel,  # and the helpers they call:
+               _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel,  # and helpers:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]

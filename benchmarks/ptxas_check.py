@@ -78,9 +78,10 @@ def main():
         if gate == 2:
             kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
-            for side in (0, 1):
-                kernels[f"_dqk_key_kernel/{side}"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dx=bf, **ints),
-                                                      dict(BS=BS, SIDE=side), C.WARPS_KEY)
+            kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, **ints), dict(BS=BS),
+                                              C.WARPS)
+            kernels["_dqk_key_diag_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, **ints), dict(BS=BS),
+                                               C.WARPS_KEY)
             kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), {}, 4)
         else:
             kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), {},
