@@ -266,16 +266,42 @@ def _suffix_sum(x):
 
 
 @triton.jit
-def _local_cumsum_kernel(g, G, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                          BK: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """G = the inclusive cumulative sum of g within each chunk, in fp32."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """G = the inclusive cumulative sum of g within each chunk, in fp32; span[chunk, h] = max |G_t - G_R|
+    over the chunk's rows and keys, R its middle row (_mid_row): whether the chunk's in-chunk factors
+    e^(G_t - G_s) may be formed as e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
-    o_c = c * BT + tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m = (o_c < L)[:, None] & (o_k < K)[None, :]
-    p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(G + p, tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0), mask=m)
+    o_i = tl.arange(0, BT)
+    o_c = c * BT + o_i
+    m_c = o_c < L
+    r = _mid_row(c * BT, L, BT)
+    b_span = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m = m_c[:, None] & (o_k < K)[None, :]
+        p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+        b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
+        tl.store(G + p, b_G, mask=m)
+        b_R = tl.sum(tl.where((o_c == r)[:, None], b_G, 0.0), axis=0)
+        b_span = tl.maximum(b_span, tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]), 0.0), axis=1))
+    tl.store(span + i_c * H + i_h, tl.max(b_span, axis=0))
+
+
+@triton.jit
+def _mid_row(c0, L, BT: tl.constexpr):
+    """The reference row of a chunk's factored in-chunk products: its middle row (or last, if shorter)."""
+    return tl.minimum(c0 + BT // 2 - 1, L - 1)
+
+
+@triton.jit
+def _span_of(span, i_c, i_h, H: tl.constexpr):
+    """Chunk i_c's span (_local_cumsum_kernel). At most BOUND (a constexpr, _factor_bound), every
+    e^(G_t - G_R) and e^(G_R - G_s) lies within e^(+-BOUND): then e^(G_t - G_s) = e^(G_t - G_R) e^(G_R - G_s)
+    neither overflows nor underflows the dot's operands, and the whole chunk goes through tensor cores;
+    sharper gates take the exact 16-row path."""
+    return tl.load(span + i_c * H + i_h)
 
 
 @triton.jit
@@ -379,14 +405,16 @@ def _state_walk_kernel(
 def _intra_key_kernel(
     q, k, g,  # [B*T, H, K]; g: the chunk-local cumulative log decay G (fp32)
     A,  # [B*T, H, BT] fp32 out: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
+    span,  # [chunks, H] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
 ):
     """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
     tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
     (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
-    against itself is left to _intra_diag_kernel (exact)."""
+    against itself is left to _intra_diag_kernel (exact). A chunk whose gates allow it (_span_of) is
+    instead one product around its middle row R: (q e^(G - G_R)) (k e^(G_R - G))^T, own blocks included."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -396,40 +424,87 @@ def _intra_key_kernel(
     m_c = o_c < L
     blk = o_i // BS  # each row's block
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):  # earlier blocks: tensor cores
+    p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
+    if _span_of(span, i_c, i_h, H) <= BOUND:  # factored: the whole chunk around its middle row
+        _intra_factored(q, k, g, A, bos, c0, L, i_h, H, K, BT, BK, DOT)
+    else:
+        for k0 in range(0, K, BK):  # earlier blocks: tensor cores
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            m = m_c[:, None] & m_k[None, :]
+            p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+            b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+            # every row's reference: G at the row before its block (0 before the chunk)
+            p_R = ((bos + c0 + blk * BS - 1)[:, None] * H + i_h) * K + o_k[None, :]
+            b_R = tl.load(g + p_R, mask=((blk > 0) & m_c)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
+            for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1
+                b_Rb = _row(g, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
+                b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
+                b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
+        tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
+
+
+@triton.jit
+def _intra_factored(q, k, g, A, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, DOT: tl.constexpr):
+    """A factored chunk's scores around its middle row R (the last row of the first half):
+    A[t, s] = (q_t e^(G_t - G_R)) . (k_s e^(G_R - G_s)). The first half's rows are taken against the first
+    half's keys only: its factors e^(G_t - G_R) are >= 1, and against the second half's keys (all s > t,
+    masked) they could overflow; the second half's rows (factors <= 1) against every key."""
+    HT: tl.constexpr = BT // 2
+    o_h = tl.arange(0, HT)
+    o_i = tl.arange(0, BT)
+    m_1 = c0 + o_h < L
+    m_2 = c0 + HT + o_h < L
+    m_c = c0 + o_i < L
+    b_a1 = tl.zeros([HT, HT], dtype=tl.float32)  # first-half rows, first-half keys
+    b_a2 = tl.zeros([HT, BT], dtype=tl.float32)  # second-half rows, all keys
+    for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
+        b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
+        p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
         m = m_c[:, None] & m_k[None, :]
-        p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-        b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
-        # every row's reference: G at the row before its block (0 before the chunk)
-        p_R = ((bos + c0 + blk * BS - 1)[:, None] * H + i_h) * K + o_k[None, :]
-        b_R = tl.load(g + p_R, mask=((blk > 0) & m_c)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
-        for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1
-            b_Rb = _row(g, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
-            b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
-            b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
-    p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
-    tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
+        b_kr = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m, b_R[None, :] - tl.load(g + p, mask=m, other=0.0), float("-inf")))
+        p1 = ((bos + c0 + o_h)[:, None] * H + i_h) * K + o_k[None, :]
+        m1 = m_1[:, None] & m_k[None, :]
+        b_G1 = tl.load(g + p1, mask=m1, other=0.0)
+        b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m1, b_R[None, :] - b_G1, float("-inf")))
+        b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m1, b_G1 - b_R[None, :], float("-inf")))
+        b_a1 += _dot(b_q1, tl.trans(b_k1), DOT)
+        p2 = p1 + HT * H * K
+        m2 = m_2[:, None] & m_k[None, :]
+        b_q2 = tl.load(q + p2, mask=m2, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m2, tl.load(g + p2, mask=m2, other=0.0) - b_R[None, :], float("-inf")))
+        b_a2 += _dot(b_q2, tl.trans(b_kr), DOT)
+    p_a1 = ((bos + c0 + o_h)[:, None] * H + i_h) * BT
+    tl.store(A + p_a1 + o_h[None, :], tl.where(o_h[:, None] >= o_h[None, :], b_a1, 0.0), mask=m_1[:, None])
+    tl.store(A + p_a1 + HT + o_h[None, :], tl.zeros([HT, HT], dtype=tl.float32), mask=m_1[:, None])
+    tl.store(A + p_a1 + HT * H * BT + o_i[None, :], tl.where(HT + o_h[:, None] >= o_i[None, :], b_a2, 0.0),
+             mask=m_2[:, None])
 
 
 @triton.jit
 def _intra_diag_kernel(
-    q, k, g, A, cu, cinfo, hoff, T,
+    q, k, g, A, span, cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BOUND: tl.constexpr,
 ):
     """The scores of one BS-row block against itself, exactly: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si)
-    for s <= t, one key column s at a time (rows of BS tokens on CUDA cores)."""
+    for s <= t, one key column s at a time (rows of BS tokens on CUDA cores); not for a factored chunk
+    (_intra_key_kernel has written its whole A)."""
     i_cs, i_h = tl.program_id(0), tl.program_id(1)
     NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
     s0 = c0 + (i_cs % NSB) * BS
-    if s0 < L:
+    if (s0 < L) & (_span_of(span, i_cs // NSB, i_h, H) > BOUND):
         o_j = tl.arange(0, BS)
         o_r = s0 + o_j
         m_r = o_r < L
@@ -677,23 +752,24 @@ def _dqk_key_off_kernel(
     q, k, v, G, do,
     hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
     dqa, dka,  # [B*T, H, K] fp32 out: dq, dk without each row block's own part
+    dq, dk, dG,  # a factored chunk: the final dq, dk and dG (as _dqk_key_diag_kernel writes them)
+    span,  # [chunks, H] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
 ):
     """Per-key decay, one chunk and key block: the inter-chunk terms and the row blocks against the
     other blocks of the chunk (tensor cores, dA = do v^T formed once per chunk):
     dq_t = scale (e^G_t (do_t h^T) + sum_{s in earlier blocks} dA[t, s] k_s e^(G_t - G_s))
     dk_s = e^(G_L - G_s) (v_s dh^T) + scale sum_{t in later blocks} dA[t, s] q_t e^(G_t - G_s)
-    around a reference row at the block's edge (the row before it for dq, its last row for dk)."""
+    around a reference row at the block's edge (the row before it for dq, its last row for dk).
+    A factored chunk (_span_of) takes all its rows at once around its middle row and finishes here."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NSB: tl.constexpr = BT // BS
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
     o_i = tl.arange(0, BT)
     o_c = c0 + o_i
     m_c = o_c < L
-    blk = o_i // BS
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p_c = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
@@ -702,6 +778,7 @@ def _dqk_key_off_kernel(
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_da = tl.zeros([BT, BT], dtype=tl.float32)  # dA[t, s] = do_t . v_s
+    b_own = tl.zeros([BT], dtype=tl.float32)  # dA[t, t], in fp32
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
@@ -714,6 +791,7 @@ def _dqk_key_off_kernel(
         b_dq += _dot(b_do, tl.trans(b_h), DOT)
         b_dk += _dot(b_v, tl.trans(b_dh), DOT)
         b_da += _dot(b_do, tl.trans(b_v), DOT)
+        b_own += tl.sum(b_do * b_v, axis=1)
     b_da = b_da * scale
     b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
@@ -721,6 +799,29 @@ def _dqk_key_off_kernel(
     b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
     b_dq = b_dq * tl.exp(b_G) * scale
     b_dk = b_dk * tl.exp(tl.where(m_ck, b_GL[None, :] - b_G, float("-inf")))
+    if _span_of(span, i_c, i_h, H) <= BOUND:  # factored: every row around the middle row R
+        b_R = _row(G, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
+        b_eq = tl.exp(tl.where(m_ck, b_G - b_R[None, :], float("-inf")))
+        b_ek = tl.exp(tl.where(m_ck, b_R[None, :] - b_G, float("-inf")))
+        b_das = tl.where(o_i[:, None] > o_i[None, :], b_da, 0.0)  # strictly earlier keys; own terms below
+        b_dq += _dot(b_das, b_k * b_ek, DOT) * b_eq
+        b_dk += _dot(tl.trans(b_das), b_q * b_eq, DOT) * b_ek
+        tl.store(dG + p_c, b_q * b_dq - b_k * b_dk, mask=m_ck)
+        b_dq += (b_own * scale)[:, None] * b_k
+        b_dk += (b_own * scale)[:, None] * b_q
+        tl.store(dq + p_c, b_dq.to(dq.dtype.element_ty), mask=m_ck)
+        tl.store(dk + p_c, b_dk.to(dk.dtype.element_ty), mask=m_ck)
+    else:
+        _dqk_key_off_blocks(b_q, b_k, b_G, b_da, b_dq, b_dk, dqa, dka, p_c, m_ck, G, bos, c0, L, i_h, o_i, o_k,
+                            m_k, H, K, BT, BS, DOT)
+
+
+@triton.jit
+def _dqk_key_off_blocks(b_q, b_k, b_G, b_da, b_dq, b_dk, dqa, dka, p_c, m_ck, G, bos, c0, L, i_h, o_i, o_k, m_k,
+                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr):
+    """_dqk_key_off_kernel's unfactored chunk: each row block against the other blocks, around edge rows."""
+    NSB: tl.constexpr = BT // BS
+    blk = o_i // BS
     for b in tl.static_range(1, NSB):  # queries of block b against keys of earlier blocks
         b_R = _row(G, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
         b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m_ck, b_R[None, :] - b_G, float("-inf")))
@@ -743,9 +844,10 @@ def _dqk_key_diag_kernel(
     dqa, dka,  # from _dqk_key_off_kernel
     dq, dk,  # [B*T, H, K] out
     dG,  # [B*T, H, K] fp32 out: q dq - k dk, each token's own term left out
+    span,  # [chunks, H] fp32 from _local_cumsum_kernel: a factored chunk is done already
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
 ):
     """One BS-row block against itself, exactly (one column at a time, broadcast row loads), added to
     the other blocks' part; then dG and the own terms."""
@@ -754,7 +856,7 @@ def _dqk_key_diag_kernel(
     bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
     s0 = c0 + (i_cs % NSB) * BS
-    if s0 < L:
+    if (s0 < L) & (_span_of(span, i_cs // NSB, i_h, H) > BOUND):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         o_j = tl.arange(0, BS)
@@ -998,6 +1100,14 @@ WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_chec
 WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 
 
+def _factor_bound(dot):
+    """The largest |G_t - G_R| of a factored chunk (_span_of) for the dot's operand type: bf16 and tf32
+    (and fp32) have fp32's exponent range, so e^(+-50) times any sane q or k stays finite and normal
+    (pairs s > t may overflow, but they are masked out by selection, never multiplied); fp16 reaches only
+    6.5e4, so e^(+-4) leaves room for |q|, |k| up to about 1e3."""
+    return 4.0 if dot == 1 else 50.0
+
+
 def _gate_of(g):
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
@@ -1008,7 +1118,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
     with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
-    [B*T, H] (all fp32; else None)). ``norm`` divides o by the normaliser's readout, the same
+    [B*T, H] (all fp32; else None); for a per-key decay each chunk's span [chunks, H] (else None)).
+    ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
     ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
     ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one)."""
@@ -1034,9 +1145,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     dummy = ht
     ksf = _or(_flat(kscale.float()) if kscale is not None else None, dummy)
     dot = _dot_mode(q.dtype)
-    if gate == 2:  # the kernels take the chunk-local cumulative sum
+    span = None
+    if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
         G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
-        _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
+        span = torch.empty(NC, H, dtype=torch.float32, device=q.device)
+        _local_cumsum_kernel[(NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
@@ -1052,15 +1165,17 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     A = None
     if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
         A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device)
-        _intra_key_kernel[(NC, H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
-                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, num_warps=WARPS)
-        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
-                                                 IS_VARLEN=cu_seqlens is not None, num_warps=WARPS_KEY)
+        bound = _factor_bound(dot)
+        _intra_key_kernel[(NC, H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
+                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, num_warps=WARPS)
+        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
+                                                 BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
+                                                 num_warps=WARPS_KEY)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, cu, cinfo, hoff, T, float(scale), BV=BVO,
         SKIP=skip is not None, KS=kscale is not None, **common)
-    return o, ht, hs, gf, A, zt, zs, den
+    return o, ht, hs, gf, A, zt, zs, den, span
 
 
 def _or(x, dummy):
@@ -1076,12 +1191,12 @@ def _geometry(B, T, cu_seqlens, BT, device, layout, dummy):
 
 
 def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None, layout=None,
-              kscale=None):
+              kscale=None, span=None):
     """Backward of :func:`chunk_fwd` from its saved tensors (``gate``: 0, 1 or 2; ``gf``: the decay as
     the kernels take it, flattened). Returns (dq, dk, dv, the log decay's gradient in fp32 or None, the
     initial state's gradient or None, the initial normaliser's gradient or None, the skip's gradient
     [H] fp32 or None, the key scale's gradient [B, T, H] fp32 or None). ``layout`` and ``kscale`` as in
-    :func:`chunk_fwd`. ``norm``: for a
+    :func:`chunk_fwd`; ``span``: its span (per-key decays). ``norm``: for a
     normalised forward (decays 0 and 1), (o, den, zs, z0, dzt): its output, denominators, stored
     normalisers, initial normaliser (or None) and the final normaliser's cotangent (or None)."""
     B, T, H, K = q.shape
@@ -1134,11 +1249,12 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     if gate == 2:  # other blocks per chunk (tensor cores), then each block against itself, then dg
         dqa = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)
         dka = torch.empty_like(dqa)
-        key = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"])
-        _dqk_key_off_kernel[(NK, NC, H)](qf, kf, vf, gf, dof, hs, dhs, dqa, dka, cu, cinfo, hoff, T, float(scale),
-                                         **key, num_warps=WARPS)
-        _dqk_key_diag_kernel[(NK, NC * (BT // BS), H)](qf, kf, vf, gf, dof, dqa, dka, dq, dk, dg, cu, cinfo, hoff, T,
-                                                       float(scale), **key, num_warps=WARPS_KEY)
+        key = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
+                   BOUND=_factor_bound(common["DOT"]))
+        _dqk_key_off_kernel[(NK, NC, H)](qf, kf, vf, gf, dof, hs, dhs, dqa, dka, dq, dk, dg, span, cu, cinfo, hoff,
+                                         T, float(scale), **key, num_warps=WARPS)
+        _dqk_key_diag_kernel[(NK, NC * (BT // BS), H)](qf, kf, vf, gf, dof, dqa, dka, dq, dk, dg, span, cu, cinfo,
+                                                       hoff, T, float(scale), **key, num_warps=WARPS_KEY)
         _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                     IS_VARLEN=cu_seqlens is not None, num_warps=4)
     else:
@@ -1165,7 +1281,8 @@ def _ops_tag():
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel,  # and helpers:
-               _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row)
+               _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
+               _span_of, _intra_factored, _dqk_key_off_blocks)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
@@ -1193,12 +1310,12 @@ def _define_ops():
     def fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
             cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype],  # noqa: UP045
             z0: Optional[Tensor], norm: bool, skip: Optional[Tensor], kscale: Optional[Tensor]  # noqa: UP045
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
-                                                  kscale=kscale)
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        o, ht, hs, gf, A, zt, zs, den, span = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
+                                                        kscale=kscale)
         # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
         return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
-                _or(zs, _empty(q)), _or(den, _empty(q)))
+                _or(zs, _empty(q)), _or(den, _empty(q)), _or(span, _empty(q)))
 
     @fwd.register_fake
     def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale):
@@ -1207,9 +1324,11 @@ def _define_ops():
         gate = _gate_of(g)
         BT = _blocks(K, V, gate)[0]
         if cu_seqlens is None:
-            N, NS = B, B * (_cdiv(T, BT) + 1)
+            N, NC, NS = B, B * _cdiv(T, BT), B * (_cdiv(T, BT) + 1)
         else:
-            N, NS = cu_seqlens.shape[0] - 1, torch.library.get_ctx().new_dynamic_size()
+            ctx = torch.library.get_ctx()  # a size made here must be some output's: NC only with a span
+            N, NS = cu_seqlens.shape[0] - 1, ctx.new_dynamic_size()
+            NC = ctx.new_dynamic_size() if gate == 2 else 0
         sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
         f32 = torch.float32
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
@@ -1218,24 +1337,26 @@ def _define_ops():
                 q.new_empty(B * T, H, BT, dtype=f32) if gate == 2 else _empty(q),
                 q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
-                q.new_empty(B * T, H, dtype=f32) if norm else _empty(q))
+                q.new_empty(B * T, H, dtype=f32) if norm else _empty(q),
+                q.new_empty(NC, H, dtype=f32) if gate == 2 else _empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
             G: Tensor, A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
             scale: float, o: Tensor, den: Tensor, zs: Tensor, z0: Optional[Tensor],  # noqa: UP045
-            dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor]  # noqa: UP045
+            dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor], span: Tensor  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
         gf = G if gate == 2 else (_flat(g) if gate == 1 else None)
         norm = (o, den, zs, z0, dzt) if den.numel() else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
-                                                         A if gate == 2 else None, scale, norm, skip, kscale=kscale)
+                                                         A if gate == 2 else None, scale, norm, skip, kscale=kscale,
+                                                         span=span if gate == 2 else None)
         return (dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q)),
                 _or(dskip, _empty(q)), _or(dks, _empty(q)))
 
     @bwd.register_fake
-    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip, kscale):
+    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip, kscale, span):
         B, T, H, K = q.shape
         f32 = torch.float32
         norm = den.numel() > 0
@@ -1250,16 +1371,16 @@ def _define_ops():
 
     def setup_context(ctx, inputs, output):
         q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale = inputs
-        o, ht, hs, G, A, zt, zs, den = output
-        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale)
+        o, ht, hs, G, A, zt, zs, den, span = output
+        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale, span)
         ctx.scale = scale
 
-    def backward(ctx, do, dht, _dhs, _dG, _dA, dzt, _dzs, _dden):
-        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale = ctx.saved_tensors
+    def backward(ctx, do, dht, _dhs, _dG, _dA, dzt, _dzs, _dden, _dspan):
+        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale, span = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, dg, dh0, dz0, dskip, dks = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den,
-                                                   zs, z0, dzt, skip, kscale)
+                                                   zs, z0, dzt, skip, kscale, span)
         return (dq, dk, dv, dg.to(g.dtype) if g is not None else None, dh0 if h0 is not None else None,
                 None, None, None, dz0 if z0 is not None else None, None,
                 dskip.to(skip.dtype) if skip is not None else None,
@@ -1283,18 +1404,19 @@ class ChunkParallel(torch.autograd.Function):
         # the chunk layout once for both passes (with cu_seqlens: one host sync instead of two)
         ctx.layout = _layout(q.shape[0], q.shape[1], cu_seqlens, _blocks(q.shape[-1], v.shape[-1], _gate_of(g))[0],
                              q.device)
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
-                                                  ctx.layout, kscale)
-        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip, kscale)
+        o, ht, hs, gf, A, zt, zs, den, span = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm,
+                                                        skip, ctx.layout, kscale)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip, kscale,
+                              span)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
         return o, ht, zt
 
     @staticmethod
     def backward(ctx, do, dht, dzt):
-        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip, kscale = ctx.saved_tensors
+        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip, kscale, span = ctx.saved_tensors
         norm = (o, den, zs, z0, dzt) if den is not None else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
-                                                         ctx.scale, norm, skip, ctx.layout, kscale)
+                                                         ctx.scale, norm, skip, ctx.layout, kscale, span)
         return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
                 None, None, dz0 if z0 is not None else None, None,
                 dskip.to(skip.dtype) if skip is not None else None,

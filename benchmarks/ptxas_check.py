@@ -65,7 +65,7 @@ def main():
     for gate in map(int, args.gates.split(",")):
         BT, BS, BK, BV, BVO = C._blocks(K, V, gate)
         base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
-                    KS=args.ks and gate < 2)
+                    KS=args.ks and gate < 2, BOUND=50.0)
         ints = dict(cu=i32, cinfo=i32, hoff=i32)
         kernels = {  # name: (pointer types other than fp32, constexprs, warps it runs with)
             "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), dict(REVERSE=False, USE_S0=False,
@@ -78,8 +78,8 @@ def main():
         if gate == 2:
             kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
-            kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, **ints), dict(BS=BS),
-                                              C.WARPS)
+            kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints),
+                                              dict(BS=BS), C.WARPS)
             kernels["_dqk_key_diag_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, **ints), dict(BS=BS),
                                                C.WARPS_KEY)
             kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), {}, 4)

@@ -4,27 +4,30 @@
 #   bash benchmarks/run_device.sh SHAPES [--no-checks] [--profile NAMES] [--tests]
 # Writes bench_rows.json, bench_chunked.json, bench_table.md (and profile.txt, gpu_tests.txt) under $OUT.
 # --tests: afterwards, the kernel tests on the GPU (fp32 kernels against the float64 loop: normaliser,
-# skip, per-key decays, sharp gates, fp16, opcheck), at most 230 s.
+# skip, key scale, per-key decays factored and exact, sharp gates, fp16), at most 230 s (540 s with SHAPES none); --tests-k EXPR: only
+# the tests pytest -k EXPR selects. SHAPES "none": no benchmark (tests only).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
 shapes=$1; shift
-checks=""; profile=""; tests=""
+checks=""; profile=""; tests=""; tests_k="normalised or skip or sharp or half or gk or key_scale or side_by_side"
 while [ $# -gt 0 ]; do
   case $1 in
     --no-checks) checks="--no-checks" ;;
     --profile) profile=$2; shift ;;
     --tests) tests=1 ;;
+    --tests-k) tests=1; tests_k=$2; shift ;;
   esac
   shift
 done
 names=gla,retnet,mamba2,linear_attention,based
+[ "$shapes" = none ] && names=""
 for n in ${names//,/ }; do
   timeout 300 python3 benchmarks/bench_chunked.py --warm --only "$n" --shapes "$shapes" > "$OUT/warm_$n.txt" 2>&1 &
 done
 wait
 echo "compiled $(date +%T)"
-timeout 300 python3 benchmarks/bench_chunked.py --out "$OUT" --only $names --shapes "$shapes" $checks 2>&1 \
+[ -n "$names" ] && timeout 300 python3 benchmarks/bench_chunked.py --out "$OUT" --only $names --shapes "$shapes" $checks 2>&1 \
   | grep -E "^(row|check)" | cut -c1-400
 cat "$OUT/bench_table.md" 2>/dev/null  # the section to paste into BENCHMARKS.md
 if [ -n "$profile" ]; then
@@ -32,7 +35,8 @@ if [ -n "$profile" ]; then
   grep -E "^(chunk_recurrence|--)" "$OUT/profile.txt"
 fi
 if [ -n "$tests" ]; then
-  timeout 230 python3 -m pytest -q -x tests/test_chunk_kernel.py -p no:cacheprovider \
-    -k "normalised or skip or sharp or half or gk" > "$OUT/gpu_tests.txt" 2>&1
+  tlimit=230; [ "$shapes" = none ] && tlimit=540
+  timeout $tlimit python3 -m pytest -q -x tests/test_chunk_kernel.py -p no:cacheprovider \
+    -k "$tests_k" > "$OUT/gpu_tests.txt" 2>&1
   tail -3 "$OUT/gpu_tests.txt"
 fi
