@@ -192,6 +192,17 @@ def _dot(a, b, DOT: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
+@triton.jit
+def _fdot(a, b, DOT: tl.constexpr):
+    """a @ b for a factored chunk's in-chunk products: tf32 operands at least. Its near-diagonal terms
+    dominate and the exact path forms them in fp32; bf16 operands (8 significant bits) measured a bf16
+    gla's dg at 1.1e-2 relative error on the H100, tf32 keeps 11."""
+    if DOT == 3:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
 # ---- the chunk-parallel form (decays: none, scalar, per key entry) ------------------------------
 #
 # As in flash-linear-attention's chunk algorithm:
@@ -268,25 +279,21 @@ def _suffix_sum(x):
 @triton.jit
 def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                          BK: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """G = the inclusive cumulative sum of g within each chunk, in fp32; span[chunk, h] = max |G_t - G_R|
-    over the chunk's rows and keys, R its middle row (_mid_row): whether the chunk's in-chunk factors
-    e^(G_t - G_s) may be formed as e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """G = the inclusive cumulative sum of g within each chunk, in fp32 (one program per key block, chunk
+    and head); span[chunk, h, key block] = max |G_t - G_R| over the chunk's rows and the block's keys, R
+    its middle row (_mid_row): whether the chunk's in-chunk factors e^(G_t - G_s) may be formed as
+    e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
-    o_i = tl.arange(0, BT)
-    o_c = c * BT + o_i
-    m_c = o_c < L
-    r = _mid_row(c * BT, L, BT)
-    b_span = tl.zeros([BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m = m_c[:, None] & (o_k < K)[None, :]
-        p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-        b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
-        tl.store(G + p, b_G, mask=m)
-        b_R = tl.sum(tl.where((o_c == r)[:, None], b_G, 0.0), axis=0)
-        b_span = tl.maximum(b_span, tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]), 0.0), axis=1))
-    tl.store(span + i_c * H + i_h, tl.max(b_span, axis=0))
+    o_c = c * BT + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (o_c < L)[:, None] & (o_k < K)[None, :]
+    p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
+    tl.store(G + p, b_G, mask=m)
+    b_R = tl.sum(tl.where((o_c == _mid_row(c * BT, L, BT))[:, None], b_G, 0.0), axis=0)
+    tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]),
+                                                                                    0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -296,12 +303,17 @@ def _mid_row(c0, L, BT: tl.constexpr):
 
 
 @triton.jit
-def _span_of(span, i_c, i_h, H: tl.constexpr):
-    """Chunk i_c's span (_local_cumsum_kernel). At most BOUND (a constexpr, _factor_bound), every
-    e^(G_t - G_R) and e^(G_R - G_s) lies within e^(+-BOUND): then e^(G_t - G_s) = e^(G_t - G_R) e^(G_R - G_s)
-    neither overflows nor underflows the dot's operands, and the whole chunk goes through tensor cores;
-    sharper gates take the exact 16-row path."""
-    return tl.load(span + i_c * H + i_h)
+def _span_of(span, i_c, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Chunk i_c's span (_local_cumsum_kernel), the largest over its key blocks. At most BOUND (a
+    constexpr, _factor_bound), every e^(G_t - G_R) and e^(G_R - G_s) lies within e^(+-BOUND): then
+    e^(G_t - G_s) = e^(G_t - G_R) e^(G_R - G_s) neither overflows nor underflows the dot's operands, and
+    the whole chunk goes through tensor cores; sharper gates take the exact 16-row path."""
+    NK: tl.constexpr = (K + BK - 1) // BK
+    p = span + (i_c * H + i_h) * NK
+    s = tl.load(p)
+    for i in tl.static_range(1, NK):
+        s = tl.maximum(s, tl.load(p + i))
+    return s
 
 
 @triton.jit
@@ -405,7 +417,7 @@ def _state_walk_kernel(
 def _intra_key_kernel(
     q, k, g,  # [B*T, H, K]; g: the chunk-local cumulative log decay G (fp32)
     A,  # [B*T, H, BT] fp32 out: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
-    span,  # [chunks, H] fp32 from _local_cumsum_kernel
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
@@ -425,7 +437,7 @@ def _intra_key_kernel(
     blk = o_i // BS  # each row's block
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
-    if _span_of(span, i_c, i_h, H) <= BOUND:  # factored: the whole chunk around its middle row
+    if _span_of(span, i_c, i_h, H, K, BK) <= BOUND:  # factored: the whole chunk around its middle row
         _intra_factored(q, k, g, A, bos, c0, L, i_h, H, K, BT, BK, DOT)
     else:
         for k0 in range(0, K, BK):  # earlier blocks: tensor cores
@@ -477,12 +489,12 @@ def _intra_factored(q, k, g, A, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexp
             tl.where(m1, b_R[None, :] - b_G1, float("-inf")))
         b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
             tl.where(m1, b_G1 - b_R[None, :], float("-inf")))
-        b_a1 += _dot(b_q1, tl.trans(b_k1), DOT)
+        b_a1 += _fdot(b_q1, tl.trans(b_k1), DOT)
         p2 = p1 + HT * H * K
         m2 = m_2[:, None] & m_k[None, :]
         b_q2 = tl.load(q + p2, mask=m2, other=0.0).to(tl.float32) * tl.exp(
             tl.where(m2, tl.load(g + p2, mask=m2, other=0.0) - b_R[None, :], float("-inf")))
-        b_a2 += _dot(b_q2, tl.trans(b_kr), DOT)
+        b_a2 += _fdot(b_q2, tl.trans(b_kr), DOT)
     p_a1 = ((bos + c0 + o_h)[:, None] * H + i_h) * BT
     tl.store(A + p_a1 + o_h[None, :], tl.where(o_h[:, None] >= o_h[None, :], b_a1, 0.0), mask=m_1[:, None])
     tl.store(A + p_a1 + HT + o_h[None, :], tl.zeros([HT, HT], dtype=tl.float32), mask=m_1[:, None])
@@ -504,7 +516,7 @@ def _intra_diag_kernel(
     bos, L, c, _ = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
     s0 = c0 + (i_cs % NSB) * BS
-    if (s0 < L) & (_span_of(span, i_cs // NSB, i_h, H) > BOUND):
+    if (s0 < L) & (_span_of(span, i_cs // NSB, i_h, H, K, BK) > BOUND):
         o_j = tl.arange(0, BS)
         o_r = s0 + o_j
         m_r = o_r < L
@@ -753,7 +765,7 @@ def _dqk_key_off_kernel(
     hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
     dqa, dka,  # [B*T, H, K] fp32 out: dq, dk without each row block's own part
     dq, dk, dG,  # a factored chunk: the final dq, dk and dG (as _dqk_key_diag_kernel writes them)
-    span,  # [chunks, H] fp32 from _local_cumsum_kernel
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
@@ -799,13 +811,13 @@ def _dqk_key_off_kernel(
     b_GL = _row(G, bos, tl.minimum(c0 + BT, L) - 1, 0, L, i_h, o_k, m_k, H, K)
     b_dq = b_dq * tl.exp(b_G) * scale
     b_dk = b_dk * tl.exp(tl.where(m_ck, b_GL[None, :] - b_G, float("-inf")))
-    if _span_of(span, i_c, i_h, H) <= BOUND:  # factored: every row around the middle row R
+    if _span_of(span, i_c, i_h, H, K, BK) <= BOUND:  # factored: every row around the middle row R
         b_R = _row(G, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
         b_eq = tl.exp(tl.where(m_ck, b_G - b_R[None, :], float("-inf")))
         b_ek = tl.exp(tl.where(m_ck, b_R[None, :] - b_G, float("-inf")))
         b_das = tl.where(o_i[:, None] > o_i[None, :], b_da, 0.0)  # strictly earlier keys; own terms below
-        b_dq += _dot(b_das, b_k * b_ek, DOT) * b_eq
-        b_dk += _dot(tl.trans(b_das), b_q * b_eq, DOT) * b_ek
+        b_dq += _fdot(b_das, b_k * b_ek, DOT) * b_eq
+        b_dk += _fdot(tl.trans(b_das), b_q * b_eq, DOT) * b_ek
         tl.store(dG + p_c, b_q * b_dq - b_k * b_dk, mask=m_ck)
         b_dq += (b_own * scale)[:, None] * b_k
         b_dk += (b_own * scale)[:, None] * b_q
@@ -844,7 +856,7 @@ def _dqk_key_diag_kernel(
     dqa, dka,  # from _dqk_key_off_kernel
     dq, dk,  # [B*T, H, K] out
     dG,  # [B*T, H, K] fp32 out: q dq - k dk, each token's own term left out
-    span,  # [chunks, H] fp32 from _local_cumsum_kernel: a factored chunk is done already
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel: a factored chunk is done already
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
@@ -856,7 +868,7 @@ def _dqk_key_diag_kernel(
     bos, L, c, ih = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
     s0 = c0 + (i_cs % NSB) * BS
-    if (s0 < L) & (_span_of(span, i_cs // NSB, i_h, H) > BOUND):
+    if (s0 < L) & (_span_of(span, i_cs // NSB, i_h, H, K, BK) > BOUND):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         o_j = tl.arange(0, BS)
@@ -1087,25 +1099,42 @@ def _layout(B, T, cu_seqlens, BT, device):
 
 
 def _blocks(K, V, gate):
-    """(chunk, row block, key block, value block, value block of the output kernel)."""
+    """(chunk, row block, key block); value blocks are per kernel (LAUNCH)."""
     BT = 64
     BS = 16 if gate == 2 else BT
     BK = max(16, min(_pow2(K), 64))
-    BV = max(16, min(_pow2(V), 64))
-    BVO = max(16, min(_pow2(V), 128))  # the output kernel's value block (128: q k^T once per 128 values)
-    return BT, BS, BK, BV, BVO
+    return BT, BS, BK
 
 
 WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_check.py)
 WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 
+# Each kernel's launch: (value block, warps); the value block is clipped to [16, V's next power of two].
+# One table to read and to tune (benchmarks/tune_launch.py times alternatives on the device).
+LAUNCH = {
+    "walk": (64, WARPS),  # the state walk; the grid has one program per key block, value block and head
+    "walk_rev": (64, WARPS),  # the adjoint walk
+    "out": (128, WARPS),  # one q k^T per value block: one block of 128 values forms it once
+    "dv": (64, WARPS),
+    "dqk": (64, WARPS),  # loops over the value blocks
+    "dqk_key_off": (64, WARPS),
+    "dqk_key_diag": (64, WARPS_KEY),
+    "dg_key": (64, 4),
+}
+
+
+def _launch(name, V):
+    """(value block, warps) of kernel ``name`` for V values."""
+    bv, warps = LAUNCH[name]
+    return max(16, min(_pow2(V), bv)), warps
+
 
 def _factor_bound(dot):
-    """The largest |G_t - G_R| of a factored chunk (_span_of) for the dot's operand type: bf16 and tf32
-    (and fp32) have fp32's exponent range, so e^(+-50) times any sane q or k stays finite and normal
-    (pairs s > t may overflow, but they are masked out by selection, never multiplied); fp16 reaches only
-    6.5e4, so e^(+-4) leaves room for |q|, |k| up to about 1e3."""
-    return 4.0 if dot == 1 else 50.0
+    """The largest |G_t - G_R| of a factored chunk (_span_of). Its products take tf32 or fp32 operands
+    (_fdot), with fp32's exponent range, so e^(+-50) times any sane q or k (or dA) stays finite and
+    normal, and so are the products of two factors that are formed (the first half's rows skip the second
+    half's keys, the only pairs whose product could reach e^100)."""
+    return 50.0
 
 
 def _gate_of(g):
@@ -1118,7 +1147,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
     with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
-    [B*T, H] (all fp32; else None); for a per-key decay each chunk's span [chunks, H] (else None)).
+    [B*T, H] (all fp32; else None); for a per-key decay each chunk's span [chunks, H, key blocks]).
     ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
     ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
@@ -1133,7 +1162,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     if kscale is not None and gate == 2:  # the per-key score kernels do not scale k
         raise ValueError("chunk_fwd(kscale=...) takes no decay or a scalar one; chunk_recurrence scales k "
                          "before the kernels for a per-key decay")
-    BT, BS, BK, BV, BVO = _blocks(K, V, gate)
+    BT, BS, BK = _blocks(K, V, gate)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, ht)
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
@@ -1148,8 +1177,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     span = None
     if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
         G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
-        span = torch.empty(NC, H, dtype=torch.float32, device=q.device)
-        _local_cumsum_kernel[(NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
+        span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=q.device)
+        _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
@@ -1157,10 +1186,12 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
         h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
-    _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
+    BVW, warps = _launch("walk", V)
+    _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
         kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
-        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BV, KS=kscale is not None, **common)
+        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
+        **{**common, "num_warps": warps})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
@@ -1171,10 +1202,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
                                                  num_warps=WARPS_KEY)
+    BVO, warps = _launch("out", V)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, cu, cinfo, hoff, T, float(scale), BV=BVO,
-        SKIP=skip is not None, KS=kscale is not None, **common)
+        SKIP=skip is not None, KS=kscale is not None, **{**common, "num_warps": warps})
     return o, ht, hs, gf, A, zt, zs, den, span
 
 
@@ -1202,7 +1234,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BT, BS, BK, BV, BVO = _blocks(K, V, gate)
+    BT, BS, BK = _blocks(K, V, gate)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, hs)
     dzs = dz0 = dden = zs = dzt = None
     has_s0 = h0 is not None  # an initial state (S, or with a normaliser S or z): its gradient is wanted
@@ -1226,11 +1258,12 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
                   DOT=_dot_mode(q.dtype), num_warps=WARPS)
     nm = norm is not None
-    _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BV), N * H)](
+    BVW, warps = _launch("walk_rev", V)
+    _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
         qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, _or(dh0, dummy),
         _or(dden, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
-        dummy, cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BV,
-        NORM=nm, KS=False, **common)
+        dummy, cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BVW,
+        NORM=nm, KS=False, **{**common, "num_warps": warps})
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     NK = _cdiv(K, BK)
     dg = None
@@ -1238,30 +1271,34 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     elif gate == 1:
         dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-    dskip = torch.empty(_cdiv(V, BV), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
+    BVD, warps = _launch("dv", V)
+    dskip = torch.empty(_cdiv(V, BVD), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     ks = kscale is not None
     ksf = _flat(kscale.float()) if ks else dummy
     dks = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if ks else None
-    _dv_kernel[(_cdiv(V, BV), NC, H)](
+    _dv_kernel[(_cdiv(V, BVD), NC, H)](
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
         skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, cu, cinfo, hoff, T,
-        float(scale), NC, BV=BV, SKIP=skip is not None, KS=ks, **common)
+        float(scale), NC, BV=BVD, SKIP=skip is not None, KS=ks, **{**common, "num_warps": warps})
     if gate == 2:  # other blocks per chunk (tensor cores), then each block against itself, then dg
         dqa = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)
         dka = torch.empty_like(dqa)
-        key = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
+        key = dict(H=H, K=K, V=V, BT=BT, BS=BS, BK=BK, IS_VARLEN=cu_seqlens is not None, DOT=common["DOT"],
                    BOUND=_factor_bound(common["DOT"]))
+        (bv_off, w_off), (bv_diag, w_diag) = _launch("dqk_key_off", V), _launch("dqk_key_diag", V)
         _dqk_key_off_kernel[(NK, NC, H)](qf, kf, vf, gf, dof, hs, dhs, dqa, dka, dq, dk, dg, span, cu, cinfo, hoff,
-                                         T, float(scale), **key, num_warps=WARPS)
+                                         T, float(scale), BV=bv_off, **key, num_warps=w_off)
         _dqk_key_diag_kernel[(NK, NC * (BT // BS), H)](qf, kf, vf, gf, dof, dqa, dka, dq, dk, dg, span, cu, cinfo,
-                                                       hoff, T, float(scale), **key, num_warps=WARPS_KEY)
-        _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                    IS_VARLEN=cu_seqlens is not None, num_warps=4)
+                                                       hoff, T, float(scale), BV=bv_diag, **key, num_warps=w_diag)
+        bv_dg, w_dg = _launch("dg_key", V)
+        _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv_dg,
+                                    IS_VARLEN=cu_seqlens is not None, num_warps=w_dg)
     else:
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), ksf, _or(dks, dummy), cu, cinfo, hoff, T,
-            float(scale), B * T, BV=BV, NORM=nm, KS=ks, **common)
+            float(scale), B * T, BV=_launch("dqk", V)[0], NORM=nm, KS=ks,
+            **{**common, "num_warps": _launch("dqk", V)[1]})
     if gate == 1:
         dg = dg.sum(0) if NK > 1 else dg[0]
     if ks:
@@ -1282,7 +1319,7 @@ def _ops_tag():
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel,  # and helpers:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
-               _span_of, _intra_factored, _dqk_key_off_blocks)
+               _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
@@ -1338,7 +1375,7 @@ def _define_ops():
                 q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(B * T, H, dtype=f32) if norm else _empty(q),
-                q.new_empty(NC, H, dtype=f32) if gate == 2 else _empty(q))
+                q.new_empty(NC, H, _cdiv(K, _blocks(K, V, gate)[2]), dtype=f32) if gate == 2 else _empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045

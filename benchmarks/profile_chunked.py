@@ -1,9 +1,9 @@
 """Where does a chunked call spend its time? Kernel-level timings and a torch profile per mixer.
 
-    python benchmarks/profile_chunked.py [--mixers-only] [--bvo 64,128] [NAME ...]
+    python benchmarks/profile_chunked.py [--mixers-only] [NAME ...]
 
 ``--mixers-only`` skips the kernel-level timings; each mixer gets a forward-only profile and a
-forward+backward one. ``--bvo`` times the kernels alone once per output-kernel value block.
+forward+backward one. Launch alternatives (value blocks, warps): benchmarks/tune_launch.py.
 """
 
 import sys
@@ -37,23 +37,13 @@ def kernels_alone(decays=("none", "scalar", "per key"), B=4, T=4096, H=16, D=128
         print(f"chunk_recurrence decay={label:<8} fwd {fwd:.3f} ms  fwd+bwd {both:.3f} ms", flush=True)
 
 
-def main(names, mixers_only=False, bvos=()):
+def main(names, mixers_only=False):
     from mixc.backends import chunked
 
     if not mixers_only:
-        kernel_timings(chunked, bvos)
-    mixer_profiles(names)
-
-
-def kernel_timings(chunked, bvos=()):
-    print(f"-- kernels at {chunked.WARPS} warps, the per-key row-block kernels at {chunked.WARPS_KEY}")
-    kernels_alone()
-    default = chunked._blocks
-    for bvo in bvos:
-        chunked._blocks = lambda K, V, gate, bvo=bvo: (*default(K, V, gate)[:4], max(16, min(chunked._pow2(V), bvo)))
-        print(f"-- output kernel value block {bvo}")
+        print(f"-- kernels launched as chunked.LAUNCH says: {chunked.LAUNCH}")
         kernels_alone()
-    chunked._blocks = default
+    mixer_profiles(names)
 
 
 def mixer_profiles(names):
@@ -82,9 +72,4 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     only = "--mixers-only" in args
     args = [a for a in args if a != "--mixers-only"]
-    bvos = ()
-    if "--bvo" in args:
-        i = args.index("--bvo")
-        bvos = tuple(int(x) for x in args[i + 1].split(","))
-        del args[i:i + 2]
-    main(args, mixers_only=only, bvos=bvos)
+    main(args, mixers_only=only)

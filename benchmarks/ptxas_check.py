@@ -63,29 +63,33 @@ def main():
     K = V = 128
     bf, i32 = "*bf16", "*i32"
     for gate in map(int, args.gates.split(",")):
-        BT, BS, BK, BV, BVO = C._blocks(K, V, gate)
-        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
+        BT, BS, BK = C._blocks(K, V, gate)
+        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
                     KS=args.ks and gate < 2, BOUND=50.0)
         ints = dict(cu=i32, cinfo=i32, hoff=i32)
+
+        def at(name, **extra):  # the value block and warps the kernel runs with (LAUNCH)
+            bv, warps = C._launch(name, V)
+            return dict(BV=bv, **extra), warps
+
         kernels = {  # name: (pointer types other than fp32, constexprs, warps it runs with)
-            "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), dict(REVERSE=False, USE_S0=False,
-                                                                             STORE_SN=True), C.WARPS),
-            "_out_kernel": (dict(q=bf, k=bf, v=bf, hs=bf, o=bf, **ints), dict(BV=BVO), C.WARPS),
-            "_state_walk_kernel/rev": (dict(x=bf, y=bf, hs=bf, **ints), dict(REVERSE=True, USE_S0=True,
-                                                                             STORE_SN=False), C.WARPS),
-            "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), {}, C.WARPS),
+            "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), *at("walk", REVERSE=False, USE_S0=False,
+                                                                             STORE_SN=True)),
+            "_out_kernel": (dict(q=bf, k=bf, v=bf, hs=bf, o=bf, **ints), *at("out")),
+            "_state_walk_kernel/rev": (dict(x=bf, y=bf, hs=bf, **ints), *at("walk_rev", REVERSE=True, USE_S0=True,
+                                                                             STORE_SN=False)),
+            "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), *at("dv")),
         }
         if gate == 2:
             kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
             kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints),
-                                              dict(BS=BS), C.WARPS)
-            kernels["_dqk_key_diag_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, **ints), dict(BS=BS),
-                                               C.WARPS_KEY)
-            kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), {}, 4)
+                                              *at("dqk_key_off", BS=BS))
+            kernels["_dqk_key_diag_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, **ints),
+                                               *at("dqk_key_diag", BS=BS))
+            kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), *at("dg_key"))
         else:
-            kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), {},
-                                      C.WARPS)
+            kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), *at("dqk"))
         for name, (ptrs, extra, warps) in kernels.items():
             fn = getattr(C, name.split('/')[0])
             consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
