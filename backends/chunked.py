@@ -1111,12 +1111,12 @@ WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on 
 
 # Each kernel's launch: (value block, warps); the value block is clipped to [16, V's next power of two].
 # One table to read and to tune (benchmarks/tune_launch.py times alternatives on the device).
-LAUNCH = {
-    "walk": (64, WARPS),  # the state walk; the grid has one program per key block, value block and head
-    "walk_rev": (64, WARPS),  # the adjoint walk
+LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, session 4)
+    "walk": (64, 4),  # the state walk; the grid has one program per key block, value block and head
+    "walk_rev": (64, 4),  # the adjoint walk
     "out": (128, WARPS),  # one q k^T per value block: one block of 128 values forms it once
-    "dv": (64, WARPS),
-    "dqk": (64, WARPS),  # loops over the value blocks
+    "dv": (128, WARPS),
+    "dqk": (64, 4),  # loops over the value blocks; 4 warps spill but ran 0.19 ms faster than 8
     "dqk_key_off": (64, WARPS),
     "dqk_key_diag": (64, WARPS_KEY),
     "dg_key": (64, 4),
@@ -1474,11 +1474,50 @@ def symmetric_power(x, e):
     = (a . b)^e with C(K + e - 1, e) features instead of K^e. Each factor x_ir is picked by a product
     with a one-hot [K, features] matrix (exact), so the backward is matrix products too: no scatter,
     deterministic, and no K^e-wide intermediate."""
-    picks, w = _symmetric_index(x.shape[-1], e)
-    out = w.to(x.device, x.dtype)
-    for pick in picks:
-        out = out * (x @ pick.to(x.device, x.dtype))
+    first, rest = _on_device(("symmetric", x.shape[-1], e), x, lambda: _symmetric_index(x.shape[-1], e))
+    out = x @ first
+    for pick in rest:
+        out = out * (x @ pick)
     return out
+
+
+def power_features(x, e, coeffs):
+    """Features of a polynomial in a dot product: the symmetric e-th power of [x, 1], each feature of
+    degree d (d entries of x, e - d ones) times coeffs[d] / sqrt(C(e, d)), so that
+    power_features(a, e, c) . power_features(b, e, c') = sum_d c_d c'_d (a . b)^d. based's
+    1 + s + s^2 / 2 is one such map of width C(K + 2, 2) (153 at K = 16), formed in two matrix products
+    with one-hot picks (the first carrying the weights) and one multiplication: no concatenation, no
+    per-degree passes, and a backward of matrix products."""
+    K, coeffs = x.shape[-1], tuple(float(c) for c in coeffs)
+    first, rest = _on_device(("power", K, e, coeffs), x, lambda: _power_weights(K, e, coeffs))
+    x1 = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    out = x1 @ first
+    for pick in rest:
+        out = out * (x1 @ pick)
+    return out
+
+
+_PICKS = {}
+
+
+def _on_device(key, x, make):
+    """(the first pick times the weights, the other picks) of ``make()`` = (picks, weights), in x's dtype
+    and on x's device, made once per key, device and dtype."""
+    full = (*key, x.device, x.dtype)
+    if full not in _PICKS:
+        picks, w = make()
+        _PICKS[full] = ((picks[0] * w).to(x.device, x.dtype), [p.to(x.device, x.dtype) for p in picks[1:]])
+    return _PICKS[full]
+
+
+def _power_weights(K, e, coeffs):
+    """(picks of the symmetric power of [x, 1], the feature weights of :func:`power_features`)."""
+    import math
+
+    picks, w = _symmetric_index(K + 1, e)
+    degree = e - picks[:, K, :].sum(0).long()  # entries of x among each feature's e factors
+    scale = torch.tensor([coeffs[d] / math.sqrt(math.comb(e, d)) for d in range(e + 1)], dtype=torch.float64)
+    return picks, w * scale[degree]
 
 
 _SYMMETRIC = {}

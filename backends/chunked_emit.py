@@ -361,6 +361,22 @@ def _power_of_one_pair(b: FeatureBlock) -> bool:
     return len(b.pairs) > 1 and all(pr == b.pairs[0] for pr in b.pairs)
 
 
+def _polynomial_of_one_pair(blocks: list[FeatureBlock]) -> tuple[Node, Node, int] | None:
+    """(A, B, D) if the feature blocks are the degrees 0 .. D (D >= 1, each once) of one dot product A . B
+    of two vectors, with number coefficients only: then the whole map is one weighted symmetric power
+    of [A, 1] (power_features), C(K + D, D) features formed in D matrix products."""
+    pairs = {pr for b in blocks for pr in b.pairs}
+    degrees = sorted(len(b.pairs) for b in blocks)
+    if len(pairs) != 1 or degrees != list(range(len(blocks))) or len(blocks) < 2:
+        return None
+    if not all(_is_number(f) for b in blocks for f in b.q_factors + b.k_factors):
+        return None
+    ((A, B),) = pairs
+    if any(len([v for v in n.idx if v != T_VAR]) != 1 for n in (A, B)):
+        return None
+    return A, B, degrees[-1]
+
+
 @dataclass
 class FeaturePlan:
     blocks: list[FeatureBlock]
@@ -444,8 +460,23 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     em.emit(f"# w(t, u) = {a.separability.weight}  ({where}); feature width {fp.width}")
     j = fp.value_var
     V = em.sizes_var[j.axis]
+    poly = _polynomial_of_one_pair(fp.blocks)
+    if poly is not None:
+        A, B, D = poly
+        by_degree = sorted(fp.blocks, key=lambda b: len(b.pairs))
+        em.emit(f"# a polynomial of degree {D} in ({show(A)}) . ({show(B)}): one weighted symmetric power of "
+                f"[x, 1] per side, width {fp.width_symmetric}")
+        sides = []
+        for x, factors in ((A, [[_const(b.coeff), *b.q_factors] for b in by_degree]),
+                           (B, [b.k_factors for b in by_degree])):
+            (i,) = [v for v in x.idx if v != T_VAR]
+            xs = _as_btd(fe, x, (i,), f"B, H, T, {em.sizes_var[i.axis]}")
+            coeffs = ", ".join(" * ".join(em._paren(em.val(f, "pre")[0]) for f in fs) or "1.0" for fs in factors)
+            sides.append(f"power_features({xs}, {D}, ({coeffs}))")
+        em.emit(f"phi_q = {sides[0]}")
+        em.emit(f"psi_k = {sides[1]}")
     qs, ks = [], []
-    for bi, b in enumerate(fp.blocks):
+    for bi, b in enumerate(fp.blocks if poly is None else []):
         em.emit(f"# feature block {bi}: {b.coeff!r} * " + (" x ".join(f"({show(A)})" for A, _ in b.pairs) or "1"))
         qa, ka = [], []
         for A, B in b.pairs:
@@ -469,8 +500,9 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         qs.append(qn)
         ks.append(kn)
     v = _as_btd(fe, fp.value, (j,), f"B, H, T, {V}")
-    em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width_symmetric}]")
-    em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
+    if poly is None:
+        em.emit(f"phi_q = torch.cat([{', '.join(qs)}], dim=-1)  # [B, T, H, {fp.width_symmetric}]")
+        em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
     if fp.normalised:
         em.emit("# o = (phi_q^T S) / (phi_q^T z), z = sum psi_k: the kernels carry z and divide")
         em.emit(f"o, _, _ = chunk_normalised(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
@@ -491,6 +523,10 @@ def describe(a: Analysis) -> list[str]:
                 e = len(b.pairs)
                 blocks.append("1" if not e else f"({show(b.pairs[0][0])})^{e} as a symmetric power"
                               if _power_of_one_pair(b) else " x ".join(f"({show(A)})" for A, _ in b.pairs))
+            poly = _polynomial_of_one_pair(fp.blocks)
+            if poly is not None:
+                blocks = [f"a polynomial of degree {poly[2]} in ({show(poly[0])}) . ({show(poly[1])}), as one weighted "
+                          "symmetric power of [x, 1] per side"]
             out = [f"feature maps (PyTorch): {' + '.join(blocks)}; width {fp.width}, "
                    f"{fp.width_symmetric} as stored"]
             if fp.normalised:

@@ -65,7 +65,18 @@ M[x, y] = exp(f) * M[x, y] + beta * exp(b[x]) * c[y]
 n[x] = exp(f) * n[x] + beta * exp(b[x])
 out r[y] = sum(x: sigmoid(a[x]) * M[x, y]) / sum(x: sigmoid(a[x]) * n[x])
 """
-SYNTHETICS = {"synthetic": SYNTHETIC, "synthetic_norm": SYNTHETIC_NORM, "synthetic_keynorm": SYNTHETIC_KEYNORM,
+# Attention form: a cubic polynomial of a dot product with other coefficients than based's (the feature map
+# is one weighted symmetric power of [a, 1], C(K + 3, 3) features), not normalised
+SYNTHETIC_POLY = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+let s = 0.5 * sum(i: a[t, i] * b[u, i])
+let w = 1 + 2 * s - s ** 2 / 4 + s ** 3 / 6
+mask u <= t
+out r[j] = sum(u: w * c[u, j])
+"""
+SYNTHETICS = {"synthetic_poly": SYNTHETIC_POLY, "synthetic": SYNTHETIC, "synthetic_norm": SYNTHETIC_NORM,
+              "synthetic_keynorm": SYNTHETIC_KEYNORM,
               "synthetic_skip": SYNTHETIC_SKIP, "synthetic_kscale": SYNTHETIC_KSCALE}
 
 
@@ -164,8 +175,11 @@ def test_the_kernels_carry_the_normaliser_and_the_skip():
         src = load(name).source_code
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert "chunk_normalised(" in body and "torch.cat" not in body and "o = o[" not in body
-    body = load("based").source_code
-    assert "symmetric_power(inputs['q'], 2)" in body  # width 1 + K + K(K+1)/2, not 1 + K + K^2
+    for name, call in (("based", "power_features(inputs['q'], 2,"),
+                       ("synthetic_poly", "power_features(inputs['a'], 3,")):
+        src = load(name).source_code  # width C(K + 2, 2) (C(K + 3, 3)), not 1 + K + K^2 (+ K^3)
+        body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
+        assert call in body and "torch.cat" not in body, name
     body = load("synthetic_skip").source_code
     body = body[body.index("def chunked("):body.index("chunked.native_varlen")]
     assert "skip=" in body and "o = o +" not in body
