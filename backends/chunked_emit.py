@@ -542,6 +542,9 @@ def describe(a: Analysis) -> list[str]:
                    "(the scaled keys are never stored)")
     if cp.decay != "none":
         out.append(f"log decay ({cp.decay}): {show(cp.g)}, summed within each 64-token chunk by the kernels")
+        if cp.decay == "key":
+            out.append("per-key decay: a chunk whose summed gates stay within e^(+-50) of its middle row takes its "
+                       "in-chunk products whole on tensor cores; a sharper chunk takes exact 16-row blocks")
     if cp.normaliser:
         out.append(f"normaliser {cp.normaliser}: " + ("carried beside the state by the kernels; the output kernel "
                                                        "divides" if _normaliser_in_kernel(cp) else "an extra value "

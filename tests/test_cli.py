@@ -201,6 +201,8 @@ def test_explain_says_what_the_kernels_carry():
     assert "normaliser z: carried beside the state by the kernels" in la
     based = explain_json(mixc.load(ROOT / "examples/based.mix"))["chunked_plan"]
     assert any("symmetric power" in line and "1 + 3*K/2 + K**2/2" in line for line in based)
+    assert "key scale dt" in explain_text(mixc.load(ROOT / "examples/mamba2.mix"))  # dt * B[n]: k scaled in the kernels
+    assert "takes its in-chunk products whole on tensor cores" in explain_text(mixc.load(ROOT / "examples/gla.mix"))
     assert "chunked kernels:" not in explain_text(mixc.load(ROOT / "examples/hgrn.mix"))
 
 
