@@ -22,32 +22,37 @@ ALTERNATIVES = {  # entry: (decays it serves, alternatives to the default)
     "out": ((1, 2), [(64, 4), (128, 4)]),
     "walk_rev": ((1, 2), [(64, 8), (128, 4), (32, 4)]),
     "dv": ((1, 2), [(64, 8), (128, 4), (64, 4)]),
-    "dqk": ((0, 1), [(64, 8), (32, 4), (128, 4), (64, 2)]),
+    "dqk": ((0, 1, "1+kscale"), [(64, 8), (32, 4), (128, 4), (64, 2)]),
     "dqk_key_off": ((2,), [(128, 8), (128, 4), (32, 4)]),
 }
 FORWARD = ("walk", "out")
 
 
 def inputs(gate, B=4, T=4096, H=16, D=128):
+    """q, k, v, log decay and key scale for decay kind ``gate`` (0, 1, 2, or "1+kscale": 1 with a key
+    scale, as mamba2 runs)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
+    ks = None
+    if gate == "1+kscale":
+        gate, ks = 1, F.softplus(torch.randn(B, T, H, device="cuda", generator=gen))
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
     g = None
     if gate == 1:
         g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
     elif gate == 2:
         g = F.logsigmoid(torch.randn(B, T, H, D, device="cuda", generator=gen))
-    return q, k, v, g
+    return q, k, v, g, ks
 
 
 def time_entry(entry, gate):
-    q, k, v, g = inputs(gate)
+    q, k, v, g, ks = inputs(gate)
     if entry in FORWARD:
-        return do_bench(lambda: C.chunk_fwd(q, k, v, g), return_mode="median")
-    o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(q, k, v, g)
+        return do_bench(lambda: C.chunk_fwd(q, k, v, g, kscale=ks), return_mode="median")
+    o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(q, k, v, g, kscale=ks)
     do = torch.randn_like(o)
     gk = C._gate_of(g)
     gflat = gf if gk == 2 else (C._flat(g) if gk == 1 else None)
-    return do_bench(lambda: C.chunk_bwd(do, None, q, k, v, gk, gflat, None, None, hs, A, 1.0, span=span),
+    return do_bench(lambda: C.chunk_bwd(do, None, q, k, v, gk, gflat, None, None, hs, A, 1.0, span=span, kscale=ks),
                     return_mode="median")
 
 
