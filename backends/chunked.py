@@ -329,7 +329,7 @@ def _state_walk_kernel(
     s0,  # [N, H, K, V] fp32: the initial state forward, the final state's gradient in reverse (USE_S0)
     hs,  # [sum_n (chunks_n + 1), H, K, V]: the (adjoint) state at each chunk's start (end, in reverse)
     sN,  # [N, H, K, V] fp32: the final state forward, the initial state's gradient in reverse (STORE_SN)
-    yz,  # NORM, reverse: [B*T, H] fp32, the normaliser's cotangent dden
+    yz, yden,  # NORM, reverse: [B*T, H] fp32, the normaliser's cotangent dden and the denominators (y / den)
     z0, zs, zN,  # NORM: the normaliser z [K] as s0, hs, sN (fp32)
     ks,  # KS, forward: [B*T, H] fp32, a per-token scale of k (the keys are ks_t k_t)
     cu, hoff, T, scale,
@@ -374,6 +374,8 @@ def _state_walk_kernel(
         b_x = tl.load(x + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         b_y = tl.load(y + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :],
                       other=0.0).to(tl.float32)
+        if REVERSE and NORM:  # the numerator's cotangent do / den
+            b_y = b_y / tl.load(yden + i_t * H + i_h, mask=m_t, other=1.0)[:, None]
         if REVERSE:
             b_x = b_x * scale
         elif KS:
@@ -608,6 +610,23 @@ def _out_kernel(
 
 
 @triton.jit
+def _dden_kernel(do, o, den, dden, NTOT, H: tl.constexpr, V: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    """The normaliser's cotangent of o = num / den: dden = -(do . o) / den, per token and head."""
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < NTOT
+    b_s = tl.zeros([BR], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        p = (o_r[:, None] * H + i_h) * V + o_v[None, :]
+        m = m_r[:, None] & (o_v < V)[None, :]
+        b_s += tl.sum(tl.load(do + p, mask=m, other=0.0).to(tl.float32) * tl.load(o + p, mask=m, other=0.0).to(
+            tl.float32), axis=1)
+    b_den = tl.load(den + o_r * H + i_h, mask=m_r, other=1.0)
+    tl.store(dden + o_r * H + i_h, -b_s / b_den, mask=m_r)
+
+
+@triton.jit
 def _dv_kernel(
     q, k, v, g, do,  # inputs and the output's cotangent
     A,  # the forward's in-chunk scores (GATE 2)
@@ -615,10 +634,11 @@ def _dv_kernel(
     dv,  # [B*T, H, V]
     skip, dskip,  # SKIP: [H] fp32; [value blocks, chunks, H] fp32 partial sums of do . v
     ks,  # KS: [B*T, H] fp32, the keys are ks_t k_t (GATE 0 and 1)
+    den,  # NORM: [B*T, H] fp32, the forward's denominators: the numerator's cotangent is do / den
     cu, cinfo, hoff, T, scale, NCT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    SKIP: tl.constexpr, KS: tl.constexpr,
+    SKIP: tl.constexpr, KS: tl.constexpr, NORM: tl.constexpr,
 ):
     """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t (+ skip do_s)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -663,6 +683,8 @@ def _dv_kernel(
         b_at = tl.where(m_ts, b_at, 0.0)
     b_doc = tl.load(do + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                     other=0.0).to(tl.float32)
+    if NORM:
+        b_doc = b_doc / tl.load(den + (bos + o_c) * H + i_h, mask=m_c, other=1.0)[:, None]
     b_dv += _dot(b_at * scale, b_doc, DOT)
     if SKIP:
         b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
@@ -679,7 +701,8 @@ def _dqk_kernel(
     hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
     dq, dk,  # [B*T, H, K]
     dg,  # [NK, B*T, H] fp32: the scalar log-gate gradient, summed over this key block (GATE 1)
-    dden, zs, dzs,  # NORM: the normaliser's cotangent [B*T, H], z at chunk starts, dz at chunk ends
+    dden, zs, dzs, den,  # NORM: the normaliser's cotangent [B*T, H], z at chunk starts, dz at chunk ends,
+    # the denominators [B*T, H] (the numerator's cotangent is do / den)
     ks, dks,  # KS: [B*T, H] fp32, the keys are ks_t k_t; [NK, B*T, H] fp32 out, sum_i k_ti dk'_ti per key block
     cu, cinfo, hoff, T, scale, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -718,7 +741,11 @@ def _dqk_kernel(
         if GATE == 1:
             b_hn = _state_tile(hs, p_hs + H * K * V, m_k, o_v, V)
             b_end += tl.sum(b_hn * b_dh, axis=1)
-    if NORM:
+    if NORM:  # the terms above are linear in the rows of do: the numerator's cotangent do / den, per row
+        b_rden = 1.0 / tl.load(den + (bos + o_c) * H + i_h, mask=m_c, other=1.0)
+        b_dq = b_dq * b_rden[:, None]
+        b_da = b_da * b_rden[:, None]
+        b_own = b_own * b_rden
         b_dd = tl.load(dden + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
         p_z = (ih * H + i_h) * K + o_k
         b_dz = tl.load(dzs + p_z, mask=m_k, other=0.0)
@@ -1159,6 +1186,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     if norm and gate == 2:  # the per-key dq/dk kernels have no normaliser column
         raise ValueError("chunk_fwd(norm=True) takes no decay or a scalar one; chunk_normalised carries the "
                          "normaliser of a per-key decay as a value column")
+    if norm and skip is not None:  # the skip would be divided by the denominator, and so would its gradient
+        raise ValueError("chunk_fwd takes a normaliser or a skip, not both")
     if kscale is not None and gate == 2:  # the per-key score kernels do not scale k
         raise ValueError("chunk_fwd(kscale=...) takes no decay or a scalar one; chunk_recurrence scales k "
                          "before the kernels for a per-key decay")
@@ -1188,7 +1217,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
     BVW, warps = _launch("walk", V)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
-        kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy,
+        kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
         **{**common, "num_warps": warps})
@@ -1236,13 +1265,14 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT, BS, BK = _blocks(K, V, gate)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, hs)
-    dzs = dz0 = dden = zs = dzt = None
+    dzs = dz0 = dden = zs = dzt = den = None
     has_s0 = h0 is not None  # an initial state (S, or with a normaliser S or z): its gradient is wanted
-    if norm is not None:  # o = num / den: num's cotangent do / den, den's -(do . o) / den
+    do = do.contiguous()
+    if norm is not None:  # o = num / den: num's cotangent do / den (the kernels divide as they load do)
         o, den, zs, z0, dzt = norm
-        den = den.view(B, T, H, 1)
-        dden = (-(do.float() * o.float()).sum(-1, keepdim=True) / den).view(B * T, H)
-        do = (do.float() / den).to(do.dtype)
+        dden = torch.empty(B * T, H, dtype=torch.float32, device=q.device)  # den's: -(do . o) / den
+        _dden_kernel[(_cdiv(B * T, 64), H)](_flat(do), _flat(o.contiguous()), den, dden, B * T, H=H, V=V, BR=64,
+                                            BV=min(_pow2(V), 64), num_warps=4)
         dzs = torch.empty_like(zs)
         has_s0 = h0 is not None or z0 is not None  # the forward started both S and z from them (or zeros)
         if has_s0:
@@ -1250,7 +1280,6 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         if dht is not None or dzt is not None:
             dht = dht if dht is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
             dzt = dzt.float().contiguous() if dzt is not None else torch.zeros(N, H, K, device=q.device)
-    do = do.contiguous()
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if has_s0 else None
     dummy = hs
@@ -1261,7 +1290,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     BVW, warps = _launch("walk_rev", V)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
         qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, _or(dh0, dummy),
-        _or(dden, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
+        _or(dden, dummy), _or(den, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
         dummy, cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BVW,
         NORM=nm, KS=False, **{**common, "num_warps": warps})
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -1278,8 +1307,8 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     dks = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if ks else None
     _dv_kernel[(_cdiv(V, BVD), NC, H)](
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
-        skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, cu, cinfo, hoff, T,
-        float(scale), NC, BV=BVD, SKIP=skip is not None, KS=ks, **{**common, "num_warps": warps})
+        skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, _or(den, dummy), cu, cinfo,
+        hoff, T, float(scale), NC, BV=BVD, SKIP=skip is not None, KS=ks, NORM=nm, **{**common, "num_warps": warps})
     if gate == 2:  # other blocks per chunk (tensor cores), then each block against itself, then dg
         dqa = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)
         dka = torch.empty_like(dqa)
@@ -1296,7 +1325,8 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     else:
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
-            _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), ksf, _or(dks, dummy), cu, cinfo, hoff, T,
+            _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), _or(den, dummy), ksf, _or(dks, dummy), cu, cinfo,
+            hoff, T,
             float(scale), B * T, BV=_launch("dqk", V)[0], NORM=nm, KS=ks,
             **{**common, "num_warps": _launch("dqk", V)[1]})
     if gate == 1:
@@ -1317,7 +1347,8 @@ def _ops_tag():
     import inspect
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
-               _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel,  # and helpers:
+               _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
+               # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
                _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function

@@ -439,3 +439,13 @@ def test_key_scale_in_half_precision_and_under_opcheck():
     assert o.dtype == torch.float16 and rel(o, ro) < 2e-2
     for name, a, b in zip("q k v gs ks".split(), ours, ref):
         assert rel(a.grad, b.grad) < 2e-2, name
+
+
+def test_normaliser_and_skip_together_are_refused():
+    """chunk_fwd divides by the normaliser's readout; a skip added after the division would take the
+    wrong cotangent, so the two are refused together (the emitter never asks for both)."""
+    from mixc.backends.chunked import chunk_fwd
+
+    q, k, v = (torch.rand(1, 8, 1, 4).to(DEV) for _ in range(3))
+    with pytest.raises(ValueError, match="normaliser or a skip"):
+        chunk_fwd(q, k, v, norm=True, skip=torch.ones(1).to(DEV))
