@@ -1516,16 +1516,115 @@ def power_features(x, e, coeffs):
     """Features of a polynomial in a dot product: the symmetric e-th power of [x, 1], each feature of
     degree d (d entries of x, e - d ones) times coeffs[d] / sqrt(C(e, d)), so that
     power_features(a, e, c) . power_features(b, e, c') = sum_d c_d c'_d (a . b)^d. based's
-    1 + s + s^2 / 2 is one such map of width C(K + 2, 2) (153 at K = 16), formed in two matrix products
-    with one-hot picks (the first carrying the weights) and one multiplication: no concatenation, no
-    per-degree passes, and a backward of matrix products."""
-    K, coeffs = x.shape[-1], tuple(float(c) for c in coeffs)
+    1 + s + s^2 / 2 is one such map of width C(K + 2, 2) (153 at K = 16).
+
+    On a GPU (or under TRITON_INTERPRET) one kernel reads x and writes the features, and one kernel
+    forms the gradient (:class:`PowerFeatures`); while torch.compile traces, and on a CPU without the
+    interpreter, the same map is two one-hot matrix products and a multiplication per extra factor."""
+    coeffs = tuple(float(c) for c in coeffs)
+    if (x.is_cuda or _INTERPRET) and not torch.compiler.is_compiling():
+        return PowerFeatures.apply(x, e, coeffs)
+    return _power_features_torch(x, e, coeffs)
+
+
+def _power_features_torch(x, e, coeffs):
+    """:func:`power_features` as PyTorch operations."""
+    K = x.shape[-1]
     first, rest = _on_device(("power", K, e, coeffs), x, lambda: _power_weights(K, e, coeffs))
     x1 = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
     out = x1 @ first
     for pick in rest:
         out = out * (x1 @ pick)
     return out
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _power_features_kernel(x, idx, w, out, NR, K: tl.constexpr, F: tl.constexpr, E: tl.constexpr,
+                           BR: tl.constexpr, BF: tl.constexpr):
+    """out[r, f] = w[f] prod_j x1[r, idx[j, f]], x1 = [x, 1] (index K is the 1)."""
+    i_r, i_f = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_f = i_f * BF + tl.arange(0, BF)
+    m_r, m_f = o_r < NR, o_f < F
+    b = tl.zeros([BR, BF], dtype=tl.float32) + tl.load(w + o_f, mask=m_f, other=0.0)[None, :]
+    for j in tl.static_range(E):
+        ix = tl.load(idx + j * F + o_f, mask=m_f, other=K)
+        b *= tl.load(x + o_r[:, None].to(tl.int64) * K + ix[None, :], mask=m_r[:, None] & (ix < K)[None, :],
+                     other=1.0).to(tl.float32)
+    tl.store(out + o_r[:, None].to(tl.int64) * F + o_f[None, :], b.to(out.dtype.element_ty),
+             mask=m_r[:, None] & m_f[None, :])
+
+
+@triton.jit
+def _power_features_bwd_kernel(x, idx, w, dout, dx, NR, K: tl.constexpr, F: tl.constexpr, E: tl.constexpr,
+                               BR: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr):
+    """dx[r, i] = sum_f dout[r, f] w[f] sum_j [idx[j, f] = i] prod_{j' != j} x1[r, idx[j', f]]: each
+    factor's share gathered per feature, then summed into the columns of x by a product with a one-hot
+    [features, K] tile (exact: fp32 operands)."""
+    i_r = tl.program_id(0)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < NR
+    o_k = tl.arange(0, BK)
+    b_dx = tl.zeros([BR, BK], dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        o_f = f0 + tl.arange(0, BF)
+        m_f = o_f < F
+        b_g = tl.load(dout + o_r[:, None].to(tl.int64) * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :],
+                      other=0.0).to(tl.float32) * tl.load(w + o_f, mask=m_f, other=0.0)[None, :]
+        for j in tl.static_range(E):
+            b_c = b_g
+            for j2 in tl.static_range(E):
+                if j2 != j:
+                    ix2 = tl.load(idx + j2 * F + o_f, mask=m_f, other=K)
+                    b_c *= tl.load(x + o_r[:, None].to(tl.int64) * K + ix2[None, :],
+                                   mask=m_r[:, None] & (ix2 < K)[None, :], other=1.0).to(tl.float32)
+            ix = tl.load(idx + j * F + o_f, mask=m_f, other=K)
+            b_dx += tl.dot(b_c, (ix[:, None] == o_k[None, :]).to(tl.float32), input_precision="ieee")
+    tl.store(dx + o_r[:, None].to(tl.int64) * K + o_k[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=m_r[:, None] & (o_k < K)[None, :])
+
+
+class PowerFeatures(torch.autograd.Function):
+    """:func:`power_features` in two kernels: forward x [..., K] -> [..., F]; backward the gradient of x."""
+
+    @staticmethod
+    def forward(ctx, x, e, coeffs):
+        K = x.shape[-1]
+        idx, w = _power_index(K, e, coeffs, x.device)
+        F = idx.shape[1]
+        xf = x.contiguous()
+        out = x.new_empty(*x.shape[:-1], F)
+        NR = xf.numel() // K
+        _power_features_kernel[(_cdiv(NR, 64), _cdiv(F, 64))](xf, idx, w, out, NR, K=K, F=F, E=e, BR=64, BF=64,
+                                                               num_warps=4)
+        ctx.save_for_backward(xf)
+        ctx.e, ctx.coeffs = e, coeffs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (xf,) = ctx.saved_tensors
+        K, e = xf.shape[-1], ctx.e
+        idx, w = _power_index(K, e, ctx.coeffs, xf.device)
+        F = idx.shape[1]
+        dx = torch.empty_like(xf)
+        NR = xf.numel() // K
+        _power_features_bwd_kernel[(_cdiv(NR, 64),)](xf, idx, w, dout.contiguous(), dx, NR, K=K, F=F, E=e, BR=64,
+                                                     BF=32, BK=max(16, _pow2(K)), num_warps=4)
+        return dx, None, None
+
+
+def _power_index(K, e, coeffs, device):
+    """(idx [e, F] int32: the entry of [x, 1] each factor of each feature takes (K: the 1), weights [F]
+    fp32) of :func:`power_features`, made once per device."""
+    key = ("index", K, e, coeffs, device)
+    if key not in _PICKS:
+        picks, w = _power_weights(K, e, coeffs)
+        _PICKS[key] = (picks.argmax(1).to(device, torch.int32).contiguous(), w.to(device, torch.float32))
+    return _PICKS[key]
 
 
 _PICKS = {}

@@ -449,3 +449,29 @@ def test_normaliser_and_skip_together_are_refused():
     q, k, v = (torch.rand(1, 8, 1, 4).to(DEV) for _ in range(3))
     with pytest.raises(ValueError, match="normaliser or a skip"):
         chunk_fwd(q, k, v, norm=True, skip=torch.ones(1).to(DEV))
+
+
+@pytest.mark.parametrize("e,K,dtype", [(2, 16, torch.float32), (3, 5, torch.float32), (1, 7, torch.float32),
+                                       (2, 16, torch.float16)])
+def test_power_features_kernels_match_the_matrix_form(e, K, dtype):
+    """power_features through its two kernels (forward; gradient of x) against the one-hot matrix form,
+    rows not a multiple of the kernels' blocks; the dot-product identity it exists for."""
+    from mixc.backends.chunked import PowerFeatures, _power_features_torch
+
+    gen = torch.Generator().manual_seed(e * 10 + K)
+    c = (1.0, 0.5, -0.25, 0.125)[:e + 1]
+    x = torch.randn(2, 37, 3, K, generator=gen).to(DEV, dtype).requires_grad_()
+    got = PowerFeatures.apply(x, e, c)
+    want = _power_features_torch(x.detach().double().requires_grad_(), e, c)
+    assert got.dtype == dtype and got.shape == want.shape
+    g = torch.randn(want.shape, generator=gen).to(DEV)
+    (gx,) = torch.autograd.grad(got, x, g.to(dtype))
+    xd = x.detach().double().requires_grad_()
+    (wx,) = torch.autograd.grad(_power_features_torch(xd, e, c), xd, g.double())
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert rel(got, want) < tol and rel(gx, wx) < tol
+    if dtype == torch.float32:
+        a, b = x.detach(), torch.randn(x.shape, generator=gen).to(DEV)
+        s = (a * b).sum(-1).double()
+        dot = (PowerFeatures.apply(a, e, c).double() * PowerFeatures.apply(b, e, (1.0,) * (e + 1)).double()).sum(-1)
+        assert rel(dot, sum(c[d] * s ** d for d in range(e + 1))) < 1e-5
