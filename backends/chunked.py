@@ -17,16 +17,20 @@ custom operator under torch.compile, so compiled models do not break their graph
               _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores)
     backward  _state_walk_kernel the adjoint state at every chunk end (sequential, in reverse)
               _dv_kernel         dv = (k e^(G_L - G)) dh + A^T do
-              _dqk_kernel        dq, dk and the log-gate gradient, per chunk (_dqk_key_kernel and
-                                 _dg_key_kernel with a per-key decay)
+              _dqk_kernel        dq, dk and the log-gate gradient, per chunk (_dqk_key_off_kernel,
+                                 _dqk_key_diag_kernel and _dg_key_kernel with a per-key decay)
 The log-gate gradient uses dG_t = q_t dq_t - k_t dk_t, summed within the chunk from its end, plus
 sum (h dh) at the chunk's end; each token's own term q_t . k_t v_t cancels there and is added to dq,
-dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a per-key decay the
-in-chunk scores are formed over 16-row blocks: blocks against other blocks on tensor cores
-around a reference row, each block against itself exactly (_intra_key_kernel, _intra_diag_kernel,
-_dqk_key_kernel).
+dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a per-key decay a chunk
+whose cumulative gates stay within e^(+-50) of its middle row (its span, from _local_cumsum_kernel)
+is factored: its in-chunk products are whole-chunk tensor-core products around that row. A sharper
+chunk is cut into 16-row blocks: blocks against other blocks on tensor cores around a reference row at
+their edge, each block against itself exactly (_intra_diag_kernel, _dqk_key_diag_kernel).
 A normaliser (o = q^T S / q^T z, z the same recurrence with v = 1) walks beside the state and
-the output kernel divides (NORM); a skip term c_h v_t is added there too (SKIP).
+the output kernel divides (NORM); in the backward _dden_kernel forms the denominator's cotangent and
+the others divide do by it as they load do. A skip term c_h v_t is added by the output kernel (SKIP),
+and a per-token key scale (k'_t = ks_t k_t, mamba2's dt B) is applied as the kernels load k (KS).
+:func:`power_features` (based's feature map) has kernels of its own.
 
 With a per-value decay the call is :class:`ChunkRecurrence`: one kernel (:func:`_chunk_fwd_kernel`)
 walks each sequence with the state in registers, and the backward is the same kernel three more
@@ -212,13 +216,14 @@ def _fdot(a, b, DOT: tl.constexpr):
 #   _intra_key_kernel   per-key decay: the in-chunk scores A of one chunk, kept for the backward
 #                       (_intra_diag_kernel: each 16-row block against itself);
 #   _out_kernel         one program per (value block, chunk, head): o = (q e^G) h + A v, in parallel;
-#   _dv_kernel, _dqk_kernel (_dqk_key_kernel and _dg_key_kernel for per-key decays): per-chunk
-#                       gradients, in parallel, including the log-gate gradient.
+#   _dv_kernel, _dqk_kernel (_dqk_key_off_kernel, _dqk_key_diag_kernel and _dg_key_kernel for
+#                       per-key decays): per-chunk gradients, in parallel, with the log-gate gradient.
 # Within a chunk, G is the inclusive cumulative log gate from the chunk's first token (<= 0 and
-# decreasing). With a per-key decay, factors e^{G_t - G_s} are formed only as products of two
-# factors <= 1 around a reference point: the chunk is cut into row blocks of BS tokens; a block
-# against other blocks uses a row at the block's edge as reference (tensor cores); within a block
-# the scores are exact, one column at a time (CUDA cores).
+# decreasing). With a per-key decay, a factored chunk (_span_of) forms e^{G_t - G_s} as
+# e^{G_t - G_R} e^{G_R - G_s} around its middle row R, each factor within e^(+-50); otherwise only as
+# products of two factors <= 1 around a reference point: the chunk is cut into row blocks of BS
+# tokens; a block against other blocks uses a row at the block's edge as reference (tensor cores);
+# within a block the scores are exact, one column at a time (CUDA cores).
 # GATE: 0 no decay, 1 scalar decay g [B*T, H] (the kernels sum it within each chunk), 2 per-key decay,
 # passed as its chunk-local inclusive cumulative sum G [B*T, H, K] (_local_cumsum_kernel).
 
