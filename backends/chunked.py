@@ -1527,7 +1527,7 @@ def power_features(x, e, coeffs):
     forms the gradient (:class:`PowerFeatures`); while torch.compile traces, and on a CPU without the
     interpreter, the same map is two one-hot matrix products and a multiplication per extra factor."""
     coeffs = tuple(float(c) for c in coeffs)
-    if (x.is_cuda or _INTERPRET) and not torch.compiler.is_compiling():
+    if (x.is_cuda or INTERPRET) and not torch.compiler.is_compiling():
         return PowerFeatures.apply(x, e, coeffs)
     return _power_features_torch(x, e, coeffs)
 
@@ -1541,9 +1541,6 @@ def _power_features_torch(x, e, coeffs):
     for pick in rest:
         out = out * (x1 @ pick)
     return out
-
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
