@@ -364,7 +364,7 @@ def _power_of_one_pair(b: FeatureBlock) -> bool:
 def _polynomial_of_one_pair(blocks: list[FeatureBlock]) -> tuple[Node, Node, int] | None:
     """(A, B, D) if the feature blocks are the degrees 0 .. D (D >= 1, each once) of one dot product A . B
     of two vectors, with number coefficients only: then the whole map is one weighted symmetric power
-    of [A, 1] (power_features), C(K + D, D) features formed in D matrix products."""
+    of [A, 1] (power_features: C(K + D, D) features, written by one kernel per side on a GPU)."""
     pairs = {pr for b in blocks for pr in b.pairs}
     degrees = sorted(len(b.pairs) for b in blocks)
     if len(pairs) != 1 or degrees != list(range(len(blocks))) or len(blocks) < 2:
@@ -448,9 +448,11 @@ def plan_features(a: Analysis) -> FeaturePlan:
 def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     """Lines of ``chunked(...)`` for an attention-form file with a separable weight."""
     p = a.program
+    poly = _polynomial_of_one_pair(fp.blocks)
     lines = _header(f"The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width\n"
-                    f"    {fp.width} ({fp.width_symmetric} with symmetric powers); phi(q) and psi(k) are formed in "
-                    "PyTorch,\n    then one linear-attention kernel"
+                    f"    {fp.width} ({fp.width_symmetric} with symmetric powers); phi(q) and psi(k) are formed "
+                    + ("by power_features" if poly is not None else "in PyTorch")
+                    + ",\n    then one linear-attention kernel"
                     + (" that carries the normaliser and divides" if fp.normalised else ""))
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
@@ -460,7 +462,6 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     em.emit(f"# w(t, u) = {a.separability.weight}  ({where}); feature width {fp.width}")
     j = fp.value_var
     V = em.sizes_var[j.axis]
-    poly = _polynomial_of_one_pair(fp.blocks)
     if poly is not None:
         A, B, D = poly
         by_degree = sorted(fp.blocks, key=lambda b: len(b.pairs))
@@ -527,7 +528,8 @@ def describe(a: Analysis) -> list[str]:
             if poly is not None:
                 blocks = [f"a polynomial of degree {poly[2]} in ({show(poly[0])}) . ({show(poly[1])}), as one weighted "
                           "symmetric power of [x, 1] per side"]
-            out = [f"feature maps (PyTorch): {' + '.join(blocks)}; width {fp.width}, "
+            where = "one kernel per side, power_features" if poly is not None else "PyTorch"
+            out = [f"feature maps ({where}): {' + '.join(blocks)}; width {fp.width}, "
                    f"{fp.width_symmetric} as stored"]
             if fp.normalised:
                 out.append("normaliser: carried beside the state by the kernels; the output kernel divides")
