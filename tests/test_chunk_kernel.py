@@ -475,3 +475,43 @@ def test_power_features_kernels_match_the_matrix_form(e, K, dtype):
         s = (a * b).sum(-1).double()
         dot = (PowerFeatures.apply(a, e, c).double() * PowerFeatures.apply(b, e, (1.0,) * (e + 1)).double()).sum(-1)
         assert rel(dot, sum(c[d] * s ** d for d in range(e + 1))) < 1e-5
+
+
+@pytest.mark.parametrize("bv", [16, 32, 128])
+def test_any_launch_value_block_gives_the_same_result(bv, monkeypatch):
+    """The launch table (value block, warps per kernel) is a tuning knob only: every kernel's value
+    block set to 16, 32 or 128 gives the loop's outputs and gradients (scalar decay with a skip and a key
+    scale, a normaliser, and a per-key decay, with several value blocks)."""
+    from mixc.backends import chunked as C
+
+    for name in C.LAUNCH:
+        monkeypatch.setitem(C.LAUNCH, name, (bv, 4))
+    gen = torch.Generator().manual_seed(bv)
+    B, T, H, K, V = 1, 100, 2, 9, 70
+    q, k = (F.elu(torch.randn(B, T, H, K, generator=gen)) + 1 for _ in range(2))
+    v, skip = torch.randn(B, T, H, V, generator=gen), torch.randn(H, generator=gen)
+    gs, gk = F.logsigmoid(torch.randn(B, T, H, generator=gen)), F.logsigmoid(torch.randn(B, T, H, K, generator=gen))
+    ks = torch.rand(B, T, H, generator=gen)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    for case in ("skip", "norm", "key"):
+        ref = [x.double().to(DEV).requires_grad_() for x in (q, k, v, gs, gk, skip, ks)]
+        if case == "skip":
+            ro, _ = naive(ref[0], ref[1] * ref[6][..., None], ref[2], None, None, ref[3], None, None)
+            ro = ro + ref[5][:, None] * ref[2]
+        elif case == "norm":
+            ro, _, _ = naive_normalised(ref[0], ref[1], ref[2], None, None, ref[3], None, None, None)
+        else:
+            ro, _ = naive(ref[0], ref[1], ref[2], ref[4], None, None, None, None)
+        (ro * do).sum().backward()
+        ours = [x.detach().float().requires_grad_() for x in ref]
+        if case == "skip":
+            o, _ = chunk_recurrence(ours[0], ours[1], ours[2], gs=ours[3], skip=ours[5], kscale=ours[6])
+        elif case == "norm":
+            o, _, _ = chunk_normalised(ours[0], ours[1], ours[2], gs=ours[3])
+        else:
+            o, _ = chunk_recurrence(ours[0], ours[1], ours[2], gk=ours[4])
+        (o * do).sum().backward()
+        assert rel(o, ro) < 1e-5, case
+        for name, a, b in zip("q k v gs gk skip ks".split(), ours, ref):
+            if b.grad is not None:
+                assert rel(a.grad, b.grad) < 1e-4, (case, name)
