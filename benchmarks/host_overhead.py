@@ -18,7 +18,8 @@ import torch  # noqa: E402
 import mixc  # noqa: E402
 
 KERNELS = ["_state_walk_kernel", "_intra_key_kernel", "_intra_diag_kernel", "_out_kernel", "_dv_kernel", "_dqk_kernel",
-           "_dqk_key_off_kernel", "_dqk_key_diag_kernel", "_dg_key_kernel", "_local_cumsum_kernel"]
+           "_dqk_key_off_kernel", "_dqk_key_diag_kernel", "_dg_key_kernel", "_local_cumsum_kernel", "_dden_kernel",
+           "_power_features_kernel", "_power_features_bwd_kernel"]
 
 
 class _NoLaunch:
