@@ -1328,12 +1328,11 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         _dg_key_kernel[(NK, NC, H)](dg, hs, dhs, cu, cinfo, hoff, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv_dg,
                                     IS_VARLEN=cu_seqlens is not None, num_warps=w_dg)
     else:
+        bv_dqk, w_dqk = _launch("dqk", V)
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), _or(den, dummy), ksf, _or(dks, dummy), cu, cinfo,
-            hoff, T,
-            float(scale), B * T, BV=_launch("dqk", V)[0], NORM=nm, KS=ks,
-            **{**common, "num_warps": _launch("dqk", V)[1]})
+            hoff, T, float(scale), B * T, BV=bv_dqk, NORM=nm, KS=ks, **{**common, "num_warps": w_dqk})
     if gate == 1:
         dg = dg.sum(0) if NK > 1 else dg[0]
     if ks:
@@ -1677,12 +1676,18 @@ def _merge_decays(gk, gs):
     return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
 
 
+def _scale_keys(k, kscale):
+    """kscale_t k_t formed in PyTorch, for the forms whose kernels take no key scale (per-key and
+    per-value decays)."""
+    return (k.float() * kscale.float()[..., None]).to(k.dtype)
+
+
 def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False, skip=None, kscale=None):
     """(o, final state, final normaliser or None) through the custom operator while torch.compile
     traces (an opaque operator: no graph break), else through :class:`ChunkParallel`. A key scale with a
     per-key decay is applied here (the per-key kernels do not take one)."""
     if kscale is not None and g is not None and g.dim() == 4:
-        k, kscale = (k.float() * kscale.float()[..., None]).to(k.dtype), None
+        k, kscale = _scale_keys(k, kscale), None
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
         o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
                                            kscale)[:6]
@@ -1706,7 +1711,7 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
                                    kscale=kscale)
     else:
         if kscale is not None:
-            k = (k.float() * kscale.float()[..., None]).to(k.dtype)
+            k = _scale_keys(k, kscale)
         o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
         if skip is not None:
             o = o + skip.float()[:, None] * v.float()
