@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One device-tool call: where a small call's time goes on the GPU host (benchmarks/host_device.py).
+# Usage (repository root, on the device): bash benchmarks/run_host.sh [NAME ...]
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
+names=${*:-gla retnet mamba2 linear_attention based}
+for n in $names; do  # compile in parallel, one process each
+  timeout 300 python3 benchmarks/bench_chunked.py --warm --only "$n" --shapes small > /dev/null 2>&1 &
+done
+wait
+echo "compiled $(date +%T)"
+timeout 280 python3 benchmarks/host_device.py $names 2>&1 | tee "$OUT/host_device.txt"
