@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: where a small call's time goes on the GPU host (benchmarks/host_device.py).
 # Usage (repository root, on the device): bash benchmarks/run_host.sh [NAME ...]
-set -u
+set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
 names=${*:-gla retnet mamba2 linear_attention based}
