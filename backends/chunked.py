@@ -45,8 +45,57 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MIXC_FAST_LAUNCH=0 sends every launch through Triton's own dispatch (see _Launch)
+FAST_LAUNCH = not INTERPRET and os.environ.get("MIXC_FAST_LAUNCH", "1") != "0"
 
 
+def _arg_key(a):
+    """What Triton specialises a runtime argument on: a tensor's dtype and whether its address is a
+    multiple of 16; an int's being 1, a multiple of 16, and its width (32 or 64 bits); else its type."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if type(a) is int:
+        return a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000
+    return type(a)
+
+
+class _Launch:
+    """A Triton kernel launched through its compiled handle: ``kernel[grid](*args, **constexprs)`` as
+    usual. The first launch of each specialisation (the current device, :func:`_arg_key` of every
+    positional argument, the keyword arguments) goes through Triton, which compiles the kernel and
+    returns its compiled handle; later ones launch that handle directly with every parameter in order,
+    skipping Triton's per-call binding and cache key, most of a launch's host time (BENCHMARKS.md,
+    session 5). Keyword arguments must be constexprs or launch options (num_warps), positional ones the
+    runtime arguments. In the interpreter, with MIXC_FAST_LAUNCH=0, or when a Triton version returns no
+    compiled handle, every launch goes through Triton."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.handles = {}  # specialisation -> (compiled kernel, the parameters after the positional ones)
+
+    def __getitem__(self, grid):
+        if not FAST_LAUNCH:
+            return self.fn[grid]
+        return lambda *args, **kwargs: self._run(grid, args, kwargs)
+
+    def _run(self, grid, args, kwargs):
+        key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
+        hit = self.handles.get(key)
+        if hit is not None:
+            hit[0][grid](*args, *hit[1])
+            return
+        compiled = self.fn[grid](*args, **kwargs)
+        params = self.fn.params[len(args):]
+        if hasattr(compiled, "__getitem__") and all(p.is_constexpr for p in params):
+            rest = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
+            self.handles[key] = (compiled, rest)
+
+    @property
+    def __name__(self):
+        return self.fn.__name__
+
+
+@_Launch
 @triton.jit
 def _chunk_fwd_kernel(
     q,  # [B*T, H, K] queries (any float dtype)
@@ -281,6 +330,7 @@ def _suffix_sum(x):
     return tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
 
 
+@_Launch
 @triton.jit
 def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                          BK: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -328,6 +378,7 @@ def _row(x, bos, r, lo, hi, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
     return tl.load(x + ((bos + r) * H + i_h) * K + o_k, mask=m_k & (rr >= lo) & (rr < hi), other=0.0).to(tl.float32)
 
 
+@_Launch
 @triton.jit
 def _state_walk_kernel(
     x, g, y,  # [B*T, H, K], log decay, [B*T, H, V]: k, v forward; q, do in reverse
@@ -420,6 +471,7 @@ def _state_walk_kernel(
             tl.store(zN + i_nh.to(tl.int64) * K + o_k, b_z, mask=m_z)
 
 
+@_Launch
 @triton.jit
 def _intra_key_kernel(
     q, k, g,  # [B*T, H, K]; g: the chunk-local cumulative log decay G (fp32)
@@ -509,6 +561,7 @@ def _intra_factored(q, k, g, A, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexp
              mask=m_2[:, None])
 
 
+@_Launch
 @triton.jit
 def _intra_diag_kernel(
     q, k, g, A, span, cu, cinfo, hoff, T,
@@ -542,6 +595,7 @@ def _intra_diag_kernel(
         tl.store(A + ((bos + o_r)[:, None] * H + i_h) * BT + (s0 - c0 + o_j)[None, :], b_d, mask=m_r[:, None])
 
 
+@_Launch
 @triton.jit
 def _out_kernel(
     q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
@@ -614,6 +668,7 @@ def _out_kernel(
              mask=m_c[:, None] & m_v[None, :])
 
 
+@_Launch
 @triton.jit
 def _dden_kernel(do, o, den, dden, NTOT, H: tl.constexpr, V: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     """The normaliser's cotangent of o = num / den: dden = -(do . o) / den, per token and head."""
@@ -631,6 +686,7 @@ def _dden_kernel(do, o, den, dden, NTOT, H: tl.constexpr, V: tl.constexpr, BR: t
     tl.store(dden + o_r * H + i_h, -b_s / b_den, mask=m_r)
 
 
+@_Launch
 @triton.jit
 def _dv_kernel(
     q, k, v, g, do,  # inputs and the output's cotangent
@@ -700,6 +756,7 @@ def _dv_kernel(
              mask=m_c[:, None] & m_v[None, :])
 
 
+@_Launch
 @triton.jit
 def _dqk_kernel(
     q, k, v, g, do,
@@ -791,6 +848,7 @@ def _dqk_kernel(
     tl.store(dk + p_c, b_dk.to(dk.dtype.element_ty), mask=m_ck)
 
 
+@_Launch
 @triton.jit
 def _dqk_key_off_kernel(
     q, k, v, G, do,
@@ -882,6 +940,7 @@ def _dqk_key_off_blocks(b_q, b_k, b_G, b_da, b_dq, b_dk, dqa, dka, p_c, m_ck, G,
     tl.store(dka + p_c, b_dk, mask=m_ck)
 
 
+@_Launch
 @triton.jit
 def _dqk_key_diag_kernel(
     q, k, v, G, do,
@@ -941,6 +1000,7 @@ def _dqk_key_diag_kernel(
         tl.store(dk + p_r, b_dk.to(dk.dtype.element_ty), mask=m_rk)
 
 
+@_Launch
 @triton.jit
 def _dg_key_kernel(
     dG,  # [B*T, H, K] fp32: q dq - k dk; overwritten with dg
@@ -1355,7 +1415,8 @@ def _ops_tag():
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
                _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
-    src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in kernels)  # jit or interpreted function
+    fns = (f.fn if isinstance(f, _Launch) else f for f in kernels)
+    src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -1542,6 +1603,7 @@ def _power_features_torch(x, e, coeffs):
     return out
 
 
+@_Launch
 @triton.jit
 def _power_features_kernel(x, idx, w, out, NR, K: tl.constexpr, F: tl.constexpr, E: tl.constexpr,
                            BR: tl.constexpr, BF: tl.constexpr):
@@ -1559,6 +1621,7 @@ def _power_features_kernel(x, idx, w, out, NR, K: tl.constexpr, F: tl.constexpr,
              mask=m_r[:, None] & m_f[None, :])
 
 
+@_Launch
 @triton.jit
 def _power_features_bwd_kernel(x, idx, w, dout, dx, NR, K: tl.constexpr, F: tl.constexpr, E: tl.constexpr,
                                BR: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr):

@@ -1,6 +1,6 @@
 """Where a small call's time goes on the GPU host: Python, PyTorch ops, Triton launches, GPU work.
 
-    python benchmarks/host_device.py [NAME ...] [--shape B,T,H,D]
+    python benchmarks/host_device.py [NAME ...] [--shape B,T,H,D] [--trace]
 
 At B8 T1024 H16 D64 a chunked call is bound by the host: the GPU finishes each kernel before the
 next is launched. Per mixer, forward and forward+backward, this prints (microseconds per call):
@@ -10,7 +10,11 @@ next is launched. Per mixer, forward and forward+backward, this prints (microsec
   launch queue): what the host spends issuing one call;
 - ``no_triton``: the same with every Triton launch replaced by a no-op (Python, checks, PyTorch ops);
 - ``launches`` and ``per_launch`` = (host - no_triton) / launches: what one Triton launch costs;
-- ``gpu``: the sum of the call's kernel times in a torch profile (the GPU's own work).
+- ``gpu``: the sum of the call's kernel times in a torch profile (the GPU's own work);
+- ``busy``: one call issued while the GPU is busy for ~20 ms: about ``host`` if the call never waits
+  for the GPU, about 20000 if it does.
+
+``--trace`` adds each call's host-side operations by self CPU time.
 
 Also the cost of launching an empty Triton kernel with 20 arguments, the floor of one launch.
 """
@@ -84,6 +88,29 @@ def host_us(fn, n=40, repeats=7):
     return best
 
 
+def busy_us(fn):
+    """Host time of one call issued while the GPU is still busy (a 20 ms sleep kernel queued first):
+    a call that waits for the GPU anywhere (a copy to the host, a synchronisation) takes ~20 ms here."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(40_000_000)
+    t = time.perf_counter()
+    fn()
+    us = (time.perf_counter() - t) * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def host_top(fn, rows=12):
+    """The host-side operations of one call, by self CPU time (a torch profile of 5 calls)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+
+
 def gpu_us(fn, calls=5):
     """Sum of the GPU kernels' own times per call, from a torch profile."""
     fn()
@@ -95,7 +122,7 @@ def gpu_us(fn, calls=5):
     return sum(e.device_time_total for e in prof.key_averages()) / calls
 
 
-def one(name, B, T, H, D):
+def one(name, B, T, H, D, trace=False):
     m = mixc.load(ROOT / "examples" / f"{name}.mix")
     sizes = {k: (16 if name == "based" and k == "K" else D) for k in m.meta["sizes"]}
     x = {k: v.to("cuda", torch.bfloat16).requires_grad_() for k, v in
@@ -114,7 +141,8 @@ def one(name, B, T, H, D):
 
     for label, fn in (("fwd", fwd), ("fwd+bwd", fb)):
         fn()
-        row = {"bench": do_bench(fn, return_mode="median") * 1e3, "host": host_us(fn), "gpu": gpu_us(fn)}
+        row = {"bench": do_bench(fn, return_mode="median") * 1e3, "host": host_us(fn), "gpu": gpu_us(fn),
+               "busy": busy_us(fn)}
         tally, restore = patched(m, stub=True)
         try:
             fn()
@@ -127,6 +155,8 @@ def one(name, B, T, H, D):
         row["per_launch"] = (row["host"] - row["no_triton"]) / max(row["launches"], 1)
         print(f"{name:<17} {label:<8} " + "  ".join(f"{k} {v:7.1f}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in row.items()), flush=True)
+        if trace:
+            print(host_top(fn), flush=True)
 
 
 def empty_launch_us():
@@ -144,11 +174,13 @@ def main(argv):
         i = argv.index("--shape")
         shape = tuple(int(s) for s in argv[i + 1].split(","))
         argv = argv[:i] + argv[i + 2:]
+    trace = "--trace" in argv
+    argv = [a for a in argv if a != "--trace"]
     names = argv or ["gla", "retnet", "mamba2", "linear_attention", "based"]
     print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()} shape {shape}")
     print(f"empty Triton launch (20 args, 3 constexprs): {empty_launch_us():.1f} us")
     for n in names:
-        one(n, *shape)
+        one(n, *shape, trace=trace)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: where a small call's time goes on the GPU host (benchmarks/host_device.py).
 # Usage (repository root, on the device): bash benchmarks/run_host.sh [NAME ...]
+# Each mixer with Triton's own launch dispatch and with mixc's compiled-handle launches; a trace of retnet.
 set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
@@ -10,4 +11,9 @@ for n in $names; do  # compile in parallel, one process each
 done
 wait
 echo "compiled $(date +%T)"
-timeout 280 python3 benchmarks/host_device.py $names 2>&1 | tee "$OUT/host_device.txt"
+for fast in 0 1; do  # Triton's own dispatch, then the compiled handles (backends/chunked.py, _Launch)
+  echo "== MIXC_FAST_LAUNCH=$fast"
+  MIXC_FAST_LAUNCH=$fast timeout 200 python3 benchmarks/host_device.py $names 2>&1 | tee "$OUT/host_device_$fast.txt" \
+    | grep -v Warn
+done
+MIXC_FAST_LAUNCH=1 timeout 100 python3 benchmarks/host_device.py --trace retnet > "$OUT/host_trace.txt" 2>&1
