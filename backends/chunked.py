@@ -1747,14 +1747,20 @@ def _scale_keys(k, kscale):
 
 def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False, skip=None, kscale=None):
     """(o, final state, final normaliser or None) through the custom operator while torch.compile
-    traces (an opaque operator: no graph break), else through :class:`ChunkParallel`. A key scale with a
-    per-key decay is applied here (the per-key kernels do not take one)."""
+    traces (an opaque operator: no graph break), else through :class:`ChunkParallel`, or straight through
+    :func:`chunk_fwd` when no gradient is wanted (inference: no autograd bookkeeping on the host). A key
+    scale with a per-key decay is applied here (the per-key kernels do not take one)."""
     if kscale is not None and g is not None and g.dim() == 4:
         k, kscale = _scale_keys(k, kscale), None
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
         o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
                                            kscale)[:6]
         return o, ht, (zt if norm else None)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                            for x in (q, k, v, g, h0, z0, skip, kscale))):
+        o, ht, _, _, _, zt = chunk_fwd(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
+                                       kscale=kscale)[:6]
+        return o, ht, zt
     return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
 
 

@@ -70,8 +70,51 @@ def _check_tensor(name, what, x, rank, shape_str):
         raise MixerCallError(f"{what} '{name}' must have shape {shape_str} ({rank} dims), got {tuple(x.shape)}")
 
 
+_BOUND = {}  # a checked call's signature -> what binding it found (see bind_call)
+
+
+def _signature(meta, kwargs, initial_state):
+    """Everything bind_call's checks read from a call without cu_seqlens: the names passed and each
+    tensor's shape, dtype and device. Raises AttributeError for anything not a tensor (None included),
+    which then takes the checked path and its message."""
+    sig = [id(meta)]
+    for k, x in kwargs.items():
+        sig.append((k, x.shape, x.dtype, x.device))
+    if initial_state:
+        for k, x in initial_state.items():
+            sig.append(("initial_state", k, x.shape, x.dtype, x.device))
+    return tuple(sig)
+
+
 def bind_call(meta, kwargs, initial_state, cu_seqlens, init_params):
-    """Check one call and return (inputs, params, states, sizes, dims, out_dtype)."""
+    """Check one call and return (inputs, params, states, sizes, dims, out_dtype). A call whose signature
+    (_signature) passed the checks before takes their result again without repeating them: the host
+    time of a short call matters (BENCHMARKS.md, session 5)."""
+    key = None
+    if cu_seqlens is None:
+        try:
+            key = _signature(meta, kwargs, initial_state)
+        except AttributeError:
+            key = None
+        hit = _BOUND.get(key) if key is not None else None
+        if hit is not None:
+            sizes, dims, dtype, given, defaults = hit
+            params = {n: kwargs[n] if n in given else x for n, x in defaults.items()}
+            states = {k: x for k, x in initial_state.items() if x is not None} if initial_state else {}
+            return kwargs, params, states, dict(sizes), dims, dtype
+    bound = _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params)
+    if key is not None:
+        if len(_BOUND) >= 1024:  # many shapes (decoding at growing lengths): start over
+            _BOUND.clear()
+        _, params, _, sizes, dims, dtype = bound
+        given = frozenset(n for n in params if n in kwargs and kwargs[n] is params[n])
+        defaults = {n: None if n in given else x for n, x in params.items()}  # every parameter, in order
+        _BOUND[key] = (dict(sizes), dims, dtype, given, defaults)
+    return bound
+
+
+def _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params):
+    """bind_call's checks, each with its message."""
     inputs_meta = meta["inputs"]
     param_meta = {**meta["params"], **meta["buffers"]}
     known = list(inputs_meta) + list(param_meta)

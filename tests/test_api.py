@@ -163,3 +163,38 @@ def test_generated_source_is_deterministic_and_names_its_source():
     b = mixc.load(EX / "h3.mix").source_code
     assert a == b
     assert "from " + str(EX / "h3.mix") in a.splitlines()[0]
+
+
+def test_a_repeated_call_signature_binds_as_the_checked_path(mamba2):
+    """bind_call remembers a checked signature (names, shapes, dtypes, devices) and gives the same
+    binding without the checks; the tensors bound are always the call's own."""
+    rt = mamba2._module
+    x = mamba2.random_inputs(2, 5, 3, N=4, P=6)
+    A = torch.full((3,), -0.5)
+    rt._BOUND.clear()
+    first = rt.bind_call(rt.MIXER, {**x, "A": A}, None, None, rt.init_params)
+    assert len(rt._BOUND) == 1
+    y = {k: v + 1 for k, v in x.items()}
+    A2 = A * 2
+    again = rt.bind_call(rt.MIXER, {**y, "A": A2}, None, None, rt.init_params)
+    checked = rt._bind_checked(rt.MIXER, {**y, "A": A2}, None, None, rt.init_params)
+    assert len(rt._BOUND) == 1
+    assert list(again[1]) == list(checked[1]) == list(first[1])  # parameters, in the same order
+    assert again[1]["A"] is A2 and again[1]["D"] is checked[1]["D"]  # the call's A, the default D
+    assert again[0]["x"] is y["x"] and again[3:] == checked[3:]
+    s0 = {"h": torch.zeros(2, 3, 4, 6)}
+    with_state = rt.bind_call(rt.MIXER, y, s0, None, rt.init_params)
+    assert with_state[2]["h"] is s0["h"] and len(rt._BOUND) == 2
+
+
+def test_errors_are_raised_after_a_remembered_signature(mamba2):
+    x = mamba2.random_inputs(1, 4, 3, N=2, P=2)
+    mamba2(**x)
+    with pytest.raises(ValueError, match="parameter 'A' has H=2"):
+        mamba2(**x, A=torch.zeros(2))
+    with pytest.raises(ValueError, match="initial_state 'h' must have shape"):
+        mamba2(**x, initial_state={"h": torch.zeros(1, 3, 2)})
+    bad = {**x, "B": x["B"][..., :1]}
+    with pytest.raises(ValueError, match="size N disagrees"):
+        mamba2(**bad)
+    mamba2(**x)

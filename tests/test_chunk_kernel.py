@@ -515,3 +515,24 @@ def test_any_launch_value_block_gives_the_same_result(bv, monkeypatch):
         for name, a, b in zip("q k v gs gk skip ks".split(), ours, ref):
             if b.grad is not None:
                 assert rel(a.grad, b.grad) < 1e-4, (case, name)
+
+
+def test_inference_skips_autograd_and_gives_the_same_result():
+    """Without a gradient wanted the call goes straight to the forward kernels (no autograd node): the
+    same output, final state and normaliser as the differentiable path."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 70, 2, 8, 12
+    q, k = (F.elu(torch.randn(B, T, H, K, generator=gen)).to(DEV) + 1 for _ in range(2))
+    v, ks = torch.randn(B, T, H, V, generator=gen).to(DEV), torch.rand(B, T, H, generator=gen).to(DEV)
+    gs = F.logsigmoid(torch.randn(B, T, H, generator=gen)).to(DEV)
+    h0 = torch.randn(B, H, K, V, generator=gen).to(DEV)
+    with torch.no_grad():
+        o, ht = chunk_recurrence(q, k, v, gs=gs, h0=h0, output_final_state=True, kscale=ks)
+        on, hn, zn = chunk_normalised(q, k, v, gs=gs, output_final_state=True)
+    assert o.grad_fn is None and on.grad_fn is None
+    qg = q.clone().requires_grad_()
+    og, htg = chunk_recurrence(qg, k, v, gs=gs, h0=h0, output_final_state=True, kscale=ks)
+    ong, hng, zng = chunk_normalised(qg, k, v, gs=gs, output_final_state=True)
+    assert og.grad_fn is not None
+    for a, b in ((o, og), (ht, htg), (on, ong), (hn, hng), (zn, zng)):
+        assert torch.equal(a, b.detach())
