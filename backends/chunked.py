@@ -81,12 +81,15 @@ class _Launch:
     def _run(self, grid, args, kwargs):
         key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
         hit = self.handles.get(key)
-        if hit is not None:
-            hit[0][grid](*args, *hit[1])
+        if hit is not None:  # the handle reads all three grid sizes
+            hit[0][grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *hit[1])
             return
         compiled = self.fn[grid](*args, **kwargs)
-        params = self.fn.params[len(args):]
-        if hasattr(compiled, "__getitem__") and all(p.is_constexpr for p in params):
+        params = getattr(self.fn, "params", None)
+        if params is None or not hasattr(compiled, "__getitem__"):  # not a Triton with compiled handles
+            return
+        params = params[len(args):]
+        if all(p.is_constexpr for p in params):
             rest = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
             self.handles[key] = (compiled, rest)
 

@@ -8,6 +8,8 @@ next is launched. Per mixer, forward and forward+backward, this prints (microsec
 - ``bench``: the GPU-timeline time per call, as benchmarks/bench_chunked.py measures it (do_bench);
 - ``host``: wall time per call of a loop that never synchronises (short enough not to fill the
   launch queue): what the host spends issuing one call;
+  both with Triton's own launch dispatch (``_triton``) and with the compiled handles (``_fast``,
+  backends/chunked.py's _Launch), alternately in one process, the best of three rounds each;
 - ``no_triton``: the same with every Triton launch replaced by a no-op (Python, checks, PyTorch ops);
 - ``launches`` and ``per_launch`` = (host - no_triton) / launches: what one Triton launch costs;
 - ``gpu``: the sum of the call's kernel times in a torch profile (the GPU's own work);
@@ -55,6 +57,13 @@ class _Counting:
             if not self.stub:
                 self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def set_fast(m, on):
+    """Kernel launches through their compiled handles (on) or Triton's dispatch (off): backends/chunked.py."""
+    from mixc.backends import chunked
+
+    m._module.FAST_LAUNCH = chunked.FAST_LAUNCH = on
 
 
 def patched(m, stub):
@@ -141,8 +150,15 @@ def one(name, B, T, H, D, trace=False):
 
     for label, fn in (("fwd", fwd), ("fwd+bwd", fb)):
         fn()
-        row = {"bench": do_bench(fn, return_mode="median") * 1e3, "host": host_us(fn), "gpu": gpu_us(fn),
-               "busy": busy_us(fn)}
+        row = {}
+        for _ in range(3):  # the two launch paths alternately, in one process: the host's speed drifts
+            for fast in (False, True):
+                set_fast(m, fast)
+                fn()
+                tag = "fast" if fast else "triton"
+                row[f"bench_{tag}"] = min(row.get(f"bench_{tag}", 1e9), do_bench(fn, return_mode="median") * 1e3)
+                row[f"host_{tag}"] = min(row.get(f"host_{tag}", 1e9), host_us(fn))
+        row["gpu"], row["busy"] = gpu_us(fn), busy_us(fn)
         tally, restore = patched(m, stub=True)
         try:
             fn()
@@ -152,8 +168,9 @@ def one(name, B, T, H, D, trace=False):
             row["no_triton"] = host_us(fn)
         finally:
             restore()
-        row["per_launch"] = (row["host"] - row["no_triton"]) / max(row["launches"], 1)
-        print(f"{name:<17} {label:<8} " + "  ".join(f"{k} {v:7.1f}" if isinstance(v, float) else f"{k} {v}"
+        for tag in ("triton", "fast"):
+            row[f"per_launch_{tag}"] = (row[f"host_{tag}"] - row["no_triton"]) / max(row["launches"], 1)
+        print(f"{name:<17} {label:<8} " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in row.items()), flush=True)
         if trace:
             print(host_top(fn), flush=True)

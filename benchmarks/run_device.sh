@@ -36,7 +36,7 @@ if [ -n "$profile" ]; then
 fi
 if [ -n "$tests" ]; then
   tlimit=230; [ "$shapes" = none ] && tlimit=540
-  timeout $tlimit python3 -m pytest -q -x tests/test_chunk_kernel.py -p no:cacheprovider \
+  timeout $tlimit python3 -m pytest -q tests/test_chunk_kernel.py -p no:cacheprovider \
     -k "$tests_k" > "$OUT/gpu_tests.txt" 2>&1
   tail -3 "$OUT/gpu_tests.txt"
 fi

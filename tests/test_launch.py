@@ -26,9 +26,9 @@ class FakeJit:
                 return None
             fake = self
 
-            class Handle:
+            class Handle:  # as Triton's compiled kernel: it reads all three grid sizes
                 def __getitem__(self, g):
-                    return lambda *a: fake.direct.append((g, a))
+                    return lambda *a: fake.direct.append(((g[0], g[1], g[2]), a))
             return Handle()
         return run
 
@@ -51,7 +51,9 @@ def test_second_launch_goes_straight_to_the_handle_with_every_parameter_in_order
     y = torch.ones(8)  # another tensor, same specialisation
     k[(5, 2)](y, 48, BLOCK=16, num_warps=4)
     assert len(fn.compiles) == 1
-    assert fn.direct == [((5, 2), (y, 48, 16, False))]  # FLAG's default filled in, num_warps is no parameter
+    assert fn.direct == [((5, 2, 1), (y, 48, 16, False))]  # FLAG's default filled in, num_warps is no parameter
+    k[(7,)](y, 48, BLOCK=16, num_warps=4)  # a one-dimensional grid
+    assert fn.direct[-1] == ((7, 1, 1), (y, 48, 16, False))
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_not_16", "int_64bit", "constexpr",
