@@ -390,7 +390,7 @@ def _state_walk_kernel(
     sN,  # [N, H, K, V] fp32: the final state forward, the initial state's gradient in reverse (STORE_SN)
     yz, yden,  # NORM, reverse: [B*T, H] fp32, the normaliser's cotangent dden and the denominators (y / den)
     z0, zs, zN,  # NORM: the normaliser z [K] as s0, hs, sN (fp32)
-    ks,  # KS, forward: [B*T, H] fp32, a per-token scale of k (the keys are ks_t k_t)
+    ks,  # KS, forward: [B*T, H] (any float dtype), a per-token scale of k (the keys are ks_t k_t)
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
@@ -438,7 +438,7 @@ def _state_walk_kernel(
         if REVERSE:
             b_x = b_x * scale
         elif KS:
-            b_x = b_x * tl.load(ks + i_t * H + i_h, mask=m_t, other=0.0)[:, None]
+            b_x = b_x * tl.load(ks + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)[:, None]
         last = tl.minimum(L - c0, BT) - 1  # the chunk's last row
         if GATE == 1:
             b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
@@ -607,7 +607,7 @@ def _out_kernel(
     A,  # GATE 2: [B*T, H, BT] fp32, the in-chunk scores from _intra_key_kernel
     zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
     skip,  # SKIP: [H] fp32, o += skip[h] v
-    ks,  # KS: [B*T, H] fp32, the keys are ks_t k_t (GATE 0 and 1)
+    ks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t (GATE 0 and 1)
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
@@ -654,7 +654,7 @@ def _out_kernel(
             b_den = b_den * tl.exp(b_Gc)
             b_a = b_a * tl.exp(tl.where(m_ts, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
         if KS:  # A[t, s] = q_t . k'_s with k'_s = ks_s k_s: a column scale
-            b_a = b_a * tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0)[None, :]
+            b_a = b_a * tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32)[None, :]
         b_a = tl.where(m_ts, b_a, 0.0)
     b_vc = tl.load(v + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
                    other=0.0).to(tl.float32)
@@ -697,7 +697,7 @@ def _dv_kernel(
     dhs,  # gradient of the state at every chunk end (_state_walk_kernel in reverse)
     dv,  # [B*T, H, V]
     skip, dskip,  # SKIP: [H] fp32; [value blocks, chunks, H] fp32 partial sums of do . v
-    ks,  # KS: [B*T, H] fp32, the keys are ks_t k_t (GATE 0 and 1)
+    ks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t (GATE 0 and 1)
     den,  # NORM: [B*T, H] fp32, the forward's denominators: the numerator's cotangent is do / den
     cu, cinfo, hoff, T, scale, NCT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -741,7 +741,7 @@ def _dv_kernel(
             b_dv = b_dv * tl.exp(b_GL - b_G)[:, None]
             b_at = b_at * tl.exp(tl.where(m_ts, b_G[None, :] - b_G[:, None], float("-inf")))
         if KS:  # both terms are linear in k'_s = ks_s k_s: a row scale
-            b_ks = tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
+            b_ks = tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32)
             b_dv = b_dv * b_ks[:, None]
             b_at = b_at * b_ks[:, None]
         b_at = tl.where(m_ts, b_at, 0.0)
@@ -768,7 +768,8 @@ def _dqk_kernel(
     dg,  # [NK, B*T, H] fp32: the scalar log-gate gradient, summed over this key block (GATE 1)
     dden, zs, dzs, den,  # NORM: the normaliser's cotangent [B*T, H], z at chunk starts, dz at chunk ends,
     # the denominators [B*T, H] (the numerator's cotangent is do / den)
-    ks, dks,  # KS: [B*T, H] fp32, the keys are ks_t k_t; [NK, B*T, H] fp32 out, sum_i k_ti dk'_ti per key block
+    ks, dks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t; [NK, B*T, H] fp32 out,
+    # sum_i k_ti dk'_ti per key block
     cu, cinfo, hoff, T, scale, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
@@ -823,7 +824,7 @@ def _dqk_kernel(
     b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
     if KS:
-        b_ks = tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0)
+        b_ks = tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32)
         b_k = b_k * b_ks[:, None]
     m_s = o_c[:, None] > o_c[None, :]
     b_da = b_da * scale
@@ -1044,8 +1045,9 @@ def _pow2(n):
 
 
 def _flat(x):
-    """[B, T, H, ...] -> [B*T, H, ...] contiguous (a view when possible)."""
-    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+    """x's memory as the kernels read it, [B*T, H, ...] in order: contiguous. A contiguous [B, T, H, ...]
+    tensor is passed as it is (a kernel takes only its address; no view made per call)."""
+    return None if x is None else x.contiguous()
 
 
 def _dot_mode(dtype):
@@ -1269,11 +1271,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     den = torch.empty(B * T, H, dtype=torch.float32, device=q.device) if norm else None
     qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
     dummy = ht
-    ksf = _or(_flat(kscale.float()) if kscale is not None else None, dummy)
+    ksf = _or(_flat(kscale), dummy)
     dot = _dot_mode(q.dtype)
     span = None
     if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
-        G = torch.empty(gf.shape, dtype=torch.float32, device=q.device)
+        G = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)
         span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=q.device)
         _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
@@ -1371,7 +1373,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     BVD, warps = _launch("dv", V)
     dskip = torch.empty(_cdiv(V, BVD), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     ks = kscale is not None
-    ksf = _flat(kscale.float()) if ks else dummy
+    ksf = _flat(kscale) if ks else dummy
     dks = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if ks else None
     _dv_kernel[(_cdiv(V, BVD), NC, H)](
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,

@@ -220,7 +220,7 @@ def _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params):
             for axis in m["axes"]:
                 sizes.need(axis, f"'{name}'")
     if any(n not in params for n in param_meta):
-        defaults = default_params(init_params, H, sizes.value, device)
+        defaults = default_params(init_params, H, sizes.value, device, compute_dtypes(dtype)[0])
         for n in param_meta:
             params.setdefault(n, defaults[n])
     return kwargs, params, states, sizes.value, (B, T, H, n_seq), dtype
@@ -238,12 +238,15 @@ def zero_state(meta, name, sizes, H, dtype, inputs):
 _DEFAULTS = {}
 
 
-def default_params(init_params, H, sizes, device):
-    """The file's default parameters for this head count, sizes and device, computed once (they are
-    deterministic) rather than on every call; the cache never hands out a tensor to be modified."""
-    key = (init_params, H, tuple(sorted(sizes.items())), str(device))
+def default_params(init_params, H, sizes, device, dtype=torch.float64):
+    """The file's default parameters for this head count, sizes and device, computed once in float64
+    (they are deterministic) and kept in ``dtype`` (the forms' compute dtype, so converting them per call
+    costs nothing) rather than made on every call; the cache never hands out a tensor to be modified."""
+    key = (init_params, H, tuple(sorted(sizes.items())), str(device), dtype)
     if key not in _DEFAULTS:
-        _DEFAULTS[key] = init_params(H, sizes, dtype=torch.float64, device=device)
+        made = init_params(H, sizes, dtype=torch.float64, device=device)
+        cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
+        _DEFAULTS[key] = {k: v.to(cplx if v.is_complex() else dtype) for k, v in made.items()}
     return _DEFAULTS[key]
 
 
