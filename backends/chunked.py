@@ -393,7 +393,7 @@ def _state_walk_kernel(
     ks,  # KS, forward: [B*T, H] (any float dtype), a per-token scale of k (the keys are ks_t k_t)
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
+    GATE: tl.constexpr, GT: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
@@ -441,7 +441,7 @@ def _state_walk_kernel(
             b_x = b_x * tl.load(ks + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)[:, None]
         last = tl.minimum(L - c0, BT) - 1  # the chunk's last row
         if GATE == 1:
-            b_G = tl.cumsum(tl.load(g + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_G = tl.cumsum(tl.load(g + i_t * GT + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
             b_GL = tl.sum(tl.where(o_t == last, b_G, 0.0), axis=0)
             if REVERSE:
                 b_x = b_x * tl.exp(b_G)[:, None]
@@ -610,7 +610,8 @@ def _out_kernel(
     ks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t (GATE 0 and 1)
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
     NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
@@ -649,7 +650,7 @@ def _out_kernel(
                       mask=m_c[:, None] & m_ts, other=0.0)
     else:
         if GATE == 1:
-            b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+            b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * GT + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
             b_o = b_o * tl.exp(b_Gc)[:, None]
             b_den = b_den * tl.exp(b_Gc)
             b_a = b_a * tl.exp(tl.where(m_ts, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
@@ -701,7 +702,8 @@ def _dv_kernel(
     den,  # NORM: [B*T, H] fp32, the forward's denominators: the numerator's cotangent is do / den
     cu, cinfo, hoff, T, scale, NCT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
     SKIP: tl.constexpr, KS: tl.constexpr, NORM: tl.constexpr,
 ):
     """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t (+ skip do_s)."""
@@ -736,7 +738,7 @@ def _dv_kernel(
                        mask=m_ts & m_c[None, :] & m_c[:, None], other=0.0)
     else:
         if GATE == 1:
-            b_G = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+            b_G = tl.cumsum(tl.load(g + (bos + o_c) * GT + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
             b_GL = tl.sum(tl.where(o_c == tl.minimum(c0 + BT, L) - 1, b_G, 0.0), axis=0)
             b_dv = b_dv * tl.exp(b_GL - b_G)[:, None]
             b_at = b_at * tl.exp(tl.where(m_ts, b_G[None, :] - b_G[:, None], float("-inf")))
@@ -772,7 +774,8 @@ def _dqk_kernel(
     # sum_i k_ti dk'_ti per key block
     cu, cinfo, hoff, T, scale, NTOT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
+    GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr,
+    KS: tl.constexpr,
 ):
     """One chunk and key block, no decay or a scalar one: dq, dk and the log-gate gradient
     dg_t = sum_{r >= t in the chunk} (q_r dq_r - k_r dk_r) + sum (h dh)(chunk end). NORM: the normaliser
@@ -829,7 +832,7 @@ def _dqk_kernel(
     m_s = o_c[:, None] > o_c[None, :]
     b_da = b_da * scale
     if GATE == 1:
-        b_G = tl.cumsum(tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
+        b_G = tl.cumsum(tl.load(g + (bos + o_c) * GT + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
         b_GL = tl.sum(tl.where(o_c == tl.minimum(c * BT + BT, L) - 1, b_G, 0.0), axis=0)
         b_da = b_da * tl.exp(tl.where(m_s, b_G[:, None] - b_G[None, :], float("-inf")))
         b_dq = b_dq * tl.exp(b_G)[:, None]
@@ -1042,6 +1045,20 @@ def _cdiv(a, b):
 
 def _pow2(n):
     return 1 << max(0, int(n - 1).bit_length())
+
+
+def _flat_gate(g):
+    """A log decay as the kernels take it: a scalar decay that is one value per head at every token (a
+    [B, T, H] view broadcast from [H] values, as a time-invariant decay such as RetNet's is formed) as
+    those H values, read with token stride 0 (_gate_stride); any other decay as :func:`_flat` has it."""
+    if g is not None and g.dim() == 3 and g.stride(0) == 0 and g.stride(1) == 0:
+        return g[0, 0].contiguous()
+    return _flat(g)
+
+
+def _gate_stride(gf, H):
+    """The token stride of a scalar decay as _flat_gate gave it: 0 for one value per head, else H."""
+    return 0 if gf is not None and gf.dim() == 1 else H
 
 
 def _flat(x):
@@ -1269,7 +1286,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
     zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
     den = torch.empty(B * T, H, dtype=torch.float32, device=q.device) if norm else None
-    qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
+    qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat_gate(g)
     dummy = ht
     ksf = _or(_flat(kscale), dummy)
     dot = _dot_mode(q.dtype)
@@ -1280,7 +1297,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
-    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None, DOT=dot,
+    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
+                  DOT=dot,
                   NORM=norm, num_warps=WARPS)
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
         h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
@@ -1354,7 +1372,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if has_s0 else None
     dummy = hs
     qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _or(gf, dummy), _flat(do)
-    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=cu_seqlens is not None,
+    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=_dot_mode(q.dtype), num_warps=WARPS)
     nm = norm is not None
     BVW, warps = _launch("walk_rev", V)
@@ -1485,7 +1503,7 @@ def _define_ops():
             dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor], span: Tensor  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
-        gf = G if gate == 2 else (_flat(g) if gate == 1 else None)
+        gf = G if gate == 2 else (_flat_gate(g) if gate == 1 else None)
         norm = (o, den, zs, z0, dzt) if den.numel() else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
                                                          A if gate == 2 else None, scale, norm, skip, kscale=kscale,

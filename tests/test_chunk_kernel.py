@@ -536,3 +536,34 @@ def test_inference_skips_autograd_and_gives_the_same_result():
     assert og.grad_fn is not None
     for a, b in ((o, og), (ht, htg), (on, ong), (hn, hng), (zn, zng)):
         assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_time_invariant_decay_is_read_once_per_head(norm):
+    """A scalar decay broadcast from one value per head (RetNet's log gamma) goes to the kernels as those
+    H values with token stride 0: the same outputs and gradients (the decay's summed over tokens by
+    autograd) as the same decay written out per token."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, K, V = 2, 75, 3, 8, 12
+    q, k = (F.elu(torch.randn(B, T, H, K, generator=gen)).to(DEV) + 1 for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    lg = F.logsigmoid(torch.randn(H, generator=gen) + 2).to(DEV)
+    h0 = torch.randn(B, H, K, V, generator=gen).to(DEV)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    from mixc.backends.chunked import _flat_gate
+
+    assert _flat_gate(lg[None, None, :].expand(B, T, H)).shape == (H,)
+    outs = []
+    for materialise in (False, True):
+        x = [t.clone().requires_grad_() for t in (q, k, v, lg, h0)]
+        gs = x[3][None, None, :].expand(B, T, H)
+        if materialise:
+            gs = gs.contiguous()
+        if norm:
+            o = chunk_normalised(x[0], x[1], x[2], gs=gs)[0]
+        else:
+            o = chunk_recurrence(x[0], x[1], x[2], gs=gs, h0=x[4])[0]
+        grads = torch.autograd.grad(o, [t for t in x if not (norm and t is x[4])], do)
+        outs.append((o, *grads))
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-5
