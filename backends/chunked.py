@@ -1565,11 +1565,14 @@ class ChunkParallel(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip, kscale,
                               span)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
+        ctx.set_materialize_grads(False)  # an unused final state's cotangent stays None: no zeros to fill and read
         return o, ht, zt
 
     @staticmethod
     def backward(ctx, do, dht, dzt):
         q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip, kscale, span = ctx.saved_tensors
+        if do is None:  # only the final state (or normaliser) reached the loss
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
         norm = (o, den, zs, z0, dzt) if den is not None else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
                                                          ctx.scale, norm, skip, ctx.layout, kscale, span)

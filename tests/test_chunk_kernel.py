@@ -567,3 +567,32 @@ def test_time_invariant_decay_is_read_once_per_head(norm):
         outs.append((o, *grads))
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("use", ["output", "state", "both"])
+def test_gradients_when_only_some_outputs_reach_the_loss(use):
+    """The output alone, the final state alone, or both in the loss: the gradients of the float64 loop
+    (an output that does not reach the loss has no cotangent, and none is made up)."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 2, 40, 2, 8, 6
+    q, k = (torch.randn(B, T, H, K, generator=gen).to(DEV) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    gs = F.logsigmoid(torch.randn(B, T, H, generator=gen)).to(DEV)
+    h0 = torch.randn(B, H, K, V, generator=gen).to(DEV)
+    wo, wh = torch.randn(B, T, H, V, generator=gen).to(DEV), torch.randn(B, H, K, V, generator=gen).to(DEV)
+    got, want = [], []
+    for impl, dt in (("kernel", torch.float32), ("loop", torch.float64)):
+        x = [t.to(dt).requires_grad_() for t in (q, k, v, gs, h0)]
+        if impl == "kernel":
+            o, ht = chunk_recurrence(x[0], x[1], x[2], gs=x[3], h0=x[4], output_final_state=True)
+        else:
+            o, ht = naive(x[0], x[1], x[2], None, None, x[3], x[4], None)
+        loss = 0
+        if use in ("output", "both"):
+            loss = loss + (o * wo.to(dt)).sum()
+        if use in ("state", "both"):
+            loss = loss + (ht * wh.to(dt)).sum()
+        grads = torch.autograd.grad(loss, x, allow_unused=True)  # q does not reach the final state
+        (got if impl == "kernel" else want).extend(torch.zeros_like(t) if g is None else g for g, t in zip(grads, x))
+    for a, b in zip(got, want):
+        assert (a - b.to(a.dtype)).abs().max() < 1e-4 * b.abs().max().clamp_min(1.0)
