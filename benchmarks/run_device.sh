@@ -5,7 +5,8 @@
 # Writes bench_rows.json, bench_chunked.json, bench_table.md (and profile.txt, gpu_tests.txt) under $OUT.
 # --tests: afterwards, the kernel tests on the GPU (fp32 kernels against the float64 loop: normaliser,
 # skip, key scale, per-key decays factored and exact, sharp gates, fp16), at most 230 s (540 s with SHAPES none); --tests-k EXPR: only
-# the tests pytest -k EXPR selects. SHAPES "none": no benchmark (tests only).
+# the tests pytest -k EXPR selects (a failure does not stop the rest). SHAPES "none": no benchmark (tests
+# only); SHAPES "train,small": both shapes, which with the gradient checks needs about 600 s: pass --no-checks.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
