@@ -31,7 +31,7 @@ for r in "${runs[@]}"; do
   d=${r%%:*}; names=${r#*:}
   echo "== tree $d: $names"
   in_tree "$d" timeout 300 python3 benchmarks/bench_chunked.py --out /tmp/bench_$$ --only "$names" \
-    --shapes "$shapes" 2>&1 | grep -E "^(row|check)" | cut -c1-400
+    --shapes "$shapes" 2>&1 | awk '/^(row|check)/ { print substr($0, 1, 400); fflush() }'
 done
 for t in "${tests[@]}"; do
   d=${t%%:*}; expr=${t#*:}

@@ -29,7 +29,7 @@ done
 wait
 echo "compiled $(date +%T)"
 [ -n "$names" ] && timeout 300 python3 benchmarks/bench_chunked.py --out "$OUT" --only $names --shapes "$shapes" $checks 2>&1 \
-  | grep -E "^(row|check)" | cut -c1-400
+  | awk '/^(row|check)/ { print substr($0, 1, 400); fflush() }'
 cat "$OUT/bench_table.md" 2>/dev/null  # the section to paste into BENCHMARKS.md
 if [ -n "$profile" ]; then
   timeout 200 python3 benchmarks/profile_chunked.py ${profile//,/ } > "$OUT/profile.txt" 2>&1
