@@ -14,7 +14,7 @@ from mixc.analysis import Analysis, Readout, StateForm, Term, _flatten_mul, _k_f
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
-from .reference import input_dtype_emitter, prologue
+from .reference import INFIX, TORCH_UNARY, input_dtype_emitter, prologue
 
 
 @dataclass
@@ -173,6 +173,10 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
     if node.op == "input" and node.src[0].op == "iota" and node.src[0].arg == T_VAR and \
             tuple(node.arg[1]) == tuple(lay_vars):
         name = f"inputs[{node.arg[0]!r}]"
+    elif (direct := _elementwise_btd(em, node, lay_vars)) is not None:
+        name = em.fresh()
+        dims = ", ".join(["B, T, H"] + [v.axis for v in lay_vars])
+        em.emit(f"{name} = {direct}  # [{dims}], the inputs' own layout (no permutes)")
     else:
         e, lay = em.val(node, "pre")
         e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR, *lay_vars))
@@ -181,6 +185,32 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
         em.emit(f"{name} = ({e}).expand({shape}).permute({perm})")
     em.memo[key] = name
     return name
+
+
+def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
+    """``node`` as one expression in the inputs' own [B, T, H, *lay_vars] layout, when it is an
+    elementwise formula (numbers, infix operators, the unary functions) of inputs each read as declared
+    at token t over exactly ``lay_vars``: then it needs no permute to [B, H, T, ...] and back, nor the
+    views' autograd nodes, which a short call pays for on the host. None for anything else."""
+    if _is_number(node):
+        e, lay = em.val(node, "pre")
+        return e if lay is None else None
+    if node.op == "input":
+        tok = node.src[0]
+        if tok.op == "iota" and tok.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
+            return f"inputs[{node.arg[0]!r}].to({em.rdt})"
+        return None
+    if tuple(node.idx) != (T_VAR, *lay_vars) or not (node.op == "neg" or node.op in TORCH_UNARY
+                                                     or node.op in INFIX):
+        return None
+    args = [_elementwise_btd(em, s, lay_vars) for s in node.src]
+    if any(a is None for a in args):
+        return None
+    if node.op == "neg":
+        return f"(-{em._paren(args[0])})"
+    if node.op in TORCH_UNARY:
+        return f"{TORCH_UNARY[node.op]}({args[0]})"
+    return f"({em._paren(args[0])} {INFIX[node.op]} {em._paren(args[1])})"
 
 
 def _is_number(n: Node) -> bool:
@@ -280,10 +310,14 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     if cp.decay != "none":
         em.emit(f"# log decay ({cp.decay}): {show(cp.g)}")
         if cp.decay == "scalar":
-            e, lay = em.val(cp.g, "pre")
-            e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR,))
-            g = em.fresh()
-            em.emit(f"{g} = ({e}).expand(B, H, T).permute(0, 2, 1)")
+            if (direct := _elementwise_btd(em, cp.g, ())) is not None:
+                g = em.fresh()
+                em.emit(f"{g} = {direct}  # [B, T, H], the inputs' own layout (no permutes)")
+            else:
+                e, lay = em.val(cp.g, "pre")
+                e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR,))
+                g = em.fresh()
+                em.emit(f"{g} = ({e}).expand(B, H, T).permute(0, 2, 1)")
             gargs = f", gs={g}"
         elif cp.decay == "key":
             g = _as_btd(em, cp.g, (cp.key,), f"B, H, T, {K}")

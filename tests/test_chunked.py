@@ -185,6 +185,20 @@ def test_the_kernels_carry_the_normaliser_and_the_skip():
     assert "skip=" in body and "o = o +" not in body
 
 
+def test_elementwise_feature_maps_stay_in_the_inputs_layout():
+    """q' = elu(q) + 1 (and sigmoid(a), exp(b)) is formed on [B, T, H, K] as the inputs are: no permute to
+    [B, H, T, K] and back (views whose autograd nodes a short call pays for); a map with a parameter in
+    it keeps the general path."""
+    for name, want in (("linear_attention", "F.elu(inputs['q'].to(dt_in)) + 1"),
+                       ("synthetic_norm", "torch.sigmoid(inputs['a'].to(dt_in))")):
+        src = load(name).source_code
+        body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
+        assert want in body and ".permute(" not in body, name
+    src = load("synthetic").source_code  # w * silu(a): a parameter in the map
+    body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
+    assert ".permute(" in body
+
+
 def test_the_kernels_scale_the_keys():
     """A per-token factor of k' (mamba2's dt in dt * B[n]) goes to the kernels as a key scale: the
     prologue never forms the scaled keys."""
