@@ -190,8 +190,9 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
 def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
     """``node`` as one expression in the inputs' own [B, T, H, *lay_vars] layout, when it is an
     elementwise formula (numbers, infix operators, the unary functions) of inputs each read as declared
-    at token t over exactly ``lay_vars``: then it needs no permute to [B, H, T, ...] and back, nor the
-    views' autograd nodes, which a short call pays for on the host. None for anything else."""
+    at token t over exactly ``lay_vars`` and of parameters (per head, over some of ``lay_vars`` in order),
+    every operation taking the full layout: then it needs no permute to [B, H, T, ...] and back, nor
+    the views' autograd nodes, which a short call pays for on the host. None for anything else."""
     if _is_number(node):
         e, lay = em.val(node, "pre")
         return e if lay is None else None
@@ -200,6 +201,14 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
         if tok.op == "iota" and tok.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
             return f"inputs[{node.arg[0]!r}].to({em.rdt})"
         return None
+    if node.op in ("param", "buffer"):  # [H, *axes] broadcast onto [B, T, H, *lay_vars] (axes in that order)
+        name, axes = node.arg
+        if [v for v in lay_vars if v in axes] != list(axes):
+            return None
+        ix = [":"] + [":" if v in axes else "None" for v in lay_vars]
+        while len(ix) > 1 and ix[-1] == ":":
+            ix.pop()
+        return f"params[{name!r}].to(dtype=real, device={em.dev})" + (f"[{', '.join(ix)}]" if len(ix) > 1 else "")
     if tuple(node.idx) != (T_VAR, *lay_vars) or not (node.op == "neg" or node.op in TORCH_UNARY
                                                      or node.op in INFIX):
         return None

@@ -186,17 +186,23 @@ def test_the_kernels_carry_the_normaliser_and_the_skip():
 
 
 def test_elementwise_feature_maps_stay_in_the_inputs_layout():
-    """q' = elu(q) + 1 (and sigmoid(a), exp(b)) is formed on [B, T, H, K] as the inputs are: no permute to
-    [B, H, T, K] and back (views whose autograd nodes a short call pays for); a map with a parameter in
-    it keeps the general path."""
+    """q' = elu(q) + 1 (and sigmoid(a), w * silu(a), mamba2's decay dt * A) is formed on [B, T, H, ...] as
+    the inputs are: no permute to [B, H, T, ...] and back (views whose autograd nodes a short call pays
+    for). A map with an operation on a parameter alone keeps the general path; both match the reference."""
     for name, want in (("linear_attention", "F.elu(inputs['q'].to(dt_in)) + 1"),
-                       ("synthetic_norm", "torch.sigmoid(inputs['a'].to(dt_in))")):
+                       ("synthetic_norm", "torch.sigmoid(inputs['a'].to(dt_in))"),
+                       ("synthetic", "params['w'].to(dtype=real, device=dev)[:, None] * F.silu("),
+                       ("mamba2", "inputs['dt'].to(real) * params['A'].to(dtype=real, device=dev)")):
         src = load(name).source_code
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert want in body and ".permute(" not in body, name
-    src = load("synthetic").source_code  # w * silu(a): a parameter in the map
-    body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
-    assert ".permute(" in body
+    m = mixc.loads("size Dk, Dv\ninput a[Dk], b[Dk], c[Dv]\ninput f[] ~ logsigmoid\nparam w[] = 0.5\n"
+                   "state M[Dk, Dv]\nM[x, y] = exp(f) * M[x, y] + b[x] * c[y]\n"
+                   "out r[y] = sum(x: exp(w) * a[x] * M[x, y])\n", "expw.mix")
+    body = m.source_code[m.source_code.index("def chunked("):m.source_code.index("chunked.native_varlen")]
+    assert ".permute(" in body  # exp(w): an operation on a parameter alone
+    x = m.random_inputs(2, 37, 3, Dk=5, Dv=4)
+    assert rel(m(**{k: v.to(DEV) for k, v in x.items()}, form="chunked").cpu(), m.reference(**x)) < 1e-4
 
 
 def test_the_kernels_scale_the_keys():
