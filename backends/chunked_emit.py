@@ -319,14 +319,7 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     if cp.decay != "none":
         em.emit(f"# log decay ({cp.decay}): {show(cp.g)}")
         if cp.decay == "scalar":
-            if (direct := _elementwise_btd(em, cp.g, ())) is not None:
-                g = em.fresh()
-                em.emit(f"{g} = {direct}  # [B, T, H], the inputs' own layout (no permutes)")
-            else:
-                e, lay = em.val(cp.g, "pre")
-                e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR,))
-                g = em.fresh()
-                em.emit(f"{g} = ({e}).expand(B, H, T).permute(0, 2, 1)")
+            g = _as_btd(em, cp.g, (), "B, H, T")
             gargs = f", gs={g}"
         elif cp.decay == "key":
             g = _as_btd(em, cp.g, (cp.key,), f"B, H, T, {K}")
