@@ -611,8 +611,7 @@ def _out_kernel(
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr,
-    NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
+    DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
     here without a decay or with a scalar one, loaded with a per-key one).
@@ -703,8 +702,7 @@ def _dv_kernel(
     cu, cinfo, hoff, T, scale, NCT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr,
-    SKIP: tl.constexpr, KS: tl.constexpr, NORM: tl.constexpr,
+    DOT: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr, NORM: tl.constexpr,
 ):
     """One chunk: dv_s = (k_s e^(G_L - G_s)) dh + scale sum_{t >= s} A[t, s] do_t (+ skip do_s)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1298,8 +1296,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
                                                           IS_VARLEN=cu_seqlens is not None, num_warps=4)
         gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
-                  DOT=dot,
-                  NORM=norm, num_warps=WARPS)
+                  DOT=dot, NORM=norm, num_warps=WARPS)
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
         h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)

@@ -94,14 +94,13 @@ def bind_call(meta, kwargs, initial_state, cu_seqlens, init_params):
     if cu_seqlens is None:
         try:
             key = _signature(meta, kwargs, initial_state)
-        except AttributeError:
-            key = None
+        except AttributeError:  # something not a tensor (None included): the checks say what
+            pass
         hit = _BOUND.get(key) if key is not None else None
-        if hit is not None:
+        if hit is not None:  # (no None among the initial states: _signature refused it)
             sizes, dims, dtype, given, defaults = hit
             params = {n: kwargs[n] if n in given else x for n, x in defaults.items()}
-            states = {k: x for k, x in initial_state.items() if x is not None} if initial_state else {}
-            return kwargs, params, states, dict(sizes), dims, dtype
+            return kwargs, params, dict(initial_state or {}), dict(sizes), dims, dtype
     bound = _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params)
     if key is not None:
         if len(_BOUND) >= 1024:  # many shapes (decoding at growing lengths): start over
