@@ -671,6 +671,55 @@ def _out_kernel(
              mask=m_c[:, None] & m_v[None, :])
 
 
+@triton.jit
+def _key_gate(g, p, m, o_t, last, R):
+    """One key block of a chunk's per-key gate: (G, the in-chunk inclusive cumulative sum of g, in fp32; G at
+    the chunk's last row; G at row R; max |G_t - G_R| over the chunk's rows)."""
+    b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)  # rows past L repeat the last
+    b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
+    b_GR = tl.sum(tl.where((o_t == R)[:, None], b_G, 0.0), axis=0)
+    return b_G, b_GL, b_GR, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_GR[None, :]), 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _key_scores(q, k, p, m, b_G, b_GR, o_t, R, BT: tl.constexpr, FACTORED: tl.constexpr, DOT: tl.constexpr):
+    """One key block's part of a chunk's in-chunk scores A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t,
+    the caller masks the rest). FACTORED (_intra_factored): around row R, rows up to R (factors e^(G_t - G_R)
+    >= 1) against keys up to R (e^(G_R - G_s) <= 1), all rows against later keys only from later rows
+    (both factors <= 1 there), so no product of two large factors is formed. Else exact, one key column
+    at a time (sharp gates: rare)."""
+    b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+    if FACTORED:
+        first = (o_t <= R)[:, None]
+        b_qr = b_q * tl.exp(b_G - b_GR[None, :])
+        b_kr = b_k * tl.exp(b_GR[None, :] - b_G)
+        b_a = _fdot(b_qr, tl.trans(tl.where(first, b_kr, 0.0)), DOT)
+        b_a += _fdot(tl.where(first, 0.0, b_qr), tl.trans(tl.where(first, 0.0, b_kr)), DOT)
+    else:
+        b_a = tl.zeros([BT, BT], dtype=tl.float32)
+        for j in range(0, BT):
+            sel = (o_t == j)[:, None]
+            b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
+            b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
+            e = tl.exp(tl.where((o_t >= j)[:, None] & m, b_G - b_Gj[None, :], float("-inf")))
+            b_a += tl.where((o_t == j)[None, :], tl.sum(b_q * b_kj[None, :] * e, axis=1)[:, None], 0.0)
+    return b_a
+
+
+@triton.jit
+def _key_out(q, p, m, b_G, b_s, DOT: tl.constexpr):
+    """One key block's part of (q e^G) S."""
+    return _dot(tl.load(q + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b_G), b_s, DOT)
+
+
+@triton.jit
+def _key_advance(k, p, m, b_G, b_GL, b_s, b_v, DOT: tl.constexpr):
+    """One key block's rows of the state after the chunk: e^G_L S + (k e^(G_L - G))^T v."""
+    b_kd = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b_GL[None, :] - b_G)
+    return b_s * tl.exp(b_GL)[:, None] + _dot(tl.trans(b_kd), b_v, DOT)
+
+
 @_Launch
 @triton.jit
 def _key_fwd_kernel(
@@ -680,79 +729,90 @@ def _key_fwd_kernel(
     skip,  # SKIP: [H] fp32, o += skip[h] v
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_S0: tl.constexpr, STORE: tl.constexpr, SKIP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    BOUND: tl.constexpr,
+    TWO: tl.constexpr, USE_S0: tl.constexpr, STORE: tl.constexpr, SKIP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr, BOUND: tl.constexpr,
 ):
-    """The whole forward of a per-key decay in one pass, for keys that fit one block (BK >= K): one
-    program per value block and (sequence, head) walks the chunks with the state in registers. Per chunk:
-    G = the in-chunk cumulative gate (formed here, no stored copy); the in-chunk scores A as
-    _intra_key_kernel forms them (factored around the middle row when the chunk's span allows, else each
-    column exactly); o = scale ((q e^G) S + A v); S <- e^G_L S + (k e^(G_L - G))^T v. With STORE (a
-    backward will follow) it also stores S at every chunk start and A (value block 0), which the backward
-    kernels read; the states never make a round trip through memory within the forward."""
+    """The whole forward of a per-key decay in one pass, for keys that fit one or TWO blocks of BK: one
+    program per value block and (sequence, head) walks the chunks with the state in registers (one tile per
+    key block). Per chunk: G = the in-chunk cumulative gate (formed here, no stored copy); the in-chunk
+    scores A as _intra_key_kernel forms them (factored around the middle row when the chunk's span allows,
+    else each column exactly); o = scale ((q e^G) S + A v); S <- e^G_L S + (k e^(G_L - G))^T v. With STORE
+    (a backward will follow) it also stores S at every chunk start and A (value block 0), which the
+    backward kernels read; within the forward the states never make a round trip through memory."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
     L = eos - bos
     hb = _first_state(i_n, hoff, T, BT, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
+    o_k1 = tl.arange(0, BK)
+    o_k2 = BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_t = tl.arange(0, BT)
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_hv = o_k[:, None] * V + o_v[None, :]
+    m_kv1 = (o_k1 < K)[:, None] & m_v[None, :]
+    m_kv2 = (o_k2 < K)[:, None] & m_v[None, :]
+    p_hv1 = o_k1[:, None] * V + o_v[None, :]
+    p_hv2 = o_k2[:, None] * V + o_v[None, :]
     m_ts = o_t[:, None] >= o_t[None, :]
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    b_s1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_s2 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_S0:
-        b_s += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv, mask=m_kv, other=0.0).to(tl.float32)
+        b_s1 += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv1, mask=m_kv1, other=0.0)
+        if TWO:
+            b_s2 += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv2, mask=m_kv2, other=0.0)
     NT = tl.cdiv(L, BT)
     for ic in range(0, NT):
         c0 = ic * BT
         if STORE:
-            tl.store(hs + ((hb + ic) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
+            p_h = hs + ((hb + ic) * H + i_h) * K * V
+            tl.store(p_h + p_hv1, b_s1.to(hs.dtype.element_ty), mask=m_kv1)
+            if TWO:
+                tl.store(p_h + p_hv2, b_s2.to(hs.dtype.element_ty), mask=m_kv2)
         m_t = (c0 + o_t) < L
         i_t = bos + c0 + o_t
-        m = m_t[:, None] & m_k[None, :]
-        p = (i_t[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-        b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)  # rows past L repeat the last
-        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)
         last = tl.minimum(L - c0, BT) - 1
-        b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
         R = tl.minimum(BT // 2 - 1, last)  # the middle row (_mid_row), chunk-local
-        b_GR = tl.sum(tl.where((o_t == R)[:, None], b_G, 0.0), axis=0)
-        if tl.max(tl.max(tl.where(m, tl.abs(b_G - b_GR[None, :]), 0.0), axis=1), axis=0) <= BOUND:
-            # factored (_intra_factored): rows up to R against keys up to R (factors e^(G_t - G_R) >= 1 meet
-            # e^(G_R - G_s) <= 1), later rows (factors <= 1) against every key
-            first = (o_t <= R)[:, None]
-            b_qr = b_q * tl.exp(b_G - b_GR[None, :])
-            b_kr = b_k * tl.exp(b_GR[None, :] - b_G)
-            b_a = _fdot(tl.where(first, b_qr, 0.0), tl.trans(tl.where(first, b_kr, 0.0)), DOT)
-            b_a += _fdot(tl.where(first, 0.0, b_qr), tl.trans(b_kr), DOT)
-            b_a = tl.where(m_ts, b_a, 0.0)
-        else:  # sharper gates: each key column exactly, e^(G_t - G_s) <= 1 formed directly (rare)
-            b_a = tl.zeros([BT, BT], dtype=tl.float32)
-            for j in range(0, BT):
-                sel = (o_t == j)[:, None]
-                b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
-                b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
-                e = tl.exp(tl.where((o_t >= j)[:, None] & m, b_G - b_Gj[None, :], float("-inf")))
-                b_a += tl.where((o_t == j)[None, :], tl.sum(b_q * b_kj[None, :] * e, axis=1)[:, None], 0.0)
+        p1 = (i_t[:, None] * H + i_h) * K + o_k1[None, :]
+        m1 = m_t[:, None] & (o_k1 < K)[None, :]
+        b_G1, b_GL1, b_GR1, span = _key_gate(g, p1, m1, o_t, last, R)
+        p2 = p1 + BK
+        m2 = m_t[:, None] & (o_k2 < K)[None, :]
+        if TWO:
+            b_G2, b_GL2, b_GR2, span2 = _key_gate(g, p2, m2, o_t, last, R)
+            span = tl.maximum(span, span2)
+        if span <= BOUND:
+            b_a = _key_scores(q, k, p1, m1, b_G1, b_GR1, o_t, R, BT, True, DOT)
+            if TWO:
+                b_a += _key_scores(q, k, p2, m2, b_G2, b_GR2, o_t, R, BT, True, DOT)
+        else:
+            b_a = _key_scores(q, k, p1, m1, b_G1, b_GR1, o_t, R, BT, False, DOT)
+            if TWO:
+                b_a += _key_scores(q, k, p2, m2, b_G2, b_GR2, o_t, R, BT, False, DOT)
+        b_a = tl.where(m_ts, b_a, 0.0)
         if STORE:
             tl.store(A + (i_t[:, None] * H + i_h) * BT + o_t[None, :], b_a,
                      mask=m_t[:, None] & ((o_t * 0 + i_v) == 0)[None, :])  # (i_v == 0) as a tensor mask
-        b_o = (_dot(b_q * tl.exp(b_G), b_s, DOT) + _dot(b_a, b_v, DOT)) * scale
+        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)
+        b_o = _dot(b_a, b_v, DOT) + _key_out(q, p1, m1, b_G1, b_s1, DOT)
+        if TWO:
+            b_o += _key_out(q, p2, m2, b_G2, b_s2, DOT)
+        b_o = b_o * scale
         if SKIP:
             b_o += tl.load(skip + i_h) * b_v
         tl.store(o + (i_t[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
-        b_s = b_s * tl.exp(b_GL)[:, None] + _dot(tl.trans(b_k * tl.exp(b_GL[None, :] - b_G)), b_v, DOT)
+        b_s1 = _key_advance(k, p1, m1, b_G1, b_GL1, b_s1, b_v, DOT)
+        if TWO:
+            b_s2 = _key_advance(k, p2, m2, b_G2, b_GL2, b_s2, b_v, DOT)
     if STORE:
-        tl.store(hs + ((hb + NT) * H + i_h) * K * V + p_hv, b_s.to(hs.dtype.element_ty), mask=m_kv)
-    tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv, b_s, mask=m_kv)
+        p_h = hs + ((hb + NT) * H + i_h) * K * V
+        tl.store(p_h + p_hv1, b_s1.to(hs.dtype.element_ty), mask=m_kv1)
+        if TWO:
+            tl.store(p_h + p_hv2, b_s2.to(hs.dtype.element_ty), mask=m_kv2)
+    tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv1, b_s1, mask=m_kv1)
+    if TWO:
+        tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv2, b_s2, mask=m_kv2)
 
 
 @_Launch
@@ -1316,15 +1376,22 @@ LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, 
     "dqk_key_off": (64, WARPS),
     "dqk_key_diag": (64, WARPS_KEY),
     "dg_key": (64, 4),
-    "key_fwd": (64, WARPS),  # the one-pass per-key forward: one program per value block, sequence and head
+    "key_fwd": (64, WARPS, 1),  # the one-pass per-key forward: one program per value block, sequence and head
 }
-KEY_FWD_MAX_K = 128  # keys up to this many (after rounding to a power of two) take the one-pass forward
+KEY_FWD_MAX_K = 128  # keys up to this many (rounded up to a power of two; two key blocks) take the one-pass forward
 
 
 def _launch(name, V):
     """(value block, warps) of kernel ``name`` for V values."""
-    bv, warps = LAUNCH[name]
+    bv, warps = LAUNCH[name][:2]
     return max(16, min(_pow2(V), bv)), warps
+
+
+def _stages(name):
+    """Launch options beyond warps: a LAUNCH entry's third element, if any, is its software-pipelining depth
+    (num_stages; Triton's default buffers a loop's loads three deep, which can exceed shared memory)."""
+    cfg = LAUNCH[name]
+    return {"num_stages": cfg[2]} if len(cfg) > 2 else {}
 
 
 def _factor_bound(dot):
@@ -1361,7 +1428,7 @@ def key_spans(g, cu_seqlens=None):
 
 
 def _fused_key(K, gate):
-    """Whether a per-key decay's forward is one pass (_key_fwd_kernel): its keys fit one register block."""
+    """Whether a per-key decay's forward is one pass (_key_fwd_kernel): its keys fit two key blocks."""
     return gate == 2 and _pow2(K) <= KEY_FWD_MAX_K
 
 
@@ -1405,8 +1472,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         _key_fwd_kernel[(_cdiv(V, BVF), N * H)](
             qf, kf, vf, gf, h0.contiguous() if h0 is not None else ht, _or(hs, ht), ht, o, _or(A, ht),
             skip.float().contiguous() if skip is not None else ht, cu, hoff, T, float(scale), H=H, K=K, V=V,
-            BT=BT, BK=_pow2(K), BV=BVF, USE_S0=h0 is not None, STORE=store, SKIP=skip is not None,
-            IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=_factor_bound(dot), num_warps=warps)
+            BT=BT, BK=BK, BV=BVF, TWO=K > BK, USE_S0=h0 is not None, STORE=store, SKIP=skip is not None,
+            IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=_factor_bound(dot), num_warps=warps,
+            **_stages("key_fwd"))
         return o, ht, hs, gf, A, None, None, None, None
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
     zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
@@ -1558,7 +1626,7 @@ def _ops_tag():
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
-               _key_fwd_kernel,
+               _key_fwd_kernel, _key_gate, _key_scores, _key_out, _key_advance,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
                _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)

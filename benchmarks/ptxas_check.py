@@ -25,9 +25,11 @@ from mixc.backends import chunked as C
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_one(fn, sig, consts, warps):
+def compile_one(fn, sig, consts, warps, stages=None):
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    compile_one.shared = k.metadata.shared  # bytes of shared memory (the H100 allows 232448 per block)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
@@ -59,6 +61,9 @@ def main():
     ap.add_argument("--warps", default="", help="comma-separated; default: the warps each kernel runs with")
     ap.add_argument("--gates", default="0,1,2")
     ap.add_argument("--ks", action="store_true", help="with a key scale (gates 0 and 1)")
+    ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
+    ap.add_argument("--stages", default="", help="comma-separated num_stages (default: Triton's)")
+    ap.add_argument("--bv", default="", help="comma-separated value blocks (default: LAUNCH's)")
     args = ap.parse_args()
     K = V = 128
     bf, i32 = "*bf16", "*i32"
@@ -88,15 +93,24 @@ def main():
             kernels["_dqk_key_diag_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, **ints),
                                                *at("dqk_key_diag", BS=BS))
             kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), *at("dg_key"))
+            kernels["_key_fwd_kernel"] = (dict(q=bf, k=bf, v=bf, g=bf, hs=bf, o=bf, **ints),
+                                          *at("key_fwd", USE_S0=False, STORE=True, TWO=True))
         else:
             kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), *at("dqk"))
         for name, (ptrs, extra, warps) in kernels.items():
+            if args.only and name.split("/")[0] not in args.only.split(","):
+                continue
             fn = getattr(C, name.split('/')[0])
+            fn = getattr(fn, "fn", fn)  # the jit function under a _Launch
             consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
             sig = sig_of(fn, ptrs, {"T", "NTOT", "NCT"}, {"scale"}, consts)
-            for w in (map(int, args.warps.split(",")) if args.warps else [warps]):
-                regs, spill = compile_one(fn, sig, consts, w)
-                print(f"gate {gate} {name:<22} warps {w}: {regs} registers, stack {spill} bytes", flush=True)
+            for w in (list(map(int, args.warps.split(","))) if args.warps else [warps]):
+                for st in (list(map(int, args.stages.split(","))) if args.stages else [None]):
+                    for bv in (list(map(int, args.bv.split(","))) if args.bv else [consts.get("BV")]):
+                        c = {**consts, "BV": bv} if "BV" in consts else consts
+                        regs, spill = compile_one(fn, sig, c, w, st)
+                        print(f"gate {gate} {name:<22} warps {w} stages {st} BV {bv}: {regs} registers, stack {spill}"
+                              f" bytes, shared {compile_one.shared} bytes", flush=True)
 
 
 if __name__ == "__main__":

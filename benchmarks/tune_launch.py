@@ -24,7 +24,7 @@ ALTERNATIVES = {  # entry: (decays it serves, alternatives to the default)
     "dv": ((1, 2), [(64, 8), (128, 4), (64, 4)]),
     "dqk": ((0, 1, "1+kscale"), [(64, 8), (32, 4), (128, 4), (64, 2)]),
     "dqk_key_off": ((2,), [(128, 8), (128, 4), (32, 4)]),
-    "key_fwd": ((2,), [(32, 4), (32, 8), (64, 4), (128, 8)]),
+    "key_fwd": ((2,), [(64, 8, 2), (64, 8, 3), (64, 4, 1), (64, 16, 1), (32, 4, 1), (32, 8, 1), (128, 8, 1)]),
 }
 FORWARD = ("walk", "out", "key_fwd")
 
@@ -66,12 +66,12 @@ def main(entries):
             for cfg in [default] + alts:
                 C.LAUNCH[entry] = cfg
                 try:
-                    row.append(f"{cfg[0]}/{cfg[1]}: {time_entry(entry, gate):.3f}")
+                    row.append(f"{'/'.join(map(str, cfg))}: {time_entry(entry, gate):.3f}")
                 except Exception as e:  # a launch that does not compile (registers, shared memory)
-                    row.append(f"{cfg[0]}/{cfg[1]}: {type(e).__name__}")
+                    row.append(f"{'/'.join(map(str, cfg))}: {type(e).__name__}")
             C.LAUNCH[entry] = default
             part = "fwd" if entry in FORWARD else "bwd"
-            print(f"{entry:<12} decay {gate} {part} ms (value block/warps, default first): " + ", ".join(row),
+            print(f"{entry:<12} decay {gate} {part} ms (value block/warps[/stages], default first): " + ", ".join(row),
                   flush=True)
 
 
