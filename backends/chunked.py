@@ -671,150 +671,6 @@ def _out_kernel(
              mask=m_c[:, None] & m_v[None, :])
 
 
-@triton.jit
-def _key_gate(g, p, m, o_t, last, R):
-    """One key block of a chunk's per-key gate: (G, the in-chunk inclusive cumulative sum of g, in fp32; G at
-    the chunk's last row; G at row R; max |G_t - G_R| over the chunk's rows)."""
-    b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)  # rows past L repeat the last
-    b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
-    b_GR = tl.sum(tl.where((o_t == R)[:, None], b_G, 0.0), axis=0)
-    return b_G, b_GL, b_GR, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_GR[None, :]), 0.0), axis=1), axis=0)
-
-
-@triton.jit
-def _key_scores(q, k, p, m, b_G, b_GR, o_t, R, BT: tl.constexpr, FACTORED: tl.constexpr, DOT: tl.constexpr):
-    """One key block's part of a chunk's in-chunk scores A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t,
-    the caller masks the rest). FACTORED (_intra_factored): around row R, rows up to R (factors e^(G_t - G_R)
-    >= 1) against keys up to R (e^(G_R - G_s) <= 1), all rows against later keys only from later rows
-    (both factors <= 1 there), so no product of two large factors is formed. Else exact, one key column
-    at a time (sharp gates: rare)."""
-    b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-    if FACTORED:
-        first = (o_t <= R)[:, None]
-        b_qr = b_q * tl.exp(b_G - b_GR[None, :])
-        b_kr = b_k * tl.exp(b_GR[None, :] - b_G)
-        b_a = _fdot(b_qr, tl.trans(tl.where(first, b_kr, 0.0)), DOT)
-        b_a += _fdot(tl.where(first, 0.0, b_qr), tl.trans(tl.where(first, 0.0, b_kr)), DOT)
-    else:
-        b_a = tl.zeros([BT, BT], dtype=tl.float32)
-        for j in range(0, BT):
-            sel = (o_t == j)[:, None]
-            b_kj = tl.sum(tl.where(sel, b_k, 0.0), axis=0)
-            b_Gj = tl.sum(tl.where(sel, b_G, 0.0), axis=0)
-            e = tl.exp(tl.where((o_t >= j)[:, None] & m, b_G - b_Gj[None, :], float("-inf")))
-            b_a += tl.where((o_t == j)[None, :], tl.sum(b_q * b_kj[None, :] * e, axis=1)[:, None], 0.0)
-    return b_a
-
-
-@triton.jit
-def _key_out(q, p, m, b_G, b_s, DOT: tl.constexpr):
-    """One key block's part of (q e^G) S."""
-    return _dot(tl.load(q + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b_G), b_s, DOT)
-
-
-@triton.jit
-def _key_advance(k, p, m, b_G, b_GL, b_s, b_v, DOT: tl.constexpr):
-    """One key block's rows of the state after the chunk: e^G_L S + (k e^(G_L - G))^T v."""
-    b_kd = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.exp(b_GL[None, :] - b_G)
-    return b_s * tl.exp(b_GL)[:, None] + _dot(tl.trans(b_kd), b_v, DOT)
-
-
-@_Launch
-@triton.jit
-def _key_fwd_kernel(
-    q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], the per-token log decay [B*T, H, K] (not summed)
-    s0, hs, sN,  # the initial state [N, H, K, V] fp32 (USE_S0); chunk-start states out (STORE); final state out
-    o, A,  # [B*T, H, V] output; STORE: [B*T, H, BT] fp32, the in-chunk scores (as _intra_key_kernel's)
-    skip,  # SKIP: [H] fp32, o += skip[h] v
-    cu, hoff, T, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    TWO: tl.constexpr, USE_S0: tl.constexpr, STORE: tl.constexpr, SKIP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr, BOUND: tl.constexpr,
-):
-    """The whole forward of a per-key decay in one pass, for keys that fit one or TWO blocks of BK: one
-    program per value block and (sequence, head) walks the chunks with the state in registers (one tile per
-    key block). Per chunk: G = the in-chunk cumulative gate (formed here, no stored copy); the in-chunk
-    scores A as _intra_key_kernel forms them (factored around the middle row when the chunk's span allows,
-    else each column exactly); o = scale ((q e^G) S + A v); S <- e^G_L S + (k e^(G_L - G))^T v. With STORE
-    (a backward will follow) it also stores S at every chunk start and A (value block 0), which the
-    backward kernels read; within the forward the states never make a round trip through memory."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
-    L = eos - bos
-    hb = _first_state(i_n, hoff, T, BT, IS_VARLEN)
-    o_k1 = tl.arange(0, BK)
-    o_k2 = BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    o_t = tl.arange(0, BT)
-    m_kv1 = (o_k1 < K)[:, None] & m_v[None, :]
-    m_kv2 = (o_k2 < K)[:, None] & m_v[None, :]
-    p_hv1 = o_k1[:, None] * V + o_v[None, :]
-    p_hv2 = o_k2[:, None] * V + o_v[None, :]
-    m_ts = o_t[:, None] >= o_t[None, :]
-    b_s1 = tl.zeros([BK, BV], dtype=tl.float32)
-    b_s2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_S0:
-        b_s1 += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv1, mask=m_kv1, other=0.0)
-        if TWO:
-            b_s2 += tl.load(s0 + i_nh.to(tl.int64) * K * V + p_hv2, mask=m_kv2, other=0.0)
-    NT = tl.cdiv(L, BT)
-    for ic in range(0, NT):
-        c0 = ic * BT
-        if STORE:
-            p_h = hs + ((hb + ic) * H + i_h) * K * V
-            tl.store(p_h + p_hv1, b_s1.to(hs.dtype.element_ty), mask=m_kv1)
-            if TWO:
-                tl.store(p_h + p_hv2, b_s2.to(hs.dtype.element_ty), mask=m_kv2)
-        m_t = (c0 + o_t) < L
-        i_t = bos + c0 + o_t
-        last = tl.minimum(L - c0, BT) - 1
-        R = tl.minimum(BT // 2 - 1, last)  # the middle row (_mid_row), chunk-local
-        p1 = (i_t[:, None] * H + i_h) * K + o_k1[None, :]
-        m1 = m_t[:, None] & (o_k1 < K)[None, :]
-        b_G1, b_GL1, b_GR1, span = _key_gate(g, p1, m1, o_t, last, R)
-        p2 = p1 + BK
-        m2 = m_t[:, None] & (o_k2 < K)[None, :]
-        if TWO:
-            b_G2, b_GL2, b_GR2, span2 = _key_gate(g, p2, m2, o_t, last, R)
-            span = tl.maximum(span, span2)
-        if span <= BOUND:
-            b_a = _key_scores(q, k, p1, m1, b_G1, b_GR1, o_t, R, BT, True, DOT)
-            if TWO:
-                b_a += _key_scores(q, k, p2, m2, b_G2, b_GR2, o_t, R, BT, True, DOT)
-        else:
-            b_a = _key_scores(q, k, p1, m1, b_G1, b_GR1, o_t, R, BT, False, DOT)
-            if TWO:
-                b_a += _key_scores(q, k, p2, m2, b_G2, b_GR2, o_t, R, BT, False, DOT)
-        b_a = tl.where(m_ts, b_a, 0.0)
-        if STORE:
-            tl.store(A + (i_t[:, None] * H + i_h) * BT + o_t[None, :], b_a,
-                     mask=m_t[:, None] & ((o_t * 0 + i_v) == 0)[None, :])  # (i_v == 0) as a tensor mask
-        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)
-        b_o = _dot(b_a, b_v, DOT) + _key_out(q, p1, m1, b_G1, b_s1, DOT)
-        if TWO:
-            b_o += _key_out(q, p2, m2, b_G2, b_s2, DOT)
-        b_o = b_o * scale
-        if SKIP:
-            b_o += tl.load(skip + i_h) * b_v
-        tl.store(o + (i_t[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        b_s1 = _key_advance(k, p1, m1, b_G1, b_GL1, b_s1, b_v, DOT)
-        if TWO:
-            b_s2 = _key_advance(k, p2, m2, b_G2, b_GL2, b_s2, b_v, DOT)
-    if STORE:
-        p_h = hs + ((hb + NT) * H + i_h) * K * V
-        tl.store(p_h + p_hv1, b_s1.to(hs.dtype.element_ty), mask=m_kv1)
-        if TWO:
-            tl.store(p_h + p_hv2, b_s2.to(hs.dtype.element_ty), mask=m_kv2)
-    tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv1, b_s1, mask=m_kv1)
-    if TWO:
-        tl.store(sN + i_nh.to(tl.int64) * K * V + p_hv2, b_s2, mask=m_kv2)
-
-
 @_Launch
 @triton.jit
 def _dden_kernel(do, o, den, dden, NTOT, H: tl.constexpr, V: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
@@ -1376,22 +1232,13 @@ LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, 
     "dqk_key_off": (64, WARPS),
     "dqk_key_diag": (64, WARPS_KEY),
     "dg_key": (64, 4),
-    "key_fwd": (64, WARPS, 1),  # the one-pass per-key forward: one program per value block, sequence and head
 }
-KEY_FWD_MAX_K = 128  # keys up to this many (rounded up to a power of two; two key blocks) take the one-pass forward
 
 
 def _launch(name, V):
     """(value block, warps) of kernel ``name`` for V values."""
-    bv, warps = LAUNCH[name][:2]
+    bv, warps = LAUNCH[name]
     return max(16, min(_pow2(V), bv)), warps
-
-
-def _stages(name):
-    """Launch options beyond warps: a LAUNCH entry's third element, if any, is its software-pipelining depth
-    (num_stages; Triton's default buffers a loop's loads three deep, which can exceed shared memory)."""
-    cfg = LAUNCH[name]
-    return {"num_stages": cfg[2]} if len(cfg) > 2 else {}
 
 
 def _factor_bound(dot):
@@ -1406,34 +1253,8 @@ def _gate_of(g):
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
-def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen):
-    """A per-key log decay gf [B*T, H, K] as the chunk kernels take it: (its chunk-local cumulative sum G in
-    fp32, each chunk's span [NC, H, key blocks]), from _local_cumsum_kernel."""
-    H, K = gf.shape[-2:]
-    BT, _, BK = _blocks(K, K, 2)
-    G = torch.empty(gf.shape, dtype=torch.float32, device=gf.device)
-    span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=gf.device)
-    _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
-                                                IS_VARLEN=varlen, num_warps=4)
-    return G, span
-
-
-def key_spans(g, cu_seqlens=None):
-    """Each 64-token chunk's span under a per-key log decay g [B, T, H, K]: max |G_t - G_R| over its rows
-    and keys (G the in-chunk cumulative gate, R the middle row), [chunks, H, key blocks]. A chunk within
-    the bound (_factor_bound) has its in-chunk products formed on tensor cores, a sharper one exactly."""
-    B, T, H, K = g.shape
-    NC, _, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, _blocks(K, K, 2)[0], g.device, None, g)
-    return _key_cumsum(_flat(g), NC, cu, cinfo, hoff, T, cu_seqlens is not None)[1]
-
-
-def _fused_key(K, gate):
-    """Whether a per-key decay's forward is one pass (_key_fwd_kernel): its keys fit two key blocks."""
-    return gate == 2 and _pow2(K) <= KEY_FWD_MAX_K
-
-
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
-              skip=None, layout=None, kscale=None, store=True):
+              skip=None, layout=None, kscale=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
@@ -1442,10 +1263,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
     ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
-    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one).
-    ``store=False`` (no backward will follow) lets a one-pass per-key forward (:func:`_fused_key`) skip
-    storing the chunk states and scores (then None). A one-pass forward returns the decay as given and
-    no span: the backward forms its cumulative sum and span itself (:func:`_key_cumsum`)."""
+    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -1462,20 +1280,6 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, ht)
     sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
-    if _fused_key(K, gate):  # one pass: no cumulative gate, no state round trip
-        qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
-        hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device) if store else None
-        A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device) if store else None
-        o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
-        BVF, warps = _launch("key_fwd", V)
-        dot = _dot_mode(q.dtype)
-        _key_fwd_kernel[(_cdiv(V, BVF), N * H)](
-            qf, kf, vf, gf, h0.contiguous() if h0 is not None else ht, _or(hs, ht), ht, o, _or(A, ht),
-            skip.float().contiguous() if skip is not None else ht, cu, hoff, T, float(scale), H=H, K=K, V=V,
-            BT=BT, BK=BK, BV=BVF, TWO=K > BK, USE_S0=h0 is not None, STORE=store, SKIP=skip is not None,
-            IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=_factor_bound(dot), num_warps=warps,
-            **_stages("key_fwd"))
-        return o, ht, hs, gf, A, None, None, None, None
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
     zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
     zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
@@ -1486,7 +1290,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     dot = _dot_mode(q.dtype)
     span = None
     if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
-        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None)
+        G = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)
+        span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=q.device)
+        _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
+                                                          IS_VARLEN=cu_seqlens is not None, num_warps=4)
+        gf = G
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=dot, NORM=norm, num_warps=WARPS)
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
@@ -1560,8 +1368,6 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if has_s0 else None
     dummy = hs
-    if gate == 2 and span is None:  # after a one-pass forward (_fused_key): the cumulative gate, here
-        gf, span = _key_cumsum(_flat(gf), NC, cu, cinfo, hoff, T, cu_seqlens is not None)
     qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _or(gf, dummy), _flat(do)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=_dot_mode(q.dtype), num_warps=WARPS)
@@ -1626,7 +1432,6 @@ def _ops_tag():
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
-               _key_fwd_kernel, _key_gate, _key_scores, _key_out, _key_advance,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
                _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
@@ -1661,8 +1466,8 @@ def _define_ops():
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         o, ht, hs, gf, A, zt, zs, den, span = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
                                                         kscale=kscale)
-        # outputs may not alias inputs: a decay as given is not returned (backward re-reads g)
-        return (o, ht, hs, gf if span is not None else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
+        # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
+        return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
                 _or(zs, _empty(q)), _or(den, _empty(q)), _or(span, _empty(q)))
 
     @fwd.register_fake
@@ -1676,18 +1481,17 @@ def _define_ops():
         else:
             ctx = torch.library.get_ctx()  # a size made here must be some output's: NC only with a span
             N, NS = cu_seqlens.shape[0] - 1, ctx.new_dynamic_size()
-            NC = ctx.new_dynamic_size() if gate == 2 and not _fused_key(K, gate) else 0
+            NC = ctx.new_dynamic_size() if gate == 2 else 0
         sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
         f32 = torch.float32
-        cum = gate == 2 and not _fused_key(K, gate)  # a cumulative gate and spans are returned
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
-                q.new_empty(B * T, H, K, dtype=f32) if cum else _empty(q),
+                q.new_empty(B * T, H, K, dtype=f32) if gate == 2 else _empty(q),
                 q.new_empty(B * T, H, BT, dtype=f32) if gate == 2 else _empty(q),
                 q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(B * T, H, dtype=f32) if norm else _empty(q),
-                q.new_empty(NC, H, _cdiv(K, _blocks(K, V, gate)[2]), dtype=f32) if cum else _empty(q))
+                q.new_empty(NC, H, _cdiv(K, _blocks(K, V, gate)[2]), dtype=f32) if gate == 2 else _empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
@@ -1696,12 +1500,11 @@ def _define_ops():
             dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor], span: Tensor  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
-        fused = span.numel() == 0  # a one-pass per-key forward: chunk_bwd forms G and the span
-        gf = (_flat(g) if fused else G) if gate == 2 else (_flat_gate(g) if gate == 1 else None)
+        gf = G if gate == 2 else (_flat_gate(g) if gate == 1 else None)
         norm = (o, den, zs, z0, dzt) if den.numel() else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
                                                          A if gate == 2 else None, scale, norm, skip, kscale=kscale,
-                                                         span=span if gate == 2 and not fused else None)
+                                                         span=span if gate == 2 else None)
         return (dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q)),
                 _or(dskip, _empty(q)), _or(dks, _empty(q)))
 
@@ -1979,7 +1782,7 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, h0, z0, skip, kscale))):
         o, ht, _, _, _, zt = chunk_fwd(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
-                                       kscale=kscale, store=False)[:6]
+                                       kscale=kscale)[:6]
         return o, ht, zt
     return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
 

@@ -93,8 +93,6 @@ def main():
             kernels["_dqk_key_diag_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, **ints),
                                                *at("dqk_key_diag", BS=BS))
             kernels["_dg_key_kernel"] = (dict(hs=bf, dhs=bf, **ints), *at("dg_key"))
-            kernels["_key_fwd_kernel"] = (dict(q=bf, k=bf, v=bf, g=bf, hs=bf, o=bf, **ints),
-                                          *at("key_fwd", USE_S0=False, STORE=True, TWO=True))
         else:
             kernels["_dqk_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints), *at("dqk"))
         for name, (ptrs, extra, warps) in kernels.items():

@@ -24,9 +24,8 @@ ALTERNATIVES = {  # entry: (decays it serves, alternatives to the default)
     "dv": ((1, 2), [(64, 8), (128, 4), (64, 4)]),
     "dqk": ((0, 1, "1+kscale"), [(64, 8), (32, 4), (128, 4), (64, 2)]),
     "dqk_key_off": ((2,), [(128, 8), (128, 4), (32, 4)]),
-    "key_fwd": ((2,), [(64, 8, 2), (64, 8, 3), (64, 4, 1), (64, 16, 1), (32, 4, 1), (32, 8, 1), (128, 8, 1)]),
 }
-FORWARD = ("walk", "out", "key_fwd")
+FORWARD = ("walk", "out")
 
 
 def inputs(gate, B=4, T=4096, H=16, D=128):
