@@ -483,7 +483,7 @@ def _state_walk_kernel(
 @triton.jit
 def _intra_key_kernel(
     q, k, g,  # [B*T, H, K]; g: the per-token log decay (this kernel sums it within the chunk)
-    A,  # [B*T, H, BT] out: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
+    A,  # [B*T, H, BT] out (_score_dtype): A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
     Gs,  # [B*T, H, K] fp32 out, for a sharp chunk only: its cumulative gate G (read here and by _intra_diag_kernel)
     span,  # [chunks, H, key blocks] fp32 out: the chunk's span (_span_of)
     cu, cinfo, hoff, T,
@@ -638,7 +638,7 @@ def _out_kernel(
     q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
     hs,  # chunk-start states from _state_walk_kernel
     o,  # [B*T, H, V] output
-    A,  # GATE 2: [B*T, H, BT] fp32, the in-chunk scores from _intra_key_kernel
+    A,  # GATE 2: [B*T, H, BT], the in-chunk scores from _intra_key_kernel
     zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
     skip,  # SKIP: [H] fp32, o += skip[h] v
     ks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t (GATE 0 and 1)
@@ -767,7 +767,7 @@ def _dv_kernel(
         b_dv += _dot(b_k, b_dh, DOT)
     if GATE == 2:
         b_at = tl.load(A + ((bos + o_c)[None, :] * H + i_h) * BT + (o_c - c0)[:, None],
-                       mask=m_ts & m_c[None, :] & m_c[:, None], other=0.0)
+                       mask=m_ts & m_c[None, :] & m_c[:, None], other=0.0).to(tl.float32)
     else:
         if GATE == 1:
             b_G = tl.cumsum(tl.load(g + (bos + o_c) * GT + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
@@ -1304,6 +1304,12 @@ def key_spans(g, cu_seqlens=None):
     return _key_cumsum(_flat(g), NC, cu, cinfo, hoff, T, cu_seqlens is not None)[1]
 
 
+def _score_dtype(dtype):
+    """The stored in-chunk scores' dtype: fp32 for exact fp32 products, else the inputs' half precision (the
+    output and dv kernels cast A to it for their tensor-core products anyway)."""
+    return torch.float32 if _dot_mode(dtype) == 3 else dtype
+
+
 def _gate_of(g):
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
@@ -1358,7 +1364,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
-        A = torch.empty(B * T, H, BT, dtype=torch.float32, device=q.device)
+        # in the products' operand precision: the output and dv kernels take A as a bf16/fp16 operand
+        A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
         Gs = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)  # written for sharp chunks only
         span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=q.device)
         bound = _factor_bound(dot)
@@ -1537,7 +1544,7 @@ def _define_ops():
         f32 = torch.float32
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
-                q.new_empty(B * T, H, BT, dtype=f32) if gate == 2 else _empty(q),
+                q.new_empty(B * T, H, BT, dtype=_score_dtype(q.dtype)) if gate == 2 else _empty(q),
                 q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(B * T, H, dtype=f32) if norm else _empty(q))
