@@ -1047,16 +1047,26 @@ def _pow2(n):
 
 def _flat_gate(g):
     """A log decay as the kernels take it: a scalar decay that is one value per head at every token (a
-    [B, T, H] view broadcast from [H] values, as a time-invariant decay such as RetNet's is formed) as
-    those H values, read with token stride 0 (_gate_stride); any other decay as :func:`_flat` has it."""
-    if g is not None and g.dim() == 3 and g.stride(0) == 0 and g.stride(1) == 0:
-        return g[0, 0].contiguous()
+    [B, T, H] view broadcast from [H] values, as a time-invariant decay such as RetNet's is formed) as it
+    is, its address that of those H values, read with token stride 0 (_gate_stride); any other decay as
+    :func:`_flat` has it."""
+    if g is not None and _per_head(g):
+        return g
     return _flat(g)
+
+
+def _per_head(g):
+    """Whether a [B, T, H] decay holds one value per head at every token, the H values in order at its
+    address (strides 0 over B and T, 1 over H; a dimension of size 1 may have any stride)."""
+    if g.dim() != 3:
+        return False
+    (B, T, H), (sb, st, sh) = g.shape, g.stride()
+    return (sb == 0 or B == 1) and (st == 0 or T == 1) and (sh == 1 or H == 1)
 
 
 def _gate_stride(gf, H):
     """The token stride of a scalar decay as _flat_gate gave it: 0 for one value per head, else H."""
-    return 0 if gf is not None and gf.dim() == 1 else H
+    return 0 if gf is not None and _per_head(gf) else H
 
 
 def _flat(x):

@@ -177,6 +177,10 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
         name = em.fresh()
         dims = ", ".join(["B, T, H"] + [v.axis for v in lay_vars])
         em.emit(f"{name} = {direct}  # [{dims}], the inputs' own layout (no permutes)")
+    elif (per_head := _per_head(em, node, lay_vars)) is not None:
+        name = em.fresh()
+        full = ", ".join(["B, T, H"] + [em.sizes_var[v.axis] for v in lay_vars])
+        em.emit(f"{name} = ({per_head}).expand({full})  # per head: one value per head at every token (stride 0)")
     else:
         e, lay = em.val(node, "pre")
         e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR, *lay_vars))
@@ -187,7 +191,17 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
     return name
 
 
-def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
+def _per_head(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
+    """``node`` as one expression over [H, *lay_vars] when it varies with the head (and ``lay_vars``) only:
+    an elementwise formula of parameters, as :func:`_elementwise_btd` has it but without the token axis,
+    so that it is formed once per head and broadcast over [B, T] by an expand (no copy, no permutes; the
+    kernels read a time-invariant scalar decay per head). None for anything else, numbers included."""
+    if T_VAR in node.idx or _is_number(node):
+        return None
+    return _elementwise_btd(em, node, lay_vars, tok=False)
+
+
+def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True) -> str | None:
     """``node`` as one expression in the inputs' own [B, T, H, *lay_vars] layout, when it is an
     elementwise formula (numbers, infix operators, the unary functions) of inputs each read as declared
     at token t over exactly ``lay_vars`` and of parameters (per head, over some of ``lay_vars`` in order),
@@ -197,8 +211,8 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
         e, lay = em.val(node, "pre")
         return e if lay is None else None
     if node.op == "input":
-        tok = node.src[0]
-        if tok.op == "iota" and tok.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
+        src = node.src[0]
+        if tok and src.op == "iota" and src.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
             return f"inputs[{node.arg[0]!r}].to({em.rdt})"
         return None
     if node.op in ("param", "buffer"):  # [H, *axes] broadcast onto [B, T, H, *lay_vars] (axes in that order)
@@ -209,10 +223,10 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
         while len(ix) > 1 and ix[-1] == ":":
             ix.pop()
         return f"params[{name!r}].to(dtype=real, device={em.dev})" + (f"[{', '.join(ix)}]" if len(ix) > 1 else "")
-    if tuple(node.idx) != (T_VAR, *lay_vars) or not (node.op == "neg" or node.op in TORCH_UNARY
-                                                     or node.op in INFIX):
+    full = (T_VAR, *lay_vars) if tok else tuple(lay_vars)
+    if tuple(node.idx) != full or not (node.op == "neg" or node.op in TORCH_UNARY or node.op in INFIX):
         return None
-    args = [_elementwise_btd(em, s, lay_vars) for s in node.src]
+    args = [_elementwise_btd(em, s, lay_vars, tok) for s in node.src]
     if any(a is None for a in args):
         return None
     if node.op == "neg":
@@ -337,9 +351,12 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
     skip = cp.skip
     if (coef := _kernel_skip(cp)) is not None:
-        e, lay = em.val(coef, "pre")
         sk = em.fresh()
-        em.emit(f"{sk} = ({em.tensor(e, lay)}).expand(1, H).reshape(H)  # skip {show(skip)}: added in the kernel")
+        if (per_head := _per_head(em, coef, ())) is not None:  # [H] as it is (no views)
+            em.emit(f"{sk} = {per_head}  # skip {show(skip)}: added in the kernel")
+        else:
+            e, lay = em.val(coef, "pre")
+            em.emit(f"{sk} = ({em.tensor(e, lay)}).expand(1, H).reshape(H)  # skip {show(skip)}: added in the kernel")
         gargs += f", skip={sk}"
         skip = None
     if cp.normaliser:
