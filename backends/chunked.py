@@ -1393,13 +1393,13 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     dg = None
     if gate == 2:
         dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    elif gate == 1:
-        dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    elif gate == 1:  # one key block writes dg itself (no sum, no view)
+        dg = torch.empty((NK, B, T, H) if NK > 1 else (B, T, H), dtype=torch.float32, device=q.device)
     BVD, warps = _launch("dv", V)
     dskip = torch.empty(_cdiv(V, BVD), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     ks = kscale is not None
     ksf = _flat(kscale) if ks else dummy
-    dks = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if ks else None
+    dks = torch.empty((NK, B, T, H) if NK > 1 else (B, T, H), dtype=torch.float32, device=q.device) if ks else None
     _dv_kernel[(_cdiv(V, BVD), NC, H)](
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
         skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, _or(den, dummy), cu, cinfo,
@@ -1423,10 +1423,10 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), _or(den, dummy), ksf, _or(dks, dummy), cu, cinfo,
             hoff, T, float(scale), B * T, BV=bv_dqk, NORM=nm, KS=ks, **{**common, "num_warps": w_dqk})
-    if gate == 1:
-        dg = dg.sum(0) if NK > 1 else dg[0]
-    if ks:
-        dks = dks.sum(0) if NK > 1 else dks[0]
+    if gate == 1 and NK > 1:
+        dg = dg.sum(0)
+    if ks and NK > 1:
+        dks = dks.sum(0)
     return dq, dk, dv, dg, dh0, dz0, (dskip.sum((0, 1)) if dskip is not None else None), dks
 
 
