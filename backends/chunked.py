@@ -1583,10 +1583,15 @@ class ChunkParallel(torch.autograd.Function):
         norm = (o, den, zs, z0, dzt) if den is not None else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
                                                          ctx.scale, norm, skip, ctx.layout, kscale, span)
-        return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
+        return (dq, dk, dv, None if dg is None else _as(dg, ctx.g_dtype), dh0 if h0 is not None else None, None,
                 None, None, dz0 if z0 is not None else None, None,
-                dskip.to(skip.dtype) if skip is not None else None,
-                dks.to(kscale.dtype) if kscale is not None else None)
+                _as(dskip, skip.dtype) if skip is not None else None,
+                _as(dks, kscale.dtype) if kscale is not None else None)
+
+
+def _as(x, dtype):
+    """x.to(dtype) without the (dispatched, host-costly) call when x has it already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def tensor_product(*xs):

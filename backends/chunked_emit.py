@@ -213,7 +213,7 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True
     if node.op == "input":
         src = node.src[0]
         if tok and src.op == "iota" and src.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
-            return f"inputs[{node.arg[0]!r}].to({em.rdt})"
+            return f"as_dtype(inputs[{node.arg[0]!r}], {em.rdt})"
         return None
     if node.op in ("param", "buffer"):  # [H, *axes] broadcast onto [B, T, H, *lay_vars] (axes in that order)
         name, axes = node.arg
@@ -222,7 +222,8 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True
         ix = [":"] + [":" if v in axes else "None" for v in lay_vars]
         while len(ix) > 1 and ix[-1] == ":":
             ix.pop()
-        return f"params[{name!r}].to(dtype=real, device={em.dev})" + (f"[{', '.join(ix)}]" if len(ix) > 1 else "")
+        # (on the inputs' device: the call's checks made sure of it)
+        return f"as_dtype(params[{name!r}], real)" + (f"[{', '.join(ix)}]" if len(ix) > 1 else "")
     full = (T_VAR, *lay_vars) if tok else tuple(lay_vars)
     if tuple(node.idx) != full or not (node.op == "neg" or node.op in TORCH_UNARY or node.op in INFIX):
         return None
@@ -348,7 +349,7 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     st = f"states.get({cp.state!r})"
     em.emit(f"h0 = {st}")
     tr = ".transpose(-1, -2)" if cp.transposed else ""
-    em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
+    em.emit(f"h0 = None if h0 is None else as_dtype(h0, torch.float32){tr}")
     skip = cp.skip
     if (coef := _kernel_skip(cp)) is not None:
         sk = em.fresh()
@@ -361,23 +362,23 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
         skip = None
     if cp.normaliser:
         em.emit(f"z0 = states.get({cp.normaliser!r})")
-        em.emit("z0 = None if z0 is None else z0.float()")
+        em.emit("z0 = None if z0 is None else as_dtype(z0, torch.float32)")
         gargs += ", h0=h0, z0=z0"
     else:
         gargs += ", h0=h0"
     # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
     epilogue = cp.gate is not None or skip is not None
-    args = (f"{q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, cu_seqlens=cu_seqlens, "
+    args = (f"as_dtype({q}, dt_in), as_dtype({k}, dt_in), as_dtype({v}, dt_in){gargs}, cu_seqlens=cu_seqlens, "
             f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
     if cp.normaliser:
         em.emit(f"# o = (q'^T {cp.state}) / (q'^T {cp.normaliser}): " + ("the kernels carry it and divide"
                 if _normaliser_in_kernel(cp) else f"{cp.normaliser} as one more value column"))
         em.emit(f"o, ht, zt = chunk_normalised({args}")
-        final = (f"{{{cp.state!r}: ht{tr}.to(real), {cp.normaliser!r}: zt.to(real)}} "
+        final = (f"{{{cp.state!r}: as_dtype(ht{tr}, real), {cp.normaliser!r}: as_dtype(zt, real)}} "
                  "if output_final_state else None")
     else:
         em.emit(f"o, ht = chunk_recurrence({args}")
-        final = f"{{{cp.state!r}: ht{tr}.to(real)}} if output_final_state else None"
+        final = f"{{{cp.state!r}: as_dtype(ht{tr}, real)}} if output_final_state else None"
     if cp.gate is not None:
         gname = _as_btd(em, cp.gate, (cp.value,), f"B, H, T, {V}")
         em.emit(f"o = o * {gname}")
@@ -559,9 +560,11 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
     if fp.normalised:
         em.emit("# o = (phi_q^T S) / (phi_q^T z), z = sum psi_k: the kernels carry z and divide")
-        em.emit(f"o, _, _ = chunk_normalised(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
+        em.emit(f"o, _, _ = chunk_normalised(as_dtype(phi_q, dt_in), as_dtype(psi_k, dt_in), as_dtype({v}, dt_in), "
+                "cu_seqlens=cu_seqlens)")
     else:
-        em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
+        em.emit(f"o, _ = chunk_recurrence(as_dtype(phi_q, dt_in), as_dtype(psi_k, dt_in), as_dtype({v}, dt_in), "
+                "cu_seqlens=cu_seqlens)")
     em.emit("return o, ({} if output_final_state else None)")
     return lines
 
