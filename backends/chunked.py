@@ -1081,16 +1081,26 @@ def _pow2(n):
 
 def _flat_gate(g):
     """A log decay as the kernels take it: a scalar decay that is one value per head at every token (a
-    [B, T, H] view broadcast from [H] values, as a time-invariant decay such as RetNet's is formed) as
-    those H values, read with token stride 0 (_gate_stride); any other decay as :func:`_flat` has it."""
-    if g is not None and g.dim() == 3 and g.stride(0) == 0 and g.stride(1) == 0:
-        return g[0, 0].contiguous()
+    [B, T, H] view broadcast from [H] values, as a time-invariant decay such as RetNet's is formed) as it
+    is, its address that of those H values, read with token stride 0 (_gate_stride); any other decay as
+    :func:`_flat` has it."""
+    if g is not None and _per_head(g):
+        return g
     return _flat(g)
+
+
+def _per_head(g):
+    """Whether a [B, T, H] decay holds one value per head at every token, the H values in order at its
+    address (strides 0 over B and T, 1 over H; a dimension of size 1 may have any stride)."""
+    if g.dim() != 3:
+        return False
+    (B, T, H), (sb, st, sh) = g.shape, g.stride()
+    return (sb == 0 or B == 1) and (st == 0 or T == 1) and (sh == 1 or H == 1)
 
 
 def _gate_stride(gf, H):
     """The token stride of a scalar decay as _flat_gate gave it: 0 for one value per head, else H."""
-    return 0 if gf is not None and gf.dim() == 1 else H
+    return 0 if gf is not None and _per_head(gf) else H
 
 
 def _flat(x):
@@ -1444,13 +1454,13 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     dg = None
     if gate == 2:
         dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    elif gate == 1:
-        dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    elif gate == 1:  # one key block writes dg itself (no sum, no view)
+        dg = torch.empty((NK, B, T, H) if NK > 1 else (B, T, H), dtype=torch.float32, device=q.device)
     BVD, warps = _launch("dv", V)
     dskip = torch.empty(_cdiv(V, BVD), NC, H, dtype=torch.float32, device=q.device) if skip is not None else None
     ks = kscale is not None
     ksf = _flat(kscale) if ks else dummy
-    dks = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device) if ks else None
+    dks = torch.empty((NK, B, T, H) if NK > 1 else (B, T, H), dtype=torch.float32, device=q.device) if ks else None
     _dv_kernel[(_cdiv(V, BVD), NC, H)](
         qf, kf, vf, gf, dof, _or(A, dummy), dhs, dv,
         skip.float().contiguous() if skip is not None else dummy, _or(dskip, dummy), ksf, _or(den, dummy), cu, cinfo,
@@ -1474,10 +1484,10 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), _or(den, dummy), ksf, _or(dks, dummy), cu, cinfo,
             hoff, T, float(scale), B * T, BV=bv_dqk, NORM=nm, KS=ks, **{**common, "num_warps": w_dqk})
-    if gate == 1:
-        dg = dg.sum(0) if NK > 1 else dg[0]
-    if ks:
-        dks = dks.sum(0) if NK > 1 else dks[0]
+    if gate == 1 and NK > 1:
+        dg = dg.sum(0)
+    if ks and NK > 1:
+        dks = dks.sum(0)
     return dq, dk, dv, dg, dh0, dz0, (dskip.sum((0, 1)) if dskip is not None else None), dks
 
 
@@ -1627,10 +1637,15 @@ class ChunkParallel(torch.autograd.Function):
         norm = (o, den, zs, z0, dzt) if den is not None else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
                                                          ctx.scale, norm, skip, ctx.layout, kscale)
-        return (dq, dk, dv, None if dg is None else dg.to(ctx.g_dtype), dh0 if h0 is not None else None, None,
+        return (dq, dk, dv, None if dg is None else _as(dg, ctx.g_dtype), dh0 if h0 is not None else None, None,
                 None, None, dz0 if z0 is not None else None, None,
-                dskip.to(skip.dtype) if skip is not None else None,
-                dks.to(kscale.dtype) if kscale is not None else None)
+                _as(dskip, skip.dtype) if skip is not None else None,
+                _as(dks, kscale.dtype) if kscale is not None else None)
+
+
+def _as(x, dtype):
+    """x.to(dtype) without the (dispatched, host-costly) call when x has it already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def tensor_product(*xs):

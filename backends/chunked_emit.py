@@ -177,6 +177,10 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
         name = em.fresh()
         dims = ", ".join(["B, T, H"] + [v.axis for v in lay_vars])
         em.emit(f"{name} = {direct}  # [{dims}], the inputs' own layout (no permutes)")
+    elif (per_head := _per_head(em, node, lay_vars)) is not None:
+        name = em.fresh()
+        full = ", ".join(["B, T, H"] + [em.sizes_var[v.axis] for v in lay_vars])
+        em.emit(f"{name} = ({per_head}).expand({full})  # per head: one value per head at every token (stride 0)")
     else:
         e, lay = em.val(node, "pre")
         e = em.expand(em.tensor(e, lay), lay if lay is not None else (), (T_VAR, *lay_vars))
@@ -187,7 +191,17 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
     return name
 
 
-def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
+def _per_head(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
+    """``node`` as one expression over [H, *lay_vars] when it varies with the head (and ``lay_vars``) only:
+    an elementwise formula of parameters, as :func:`_elementwise_btd` has it but without the token axis,
+    so that it is formed once per head and broadcast over [B, T] by an expand (no copy, no permutes; the
+    kernels read a time-invariant scalar decay per head). None for anything else, numbers included."""
+    if T_VAR in node.idx or _is_number(node):
+        return None
+    return _elementwise_btd(em, node, lay_vars, tok=False)
+
+
+def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True) -> str | None:
     """``node`` as one expression in the inputs' own [B, T, H, *lay_vars] layout, when it is an
     elementwise formula (numbers, infix operators, the unary functions) of inputs each read as declared
     at token t over exactly ``lay_vars`` and of parameters (per head, over some of ``lay_vars`` in order),
@@ -197,9 +211,9 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
         e, lay = em.val(node, "pre")
         return e if lay is None else None
     if node.op == "input":
-        tok = node.src[0]
-        if tok.op == "iota" and tok.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
-            return f"inputs[{node.arg[0]!r}].to({em.rdt})"
+        src = node.src[0]
+        if tok and src.op == "iota" and src.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
+            return f"as_dtype(inputs[{node.arg[0]!r}], {em.rdt})"
         return None
     if node.op in ("param", "buffer"):  # [H, *axes] broadcast onto [B, T, H, *lay_vars] (axes in that order)
         name, axes = node.arg
@@ -208,11 +222,12 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...]) -> str | None:
         ix = [":"] + [":" if v in axes else "None" for v in lay_vars]
         while len(ix) > 1 and ix[-1] == ":":
             ix.pop()
-        return f"params[{name!r}].to(dtype=real, device={em.dev})" + (f"[{', '.join(ix)}]" if len(ix) > 1 else "")
-    if tuple(node.idx) != (T_VAR, *lay_vars) or not (node.op == "neg" or node.op in TORCH_UNARY
-                                                     or node.op in INFIX):
+        # (on the inputs' device: the call's checks made sure of it)
+        return f"as_dtype(params[{name!r}], real)" + (f"[{', '.join(ix)}]" if len(ix) > 1 else "")
+    full = (T_VAR, *lay_vars) if tok else tuple(lay_vars)
+    if tuple(node.idx) != full or not (node.op == "neg" or node.op in TORCH_UNARY or node.op in INFIX):
         return None
-    args = [_elementwise_btd(em, s, lay_vars) for s in node.src]
+    args = [_elementwise_btd(em, s, lay_vars, tok) for s in node.src]
     if any(a is None for a in args):
         return None
     if node.op == "neg":
@@ -334,33 +349,36 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     st = f"states.get({cp.state!r})"
     em.emit(f"h0 = {st}")
     tr = ".transpose(-1, -2)" if cp.transposed else ""
-    em.emit(f"h0 = None if h0 is None else h0.float(){tr}")
+    em.emit(f"h0 = None if h0 is None else as_dtype(h0, torch.float32){tr}")
     skip = cp.skip
     if (coef := _kernel_skip(cp)) is not None:
-        e, lay = em.val(coef, "pre")
         sk = em.fresh()
-        em.emit(f"{sk} = ({em.tensor(e, lay)}).expand(1, H).reshape(H)  # skip {show(skip)}: added in the kernel")
+        if (per_head := _per_head(em, coef, ())) is not None:  # [H] as it is (no views)
+            em.emit(f"{sk} = {per_head}  # skip {show(skip)}: added in the kernel")
+        else:
+            e, lay = em.val(coef, "pre")
+            em.emit(f"{sk} = ({em.tensor(e, lay)}).expand(1, H).reshape(H)  # skip {show(skip)}: added in the kernel")
         gargs += f", skip={sk}"
         skip = None
     if cp.normaliser:
         em.emit(f"z0 = states.get({cp.normaliser!r})")
-        em.emit("z0 = None if z0 is None else z0.float()")
+        em.emit("z0 = None if z0 is None else as_dtype(z0, torch.float32)")
         gargs += ", h0=h0, z0=z0"
     else:
         gargs += ", h0=h0"
     # the kernel's output stays in the inputs' dtype unless an epilogue follows (then fp32)
     epilogue = cp.gate is not None or skip is not None
-    args = (f"{q}.to(dt_in), {k}.to(dt_in), {v}.to(dt_in){gargs}, cu_seqlens=cu_seqlens, "
+    args = (f"as_dtype({q}, dt_in), as_dtype({k}, dt_in), as_dtype({v}, dt_in){gargs}, cu_seqlens=cu_seqlens, "
             f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
     if cp.normaliser:
         em.emit(f"# o = (q'^T {cp.state}) / (q'^T {cp.normaliser}): " + ("the kernels carry it and divide"
                 if _normaliser_in_kernel(cp) else f"{cp.normaliser} as one more value column"))
         em.emit(f"o, ht, zt = chunk_normalised({args}")
-        final = (f"{{{cp.state!r}: ht{tr}.to(real), {cp.normaliser!r}: zt.to(real)}} "
+        final = (f"{{{cp.state!r}: as_dtype(ht{tr}, real), {cp.normaliser!r}: as_dtype(zt, real)}} "
                  "if output_final_state else None")
     else:
         em.emit(f"o, ht = chunk_recurrence({args}")
-        final = f"{{{cp.state!r}: ht{tr}.to(real)}} if output_final_state else None"
+        final = f"{{{cp.state!r}: as_dtype(ht{tr}, real)}} if output_final_state else None"
     if cp.gate is not None:
         gname = _as_btd(em, cp.gate, (cp.value,), f"B, H, T, {V}")
         em.emit(f"o = o * {gname}")
@@ -542,9 +560,11 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         em.emit(f"psi_k = torch.cat([{', '.join(ks)}], dim=-1)")
     if fp.normalised:
         em.emit("# o = (phi_q^T S) / (phi_q^T z), z = sum psi_k: the kernels carry z and divide")
-        em.emit(f"o, _, _ = chunk_normalised(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
+        em.emit(f"o, _, _ = chunk_normalised(as_dtype(phi_q, dt_in), as_dtype(psi_k, dt_in), as_dtype({v}, dt_in), "
+                "cu_seqlens=cu_seqlens)")
     else:
-        em.emit(f"o, _ = chunk_recurrence(phi_q.to(dt_in), psi_k.to(dt_in), {v}.to(dt_in), cu_seqlens=cu_seqlens)")
+        em.emit(f"o, _ = chunk_recurrence(as_dtype(phi_q, dt_in), as_dtype(psi_k, dt_in), as_dtype({v}, dt_in), "
+                "cu_seqlens=cu_seqlens)")
     em.emit("return o, ({} if output_final_state else None)")
     return lines
 

@@ -249,6 +249,12 @@ def default_params(init_params, H, sizes, device, dtype=torch.float64):
     return _DEFAULTS[key]
 
 
+def as_dtype(x, dtype):
+    """``x.to(dtype)`` without the call when x already has it: even a no-op ``.to`` is a dispatched aten op,
+    host time that a short call pays several times (the chunked prologue and run_call use this)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def split_varlen(x, cu, i, axis):
     """Sequence i of a packed tensor along `axis`."""
     return x.narrow(axis, cu[i], cu[i + 1] - cu[i])
@@ -278,5 +284,5 @@ def run_call(meta, form_fn, kwargs, initial_state, output_final_state, cu_seqlen
             finals.append(f_i)
         o = torch.cat(outs, dim=1)
         final = {k: torch.cat([f[k] for f in finals], dim=0) for k in finals[0]} if output_final_state else None
-    o = o.to(dtype)
+    o = as_dtype(o, dtype)
     return (o, final) if output_final_state else o

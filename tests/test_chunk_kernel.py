@@ -550,9 +550,11 @@ def test_time_invariant_decay_is_read_once_per_head(norm):
     lg = F.logsigmoid(torch.randn(H, generator=gen) + 2).to(DEV)
     h0 = torch.randn(B, H, K, V, generator=gen).to(DEV)
     do = torch.randn(B, T, H, V, generator=gen).to(DEV)
-    from mixc.backends.chunked import _flat_gate
+    from mixc.backends.chunked import _flat_gate, _gate_stride
 
-    assert _flat_gate(lg[None, None, :].expand(B, T, H)).shape == (H,)
+    per_head = lg[None, None, :].expand(B, T, H)
+    assert _flat_gate(per_head) is per_head and _gate_stride(per_head, H) == 0  # no copy, token stride 0
+    assert _gate_stride(_flat_gate(per_head.contiguous()), H) == H
     outs = []
     for materialise in (False, True):
         x = [t.clone().requires_grad_() for t in (q, k, v, lg, h0)]

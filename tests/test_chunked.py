@@ -189,10 +189,10 @@ def test_elementwise_feature_maps_stay_in_the_inputs_layout():
     """q' = elu(q) + 1 (and sigmoid(a), w * silu(a), mamba2's decay dt * A) is formed on [B, T, H, ...] as
     the inputs are: no permute to [B, H, T, ...] and back (views whose autograd nodes a short call pays
     for). A map with an operation on a parameter alone keeps the general path; both match the reference."""
-    for name, want in (("linear_attention", "F.elu(inputs['q'].to(dt_in)) + 1"),
-                       ("synthetic_norm", "torch.sigmoid(inputs['a'].to(dt_in))"),
-                       ("synthetic", "params['w'].to(dtype=real, device=dev)[:, None] * F.silu("),
-                       ("mamba2", "inputs['dt'].to(real) * params['A'].to(dtype=real, device=dev)")):
+    for name, want in (("linear_attention", "F.elu(as_dtype(inputs['q'], dt_in)) + 1"),
+                       ("synthetic_norm", "torch.sigmoid(as_dtype(inputs['a'], dt_in))"),
+                       ("synthetic", "as_dtype(params['w'], real)[:, None] * F.silu("),
+                       ("mamba2", "as_dtype(inputs['dt'], real) * as_dtype(params['A'], real)")):
         src = load(name).source_code
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert want in body and ".permute(" not in body, name
