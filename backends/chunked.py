@@ -22,12 +22,10 @@ custom operator under torch.compile, so compiled models do not break their graph
 The log-gate gradient uses dG_t = q_t dq_t - k_t dk_t, summed within the chunk from its end, plus
 sum (h dh) at the chunk's end; each token's own term q_t . k_t v_t cancels there and is added to dq,
 dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a per-key decay a chunk
-whose cumulative gates stay within e^(+-50) of its middle row (its span) is factored: its in-chunk
-products are whole-chunk tensor-core products around that row. A sharper chunk is cut into 16-row
-blocks: blocks against other blocks on tensor cores around a reference row at their edge, each block
-against itself exactly (_intra_diag_kernel, _dqk_key_diag_kernel). The forward's kernels sum the
-per-key decay within each chunk as they load it (no cumulative copy); the backward forms it once
-(_local_cumsum_kernel).
+whose cumulative gates stay within e^(+-50) of its middle row (its span, from _local_cumsum_kernel)
+is factored: its in-chunk products are whole-chunk tensor-core products around that row. A sharper
+chunk is cut into 16-row blocks: blocks against other blocks on tensor cores around a reference row at
+their edge, each block against itself exactly (_intra_diag_kernel, _dqk_key_diag_kernel).
 A normaliser (o = q^T S / q^T z, z the same recurrence with v = 1) walks beside the state and
 the output kernel divides (NORM); in the backward _dden_kernel forms the denominator's cotangent and
 the others divide do by it as they load do. A skip term c_h v_t is added by the output kernel (SKIP),
@@ -278,9 +276,8 @@ def _fdot(a, b, DOT: tl.constexpr):
 # products of two factors <= 1 around a reference point: the chunk is cut into row blocks of BS
 # tokens; a block against other blocks uses a row at the block's edge as reference (tensor cores);
 # within a block the scores are exact, one column at a time (CUDA cores).
-# GATE: 0 no decay, 1 scalar decay g [B*T, H] (the kernels sum it within each chunk), 2 per-key decay
-# g [B*T, H, K]: the forward's kernels sum it within each chunk as they load it; the backward's read its
-# chunk-local inclusive cumulative sum G [B*T, H, K] and each chunk's span (_local_cumsum_kernel, run once).
+# GATE: 0 no decay, 1 scalar decay g [B*T, H] (the kernels sum it within each chunk), 2 per-key decay,
+# passed as its chunk-local inclusive cumulative sum G [B*T, H, K] (_local_cumsum_kernel).
 
 
 @triton.jit
@@ -397,7 +394,7 @@ def _state_walk_kernel(
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, GT: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr, CUM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
     every chunk start and at the end. Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
@@ -454,8 +451,6 @@ def _state_walk_kernel(
             b_z = b_z * tl.exp(b_GL)
         if GATE == 2:
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            if CUM:  # g is the per-token decay: its in-chunk sum here (rows past L repeat the last)
-                b_G = tl.cumsum(b_G, axis=0)
             b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
             if REVERSE:
                 b_x = b_x * tl.exp(b_G)
@@ -482,119 +477,91 @@ def _state_walk_kernel(
 @_Launch
 @triton.jit
 def _intra_key_kernel(
-    q, k, g,  # [B*T, H, K]; g: the per-token log decay (this kernel sums it within the chunk)
+    q, k, g,  # [B*T, H, K]; g: the chunk-local cumulative log decay G (fp32)
     A,  # [B*T, H, BT] out (_score_dtype): A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
-    Gs,  # [B*T, H, K] fp32 out, for a sharp chunk only: its cumulative gate G (read here and by _intra_diag_kernel)
-    span,  # [chunks, H, key blocks] fp32 out: the chunk's span (_span_of)
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
 ):
-    """One chunk's in-chunk scores under a per-key decay. G, the chunk-local inclusive cumulative gate, is
-    formed here from g, by halves of the chunk (_half_gates). A chunk whose gates allow it (span at most
-    BOUND) is factored around its middle row R: (q e^(G - G_R)) (k e^(G_R - G))^T on tensor cores, by halves
-    so that no two factors above 1 meet. A sharper chunk stores its G (Gs) and is cut into
-    row blocks of BS tokens: block b against earlier blocks goes through tensor cores around the reference
-    row R_b (the row before the block), both factors <= 1; each block against itself is left to
-    _intra_diag_kernel (exact)."""
+    """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
+    tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
+    (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
+    against itself is left to _intra_diag_kernel (exact). A chunk whose gates allow it (_span_of) is
+    instead one product around its middle row R: (q e^(G - G_R)) (k e^(G_R - G))^T, own blocks included."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    HT: tl.constexpr = BT // 2
-    NK: tl.constexpr = (K + BK - 1) // BK
+    NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
-    o_h = tl.arange(0, HT)
-    R = tl.minimum(HT - 1, L - c0 - 1)  # the middle row (_mid_row), chunk-local: in the first half
-    m_1 = c0 + o_h < L
-    m_2 = c0 + HT + o_h < L
-    b_a11 = tl.zeros([HT, HT], dtype=tl.float32)  # first-half rows against first-half keys
-    b_a21 = tl.zeros([HT, HT], dtype=tl.float32)  # second-half rows against first-half keys
-    b_a22 = tl.zeros([HT, HT], dtype=tl.float32)  # second half against second half
-    b_span = tl.full([], 0.0, tl.float32)
-    for k0 in range(0, K, BK):  # the factored products, formed while the span is measured
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        p1 = ((bos + c0 + o_h)[:, None] * H + i_h) * K + o_k[None, :]
-        p2 = p1 + HT * H * K
-        m1 = m_1[:, None] & m_k[None, :]
-        m2 = m_2[:, None] & m_k[None, :]
-        b_G1, b_G2 = _half_gates(g, p1, p2, m1, m2, o_h, HT)
-        b_R = tl.sum(tl.where((o_h == R)[:, None], b_G1, 0.0), axis=0)
-        s_k = tl.maximum(tl.max(tl.max(tl.where(m1, tl.abs(b_G1 - b_R[None, :]), 0.0), axis=1), axis=0),
-                         tl.max(tl.max(tl.where(m2, tl.abs(b_G2 - b_R[None, :]), 0.0), axis=1), axis=0))
-        tl.store(span + (i_c * H + i_h) * NK + k0 // BK, s_k)
-        b_span = tl.maximum(b_span, s_k)
-        # factors: e^(G_t - G_R) >= 1 (first half, q) and <= 1 (second half); k the other way round. They
-        # may overflow in a sharp chunk, whose products are then discarded
-        b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(b_R[None, :] - b_G1)
-        b_q2 = tl.load(q + p2, mask=m2, other=0.0).to(tl.float32) * tl.exp(b_G2 - b_R[None, :])
-        b_a11 += _fdot(tl.load(q + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(b_G1 - b_R[None, :]),
-                       tl.trans(b_k1), DOT)
-        b_a21 += _fdot(b_q2, tl.trans(b_k1), DOT)
-        b_a22 += _fdot(b_q2, tl.trans(tl.load(k + p2, mask=m2, other=0.0).to(tl.float32) *
-                                      tl.exp(b_R[None, :] - b_G2)), DOT)
-    p_a1 = ((bos + c0 + o_h)[:, None] * H + i_h) * BT + o_h[None, :]  # first-half rows, first-half columns
-    p_a2 = p_a1 + HT * H * BT  # second-half rows
-    causal = o_h[:, None] >= o_h[None, :]
-    if b_span <= BOUND:
-        tl.store(A + p_a1, tl.where(causal, b_a11, 0.0).to(A.dtype.element_ty), mask=m_1[:, None])
-        tl.store(A + p_a1 + HT, tl.zeros([HT, HT], dtype=A.dtype.element_ty), mask=m_1[:, None])
-        tl.store(A + p_a2, b_a21.to(A.dtype.element_ty), mask=m_2[:, None])
-        tl.store(A + p_a2 + HT, tl.where(causal, b_a22, 0.0).to(A.dtype.element_ty), mask=m_2[:, None])
-    else:
-        _intra_sharp(q, k, g, A, Gs, bos, c0, L, i_h, H, K, BT, BS, BK, DOT)
-
-
-@triton.jit
-def _half_gates(g, p1, p2, m1, m2, o_h, HT: tl.constexpr):
-    """The cumulative gate G of a chunk's two halves (rows p1, p2 of one key block), in fp32: the second
-    half's continues from the first half's last row (rows past the sequence repeat the last row's G)."""
-    b_G1 = tl.cumsum(tl.load(g + p1, mask=m1, other=0.0).to(tl.float32), axis=0)
-    b_G2 = tl.cumsum(tl.load(g + p2, mask=m2, other=0.0).to(tl.float32), axis=0)
-    return b_G1, b_G2 + tl.sum(tl.where((o_h == HT - 1)[:, None], b_G1, 0.0), axis=0)[None, :]
-
-
-@triton.jit
-def _intra_sharp(q, k, g, A, Gs, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                 BS: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
-    """A sharp chunk's scores between different row blocks of BS tokens (each block against itself is
-    _intra_diag_kernel's): block b against blocks 0 .. b-1 around the row before block b. Stores the chunk's
-    cumulative gate in Gs first, which this and _intra_diag_kernel read by rows."""
-    HT: tl.constexpr = BT // 2
-    NSB: tl.constexpr = BT // BS
-    o_h = tl.arange(0, HT)
     o_i = tl.arange(0, BT)
     o_c = c0 + o_i
     m_c = o_c < L
+    blk = o_i // BS  # each row's block
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
+    if _span_of(span, i_c, i_h, H, K, BK) <= BOUND:  # factored: the whole chunk around its middle row
+        _intra_factored(q, k, g, A, bos, c0, L, i_h, H, K, BT, BK, DOT)
+    else:
+        for k0 in range(0, K, BK):  # earlier blocks: tensor cores
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            m = m_c[:, None] & m_k[None, :]
+            p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+            b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+            # every row's reference: G at the row before its block (0 before the chunk)
+            p_R = ((bos + c0 + blk * BS - 1)[:, None] * H + i_h) * K + o_k[None, :]
+            b_R = tl.load(g + p_R, mask=((blk > 0) & m_c)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
+            for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1
+                b_Rb = _row(g, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
+                b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
+                b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
+        tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
+
+
+@triton.jit
+def _intra_factored(q, k, g, A, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, DOT: tl.constexpr):
+    """A factored chunk's scores around its middle row R (the last row of the first half):
+    A[t, s] = (q_t e^(G_t - G_R)) . (k_s e^(G_R - G_s)). The first half's rows are taken against the first
+    half's keys only: its factors e^(G_t - G_R) are >= 1, and against the second half's keys (all s > t,
+    masked) they could overflow; the second half's rows (factors <= 1) against every key."""
+    HT: tl.constexpr = BT // 2
+    o_h = tl.arange(0, HT)
+    o_i = tl.arange(0, BT)
+    m_1 = c0 + o_h < L
+    m_2 = c0 + HT + o_h < L
+    m_c = c0 + o_i < L
+    b_a1 = tl.zeros([HT, HT], dtype=tl.float32)  # first-half rows, first-half keys
+    b_a2 = tl.zeros([HT, BT], dtype=tl.float32)  # second-half rows, all keys
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
-        p1 = ((bos + c0 + o_h)[:, None] * H + i_h) * K + o_k[None, :]
-        m1 = (c0 + o_h < L)[:, None] & m_k[None, :]
-        m2 = (c0 + HT + o_h < L)[:, None] & m_k[None, :]
-        b_G1, b_G2 = _half_gates(g, p1, p1 + HT * H * K, m1, m2, o_h, HT)
-        tl.store(Gs + p1, b_G1, mask=m1)
-        tl.store(Gs + p1 + HT * H * K, b_G2, mask=m2)
-    tl.debug_barrier()  # Gs is read back below by other threads
-    blk = o_i // BS  # each row's block
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):  # earlier blocks: tensor cores
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
+        b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
+        p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
         m = m_c[:, None] & m_k[None, :]
-        p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-        b_G = tl.load(Gs + p, mask=m, other=0.0)
-        # every row's reference: G at the row before its block (0 before the chunk)
-        p_R = ((bos + c0 + blk * BS - 1)[:, None] * H + i_h) * K + o_k[None, :]
-        b_R = tl.load(Gs + p_R, mask=((blk > 0) & m_c)[:, None] & m_k[None, :], other=0.0)
-        b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
-        for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1
-            b_Rb = _row(Gs, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
-            b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
-            b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
-    p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
-    tl.store(A + p_a, b_a.to(A.dtype.element_ty), mask=m_c[:, None] & (blk[:, None] != blk[None, :]))
+        b_kr = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m, b_R[None, :] - tl.load(g + p, mask=m, other=0.0), float("-inf")))
+        p1 = ((bos + c0 + o_h)[:, None] * H + i_h) * K + o_k[None, :]
+        m1 = m_1[:, None] & m_k[None, :]
+        b_G1 = tl.load(g + p1, mask=m1, other=0.0)
+        b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m1, b_R[None, :] - b_G1, float("-inf")))
+        b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m1, b_G1 - b_R[None, :], float("-inf")))
+        b_a1 += _fdot(b_q1, tl.trans(b_k1), DOT)
+        p2 = p1 + HT * H * K
+        m2 = m_2[:, None] & m_k[None, :]
+        b_q2 = tl.load(q + p2, mask=m2, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m2, tl.load(g + p2, mask=m2, other=0.0) - b_R[None, :], float("-inf")))
+        b_a2 += _fdot(b_q2, tl.trans(b_kr), DOT)
+    p_a1 = ((bos + c0 + o_h)[:, None] * H + i_h) * BT
+    tl.store(A + p_a1 + o_h[None, :], tl.where(o_h[:, None] >= o_h[None, :], b_a1, 0.0), mask=m_1[:, None])
+    tl.store(A + p_a1 + HT + o_h[None, :], tl.zeros([HT, HT], dtype=tl.float32), mask=m_1[:, None])
+    tl.store(A + p_a1 + HT * H * BT + o_i[None, :], tl.where(HT + o_h[:, None] >= o_i[None, :], b_a2, 0.0),
+             mask=m_2[:, None])
 
 
 @_Launch
@@ -628,8 +595,7 @@ def _intra_diag_kernel(
                 b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                 e = tl.exp(tl.where(((o_j >= j) & m_r)[:, None] & m_k[None, :], b_G - b_Gj[None, :], float("-inf")))
                 b_d += tl.where((o_j == j)[None, :], tl.sum(b_q * b_kj[None, :] * e, axis=1)[:, None], 0.0)
-        tl.store(A + ((bos + o_r)[:, None] * H + i_h) * BT + (s0 - c0 + o_j)[None, :], b_d.to(A.dtype.element_ty),
-                 mask=m_r[:, None])
+        tl.store(A + ((bos + o_r)[:, None] * H + i_h) * BT + (s0 - c0 + o_j)[None, :], b_d, mask=m_r[:, None])
 
 
 @_Launch
@@ -668,8 +634,8 @@ def _out_kernel(
         m_ck = m_c[:, None] & m_k[None, :]
         b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
         b_h = _state_tile(hs, p_hs, m_k, o_v, V)
-        if GATE == 2:  # g is the per-token decay: G its in-chunk sum
-            b_q = b_q * tl.exp(tl.cumsum(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32), axis=0))
+        if GATE == 2:
+            b_q = b_q * tl.exp(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32))
         else:
             b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_a += _dot(b_q, tl.trans(b_kc), DOT)
@@ -1293,12 +1259,18 @@ def _factor_bound(dot):
     return 50.0
 
 
+def _score_dtype(dtype):
+    """The stored in-chunk scores' dtype: fp32 for exact fp32 products, else the inputs' half precision (the
+    output and dv kernels cast A to it for their tensor-core products anyway)."""
+    return torch.float32 if _dot_mode(dtype) == 3 else dtype
+
+
 def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen):
-    """A per-key log decay gf ([B*T, H, K] memory) as the backward kernels take it: (its chunk-local
-    cumulative sum G in fp32, each chunk's span [NC, H, key blocks]), from _local_cumsum_kernel."""
+    """A per-key log decay gf ([B*T, H, K] memory) as the kernels take it: (its chunk-local cumulative sum
+    G in fp32, each chunk's span [NC, H, key blocks]), from _local_cumsum_kernel."""
     H, K = gf.shape[-2:]
     BT, _, BK = _blocks(K, K, 2)
-    G = torch.empty(gf.shape, dtype=torch.float32, device=gf.device)
+    G = torch.empty(gf.numel() // (H * K), H, K, dtype=torch.float32, device=gf.device)  # [B*T, H, K]
     span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=gf.device)
     _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                 IS_VARLEN=varlen, num_warps=4)
@@ -1314,12 +1286,6 @@ def key_spans(g, cu_seqlens=None):
     return _key_cumsum(_flat(g), NC, cu, cinfo, hoff, T, cu_seqlens is not None)[1]
 
 
-def _score_dtype(dtype):
-    """The stored in-chunk scores' dtype: fp32 for exact fp32 products, else the inputs' half precision (the
-    output and dv kernels cast A to it for their tensor-core products anyway)."""
-    return torch.float32 if _dot_mode(dtype) == 3 else dtype
-
-
 def _gate_of(g):
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
@@ -1330,8 +1296,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
     with ``norm``: the final normaliser [N, H, K], the normaliser at chunk starts, the denominators
-    [B*T, H] (all fp32; else None)). A per-key decay is taken per token: each kernel sums it within the
-    chunk itself (no cumulative copy is stored; :func:`chunk_bwd` forms one).
+    [B*T, H] (all fp32; else None); for a per-key decay each chunk's span [chunks, H, key blocks]).
     ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
     ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
@@ -1360,6 +1325,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     dummy = ht
     ksf = _or(_flat(kscale), dummy)
     dot = _dot_mode(q.dtype)
+    span = None
+    if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
+        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=dot, NORM=norm, num_warps=WARPS)
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
@@ -1369,19 +1337,16 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
         kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
-        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None, CUM=True,
+        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
         **{**common, "num_warps": warps})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
-        # in the products' operand precision: the output and dv kernels take A as a bf16/fp16 operand
         A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
-        Gs = torch.empty(B * T, H, K, dtype=torch.float32, device=q.device)  # written for sharp chunks only
-        span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=q.device)
         bound = _factor_bound(dot)
-        _intra_key_kernel[(NC, H)](qf, kf, gf, A, Gs, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
+        _intra_key_kernel[(NC, H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
                                    IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, num_warps=WARPS)
-        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, Gs, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
+        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
                                                  num_warps=WARPS_KEY)
     BVO, warps = _launch("out", V)
@@ -1389,7 +1354,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, cu, cinfo, hoff, T, float(scale), BV=BVO,
         SKIP=skip is not None, KS=kscale is not None, **{**common, "num_warps": warps})
-    return o, ht, hs, gf, A, zt, zs, den
+    return o, ht, hs, gf, A, zt, zs, den, span
 
 
 def _or(x, dummy):
@@ -1405,12 +1370,12 @@ def _geometry(B, T, cu_seqlens, BT, device, layout, dummy):
 
 
 def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=None, skip=None, layout=None,
-              kscale=None):
+              kscale=None, span=None):
     """Backward of :func:`chunk_fwd` from its saved tensors (``gate``: 0, 1 or 2; ``gf``: the decay as
     the kernels take it, flattened). Returns (dq, dk, dv, the log decay's gradient in fp32 or None, the
     initial state's gradient or None, the initial normaliser's gradient or None, the skip's gradient
     [H] fp32 or None, the key scale's gradient [B, T, H] fp32 or None). ``layout`` and ``kscale`` as in
-    :func:`chunk_fwd`. ``norm``: for a
+    :func:`chunk_fwd`; ``span``: its span (per-key decays). ``norm``: for a
     normalised forward (decays 0 and 1), (o, den, zs, z0, dzt): its output, denominators, stored
     normalisers, initial normaliser (or None) and the final normaliser's cotangent (or None)."""
     B, T, H, K = q.shape
@@ -1436,9 +1401,6 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if has_s0 else None
     dummy = hs
-    span = None
-    if gate == 2:  # the backward kernels read the in-chunk cumulative gate, and each chunk's span (_span_of)
-        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None)
     qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _or(gf, dummy), _flat(do)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=_dot_mode(q.dtype), num_warps=WARPS)
@@ -1448,7 +1410,7 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
         qf, gf, dof, dht.contiguous() if dht is not None else dummy, dhs, _or(dh0, dummy),
         _or(dden, dummy), _or(den, dummy), _or(dzt, dummy), _or(dzs, dummy), _or(dz0, dummy),
         dummy, cu, hoff, T, float(scale), REVERSE=True, USE_S0=dht is not None, STORE_SN=has_s0, BV=BVW,
-        NORM=nm, KS=False, CUM=False, **{**common, "num_warps": warps})
+        NORM=nm, KS=False, **{**common, "num_warps": warps})
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     NK = _cdiv(K, BK)
     dg = None
@@ -1505,7 +1467,7 @@ def _ops_tag():
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
-               _span_of, _half_gates, _intra_sharp, _dqk_key_off_blocks, _fdot)
+               _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
     fns = (f.fn if isinstance(f, _Launch) else f for f in kernels)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
@@ -1534,11 +1496,12 @@ def _define_ops():
     def fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
             cu_seqlens: Optional[Tensor], scale: float, out_dtype: Optional[torch.dtype],  # noqa: UP045
             z0: Optional[Tensor], norm: bool, skip: Optional[Tensor], kscale: Optional[Tensor]  # noqa: UP045
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, hs, _, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
-                                                 kscale=kscale)
-        # outputs may not alias inputs: the decay as the kernels take it is not returned (backward re-reads g)
-        return o, ht, hs, _or(A, _empty(q)), _or(zt, _empty(q)), _or(zs, _empty(q)), _or(den, _empty(q))
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        o, ht, hs, gf, A, zt, zs, den, span = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
+                                                        kscale=kscale)
+        # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
+        return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
+                _or(zs, _empty(q)), _or(den, _empty(q)), _or(span, _empty(q)))
 
     @fwd.register_fake
     def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale):
@@ -1547,34 +1510,39 @@ def _define_ops():
         gate = _gate_of(g)
         BT = _blocks(K, V, gate)[0]
         if cu_seqlens is None:
-            N, NS = B, B * (_cdiv(T, BT) + 1)
+            N, NC, NS = B, B * _cdiv(T, BT), B * (_cdiv(T, BT) + 1)
         else:
-            N, NS = cu_seqlens.shape[0] - 1, torch.library.get_ctx().new_dynamic_size()
+            ctx = torch.library.get_ctx()  # a size made here must be some output's: NC only with a span
+            N, NS = cu_seqlens.shape[0] - 1, ctx.new_dynamic_size()
+            NC = ctx.new_dynamic_size() if gate == 2 else 0
         sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
         f32 = torch.float32
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
+                q.new_empty(B * T, H, K, dtype=f32) if gate == 2 else _empty(q),
                 q.new_empty(B * T, H, BT, dtype=_score_dtype(q.dtype)) if gate == 2 else _empty(q),
                 q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
                 q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
-                q.new_empty(B * T, H, dtype=f32) if norm else _empty(q))
+                q.new_empty(B * T, H, dtype=f32) if norm else _empty(q),
+                q.new_empty(NC, H, _cdiv(K, _blocks(K, V, gate)[2]), dtype=f32) if gate == 2 else _empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
-            A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
+            G: Tensor, A: Tensor, h0: Optional[Tensor], cu_seqlens: Optional[Tensor], hs: Tensor,  # noqa: UP045
             scale: float, o: Tensor, den: Tensor, zs: Tensor, z0: Optional[Tensor],  # noqa: UP045
-            dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor]  # noqa: UP045
+            dzt: Optional[Tensor], skip: Optional[Tensor], kscale: Optional[Tensor], span: Tensor  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         gate = _gate_of(g)
-        gf = _flat_gate(g) if gate else None
+        gf = G if gate == 2 else (_flat_gate(g) if gate == 1 else None)
         norm = (o, den, zs, z0, dzt) if den.numel() else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
-                                                         A if gate == 2 else None, scale, norm, skip, kscale=kscale)
+                                                         A if gate == 2 else None, scale, norm, skip, kscale=kscale,
+                                                         span=span if gate == 2 else None)
         return (dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q)),
                 _or(dskip, _empty(q)), _or(dks, _empty(q)))
 
     @bwd.register_fake
-    def _(do, dht, q, k, v, g, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip, kscale):
+    def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip, kscale, span):
         B, T, H, K = q.shape
         f32 = torch.float32
         norm = den.numel() > 0
@@ -1589,16 +1557,16 @@ def _define_ops():
 
     def setup_context(ctx, inputs, output):
         q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale = inputs
-        o, ht, hs, A, zt, zs, den = output
-        ctx.save_for_backward(q, k, v, g, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale)
+        o, ht, hs, G, A, zt, zs, den, span = output
+        ctx.save_for_backward(q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale, span)
         ctx.scale = scale
 
-    def backward(ctx, do, dht, _dhs, _dA, dzt, _dzs, _dden):
-        q, k, v, g, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale = ctx.saved_tensors
+    def backward(ctx, do, dht, _dhs, _dG, _dA, dzt, _dzs, _dden, _dspan):
+        q, k, v, g, G, A, h0, cu_seqlens, hs, o, den, zs, z0, skip, kscale, span = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dg, dh0, dz0, dskip, dks = bwd(do, dht, q, k, v, g, A, h0, cu_seqlens, hs, ctx.scale, o, den,
-                                                   zs, z0, dzt, skip, kscale)
+        dq, dk, dv, dg, dh0, dz0, dskip, dks = bwd(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, ctx.scale, o, den,
+                                                   zs, z0, dzt, skip, kscale, span)
         return (dq, dk, dv, dg.to(g.dtype) if g is not None else None, dh0 if h0 is not None else None,
                 None, None, None, dz0 if z0 is not None else None, None,
                 dskip.to(skip.dtype) if skip is not None else None,
@@ -1622,21 +1590,22 @@ class ChunkParallel(torch.autograd.Function):
         # the chunk layout once for both passes (with cu_seqlens: one host sync instead of two)
         ctx.layout = _layout(q.shape[0], q.shape[1], cu_seqlens, _blocks(q.shape[-1], v.shape[-1], _gate_of(g))[0],
                              q.device)
-        o, ht, hs, gf, A, zt, zs, den = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
-                                                  ctx.layout, kscale)
-        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip, kscale)
+        o, ht, hs, gf, A, zt, zs, den, span = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm,
+                                                        skip, ctx.layout, kscale)
+        ctx.save_for_backward(q, k, v, gf, h0, cu_seqlens, hs, A, o if norm else None, den, zs, z0, skip, kscale,
+                              span)
         ctx.scale, ctx.gate, ctx.g_dtype = scale, _gate_of(g), None if g is None else g.dtype
         ctx.set_materialize_grads(False)  # an unused final state's cotangent stays None: no zeros to fill and read
         return o, ht, zt
 
     @staticmethod
     def backward(ctx, do, dht, dzt):
-        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip, kscale = ctx.saved_tensors
+        q, k, v, gf, h0, cu_seqlens, hs, A, o, den, zs, z0, skip, kscale, span = ctx.saved_tensors
         if do is None:  # only the final state (or normaliser) reached the loss
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
         norm = (o, den, zs, z0, dzt) if den is not None else None
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, ctx.gate, gf, h0, cu_seqlens, hs, A,
-                                                         ctx.scale, norm, skip, ctx.layout, kscale)
+                                                         ctx.scale, norm, skip, ctx.layout, kscale, span)
         return (dq, dk, dv, None if dg is None else _as(dg, ctx.g_dtype), dh0 if h0 is not None else None, None,
                 None, None, dz0 if z0 is not None else None, None,
                 _as(dskip, skip.dtype) if skip is not None else None,
@@ -1845,8 +1814,8 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
     if kscale is not None and g is not None and g.dim() == 4:
         k, kscale = _scale_keys(k, kscale), None
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
-        o, ht, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
-                                        kscale)[:5]
+        o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
+                                           kscale)[:6]
         return o, ht, (zt if norm else None)
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, h0, z0, skip, kscale))):

@@ -48,9 +48,11 @@ def time_entry(entry, gate):
     q, k, v, g, ks = inputs(gate)
     if entry in FORWARD:
         return do_bench(lambda: C.chunk_fwd(q, k, v, g, kscale=ks), return_mode="median")
-    o, ht, hs, gf, A, zt, zs, den = C.chunk_fwd(q, k, v, g, kscale=ks)
+    o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(q, k, v, g, kscale=ks)
     do = torch.randn_like(o)
-    return do_bench(lambda: C.chunk_bwd(do, None, q, k, v, C._gate_of(g), gf, None, None, hs, A, 1.0, kscale=ks),
+    gk = C._gate_of(g)
+    gflat = gf if gk == 2 else (C._flat(g) if gk == 1 else None)
+    return do_bench(lambda: C.chunk_bwd(do, None, q, k, v, gk, gflat, None, None, hs, A, 1.0, span=span, kscale=ks),
                     return_mode="median")
 
 
