@@ -36,5 +36,7 @@ done
 for t in "${tests[@]}"; do
   d=${t%%:*}; expr=${t#*:}
   echo "== tests $d: $expr"
-  in_tree "$d" timeout 200 python3 -m pytest -q tests/test_chunk_kernel.py -p no:cacheprovider -k "$expr" 2>&1 | tail -4
+  # SIGINT at the limit: pytest stops and still prints its summary of what passed and failed
+  in_tree "$d" timeout -s INT -k 30 200 python3 -m pytest -q -rfE tests/test_chunk_kernel.py -p no:cacheprovider \
+    -k "$expr" 2>&1 | tail -6
 done

@@ -37,7 +37,8 @@ if [ -n "$profile" ]; then
 fi
 if [ -n "$tests" ]; then
   tlimit=230; [ "$shapes" = none ] && tlimit=540
-  timeout $tlimit python3 -m pytest -q tests/test_chunk_kernel.py -p no:cacheprovider \
+  # SIGINT at the limit: pytest stops and still prints which tests passed and failed (-v lists each)
+  timeout -s INT -k 30 $tlimit python3 -m pytest -v -rfE tests/test_chunk_kernel.py -p no:cacheprovider \
     -k "$tests_k" > "$OUT/gpu_tests.txt" 2>&1
   tail -3 "$OUT/gpu_tests.txt"
 fi
