@@ -3,9 +3,18 @@
     python benchmarks/ptxas_check.py [--warps 4,8] [--gates 0,1,2]
 
 Uses the local Triton to compile and its bundled cuobjdump to read the cubin's resource usage, so
-register pressure (STACK > 0 means spills) can be checked before spending device time. The local
-Triton may be newer than the device's, so treat the numbers as indications. Shapes: K = V = 128,
-bf16 inputs (the issue's training shape).
+register pressure (STACK > 0 means spills) and shared memory (the H100 allows 232448 bytes a block)
+can be checked before spending device time. Shapes: K = V = 128, bf16 inputs (the issue's training
+shape); pointers are specialised as 16-byte aligned and T as a multiple of 16, as a real launch is
+(without that, Triton neither vectorises nor pipelines the loads, and the figures are far off).
+
+The device runs Triton 3.6; to compile with that version here (its compiler needs no GPU):
+
+    pip install -q --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python benchmarks/ptxas_check.py --gates 2
+
+This reproduced, offline, the 237568 bytes of shared memory that failed the one-pass per-key
+forward's first launch on the H100 (BENCHMARKS.md, session 6).
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def compile_one(fn, sig, consts, warps, stages=None):
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    # as a launch specialises: every pointer 16-byte aligned and the token counts multiples of 16 (these
+    # let Triton vectorise loads and pipeline them through shared memory, which changes its footprint)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+             if ty.startswith("*") or name in ("T", "NTOT")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     compile_one.shared = k.metadata.shared  # bytes of shared memory (the H100 allows 232448 per block)
@@ -69,7 +82,7 @@ def main():
     bf, i32 = "*bf16", "*i32"
     for gate in map(int, args.gates.split(",")):
         BT, BS, BK = C._blocks(K, V, gate)
-        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, GATE=gate, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
+        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=16, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
                     KS=args.ks and gate < 2, BOUND=50.0)
         ints = dict(cu=i32, cinfo=i32, hoff=i32)
 
