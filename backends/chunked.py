@@ -1228,7 +1228,8 @@ def _blocks(K, V, gate):
     return BT, BS, BK
 
 
-WARPS = 8  # 4 warps spill registers in every kernel here (benchmarks/ptxas_check.py)
+WARPS = 8  # timed on the H100 (LAUNCH); at 4 warps the per-key scores and dq/dk kernels spill, the others
+#            do not (benchmarks/ptxas_check.py with the device's Triton 3.6, BENCHMARKS.md session 6)
 WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 
 # Each kernel's launch: (value block, warps); the value block is clipped to [16, V's next power of two].
