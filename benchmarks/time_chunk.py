@@ -1,0 +1,72 @@
+"""Kernels alone: time chunk_fwd and chunk_fwd + chunk_bwd of one decay kind on the GPU, and save the
+outputs so that two source trees can be compared in one device call.
+
+    python benchmarks/time_chunk.py --decay key [--warm] [--save out.pt] [--compare a.pt b.pt]
+
+``--warm`` compiles (one call each) and exits, so several trees can compile in parallel before any
+is timed. Shape: B4 T4096 H16 D128 bf16 (the issue's training shape), inputs from a fixed seed.
+
+Two trees in one device call (a branch archived into .trees/exp, with `carry` [".whl", ".trees"]):
+
+    pip install -q --no-index --no-deps --target /tmp/site .whl/lark*.whl
+    t() { (cd $1 && PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=.tcache python3 benchmarks/time_chunk.py "${@:2}"); }
+    t . --warm & t .trees/exp --warm & wait
+    for r in 1 2; do t . --save /tmp/a.pt; t .trees/exp --save /tmp/b.pt; done
+    t . --compare /tmp/b.pt /tmp/a.pt
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from mixc.backends import chunked as C
+
+
+def inputs(decay, B=4, T=4096, H=16, D=128):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    g = None
+    if decay == "scalar":
+        g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
+    elif decay == "key":
+        g = F.logsigmoid(torch.randn(B, T, H, D, device="cuda", generator=gen)).to(torch.bfloat16)
+    return q, k, v, g
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decay", default="key", choices=["none", "scalar", "key"])
+    ap.add_argument("--warm", action="store_true")
+    ap.add_argument("--save", default="")
+    ap.add_argument("--compare", nargs=2, default=None)
+    a = ap.parse_args()
+    if a.compare:
+        x, y = (torch.load(p) for p in a.compare)
+        for name in x:
+            d = (x[name].float() - y[name].float()).norm() / y[name].float().norm()
+            print(f"{name}: relative difference {d.item():.2e}")
+        return
+    q, k, v, g = inputs(a.decay)
+    do = torch.randn_like(v)
+
+    def fwd():
+        return C.chunk_fwd(q, k, v, g)
+
+    def fwdbwd():
+        o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(q, k, v, g)
+        return o, C.chunk_bwd(do, None, q, k, v, C._gate_of(g), gf, None, None, hs, A, 1.0, span=span)
+
+    o, (dq, dk, dv, dg, *_) = fwdbwd()
+    torch.cuda.synchronize()
+    if a.warm:
+        return
+    if a.save:
+        torch.save({"o": o, "dq": dq, "dk": dk, "dv": dv, "dg": dg}, a.save)
+    print(f"decay {a.decay}: fwd {do_bench(fwd, return_mode='median'):.3f} ms, "
+          f"fwd+bwd {do_bench(fwdbwd, return_mode='median'):.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
