@@ -42,14 +42,14 @@ def compile_one(fn, sig, consts, warps, stages=None):
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    compile_one.shared = k.metadata.shared  # bytes of shared memory (the H100 allows 232448 per block)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     regs = re.findall(r"REG:(\d+)", out)
     stack = re.findall(r"STACK:(\d+)", out)
-    return int(regs[-1]) if regs else -1, int(stack[-1]) if stack else -1
+    # registers, stack bytes (spills), shared-memory bytes (the H100 allows 232448 per block)
+    return int(regs[-1]) if regs else -1, int(stack[-1]) if stack else -1, k.metadata.shared
 
 
 def sig_of(fn, ptrs, ints, floats, consts):
@@ -119,9 +119,9 @@ def main():
                 for st in (list(map(int, args.stages.split(","))) if args.stages else [None]):
                     for bv in (list(map(int, args.bv.split(","))) if args.bv else [consts.get("BV")]):
                         c = {**consts, "BV": bv} if "BV" in consts else consts
-                        regs, spill = compile_one(fn, sig, c, w, st)
+                        regs, spill, shared = compile_one(fn, sig, c, w, st)
                         print(f"gate {gate} {name:<22} warps {w} stages {st} BV {bv}: {regs} registers, stack {spill}"
-                              f" bytes, shared {compile_one.shared} bytes", flush=True)
+                              f" bytes, shared {shared} bytes", flush=True)
 
 
 if __name__ == "__main__":

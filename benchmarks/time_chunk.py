@@ -4,10 +4,12 @@ outputs so that two source trees can be compared in one device call.
     python benchmarks/time_chunk.py --decay key [--warm] [--save out.pt] [--compare a.pt b.pt]
 
 ``--warm`` compiles (one call each) and exits, so several trees can compile in parallel before any
-is timed. Shape: B4 T4096 H16 D128 bf16 (the issue's training shape), inputs from a fixed seed.
+is timed. Inputs: tune_launch.py's (B4 T4096 H16 D128, bf16 q, k, v, fp32 decays, a fixed seed).
 
-Two trees in one device call (a branch archived into .trees/exp, with `carry` [".whl", ".trees"]):
+Two trees in one device call (a branch archived into .trees/exp, with this script and tune_launch.py
+copied into it so both trees time the same inputs; `carry` [".whl", ".trees"]):
 
+    cp benchmarks/time_chunk.py benchmarks/tune_launch.py .trees/exp/benchmarks/   # here, before the call
     pip install -q --no-index --no-deps --target /tmp/site .whl/lark*.whl
     t() { (cd $1 && PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=.tcache python3 benchmarks/time_chunk.py "${@:2}"); }
     t . --warm & t .trees/exp --warm & wait
@@ -18,21 +20,12 @@ Two trees in one device call (a branch archived into .trees/exp, with `carry` ["
 import argparse
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
+from tune_launch import inputs  # (this script's folder is on the path)
 
 from mixc.backends import chunked as C
 
-
-def inputs(decay, B=4, T=4096, H=16, D=128):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
-    g = None
-    if decay == "scalar":
-        g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
-    elif decay == "key":
-        g = F.logsigmoid(torch.randn(B, T, H, D, device="cuda", generator=gen)).to(torch.bfloat16)
-    return q, k, v, g
+GATE = {"none": 0, "scalar": 1, "key": 2}
 
 
 def main():
@@ -48,7 +41,7 @@ def main():
             d = (x[name].float() - y[name].float()).norm() / y[name].float().norm()
             print(f"{name}: relative difference {d.item():.2e}")
         return
-    q, k, v, g = inputs(a.decay)
+    q, k, v, g, _ = inputs(GATE[a.decay])
     do = torch.randn_like(v)
 
     def fwd():
