@@ -18,6 +18,7 @@ copied into it so both trees time the same inputs; `carry` [".whl", ".trees"]):
 """
 
 import argparse
+import inspect
 
 import torch
 from triton.testing import do_bench
@@ -42,7 +43,7 @@ def main():
             print(f"{name}: relative difference {d.item():.2e}")
         return
     q, k, v, g, _ = inputs(GATE[a.decay])
-    do = torch.randn_like(v)
+    do = torch.randn(v.shape, device=v.device, generator=torch.Generator(device=v.device).manual_seed(1)).to(v.dtype)
 
     def fwd():
         return C.chunk_fwd(q, k, v, g)
@@ -57,8 +58,12 @@ def main():
         return
     if a.save:
         torch.save({"o": o, "dq": dq, "dk": dk, "dv": dv, "dg": dg}, a.save)
+    infer = ""  # the forward that no backward follows (chunk_fwd(backward=False)), where the tree has it
+    if "backward" in inspect.signature(C.chunk_fwd).parameters:
+        ms = do_bench(lambda: C.chunk_fwd(q, k, v, g, backward=False), return_mode="median")
+        infer = f", fwd without backward {ms:.3f} ms"
     print(f"decay {a.decay}: fwd {do_bench(fwd, return_mode='median'):.3f} ms, "
-          f"fwd+bwd {do_bench(fwdbwd, return_mode='median'):.3f} ms", flush=True)
+          f"fwd+bwd {do_bench(fwdbwd, return_mode='median'):.3f} ms{infer}", flush=True)
 
 
 if __name__ == "__main__":
