@@ -12,9 +12,8 @@ taken in the direction that is <= 0, so nothing overflows.
 Without a per-value decay (identity, scalar and per-key transitions: linear attention, based,
 RetNet, Mamba-2, GLA) the call is the chunk-parallel form (:func:`chunk_fwd`, :func:`chunk_bwd`; a
 custom operator under torch.compile, so compiled models do not break their graph there):
-    forward   _key_prep_kernel   per-key decay only, per chunk: G, q e^G, k e^(G_L - G) and the
-                                 in-chunk scores A (_intra_key_kernel for a chunk too sharp to factor)
-              _state_walk_kernel the state at every 64-token chunk start (sequential over chunks)
+    forward   _state_walk_kernel the state at every 64-token chunk start (sequential over chunks)
+              _intra_key_kernel  per-key decay only: the in-chunk scores A, per chunk
               _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores)
     backward  _state_walk_kernel the adjoint state at every chunk end (sequential, in reverse)
               _dv_kernel         dv = (k e^(G_L - G)) dh + A^T do
@@ -23,7 +22,7 @@ custom operator under torch.compile, so compiled models do not break their graph
 The log-gate gradient uses dG_t = q_t dq_t - k_t dk_t, summed within the chunk from its end, plus
 sum (h dh) at the chunk's end; each token's own term q_t . k_t v_t cancels there and is added to dq,
 dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a per-key decay a chunk
-whose cumulative gates stay within e^(+-50) of its middle row (its span, from _key_prep_kernel)
+whose cumulative gates stay within e^(+-50) of its middle row (its span, from _local_cumsum_kernel)
 is factored: its in-chunk products are whole-chunk tensor-core products around that row. A sharper
 chunk is cut into 16-row blocks: blocks against other blocks on tensor cores around a reference row at
 their edge, each block against itself exactly (_intra_diag_kernel, _dqk_key_diag_kernel).
@@ -263,12 +262,11 @@ def _fdot(a, b, DOT: tl.constexpr):
 # ---- the chunk-parallel form (decays: none, scalar, per key entry) ------------------------------
 #
 # As in flash-linear-attention's chunk algorithm:
-#   _key_prep_kernel    per-key decay: one chunk's G, decayed q and k (the output kernel's and the walk's
-#                       operands) and in-chunk scores A, kept for the backward (_intra_key_kernel and
-#                       _intra_diag_kernel for a chunk too sharp to factor);
 #   _state_walk_kernel  walks each sequence chunk by chunk and stores the state at every chunk start
 #                       (and the final state): the only sequential part, a k^T v product per chunk;
 #                       run in reverse it is the adjoint walk, storing dh at every chunk end;
+#   _intra_key_kernel   per-key decay: the in-chunk scores A of one chunk, kept for the backward
+#                       (_intra_diag_kernel: each 16-row block against itself);
 #   _out_kernel         one program per (value block, chunk, head): o = (q e^G) h + A v, in parallel;
 #   _dv_kernel, _dqk_kernel (_dqk_key_off_kernel, _dqk_key_diag_kernel and _dg_key_kernel for
 #                       per-key decays): per-chunk gradients, in parallel, with the log-gate gradient.
@@ -279,7 +277,7 @@ def _fdot(a, b, DOT: tl.constexpr):
 # tokens; a block against other blocks uses a row at the block's edge as reference (tensor cores);
 # within a block the scores are exact, one column at a time (CUDA cores).
 # GATE: 0 no decay, 1 scalar decay g [B*T, H] (the kernels sum it within each chunk), 2 per-key decay,
-# passed as its chunk-local inclusive cumulative sum G [B*T, H, K] (_key_prep_kernel).
+# passed as its chunk-local inclusive cumulative sum G [B*T, H, K] (_local_cumsum_kernel).
 
 
 @triton.jit
@@ -337,71 +335,23 @@ def _suffix_sum(x):
 
 @_Launch
 @triton.jit
-def _key_prep_kernel(
-    q, k, g,  # [B*T, H, K]; g: the per-key log decay (any float dtype)
-    qg, kt,  # [B*T, H, K] out: q e^G and k e^(G_L - G), the output kernel's and the walk's operands
-    G,  # [B*T, H, K] fp32 out: G, the inclusive cumulative sum of g within each chunk (see STORE_G)
-    gl,  # [chunks, H, K] fp32 out: each chunk's G_L (G at its last row), the walk's state decay
-    A,  # [B*T, H, BT] out (_score_dtype): a factored chunk's in-chunk scores
-    span,  # [chunks, H, key blocks] fp32 out: max |G_t - G_R| over the chunk's rows and the block's keys
-    cu, cinfo, hoff, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr, BOUND: tl.constexpr, STORE_G: tl.constexpr,
-):
-    """Everything of one chunk that needs G, with q, k and g read once (one program per chunk and head):
-    G, its span around the middle row R (_mid_row), the decayed operands of the walk and the output
-    kernel (which cast them to the inputs' precision before their products anyway, so storing them in
-    it changes no number), G_L, and, if the span allows (_span_of), the scores of the whole chunk as
-    tensor-core products around R: A[t, s] = (q_t e^(G_t - G_R)) . (k_s e^(G_R - G_s)) for s <= t.
-    They are two products, so that no product of two factors > 1 is ever formed: rows up to R (factors
-    >= 1) against keys up to R (factors <= 1), and rows after R (factors <= 1) against every key.
-    A sharper chunk's scores are left to _intra_key_kernel and _intra_diag_kernel, which read G: it is
-    stored for every chunk with STORE_G (the backward reads it), else only for those chunks."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    NK: tl.constexpr = (K + BK - 1) // BK
+def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """G = the inclusive cumulative sum of g within each chunk, in fp32 (one program per key block, chunk
+    and head); span[chunk, h, key block] = max |G_t - G_R| over the chunk's rows and the block's keys, R
+    its middle row (_mid_row): whether the chunk's in-chunk factors e^(G_t - G_s) may be formed as
+    e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
-    c0 = c * BT
-    o_i = tl.arange(0, BT)
-    m_c = c0 + o_i < L
-    last = tl.minimum(L - c0, BT) - 1
-    mid = _mid_row(c0, L, BT) - c0
-    first = o_i <= mid  # rows (and keys) up to R
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    s_max = tl.zeros([], dtype=tl.float32)
-    for i_k in range(0, NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m = m_c[:, None] & m_k[None, :]
-        p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
-        b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
-        if STORE_G:
-            tl.store(G + p, b_G, mask=m)
-        b_GL = tl.sum(tl.where((o_i == last)[:, None], b_G, 0.0), axis=0)
-        b_R = tl.sum(tl.where((o_i == mid)[:, None], b_G, 0.0), axis=0)
-        b_d = b_G - b_R[None, :]
-        s = tl.max(tl.max(tl.where(m, tl.abs(b_d), 0.0), axis=1), axis=0)
-        tl.store(span + (i_c * H + i_h) * NK + i_k, s)
-        s_max = tl.maximum(s_max, s)
-        tl.store(gl + (i_c * H + i_h) * K + o_k, b_GL, mask=m_k)
-        b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-        tl.store(qg + p, (b_q * tl.exp(b_G)).to(qg.dtype.element_ty), mask=m)
-        tl.store(kt + p, (b_k * tl.exp(b_GL[None, :] - b_G)).to(kt.dtype.element_ty), mask=m)
-        # the factors, clipped at e^BOUND (a block beyond it is not used: its chunk takes the exact path)
-        f = tl.where(m, 1.0, 0.0) * tl.where(s <= BOUND, 1.0, 0.0)
-        b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND)) * f
-        b_kr = b_k * tl.exp(tl.minimum(-b_d, BOUND)) * f
-        b_a += _fdot(tl.where(first[:, None], b_qr, 0.0), tl.trans(tl.where(first[:, None], b_kr, 0.0)), DOT)
-        b_a += _fdot(tl.where(first[:, None], 0.0, b_qr), tl.trans(b_kr), DOT)
-    if s_max <= BOUND:
-        tl.store(A + ((bos + c0 + o_i)[:, None] * H + i_h) * BT + o_i[None, :],
-                 tl.where(o_i[:, None] >= o_i[None, :], b_a, 0.0).to(A.dtype.element_ty), mask=m_c[:, None])
-    elif not STORE_G:  # the exact kernels read this chunk's G
-        for i_k in range(0, NK):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m = m_c[:, None] & (o_k < K)[None, :]
-            p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
-            tl.store(G + p, tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0), mask=m)
+    o_c = c * BT + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (o_c < L)[:, None] & (o_k < K)[None, :]
+    p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
+    b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
+    tl.store(G + p, b_G, mask=m)
+    b_R = tl.sum(tl.where((o_c == _mid_row(c * BT, L, BT))[:, None], b_G, 0.0), axis=0)
+    tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]),
+                                                                                    0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -412,7 +362,7 @@ def _mid_row(c0, L, BT: tl.constexpr):
 
 @triton.jit
 def _span_of(span, i_c, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """Chunk i_c's span (_key_prep_kernel), the largest over its key blocks. At most BOUND (a
+    """Chunk i_c's span (_local_cumsum_kernel), the largest over its key blocks. At most BOUND (a
     constexpr, _factor_bound), every e^(G_t - G_R) and e^(G_R - G_s) lies within e^(+-BOUND): then
     e^(G_t - G_s) = e^(G_t - G_R) e^(G_R - G_s) neither overflows nor underflows the dot's operands, and
     the whole chunk goes through tensor cores; sharper gates take the exact 16-row path."""
@@ -444,14 +394,12 @@ def _state_walk_kernel(
     cu, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, GT: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr, PRE: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
     every chunk start and at the end. Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
-    from the last chunk, storing dS at every chunk end. PRE (forward, per-key decay): x is already
-    k e^(G_L - G) and g each chunk's G_L (_key_prep_kernel), so the walk reads no G. NORM: the
-    normaliser z <- e^G_L z + sum k e^(G_L - G) (reverse: dz <- e^G_L dz + scale sum (q e^G) dden) walks
-    along, in the programs of value block 0."""
+    from the last chunk, storing dS at every chunk end. NORM: the normaliser z <- e^G_L z + sum k e^(G_L - G)
+    (reverse: dz <- e^G_L dz + scale sum (q e^G) dden) walks along, in the programs of value block 0."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
@@ -501,11 +449,7 @@ def _state_walk_kernel(
                 b_x = b_x * tl.exp(b_GL - b_G)[:, None]
             b_s = b_s * tl.exp(b_GL)
             b_z = b_z * tl.exp(b_GL)
-        if GATE == 2 and PRE:  # x holds k e^(G_L - G) already; g the chunks' G_L [chunks, H, K]
-            b_GL = tl.load(g + ((hb + ic - i_n) * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
-            b_s = b_s * tl.exp(b_GL)[:, None]
-            b_z = b_z * tl.exp(b_GL)
-        elif GATE == 2:
+        if GATE == 2:
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
             b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
             if REVERSE:
@@ -535,7 +479,7 @@ def _state_walk_kernel(
 def _intra_key_kernel(
     q, k, g,  # [B*T, H, K]; g: the chunk-local cumulative log decay G (fp32)
     A,  # [B*T, H, BT] out (_score_dtype): A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) for s <= t in the chunk, else 0
-    span,  # [chunks, H, key blocks] fp32 from _key_prep_kernel
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
@@ -543,8 +487,8 @@ def _intra_key_kernel(
     """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
     tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
     (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
-    against itself is left to _intra_diag_kernel (exact). Only for a chunk too sharp to factor (_span_of):
-    _key_prep_kernel has written the others' scores."""
+    against itself is left to _intra_diag_kernel (exact). A chunk whose gates allow it (_span_of) is
+    instead one product around its middle row R: (q e^(G - G_R)) (k e^(G_R - G))^T, own blocks included."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -555,7 +499,9 @@ def _intra_key_kernel(
     blk = o_i // BS  # each row's block
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
-    if _span_of(span, i_c, i_h, H, K, BK) > BOUND:
+    if _span_of(span, i_c, i_h, H, K, BK) <= BOUND:  # factored: the whole chunk around its middle row
+        _intra_factored(q, k, g, A, bos, c0, L, i_h, H, K, BT, BK, DOT)
+    else:
         for k0 in range(0, K, BK):  # earlier blocks: tensor cores
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
@@ -573,6 +519,49 @@ def _intra_key_kernel(
                 b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
                 b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
         tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
+
+
+@triton.jit
+def _intra_factored(q, k, g, A, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, DOT: tl.constexpr):
+    """A factored chunk's scores around its middle row R (the last row of the first half):
+    A[t, s] = (q_t e^(G_t - G_R)) . (k_s e^(G_R - G_s)). The first half's rows are taken against the first
+    half's keys only: its factors e^(G_t - G_R) are >= 1, and against the second half's keys (all s > t,
+    masked) they could overflow; the second half's rows (factors <= 1) against every key."""
+    HT: tl.constexpr = BT // 2
+    o_h = tl.arange(0, HT)
+    o_i = tl.arange(0, BT)
+    m_1 = c0 + o_h < L
+    m_2 = c0 + HT + o_h < L
+    m_c = c0 + o_i < L
+    b_a1 = tl.zeros([HT, HT], dtype=tl.float32)  # first-half rows, first-half keys
+    b_a2 = tl.zeros([HT, BT], dtype=tl.float32)  # second-half rows, all keys
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
+        p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
+        m = m_c[:, None] & m_k[None, :]
+        b_kr = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m, b_R[None, :] - tl.load(g + p, mask=m, other=0.0), float("-inf")))
+        p1 = ((bos + c0 + o_h)[:, None] * H + i_h) * K + o_k[None, :]
+        m1 = m_1[:, None] & m_k[None, :]
+        b_G1 = tl.load(g + p1, mask=m1, other=0.0)
+        b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m1, b_R[None, :] - b_G1, float("-inf")))
+        b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m1, b_G1 - b_R[None, :], float("-inf")))
+        b_a1 += _fdot(b_q1, tl.trans(b_k1), DOT)
+        p2 = p1 + HT * H * K
+        m2 = m_2[:, None] & m_k[None, :]
+        b_q2 = tl.load(q + p2, mask=m2, other=0.0).to(tl.float32) * tl.exp(
+            tl.where(m2, tl.load(g + p2, mask=m2, other=0.0) - b_R[None, :], float("-inf")))
+        b_a2 += _fdot(b_q2, tl.trans(b_kr), DOT)
+    p_a1 = ((bos + c0 + o_h)[:, None] * H + i_h) * BT
+    tl.store(A + p_a1 + o_h[None, :], tl.where(o_h[:, None] >= o_h[None, :], b_a1, 0.0), mask=m_1[:, None])
+    tl.store(A + p_a1 + HT + o_h[None, :], tl.zeros([HT, HT], dtype=tl.float32), mask=m_1[:, None])
+    tl.store(A + p_a1 + HT * H * BT + o_i[None, :], tl.where(HT + o_h[:, None] >= o_i[None, :], b_a2, 0.0),
+             mask=m_2[:, None])
 
 
 @_Launch
@@ -625,8 +614,7 @@ def _out_kernel(
     DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
-    here without a decay or with a scalar one; with a per-key one, A is loaded and q is q e^G already,
-    both from _key_prep_kernel).
+    here without a decay or with a scalar one, loaded with a per-key one).
     NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -646,7 +634,9 @@ def _out_kernel(
         m_ck = m_c[:, None] & m_k[None, :]
         b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
         b_h = _state_tile(hs, p_hs, m_k, o_v, V)
-        if GATE != 2:  # (a per-key decay's q comes as q e^G)
+        if GATE == 2:
+            b_q = b_q * tl.exp(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32))
+        else:
             b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_a += _dot(b_q, tl.trans(b_kc), DOT)
         b_o += _dot(b_q, b_h, DOT)
@@ -870,7 +860,7 @@ def _dqk_key_off_kernel(
     hs, dhs,  # states at chunk starts (and the final one), their gradients at chunk ends
     dqa, dka,  # [B*T, H, K] fp32 out: dq, dk without each row block's own part
     dq, dk, dG,  # a factored chunk: the final dq, dk and dG (as _dqk_key_diag_kernel writes them)
-    span,  # [chunks, H, key blocks] fp32 from _key_prep_kernel
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
@@ -962,7 +952,7 @@ def _dqk_key_diag_kernel(
     dqa, dka,  # from _dqk_key_off_kernel
     dq, dk,  # [B*T, H, K] out
     dG,  # [B*T, H, K] fp32 out: q dq - k dk, each token's own term left out
-    span,  # [chunks, H, key blocks] fp32 from _key_prep_kernel: a factored chunk is done already
+    span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel: a factored chunk is done already
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
@@ -1276,36 +1266,25 @@ def _score_dtype(dtype):
     return torch.float32 if _dot_mode(dtype) == 3 else dtype
 
 
-def _key_prep(qf, kf, gf, NC, cu, cinfo, hoff, T, varlen, dot, store_g=True):
-    """_key_prep_kernel on a per-key log decay gf and q, k ([B*T, H, K] memory): (q e^G, k e^(G_L - G), G in
-    fp32 (every chunk's with ``store_g``, else only the chunks too sharp to factor), each chunk's G_L
-    [NC, H, K], the in-chunk scores A (a factored chunk's; the exact kernels write the others), each
-    chunk's span [NC, H, key blocks])."""
+def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen):
+    """A per-key log decay gf ([B*T, H, K] memory) as the kernels take it: (its chunk-local cumulative sum
+    G in fp32, each chunk's span [NC, H, key blocks]), from _local_cumsum_kernel."""
     H, K = gf.shape[-2:]
     BT, _, BK = _blocks(K, K, 2)
-    NTOT = qf.numel() // (H * K)  # B * T
-    odt = torch.float32 if dot == 3 else qf.dtype  # the products' operand precision
-    qg, kt = (torch.empty(NTOT, H, K, dtype=odt, device=qf.device) for _ in range(2))
-    G = torch.empty(NTOT, H, K, dtype=torch.float32, device=qf.device)
-    gl = torch.empty(NC, H, K, dtype=torch.float32, device=qf.device)
-    A = torch.empty(NTOT, H, BT, dtype=_score_dtype(qf.dtype), device=qf.device)
-    span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=qf.device)
-    _key_prep_kernel[(NC, H)](qf, kf, gf, qg, kt, G, gl, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
-                              IS_VARLEN=varlen, DOT=dot, BOUND=_factor_bound(dot), STORE_G=store_g,
-                              num_warps=WARPS)
-    return qg, kt, G, gl, A, span
+    G = torch.empty(gf.numel() // (H * K), H, K, dtype=torch.float32, device=gf.device)  # [B*T, H, K]
+    span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=gf.device)
+    _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
+                                                IS_VARLEN=varlen, num_warps=4)
+    return G, span
 
 
 def key_spans(g, cu_seqlens=None):
     """Each 64-token chunk's span under a per-key log decay g [B, T, H, K]: max |G_t - G_R| over its rows
     and keys (G the in-chunk cumulative gate, R the middle row), [chunks, H, key blocks]. A chunk within
-    the bound (_factor_bound) has its in-chunk products formed on tensor cores, a sharper one exactly.
-    (From _key_prep_kernel, with zero q and k.)"""
+    the bound (_factor_bound) has its in-chunk products formed on tensor cores, a sharper one exactly."""
     B, T, H, K = g.shape
     NC, _, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, _blocks(K, K, 2)[0], g.device, None, g)
-    gf = _flat(g)
-    z = torch.zeros(gf.shape, dtype=torch.float32, device=g.device)
-    return _key_prep(z, z, gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, 3, store_g=False)[5]
+    return _key_cumsum(_flat(g), NC, cu, cinfo, hoff, T, cu_seqlens is not None)[1]
 
 
 def _gate_of(g):
@@ -1313,7 +1292,7 @@ def _gate_of(g):
 
 
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
-              skip=None, layout=None, kscale=None, backward=True):
+              skip=None, layout=None, kscale=None):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
@@ -1322,9 +1301,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
     ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
-    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one).
-    ``backward=False`` (no :func:`chunk_bwd` will follow): a per-key decay's G is not written out for the
-    chunks that do not need it; the returned G is then not the backward's."""
+    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -1349,11 +1326,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     dummy = ht
     ksf = _or(_flat(kscale), dummy)
     dot = _dot_mode(q.dtype)
-    span = A = None
-    xq, xk, xg = qf, kf, gf  # what the output kernel and the walk read
-    if gate == 2:  # the chunk-local cumulative sum, decayed operands, spans and factored scores, once
-        xq, xk, gf, xg, A, span = _key_prep(qf, kf, gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, dot,
-                                            store_g=backward)
+    span = None
+    if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
+        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=dot, NORM=norm, num_warps=WARPS)
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
@@ -1361,12 +1336,14 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
     BVW, warps = _launch("walk", V)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
-        xk, _or(xg, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
+        kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
-        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None, PRE=gate == 2,
+        1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
         **{**common, "num_warps": warps})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
-    if gate == 2:  # a sharp chunk's scores (the others' came from _key_prep_kernel)
+    A = None
+    if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
+        A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
         bound = _factor_bound(dot)
         _intra_key_kernel[(NC, H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
                                    IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, num_warps=WARPS)
@@ -1375,7 +1352,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
                                                  num_warps=WARPS_KEY)
     BVO, warps = _launch("out", V)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
-        xq, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
+        qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, cu, cinfo, hoff, T, float(scale), BV=BVO,
         SKIP=skip is not None, KS=kscale is not None, **{**common, "num_warps": warps})
     return o, ht, hs, gf, A, zt, zs, den, span
@@ -1488,10 +1465,10 @@ def _ops_tag():
     import inspect
 
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
-               _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _key_prep_kernel, _dden_kernel,
+               _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
-               _span_of, _dqk_key_off_blocks, _fdot)
+               _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
     fns = (f.fn if isinstance(f, _Launch) else f for f in kernels)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
@@ -1844,7 +1821,7 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, h0, z0, skip, kscale))):
         o, ht, _, _, _, zt = chunk_fwd(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
-                                       kscale=kscale, backward=False)[:6]
+                                       kscale=kscale)[:6]
         return o, ht, zt
     return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
 

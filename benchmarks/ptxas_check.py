@@ -92,14 +92,13 @@ def main():
 
         kernels = {  # name: (pointer types other than fp32, constexprs, warps it runs with)
             "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), *at("walk", REVERSE=False, USE_S0=False,
-                                                                             STORE_SN=True, PRE=gate == 2)),
+                                                                             STORE_SN=True)),
             "_out_kernel": (dict(q=bf, k=bf, v=bf, hs=bf, o=bf, **ints), *at("out")),
             "_state_walk_kernel/rev": (dict(x=bf, y=bf, hs=bf, **ints), *at("walk_rev", REVERSE=True, USE_S0=True,
                                                                              STORE_SN=False)),
             "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), *at("dv")),
         }
         if gate == 2:
-            kernels["_key_prep_kernel"] = (dict(q=bf, k=bf, qg=bf, kt=bf, A=bf, **ints), dict(STORE_G=True), C.WARPS)
             kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
             kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints),

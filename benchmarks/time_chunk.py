@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--warm", action="store_true")
     ap.add_argument("--save", default="")
     ap.add_argument("--compare", nargs=2, default=None)
+    ap.add_argument("--profile", action="store_true", help="also each kernel's time per call (torch profiler)")
     a = ap.parse_args()
     if a.compare:
         x, y = (torch.load(p) for p in a.compare)
@@ -64,6 +65,24 @@ def main():
         infer = f", fwd without backward {ms:.3f} ms"
     print(f"decay {a.decay}: fwd {do_bench(fwd, return_mode='median'):.3f} ms, "
           f"fwd+bwd {do_bench(fwdbwd, return_mode='median'):.3f} ms{infer}", flush=True)
+    if a.profile:
+        profile_kernels(fwdbwd)
+
+
+def profile_kernels(fn, n=20):
+    """Each GPU kernel's time per call of fn (ms, mean over n calls), from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / n / 1e3, e.count // n) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    for name, ms, count in sorted(rows, key=lambda r: -r[1]):
+        print(f"  {ms:7.3f} ms  x{count}  {name[:90]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,40 +136,6 @@ def test_factored_and_exact_chunks_side_by_side(cu):
         assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
 
 
-@pytest.mark.parametrize("cu", [None, [0, 90, 200]])
-def test_key_prep_outputs_and_a_forward_without_backward(cu):
-    """_key_prep_kernel (per-key decays): G is the cumulative gate within each 64-token chunk, the walk's
-    and output kernel's operands are k e^(G_L - G) and q e^G, G_L each chunk's last G. A forward that no
-    backward follows stores G only for the chunks too sharp to factor; its output and final state equal
-    the training forward's, with mild and sharp chunks side by side."""
-    from mixc.backends import chunked as C
-
-    gen = torch.Generator().manual_seed(22)
-    B, T, H, K, V = (1, 200, 2, 9, 12)
-    q, k, v = (torch.randn(B, T, H, d, generator=gen).to(DEV) for d in (K, K, V))
-    sharp = ((torch.arange(T) // 64) % 2 == 1).float()[None, :, None, None]
-    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(DEV)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
-    bounds = [0, 64, 128, 192, 200] if cu is None else [0, 64, 90, 154, 200]  # chunk starts per sequence
-    NC, _, cuk, cinfo, hoff = C._geometry(B, T, cu_t, 64, q.device, None, q)
-    qg, kt, G, gl, A, span = C._key_prep(C._flat(q), C._flat(k), C._flat(gk), NC, cuk, cinfo, hoff, T,
-                                         cu is not None, 3)
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        g_ref = gk[0, a:b].cumsum(0)
-        assert torch.allclose(G.view(B, T, H, K)[0, a:b], g_ref, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(gl[i], g_ref[-1], rtol=1e-5, atol=1e-5)
-        assert torch.allclose(qg.view(B, T, H, K)[0, a:b], q[0, a:b] * g_ref.exp(), rtol=2e-4, atol=1e-6)
-        assert torch.allclose(kt.view(B, T, H, K)[0, a:b], k[0, a:b] * (g_ref[-1] - g_ref).exp(), rtol=2e-4,
-                              atol=1e-6)
-    assert (span <= C._factor_bound(3)).any() and (span > C._factor_bound(3)).any()
-    h0 = torch.randn(B if cu is None else len(cu) - 1, H, K, V, generator=gen).to(DEV)
-    train = C.chunk_fwd(q, k, v, gk, h0, cu_t)
-    infer = C.chunk_fwd(q, k, v, gk, h0, cu_t, backward=False)
-    assert torch.equal(train[0], infer[0]) and torch.equal(train[1], infer[1])
-    ro, rh = naive(q, k, v, gk, None, None, h0, cu_t)
-    assert rel(infer[0], ro) < 1e-5 and rel(infer[1], rh) < 1e-5
-
-
 @pytest.mark.parametrize("use", ["", "s", "k"])
 def test_half_precision_inputs(use):
     """fp16 inputs (products in fp16 on a GPU, fp32 accumulation): outputs and gradients within 2e-2."""
