@@ -1,0 +1,86 @@
+"""Time the per-key (or another decay's) chunked kernels under other warps and pipeline depths
+(num_stages), one kernel at a time, on the GPU (B4 T4096 H16 D128 bf16, tune_launch.py's inputs).
+
+    python benchmarks/sweep_stages.py [--decay key] [KERNEL ...]
+
+Each kernel object of ``mixc.backends.chunked`` named here is replaced, for one configuration at a
+time, by a wrapper that adds ``num_warps``/``num_stages`` to its launches; the forward (chunk_fwd) and
+the backward alone (chunk_bwd from one saved forward) are timed with do_bench (median ms), the
+kernel's own launch first. ``num_stages`` is Triton's software pipelining depth of a kernel's loops
+(its default on the H100 is 3): more stages buffer more loads in shared memory, fewer leave room for
+more programs per SM. A kernel used by both passes (the walk) changes both.
+"""
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+from tune_launch import inputs  # (this script's folder is on the path)
+
+from mixc.backends import chunked as C
+
+CONFIGS = {  # kernel: (warps, stages) to try; None keeps the kernel's own value
+    "_local_cumsum_kernel": [(2, None), (8, None)],
+    "_state_walk_kernel": [(4, 1), (4, 2), (4, 4), (8, 2)],
+    "_intra_key_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2)],
+    "_out_kernel": [(8, 1), (8, 2), (8, 4), (4, 2)],
+    "_dqk_key_off_kernel": [(8, 1), (8, 2), (8, 4)],
+    "_dv_kernel": [(8, 1), (8, 2), (4, 2)],
+    "_dg_key_kernel": [(4, 1), (4, 2), (8, 2)],
+}
+GATE = {"none": 0, "scalar": 1, "key": 2}
+
+
+class Override:
+    """kernel[grid](...) with num_warps / num_stages replaced."""
+
+    def __init__(self, kernel, warps, stages):
+        self.kernel, self.extra = kernel, {}
+        if warps is not None:
+            self.extra["num_warps"] = warps
+        if stages is not None:
+            self.extra["num_stages"] = stages
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **{**kwargs, **self.extra})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decay", default="key", choices=list(GATE))
+    ap.add_argument("kernels", nargs="*")
+    a = ap.parse_args()
+    q, k, v, g, ks = inputs(GATE[a.decay])
+    do = torch.randn(v.shape, device=v.device, generator=torch.Generator(device=v.device).manual_seed(1)).to(v.dtype)
+    gate = C._gate_of(g)
+
+    def fwd():
+        return C.chunk_fwd(q, k, v, g, kscale=ks)
+
+    def times():
+        o, ht, hs, gf, A, zt, zs, den, span = fwd()
+        gk = gf if gate == 2 else (C._flat(g) if gate == 1 else None)
+
+        def bwd():
+            return C.chunk_bwd(do, None, q, k, v, gate, gk, None, None, hs, A, 1.0, span=span, kscale=ks)
+        bwd()
+        return do_bench(fwd, return_mode="median"), do_bench(bwd, return_mode="median")
+
+    for name in a.kernels or list(CONFIGS):
+        own = getattr(C, name)
+        row = []
+        for cfg in [None] + CONFIGS[name]:
+            setattr(C, name, own if cfg is None else Override(own, *cfg))
+            try:
+                f, b = times()
+                row.append(f"{'own' if cfg is None else '/'.join(map(str, cfg))}: fwd {f:.3f} bwd {b:.3f}")
+            except Exception as e:  # a launch that does not fit (registers, shared memory)
+                row.append(f"{'/'.join(map(str, cfg))}: {type(e).__name__}")
+            finally:
+                setattr(C, name, own)
+        print(f"{name} (warps/stages): " + ", ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
