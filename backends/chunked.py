@@ -1231,6 +1231,9 @@ def _blocks(K, V, gate):
 WARPS = 8  # timed on the H100 (LAUNCH); at 4 warps the per-key scores and dq/dk kernels spill, the others
 #            do not (benchmarks/ptxas_check.py with the device's Triton 3.6, BENCHMARKS.md session 6)
 WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
+# the per-key in-chunk scores: 4 warps and loads buffered 2 deep (86 KB of shared memory, so two programs
+# share an SM) ran the forward 0.068 ms faster than 8 warps and Triton's 3 (benchmarks/sweep_stages.py)
+SCORES_LAUNCH = dict(num_warps=4, num_stages=2)
 
 # Each kernel's launch: (value block, warps); the value block is clipped to [16, V's next power of two].
 # One table to read and to tune (benchmarks/tune_launch.py times alternatives on the device).
@@ -1346,7 +1349,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
         bound = _factor_bound(dot)
         _intra_key_kernel[(NC, H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
-                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, num_warps=WARPS)
+                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, **SCORES_LAUNCH)
         _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
                                                  num_warps=WARPS_KEY)

@@ -99,7 +99,7 @@ def main():
             "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), *at("dv")),
         }
         if gate == 2:
-            kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS)
+            kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.SCORES_LAUNCH["num_warps"])
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
             kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints),
                                               *at("dqk_key_off", BS=BS))

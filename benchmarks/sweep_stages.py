@@ -22,11 +22,20 @@ from mixc.backends import chunked as C
 CONFIGS = {  # kernel: (warps, stages) to try; None keeps the kernel's own value
     "_local_cumsum_kernel": [(2, None), (8, None)],
     "_state_walk_kernel": [(4, 1), (4, 2), (4, 4), (8, 2)],
-    "_intra_key_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2)],
+    "_intra_key_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2), (4, 3), (2, 2)],
+    "_intra_diag_kernel": [(4, 1), (4, 2), (2, 2)],
     "_out_kernel": [(8, 1), (8, 2), (8, 4), (4, 2)],
-    "_dqk_key_off_kernel": [(8, 1), (8, 2), (8, 4)],
+    "_dqk_key_off_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2)],
+    "_dqk_key_diag_kernel": [(4, 1), (4, 2), (8, 2)],
     "_dv_kernel": [(8, 1), (8, 2), (4, 2)],
     "_dg_key_kernel": [(4, 1), (4, 2), (8, 2)],
+    "_dqk_kernel": [(4, 1), (4, 2), (4, 4), (8, 2)],
+}
+DECAYS = {  # kernels that a decay kind runs
+    "key": ["_local_cumsum_kernel", "_state_walk_kernel", "_intra_key_kernel", "_intra_diag_kernel", "_out_kernel",
+            "_dqk_key_off_kernel", "_dqk_key_diag_kernel", "_dv_kernel", "_dg_key_kernel"],
+    "scalar": ["_state_walk_kernel", "_out_kernel", "_dv_kernel", "_dqk_kernel"],
+    "none": ["_state_walk_kernel", "_out_kernel", "_dv_kernel", "_dqk_kernel"],
 }
 GATE = {"none": 0, "scalar": 1, "key": 2}
 
@@ -67,7 +76,7 @@ def main():
         bwd()
         return do_bench(fwd, return_mode="median"), do_bench(bwd, return_mode="median")
 
-    for name in a.kernels or list(CONFIGS):
+    for name in a.kernels or DECAYS[a.decay]:
         own = getattr(C, name)
         row = []
         for cfg in [None] + CONFIGS[name]:
