@@ -1,7 +1,10 @@
 """Time the per-key (or another decay's) chunked kernels under other warps and pipeline depths
 (num_stages), one kernel at a time, on the GPU (B4 T4096 H16 D128 bf16, tune_launch.py's inputs).
 
-    python benchmarks/sweep_stages.py [--decay key] [KERNEL ...]
+    python benchmarks/sweep_stages.py [--decay key] [--set NAME=VALUE ...] [KERNEL ...]
+
+``--set`` first sets a module constant of ``mixc.backends.chunked`` (a Python literal: ``OUT_KEY_BK=32``,
+``WARPS=4``) or a LAUNCH entry (``LAUNCH.out=128,4``).
 
 Each kernel object of ``mixc.backends.chunked`` named here is replaced, for one configuration at a
 time, by a wrapper that adds ``num_warps``/``num_stages`` to its launches; the forward (chunk_fwd) and
@@ -12,6 +15,7 @@ more programs per SM. A kernel used by both passes (the walk) changes both.
 """
 
 import argparse
+import ast
 
 import torch
 from triton.testing import do_bench
@@ -24,7 +28,7 @@ CONFIGS = {  # kernel: (warps, stages) to try; None keeps the kernel's own value
     "_state_walk_kernel": [(4, 1), (4, 2), (4, 4), (8, 2)],
     "_intra_key_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2), (4, 3), (2, 2)],
     "_intra_diag_kernel": [(4, 1), (4, 2), (2, 2)],
-    "_out_kernel": [(8, 1), (8, 2), (8, 4), (4, 2)],
+    "_out_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2)],
     "_dqk_key_off_kernel": [(8, 1), (8, 2), (8, 4), (4, 1), (4, 2)],
     "_dqk_key_diag_kernel": [(4, 1), (4, 2), (8, 2)],
     "_dv_kernel": [(8, 1), (8, 2), (4, 2)],
@@ -58,8 +62,17 @@ class Override:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--decay", default="key", choices=list(GATE))
+    ap.add_argument("--set", action="append", default=[])
     ap.add_argument("kernels", nargs="*")
     a = ap.parse_args()
+    for item in a.set:
+        name, value = item.split("=", 1)
+        if name.startswith("LAUNCH."):
+            C.LAUNCH[name[7:]] = tuple(map(int, value.split(",")))
+        else:
+            setattr(C, name, ast.literal_eval(value))
+    if a.set:
+        print("set " + ", ".join(a.set), flush=True)
     q, k, v, g, ks = inputs(GATE[a.decay])
     do = torch.randn(v.shape, device=v.device, generator=torch.Generator(device=v.device).manual_seed(1)).to(v.dtype)
     gate = C._gate_of(g)
