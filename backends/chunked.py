@@ -1210,18 +1210,22 @@ def _blocks(K, V, gate):
 
 WARPS = 8  # timed on the H100 (LAUNCH); at 4 warps the per-key scores and dq/dk kernels spill, the others
 #            do not (benchmarks/ptxas_check.py with the device's Triton 3.6, BENCHMARKS.md session 6)
-OUT_KEY_BK = 32  # the output kernel's key block under a per-key decay (it forms the scores there too)
 WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 # the per-key in-chunk scores: 4 warps and loads buffered 2 deep (86 KB of shared memory, so two programs
 # share an SM) ran the forward 0.068 ms faster than 8 warps and Triton's 3 (benchmarks/sweep_stages.py)
 SCORES_LAUNCH = dict(num_warps=4, num_stages=2)
 
-# Each kernel's launch: (value block, warps); the value block is clipped to [16, V's next power of two].
-# One table to read and to tune (benchmarks/tune_launch.py times alternatives on the device).
+# Each kernel's launch: (value block, warps[, pipeline stages]); the value block is clipped to [16, V's next
+# power of two]; without stages Triton's default (3 on the H100). One table to read and to tune
+# (benchmarks/tune_launch.py and benchmarks/sweep_stages.py time alternatives on the device).
 LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, session 4)
     "walk": (64, 4),  # the state walk; the grid has one program per key block, value block and head
     "walk_rev": (64, 4),  # the adjoint walk
     "out": (128, WARPS),  # one q k^T per value block: one block of 128 values forms it once
+    # with a per-key decay the output kernel also forms the in-chunk scores: 4 warps, loads 2 deep and a key
+    # block of 32 (OUT_KEY_BK; 242 registers, no spills) ran 0.08 ms faster than the per-chunk scores kernel
+    # (BENCHMARKS.md, session 7); at 8 warps (one program per SM) it was 0.05 ms slower
+    "out_key": (128, 4, 2),
     "dv": (128, WARPS),
     "dqk": (64, 4),  # loops over the value blocks; 4 warps spill but ran 0.19 ms faster than 8
     "dqk_key_off": (64, WARPS),
@@ -1230,10 +1234,18 @@ LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, 
 }
 
 
+OUT_KEY_BK = 32  # the output kernel's key block under a per-key decay ("out_key")
+
+
 def _launch(name, V):
     """(value block, warps) of kernel ``name`` for V values."""
-    bv, warps = LAUNCH[name]
+    bv, warps = LAUNCH[name][:2]
     return max(16, min(_pow2(V), bv)), warps
+
+
+def _stages(name):
+    """Launch options beyond the warps: the pipeline depth, where LAUNCH gives one."""
+    return {"num_stages": LAUNCH[name][2]} if len(LAUNCH[name]) > 2 else {}
 
 
 def _factor_bound(dot):
@@ -1336,12 +1348,14 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
                                                  num_warps=WARPS_KEY)
-    BVO, warps = _launch("out", V)
+    out = "out_key" if gate == 2 else "out"
+    BVO, warps = _launch(out, V)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, _or(span, dummy), cu, cinfo, hoff, T,
         float(scale), BV=BVO, SKIP=skip is not None, KS=kscale is not None, BOUND=bound, STORE_A=backward,
-        **{**common, "num_warps": warps, **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
+        **{**common, "num_warps": warps, **_stages(out),
+           **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
     return o, ht, hs, gf, A, zt, zs, den, span
 
 
