@@ -3,8 +3,8 @@
 
     python benchmarks/sweep_stages.py [--decay key] [--set NAME=VALUE ...] [KERNEL ...]
 
-``--set`` first sets a module constant of ``mixc.backends.chunked`` (a Python literal: ``OUT_KEY_BK=32``,
-``WARPS=4``) or a LAUNCH entry (``LAUNCH.out=128,4``).
+``--set`` first sets a module constant of ``mixc.backends.chunked`` (a Python literal: ``WARPS=4``,
+``SCORES_LAUNCH={'num_warps': 8}``) or a LAUNCH entry (``LAUNCH.out=128,4``).
 
 Each kernel object of ``mixc.backends.chunked`` named here is replaced, for one configuration at a
 time, by a wrapper that adds ``num_warps``/``num_stages`` to its launches; the forward (chunk_fwd) and

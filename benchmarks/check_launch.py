@@ -1,0 +1,53 @@
+"""One forward (chunk_fwd, per-key decay) on the GPU against a float64 loop, under a launch given on the
+command line: does this launch compute correctly with this GPU and Triton? Run one case per process (an
+illegal memory access ends the process's CUDA context):
+
+    python benchmarks/check_launch.py K DTYPE [NAME=VALUE ...]
+    for K in 16 32 64 128; do python benchmarks/check_launch.py $K float16 "LAUNCH.out=128,4"; done
+
+NAME=VALUE sets a LAUNCH entry (``LAUNCH.out=128,4``) or a module constant of mixc.backends.chunked (a
+Python literal: ``SCORES_LAUNCH={'num_warps': 8}``) first. Shape: B1 T80 H2, K keys, 16 values.
+Session 7 found with it that an output kernel forming the per-key scores itself computed wrong outputs
+at 4 warps under Triton 3.6 on the H100 (BENCHMARKS.md).
+"""
+
+import ast
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from mixc.backends import chunked as C
+
+
+def naive(q, k, v, g):
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64, device=q.device)
+    o = torch.empty(B, T, H, v.shape[-1], dtype=torch.float64, device=q.device)
+    for t in range(T):
+        S = S * g[:, t].double().exp()[..., None] + k[:, t].double()[..., None] * v[:, t].double()[..., None, :]
+        o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t].double(), S)
+    return o
+
+
+def main():
+    K, dt = int(sys.argv[1]), getattr(torch, sys.argv[2])
+    for item in sys.argv[3:]:
+        name, value = item.split("=", 1)
+        if name.startswith("LAUNCH."):
+            C.LAUNCH[name[7:]] = tuple(map(int, value.split(",")))
+        else:
+            setattr(C, name, ast.literal_eval(value))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    B, T, H, V = 1, 80, 2, 16
+    q, k, v = (torch.randn(B, T, H, d, device="cuda", generator=gen) for d in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen))
+    ref = naive(q, k, v, g)
+    o = C.chunk_fwd(q.to(dt), k.to(dt), v.to(dt), g)[0]
+    torch.cuda.synchronize()
+    err = ((o.double() - ref).norm() / ref.norm()).item()
+    print(f"K {K} {sys.argv[2]} {' '.join(sys.argv[3:])}: relative error {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()
