@@ -9,7 +9,9 @@
 Each kernel object of ``mixc.backends.chunked`` named here is replaced, for one configuration at a
 time, by a wrapper that adds ``num_warps``/``num_stages`` to its launches; the forward (chunk_fwd) and
 the backward alone (chunk_bwd from one saved forward) are timed with do_bench (median ms), the
-kernel's own launch first. ``num_stages`` is Triton's software pipelining depth of a kernel's loops
+kernel's own launch first. Each launch's outputs (o and the gradients, at this shape and at B1 T80 H2
+D16, where the key loops have one iteration) are compared with the own launch's: a launch whose
+differ by more than 1e-2 is marked WRONG. ``num_stages`` is Triton's software pipelining depth of a kernel's loops
 (its default on the H100 is 3): more stages buffer more loads in shared memory, fewer leave room for
 more programs per SM. A kernel used by both passes (the walk) changes both.
 """
@@ -17,9 +19,7 @@ more programs per SM. A kernel used by both passes (the walk) changes both.
 import argparse
 import ast
 
-import torch
-from triton.testing import do_bench
-from tune_launch import inputs  # (this script's folder is on the path)
+from tune_launch import checked_run, wrong  # (this script's folder is on the path)
 
 from mixc.backends import chunked as C
 
@@ -73,30 +73,18 @@ def main():
             setattr(C, name, ast.literal_eval(value))
     if a.set:
         print("set " + ", ".join(a.set), flush=True)
-    q, k, v, g, ks = inputs(GATE[a.decay])
-    do = torch.randn(v.shape, device=v.device, generator=torch.Generator(device=v.device).manual_seed(1)).to(v.dtype)
-    gate = C._gate_of(g)
-
-    def fwd():
-        return C.chunk_fwd(q, k, v, g, kscale=ks)
-
-    def times():
-        o, ht, hs, gf, A, zt, zs, den, span = fwd()
-        gk = gf if gate == 2 else (C._flat(g) if gate == 1 else None)
-
-        def bwd():
-            return C.chunk_bwd(do, None, q, k, v, gate, gk, None, None, hs, A, 1.0, span=span, kscale=ks)
-        bwd()
-        return do_bench(fwd, return_mode="median"), do_bench(bwd, return_mode="median")
+    gate = GATE[a.decay]
 
     for name in a.kernels or DECAYS[a.decay]:
         own = getattr(C, name)
-        row = []
+        row, want = [], None
         for cfg in [None] + CONFIGS[name]:
             setattr(C, name, own if cfg is None else Override(own, *cfg))
             try:
-                f, b = times()
-                row.append(f"{'own' if cfg is None else '/'.join(map(str, cfg))}: fwd {f:.3f} bwd {b:.3f}")
+                f, b, got = checked_run(gate)
+                want = got if cfg is None else want
+                bad = wrong(want, got)
+                row.append(f"{'own' if cfg is None else '/'.join(map(str, cfg))}: fwd {f:.3f} bwd {b:.3f}{bad}")
             except Exception as e:  # a launch that does not fit (registers, shared memory)
                 row.append(f"{'/'.join(map(str, cfg))}: {type(e).__name__}")
             finally:

@@ -5,7 +5,9 @@ time, on the GPU (B4 T4096 H16 D128 bf16, the issue's training shape).
 
 For each entry of ``chunked.LAUNCH`` and each alternative, the forward (entries of forward kernels)
 or the backward alone (chunk_bwd from one saved forward) is timed with do_bench (median ms), for
-the decays that use the kernel; the default launch is timed in the same process, first. Pick a new
+the decays that use the kernel; the default launch is timed in the same process, first. Every
+alternative's outputs (o and the gradients, at this shape and at B1 T80 H2 D16) are compared with the
+default's, and a launch whose differ by more than 1e-2 is marked WRONG. Pick a new
 default only from a difference measured here, and record it in BENCHMARKS.md.
 """
 
@@ -44,16 +46,41 @@ def inputs(gate, B=4, T=4096, H=16, D=128):
     return q, k, v, g, ks
 
 
-def time_entry(entry, gate):
-    q, k, v, g, ks = inputs(gate)
-    if entry in FORWARD:
-        return do_bench(lambda: C.chunk_fwd(q, k, v, g, kscale=ks), return_mode="median")
-    o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(q, k, v, g, kscale=ks)
-    do = torch.randn_like(o)
-    gk = C._gate_of(g)
-    gflat = gf if gk == 2 else (C._flat(g) if gk == 1 else None)
-    return do_bench(lambda: C.chunk_bwd(do, None, q, k, v, gk, gflat, None, None, hs, A, 1.0, span=span, kscale=ks),
-                    return_mode="median")
+def run(q, k, v, g, ks, timed=False):
+    """(forward ms, backward ms (chunk_bwd from one saved forward), [o, dq, dk, dv(, dg)]) of the chunked
+    kernels on these inputs; the times are 0 unless ``timed``."""
+    gate = C._gate_of(g)
+    do = torch.randn(v.shape, device=v.device, generator=torch.Generator(device=v.device).manual_seed(1)).to(v.dtype)
+
+    def fwd():
+        return C.chunk_fwd(q, k, v, g, kscale=ks)
+
+    o, ht, hs, gf, A, zt, zs, den, span = fwd()
+    gk = gf if gate == 2 else (C._flat(g) if gate == 1 else None)
+
+    def bwd():
+        return C.chunk_bwd(do, None, q, k, v, gate, gk, None, None, hs, A, 1.0, span=span, kscale=ks)
+    dq, dk, dv, dg = bwd()[:4]
+    outs = [o, dq, dk, dv] + ([dg] if dg is not None else [])
+    if not timed:
+        return 0.0, 0.0, outs
+    return do_bench(fwd, return_mode="median"), do_bench(bwd, return_mode="median"), outs
+
+
+def checked_run(gate):
+    """run() timed at the training shape, with the outputs there and at B1 T80 H2 D16 (key loops of one
+    iteration), for wrong()."""
+    f, b, outs = run(*inputs(gate), timed=True)
+    return f, b, outs + run(*inputs(gate, B=1, T=80, H=2, D=16))[2]
+
+
+def wrong(want, got, tol=1e-2):
+    """'' if every output of a launch is within tol (relative) of the default launch's, else a warning naming
+    the worst: a launch is a candidate only if it computes the same thing (Triton can miscompile one launch
+    and not another: BENCHMARKS.md, session 7)."""
+    errs = [float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)) for x, y in zip(got, want)]
+    worst = max(errs)
+    return "" if worst <= tol else f" WRONG (relative difference {worst:.1e})"
 
 
 def main(entries):
@@ -61,16 +88,18 @@ def main(entries):
         gates, alts = ALTERNATIVES[entry]
         default = C.LAUNCH[entry]
         for gate in gates:
-            row = []
+            row, want = [], None
             for cfg in [default] + alts:
                 C.LAUNCH[entry] = cfg
                 try:
-                    row.append(f"{'/'.join(map(str, cfg))}: {time_entry(entry, gate):.3f}")
+                    f, b, got = checked_run(gate)
+                    want = got if cfg is default else want
+                    row.append(f"{'/'.join(map(str, cfg))}: {f if entry in FORWARD else b:.3f}{wrong(want, got)}")
                 except Exception as e:  # a launch that does not compile (registers, shared memory)
                     row.append(f"{'/'.join(map(str, cfg))}: {type(e).__name__}")
             C.LAUNCH[entry] = default
             part = "fwd" if entry in FORWARD else "bwd"
-            print(f"{entry:<12} decay {gate} {part} ms (value block/warps[/stages], default first): " + ", ".join(row),
+            print(f"{entry:<12} decay {gate} {part} ms (value block/warps, default first): " + ", ".join(row),
                   flush=True)
 
 
