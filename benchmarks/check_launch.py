@@ -11,11 +11,11 @@ Session 7 found with it that an output kernel forming the per-key scores itself 
 at 4 warps under Triton 3.6 on the H100 (BENCHMARKS.md).
 """
 
-import ast
 import sys
 
 import torch
 import torch.nn.functional as F
+from tune_launch import apply_settings  # (this script's folder is on the path)
 
 from mixc.backends import chunked as C
 
@@ -32,12 +32,7 @@ def naive(q, k, v, g):
 
 def main():
     K, dt = int(sys.argv[1]), getattr(torch, sys.argv[2])
-    for item in sys.argv[3:]:
-        name, value = item.split("=", 1)
-        if name.startswith("LAUNCH."):
-            C.LAUNCH[name[7:]] = tuple(map(int, value.split(",")))
-        else:
-            setattr(C, name, ast.literal_eval(value))
+    apply_settings(sys.argv[3:])
     gen = torch.Generator(device="cuda").manual_seed(5)
     B, T, H, V = 1, 80, 2, 16
     q, k, v = (torch.randn(B, T, H, d, device="cuda", generator=gen) for d in (K, K, V))

@@ -17,9 +17,8 @@ more programs per SM. A kernel used by both passes (the walk) changes both.
 """
 
 import argparse
-import ast
 
-from tune_launch import checked_run, wrong  # (this script's folder is on the path)
+from tune_launch import apply_settings, checked_run, wrong  # (this script's folder is on the path)
 
 from mixc.backends import chunked as C
 
@@ -65,12 +64,7 @@ def main():
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("kernels", nargs="*")
     a = ap.parse_args()
-    for item in a.set:
-        name, value = item.split("=", 1)
-        if name.startswith("LAUNCH."):
-            C.LAUNCH[name[7:]] = tuple(map(int, value.split(",")))
-        else:
-            setattr(C, name, ast.literal_eval(value))
+    apply_settings(a.set)
     if a.set:
         print("set " + ", ".join(a.set), flush=True)
     gate = GATE[a.decay]
@@ -85,8 +79,9 @@ def main():
                 want = got if cfg is None else want
                 bad = wrong(want, got)
                 row.append(f"{'own' if cfg is None else '/'.join(map(str, cfg))}: fwd {f:.3f} bwd {b:.3f}{bad}")
-            except Exception as e:  # a launch that does not fit (registers, shared memory)
-                row.append(f"{'/'.join(map(str, cfg))}: {type(e).__name__}")
+            except Exception as e:  # a launch that does not fit (registers, shared memory), or a fault (after
+                # an illegal memory access every later launch in this process fails too)
+                row.append(f"{'own' if cfg is None else '/'.join(map(str, cfg))}: {type(e).__name__}")
             finally:
                 setattr(C, name, own)
         print(f"{name} (warps/stages): " + ", ".join(row), flush=True)

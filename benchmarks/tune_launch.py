@@ -11,6 +11,7 @@ default's, and a launch whose differ by more than 1e-2 is marked WRONG. Pick a n
 default only from a difference measured here, and record it in BENCHMARKS.md.
 """
 
+import ast
 import sys
 
 import torch
@@ -72,6 +73,17 @@ def checked_run(gate):
     iteration), for wrong()."""
     f, b, outs = run(*inputs(gate), timed=True)
     return f, b, outs + run(*inputs(gate, B=1, T=80, H=2, D=16))[2]
+
+
+def apply_settings(items):
+    """Set LAUNCH entries (``LAUNCH.out=128,4``) or module constants of mixc.backends.chunked (a Python
+    literal: ``SCORES_LAUNCH={'num_warps': 8}``) from NAME=VALUE strings."""
+    for item in items:
+        name, value = item.split("=", 1)
+        if name.startswith("LAUNCH."):
+            C.LAUNCH[name[7:]] = tuple(map(int, value.split(",")))
+        else:
+            setattr(C, name, ast.literal_eval(value))
 
 
 def wrong(want, got, tol=1e-2):
