@@ -1,5 +1,6 @@
-"""One forward (chunk_fwd, per-key decay) on the GPU against a float64 loop, under a launch given on the
-command line: does this launch compute correctly with this GPU and Triton? Run one case per process (an
+"""One forward and backward (chunk_fwd, chunk_bwd; per-key decay) on the GPU against a float64 loop and
+its autograd gradients, under a launch given on the command line: does this launch compute correctly
+with this GPU and Triton? Run one case per process (an
 illegal memory access ends the process's CUDA context):
 
     python benchmarks/check_launch.py K DTYPE [NAME=VALUE ...]
@@ -33,15 +34,24 @@ def naive(q, k, v, g):
 def main():
     K, dt = int(sys.argv[1]), getattr(torch, sys.argv[2])
     apply_settings(sys.argv[3:])
-    gen = torch.Generator(device="cuda").manual_seed(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU under TRITON_INTERPRET=1: a dry run)
+    gen = torch.Generator(device=dev).manual_seed(5)
     B, T, H, V = 1, 80, 2, 16
-    q, k, v = (torch.randn(B, T, H, d, device="cuda", generator=gen) for d in (K, K, V))
-    g = F.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen))
-    ref = naive(q, k, v, g)
-    o = C.chunk_fwd(q.to(dt), k.to(dt), v.to(dt), g)[0]
-    torch.cuda.synchronize()
-    err = ((o.double() - ref).norm() / ref.norm()).item()
-    print(f"K {K} {sys.argv[2]} {' '.join(sys.argv[3:])}: relative error {err:.1e}")
+    q, k, v = (torch.randn(B, T, H, d, device=dev, generator=gen) for d in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, T, H, K, device=dev, generator=gen))
+    do = torch.randn(B, T, H, V, device=dev, generator=gen)
+    ref = [x.double().requires_grad_() for x in (q, k, v, g)]
+    ro = naive(*ref)
+    (ro * do.double()).sum().backward()
+    qh, kh, vh = (x.to(dt) for x in (q, k, v))
+    o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(qh, kh, vh, g)
+    dq, dk, dv, dg = C.chunk_bwd(do.to(dt), None, qh, kh, vh, 2, gf, None, None, hs, A, 1.0, span=span)[:4]
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    errs = [((x.double() - r).norm() / r.norm()).item() for x, r in
+            zip((o, dq, dk, dv, dg), (ro, *(x.grad for x in ref)))]
+    print(f"K {K} {sys.argv[2]} {' '.join(sys.argv[3:])}: relative error o {errs[0]:.1e}, dq {errs[1]:.1e}, "
+          f"dk {errs[2]:.1e}, dv {errs[3]:.1e}, dg {errs[4]:.1e}")
 
 
 if __name__ == "__main__":
