@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device-tool call: the chunked kernels alone (no mixer module, no fla) in several source trees,
 # each checked on the GPU before it is timed. Usage (from the repository root, on the device):
-#   bash benchmarks/kernel_trees.sh DECAY DIR [DIR ...]        DECAY: key, scalar or none
+#   bash benchmarks/kernel_trees.sh DECAY [--checks-only | --no-checks] DIR [DIR ...]
+# DECAY: key, scalar or none. Four trees with checks take about the 600 s of one call on a cold machine:
+# split them with --checks-only and --no-checks (the second call on the same machine finds the cache).
 # DIR is a tree with this repository's layout (`.` for the working tree; others made here with
 # `git archive BRANCH | tar -x -C .trees/NAME` and carried with `carry [".whl", ".trees"]`).
 # This tree's time_chunk.py, tune_launch.py and check_launch.py are copied into every other tree, so
@@ -15,6 +17,11 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 decay=$1; shift
+checks=1; timing=1
+case ${1:-} in
+  --checks-only) timing=""; shift ;;
+  --no-checks) checks=""; shift ;;
+esac
 trees=("$@")
 for d in "${trees[@]}"; do
   [ "$d" = . ] || cp benchmarks/time_chunk.py benchmarks/tune_launch.py benchmarks/check_launch.py "$d/benchmarks/"
@@ -23,17 +30,19 @@ in_tree() {  # DIR CMD...: run CMD in DIR with that tree's mixc on the path and 
   local d=$1; shift
   (cd "$d" && PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache "$@")
 }
-if [ "$decay" = key ]; then
+if [ "$decay" = key ] && [ -n "$checks" ]; then  # every tree and case at once (compiling is most of it)
   for d in "${trees[@]}"; do
     for K in 16 32 64 128; do
       for dt in float16 bfloat16; do
-        (in_tree "$d" timeout 120 python3 benchmarks/check_launch.py $K $dt 2>&1 | grep -E "^K |Error" | tail -1 \
-          | sed "s|^|$d: |" | cut -c1-160) &
+        (in_tree "$d" timeout 240 python3 benchmarks/check_launch.py $K $dt 2>&1 | grep -E "^K |Error" | tail -1 \
+          | sed "s|^|$d: |" | cut -c1-200) &
       done
     done
-    wait
   done
+  wait
+  echo "checked $(date +%T)"
 fi
+[ -n "$timing" ] || exit 0
 for d in "${trees[@]}"; do
   in_tree "$d" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --warm > /dev/null 2>&1 &
 done
