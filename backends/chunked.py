@@ -1228,8 +1228,9 @@ def _blocks(K, V, gate):
     return BT, BS, BK
 
 
-WARPS = 8  # timed on the H100 (LAUNCH); at 4 warps the per-key scores and dq/dk kernels spill, the others
-#            do not (benchmarks/ptxas_check.py with the device's Triton 3.6, BENCHMARKS.md session 6)
+WARPS = 8  # timed on the H100 (LAUNCH); at 4 warps the per-key dq/dk kernel spills, and so does the scores
+#            kernel at 3 stages (not at 2: SCORES_LAUNCH); the others do not (benchmarks/ptxas_check.py with
+#            the device's Triton 3.6, BENCHMARKS.md sessions 6 and 7)
 WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on the H100, BENCHMARKS.md)
 # the per-key in-chunk scores: 4 warps and loads buffered 2 deep (86 KB of shared memory, so two programs
 # share an SM) ran the forward 0.068 ms faster than 8 warps and Triton's 3 (benchmarks/sweep_stages.py)
