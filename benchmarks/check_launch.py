@@ -16,9 +16,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from tune_launch import apply_settings  # (this script's folder is on the path)
-
-from mixc.backends import chunked as C
+from tune_launch import apply_settings, passes  # (this script's folder is on the path)
 
 
 def naive(q, k, v, g):
@@ -43,9 +41,10 @@ def main():
     ref = [x.double().requires_grad_() for x in (q, k, v, g)]
     ro = naive(*ref)
     (ro * do.double()).sum().backward()
-    qh, kh, vh = (x.to(dt) for x in (q, k, v))
-    o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(qh, kh, vh, g)
-    dq, dk, dv, dg = C.chunk_bwd(do.to(dt), None, qh, kh, vh, 2, gf, None, None, hs, A, 1.0, span=span)[:4]
+    fwd, bwd = passes(*(x.to(dt) for x in (q, k, v)), g, do=do.to(dt))
+    saved = fwd()
+    o = saved[0]
+    dq, dk, dv, dg = bwd(saved)[:4]
     if dev == "cuda":
         torch.cuda.synchronize()
     errs = [((x.double() - r).norm() / r.norm()).item() for x, r in

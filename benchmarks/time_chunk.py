@@ -22,7 +22,7 @@ import inspect
 
 import torch
 from triton.testing import do_bench
-from tune_launch import inputs  # (this script's folder is on the path)
+from tune_launch import inputs, passes  # (this script's folder is on the path)
 
 from mixc.backends import chunked as C
 
@@ -44,14 +44,11 @@ def main():
             print(f"{name}: relative difference {d.item():.2e}")
         return
     q, k, v, g, _ = inputs(GATE[a.decay])
-    do = torch.randn(v.shape, device=v.device, generator=torch.Generator(device=v.device).manual_seed(1)).to(v.dtype)
-
-    def fwd():
-        return C.chunk_fwd(q, k, v, g)
+    fwd, bwd = passes(q, k, v, g)
 
     def fwdbwd():
-        o, ht, hs, gf, A, zt, zs, den, span = C.chunk_fwd(q, k, v, g)
-        return o, C.chunk_bwd(do, None, q, k, v, C._gate_of(g), gf, None, None, hs, A, 1.0, span=span)
+        saved = fwd()
+        return saved[0], bwd(saved)
 
     o, (dq, dk, dv, dg, *_) = fwdbwd()
     torch.cuda.synchronize()
