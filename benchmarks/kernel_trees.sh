@@ -11,7 +11,7 @@
 #   1. (DECAY key) check_launch.py at K 16, 32, 64 and 128, fp16 and bf16, one process per case: a tree
 #      whose errors differ from the first tree's computes something else (session 7's 4-warp miscompile
 #      showed only at some K);
-#   2. every tree compiles in its own process, in parallel;
+#   2. the first tree compiles, then the others in parallel (one process each);
 #   3. two alternating rounds of time_chunk.py per tree, then each tree's outputs against the first's;
 #   4. each tree's kernels one by one (time_chunk.py --profile).
 set -u
@@ -26,24 +26,30 @@ trees=("$@")
 for d in "${trees[@]}"; do
   [ "$d" = . ] || cp benchmarks/time_chunk.py benchmarks/tune_launch.py benchmarks/check_launch.py "$d/benchmarks/"
 done
-in_tree() {  # DIR CMD...: run CMD in DIR with that tree's mixc on the path and its own Triton cache
+cache=$PWD/.tcache  # one Triton cache for every tree: it is keyed by each kernel's source and constants,
+# so a kernel that two trees share compiles once (the first tree runs first, the others then find it)
+in_tree() {  # DIR CMD...: run CMD in DIR with that tree's mixc on the path
   local d=$1; shift
-  (cd "$d" && PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache "$@")
+  (cd "$d" && PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$cache "$@")
 }
-if [ "$decay" = key ] && [ -n "$checks" ]; then  # every tree and case at once (compiling is most of it)
-  for d in "${trees[@]}"; do
-    for K in 16 32 64 128; do
-      for dt in float16 bfloat16; do
-        (in_tree "$d" timeout 240 python3 benchmarks/check_launch.py $K $dt 2>&1 | grep -E "^K |Error" | tail -1 \
-          | sed "s|^|$d: |" | cut -c1-200) &
-      done
+check_tree() {  # DIR: every case at once, one process each (compiling is most of it)
+  for K in 16 32 64 128; do
+    for dt in float16 bfloat16; do
+      (in_tree "$1" timeout 240 python3 benchmarks/check_launch.py $K $dt 2>&1 | grep -E "^K |Error" | tail -1 \
+        | sed "s|^|$1: |" | cut -c1-200) &
     done
   done
+}
+if [ "$decay" = key ] && [ -n "$checks" ]; then  # the first tree, then the others at once
+  check_tree "${trees[0]}"
+  wait
+  for d in "${trees[@]:1}"; do check_tree "$d"; done
   wait
   echo "checked $(date +%T)"
 fi
 [ -n "$timing" ] || exit 0
-for d in "${trees[@]}"; do
+in_tree "${trees[0]}" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --warm > /dev/null 2>&1
+for d in "${trees[@]:1}"; do
   in_tree "$d" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --warm > /dev/null 2>&1 &
 done
 wait
