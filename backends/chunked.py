@@ -13,8 +13,9 @@ Without a per-value decay (identity, scalar and per-key transitions: linear atte
 RetNet, Mamba-2, GLA) the call is the chunk-parallel form (:func:`chunk_fwd`, :func:`chunk_bwd`; a
 custom operator under torch.compile, so compiled models do not break their graph there):
     forward   _state_walk_kernel the state at every 64-token chunk start (sequential over chunks)
-              _intra_key_kernel  per-key decay only: the in-chunk scores A, per chunk
-              _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores)
+              _out_kernel        per chunk in parallel: o = (q e^G) h + A v (tensor cores), forming
+                                 the in-chunk scores A of a per-key decay itself (_intra_key_kernel
+                                 for a chunk too sharp to factor)
     backward  _state_walk_kernel the adjoint state at every chunk end (sequential, in reverse)
               _dv_kernel         dv = (k e^(G_L - G)) dh + A^T do
               _dqk_kernel        dq, dk and the log-gate gradient, per chunk (_dqk_key_off_kernel,
@@ -265,9 +266,9 @@ def _fdot(a, b, DOT: tl.constexpr):
 #   _state_walk_kernel  walks each sequence chunk by chunk and stores the state at every chunk start
 #                       (and the final state): the only sequential part, a k^T v product per chunk;
 #                       run in reverse it is the adjoint walk, storing dh at every chunk end;
-#   _intra_key_kernel   per-key decay: the in-chunk scores A of one chunk, kept for the backward
-#                       (_intra_diag_kernel: each 16-row block against itself);
 #   _out_kernel         one program per (value block, chunk, head): o = (q e^G) h + A v, in parallel;
+#                       with a per-key decay it forms a factored chunk's scores A and keeps them for the
+#                       backward (_intra_key_kernel and _intra_diag_kernel: a sharper chunk's);
 #   _dv_kernel, _dqk_kernel (_dqk_key_off_kernel, _dqk_key_diag_kernel and _dg_key_kernel for
 #                       per-key decays): per-chunk gradients, in parallel, with the log-gate gradient.
 # Within a chunk, G is the inclusive cumulative log gate from the chunk's first token (<= 0 and
@@ -487,8 +488,8 @@ def _intra_key_kernel(
     """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
     tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
     (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
-    against itself is left to _intra_diag_kernel (exact). A chunk whose gates allow it (_span_of) is
-    instead one product around its middle row R: (q e^(G - G_R)) (k e^(G_R - G))^T, own blocks included."""
+    against itself is left to _intra_diag_kernel (exact). Only for a chunk too sharp to factor (_span_of):
+    the output kernel forms the others' scores itself."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -499,9 +500,7 @@ def _intra_key_kernel(
     blk = o_i // BS  # each row's block
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     p_a = ((bos + o_c)[:, None] * H + i_h) * BT + o_i[None, :]
-    if _span_of(span, i_c, i_h, H, K, BK) <= BOUND:  # factored: the whole chunk around its middle row
-        _intra_factored(q, k, g, A, bos, c0, L, i_h, H, K, BT, BK, DOT)
-    else:
+    if _span_of(span, i_c, i_h, H, K, BK) > BOUND:
         for k0 in range(0, K, BK):  # earlier blocks: tensor cores
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
@@ -519,49 +518,6 @@ def _intra_key_kernel(
                 b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
                 b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
         tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
-
-
-@triton.jit
-def _intra_factored(q, k, g, A, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, DOT: tl.constexpr):
-    """A factored chunk's scores around its middle row R (the last row of the first half):
-    A[t, s] = (q_t e^(G_t - G_R)) . (k_s e^(G_R - G_s)). The first half's rows are taken against the first
-    half's keys only: its factors e^(G_t - G_R) are >= 1, and against the second half's keys (all s > t,
-    masked) they could overflow; the second half's rows (factors <= 1) against every key."""
-    HT: tl.constexpr = BT // 2
-    o_h = tl.arange(0, HT)
-    o_i = tl.arange(0, BT)
-    m_1 = c0 + o_h < L
-    m_2 = c0 + HT + o_h < L
-    m_c = c0 + o_i < L
-    b_a1 = tl.zeros([HT, HT], dtype=tl.float32)  # first-half rows, first-half keys
-    b_a2 = tl.zeros([HT, BT], dtype=tl.float32)  # second-half rows, all keys
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
-        p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
-        m = m_c[:, None] & m_k[None, :]
-        b_kr = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.exp(
-            tl.where(m, b_R[None, :] - tl.load(g + p, mask=m, other=0.0), float("-inf")))
-        p1 = ((bos + c0 + o_h)[:, None] * H + i_h) * K + o_k[None, :]
-        m1 = m_1[:, None] & m_k[None, :]
-        b_G1 = tl.load(g + p1, mask=m1, other=0.0)
-        b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
-            tl.where(m1, b_R[None, :] - b_G1, float("-inf")))
-        b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32) * tl.exp(
-            tl.where(m1, b_G1 - b_R[None, :], float("-inf")))
-        b_a1 += _fdot(b_q1, tl.trans(b_k1), DOT)
-        p2 = p1 + HT * H * K
-        m2 = m_2[:, None] & m_k[None, :]
-        b_q2 = tl.load(q + p2, mask=m2, other=0.0).to(tl.float32) * tl.exp(
-            tl.where(m2, tl.load(g + p2, mask=m2, other=0.0) - b_R[None, :], float("-inf")))
-        b_a2 += _fdot(b_q2, tl.trans(b_kr), DOT)
-    p_a1 = ((bos + c0 + o_h)[:, None] * H + i_h) * BT
-    tl.store(A + p_a1 + o_h[None, :], tl.where(o_h[:, None] >= o_h[None, :], b_a1, 0.0), mask=m_1[:, None])
-    tl.store(A + p_a1 + HT + o_h[None, :], tl.zeros([HT, HT], dtype=tl.float32), mask=m_1[:, None])
-    tl.store(A + p_a1 + HT * H * BT + o_i[None, :], tl.where(HT + o_h[:, None] >= o_i[None, :], b_a2, 0.0),
-             mask=m_2[:, None])
 
 
 @_Launch
@@ -604,17 +560,27 @@ def _out_kernel(
     q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V], log decay
     hs,  # chunk-start states from _state_walk_kernel
     o,  # [B*T, H, V] output
-    A,  # GATE 2: [B*T, H, BT], the in-chunk scores from _intra_key_kernel
+    A,  # GATE 2: [B*T, H, BT], the in-chunk scores (a sharp chunk's from _intra_key_kernel; STORE_A: out)
     zs, den,  # NORM: the normaliser at chunk starts [NS, H, K]; the denominators [B*T, H] (fp32) out
     skip,  # SKIP: [H] fp32, o += skip[h] v
     ks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t (GATE 0 and 1)
+    span,  # GATE 2: [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
+    DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr, BOUND: tl.constexpr = 0.0,
+    STORE_A: tl.constexpr = False, SBK: tl.constexpr = 64,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
-    here without a decay or with a scalar one, loaded with a per-key one).
+    here without a decay or with a scalar one). With a per-key one, a chunk that can be factored
+    (_span_of) has its scores formed here around its middle row R, as one tensor-core product of
+    q e^(G - G_R) and k e^(G_R - G), and stored for the backward (STORE_A); a sharper chunk's are loaded
+    (_intra_key_kernel and _intra_diag_kernel wrote them). Every factor lies within e^(+-BOUND), and a
+    kept score (s <= t) is a product of factors whose exponents sum to G_t - G_s <= 0; only a masked one
+    (t <= R < s) multiplies two factors > 1, which may overflow to inf in that entry alone, and the
+    causal select drops it. (Two products with masked operands, rows up to R against keys up to R and
+    later rows against every key, never form those, but computed wrong outputs at 4 warps on the H100
+    with Triton 3.6 whenever the key loop ran once: BENCHMARKS.md, sessions 7 and 8.)
     NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -626,6 +592,8 @@ def _out_kernel(
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     b_den = tl.zeros([BT], dtype=tl.float32)
+    if GATE == 2:
+        factored = _span_of(span, i_c, i_h, H, K, SBK) <= BOUND  # (span's key blocks are SBK wide)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
@@ -635,7 +603,15 @@ def _out_kernel(
         b_q = tl.load(q + p_c, mask=m_ck, other=0.0).to(tl.float32)
         b_h = _state_tile(hs, p_hs, m_k, o_v, V)
         if GATE == 2:
-            b_q = b_q * tl.exp(tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32))
+            b_G = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
+            b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
+            b_d = b_G - b_R[None, :]
+            # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
+            f = tl.where(m_ck, 1.0, 0.0)
+            b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND)) * f
+            b_kr = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * tl.exp(tl.minimum(-b_d, BOUND)) * f
+            b_a += _fdot(b_qr, tl.trans(b_kr), DOT)
+            b_q = b_q * tl.exp(b_G)
         else:
             b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_a += _dot(b_q, tl.trans(b_kc), DOT)
@@ -645,8 +621,14 @@ def _out_kernel(
             b_den += tl.sum(b_q * b_z[None, :], axis=1)
     m_ts = o_c[:, None] >= o_c[None, :]
     if GATE == 2:
-        b_a = tl.load(A + ((bos + o_c)[:, None] * H + i_h) * BT + (o_c - c0)[None, :],
-                      mask=m_c[:, None] & m_ts, other=0.0).to(tl.float32)
+        # a sharp chunk's scores are loaded and a factored one's stored, under masks (no branch)
+        p_a = A + ((bos + o_c)[:, None] * H + i_h) * BT + (o_c - c0)[None, :]
+        fac = (tl.zeros([BT], dtype=tl.int32) + factored.to(tl.int32)) == 1  # the scalar, per row
+        b_a = tl.where(fac[:, None] & m_ts, b_a,
+                       tl.load(p_a, mask=m_c[:, None] & m_ts & ~fac[:, None], other=0.0).to(tl.float32))
+        if STORE_A:
+            tl.store(p_a, b_a.to(A.dtype.element_ty),
+                     mask=m_c[:, None] & fac[:, None] & ((o_c * 0 + i_v) == 0)[None, :])
     else:
         if GATE == 1:
             b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * GT + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
@@ -1236,12 +1218,18 @@ WARPS_KEY = 4  # the per-key-decay kernels over 16-row blocks (faster than 8 on 
 # share an SM) ran the forward 0.068 ms faster than 8 warps and Triton's 3 (benchmarks/sweep_stages.py)
 SCORES_LAUNCH = dict(num_warps=4, num_stages=2)
 
-# Each kernel's launch: (value block, warps); the value block is clipped to [16, V's next power of two].
-# One table to read and to tune (benchmarks/tune_launch.py times alternatives on the device).
+# Each kernel's launch: (value block, warps[, pipeline stages]); the value block is clipped to [16, V's next
+# power of two]; without stages Triton's default (3 on the H100). One table to read and to tune
+# (benchmarks/tune_launch.py and benchmarks/sweep_stages.py time alternatives on the device).
 LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, session 4)
     "walk": (64, 4),  # the state walk; the grid has one program per key block, value block and head
     "walk_rev": (64, 4),  # the adjoint walk
     "out": (128, WARPS),  # one q k^T per value block: one block of 128 values forms it once
+    # with a per-key decay the output kernel also forms the in-chunk scores: 4 warps, loads 3 deep and a key
+    # block of 32 (OUT_KEY_BK; 235 registers, no spills, 74 KB shared: two programs per SM) ran the gla
+    # kernels' forward in 0.495 ms, against 0.61 with the separate scores kernel (2 deep 0.525, 8 warps 0.57,
+    # key block 64 0.51; outputs checked on the H100 at K 16-128: BENCHMARKS.md, session 8)
+    "out_key": (128, 4, 3),
     "dv": (128, WARPS),
     "dqk": (64, 4),  # loops over the value blocks; 4 warps spill but ran 0.19 ms faster than 8
     "dqk_key_off": (64, WARPS),
@@ -1250,17 +1238,25 @@ LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, 
 }
 
 
+OUT_KEY_BK = 32  # the output kernel's key block under a per-key decay ("out_key")
+
+
 def _launch(name, V):
     """(value block, warps) of kernel ``name`` for V values."""
-    bv, warps = LAUNCH[name]
+    bv, warps = LAUNCH[name][:2]
     return max(16, min(_pow2(V), bv)), warps
+
+
+def _stages(name):
+    """Launch options beyond the warps: the pipeline depth, where LAUNCH gives one."""
+    return {"num_stages": LAUNCH[name][2]} if len(LAUNCH[name]) > 2 else {}
 
 
 def _factor_bound(dot):
     """The largest |G_t - G_R| of a factored chunk (_span_of). Its products take tf32 or fp32 operands
     (_fdot), with fp32's exponent range, so e^(+-50) times any sane q or k (or dA) stays finite and
-    normal, and so are the products of two factors that are formed (the first half's rows skip the second
-    half's keys, the only pairs whose product could reach e^100)."""
+    normal. A product of two factors > 1 (a row before the middle row against a key after it, e^100 at
+    most) may overflow, but only in a score that the causal mask drops (_out_kernel)."""
     return 50.0
 
 
@@ -1296,7 +1292,7 @@ def _gate_of(g):
 
 
 def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
-              skip=None, layout=None, kscale=None):
+              skip=None, layout=None, kscale=None, backward=True):
     """Forward of the chunk-parallel form. g: None, [B, T, H] (scalar) or [B, T, H, K] (per key) log
     decay. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state [N, H, K, V] fp32, the
     stored chunk states, the decay as the kernels take it, the in-chunk scores for a per-key decay, and
@@ -1305,7 +1301,9 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     ``norm`` divides o by the normaliser's readout, the same
     recurrence with v = 1 (initial value ``z0``). ``skip`` [H]: adds skip[h] v_t to the output.
     ``layout``: :func:`_layout`'s result when the caller has it (with cu_seqlens it costs a host sync).
-    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one)."""
+    ``kscale`` [B, T, H]: the keys are kscale_t k_t (applied as the kernels load k; no decay or a scalar one).
+    ``backward=False`` (no :func:`chunk_bwd` will follow): a per-key decay's factored in-chunk scores are
+    not written out; the returned scores are then not the backward's."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -1346,19 +1344,22 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         **{**common, "num_warps": warps})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
-    if gate == 2:  # the in-chunk scores, once (the output kernel and the backward's dv kernel load them)
+    bound = _factor_bound(dot)
+    if gate == 2:  # a sharp chunk's in-chunk scores (the output kernel forms the others' and stores them)
         A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
-        bound = _factor_bound(dot)
         _intra_key_kernel[(NC, H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
                                    IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, **SCORES_LAUNCH)
         _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
                                                  num_warps=WARPS_KEY)
-    BVO, warps = _launch("out", V)
+    out = "out_key" if gate == 2 else "out"
+    BVO, warps = _launch(out, V)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
-        skip.float().contiguous() if skip is not None else dummy, ksf, cu, cinfo, hoff, T, float(scale), BV=BVO,
-        SKIP=skip is not None, KS=kscale is not None, **{**common, "num_warps": warps})
+        skip.float().contiguous() if skip is not None else dummy, ksf, _or(span, dummy), cu, cinfo, hoff, T,
+        float(scale), BV=BVO, SKIP=skip is not None, KS=kscale is not None, BOUND=bound, STORE_A=backward,
+        **{**common, "num_warps": warps, **_stages(out),
+           **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
     return o, ht, hs, gf, A, zt, zs, den, span
 
 
@@ -1447,6 +1448,9 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
                                     IS_VARLEN=cu_seqlens is not None, num_warps=w_dg)
     else:
         bv_dqk, w_dqk = _launch("dqk", V)
+        if K < 64:  # at 4 warps Triton 3.6 computes wrong dq and dk on the H100 at K 16 and 32 with V 48 and 64
+            w_dqk = max(w_dqk, 8)  # (one 64-wide value block); at 8 warps every K and V checked is right
+            #                        (benchmarks/check_launch.py, BENCHMARKS.md session 8)
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), _or(den, dummy), ksf, _or(dks, dummy), cu, cinfo,
@@ -1472,7 +1476,7 @@ def _ops_tag():
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
-               _span_of, _intra_factored, _dqk_key_off_blocks, _fdot)
+               _span_of, _dqk_key_off_blocks, _fdot)
     fns = (f.fn if isinstance(f, _Launch) else f for f in kernels)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]
@@ -1825,7 +1829,7 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, h0, z0, skip, kscale))):
         o, ht, _, _, _, zt = chunk_fwd(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
-                                       kscale=kscale)[:6]
+                                       kscale=kscale, backward=False)[:6]
         return o, ht, zt
     return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
 

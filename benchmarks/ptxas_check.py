@@ -93,7 +93,9 @@ def main():
         kernels = {  # name: (pointer types other than fp32, constexprs, warps it runs with)
             "_state_walk_kernel/fwd": (dict(x=bf, y=bf, hs=bf, **ints), *at("walk", REVERSE=False, USE_S0=False,
                                                                              STORE_SN=True)),
-            "_out_kernel": (dict(q=bf, k=bf, v=bf, hs=bf, o=bf, **ints), *at("out")),
+            "_out_kernel": (dict(q=bf, k=bf, v=bf, hs=bf, o=bf, A=bf, **ints),
+                            *(at("out_key", BK=min(BK, C.OUT_KEY_BK), SBK=BK, STORE_A=True) if gate == 2
+                              else at("out"))),
             "_state_walk_kernel/rev": (dict(x=bf, y=bf, hs=bf, **ints), *at("walk_rev", REVERSE=True, USE_S0=True,
                                                                              STORE_SN=False)),
             "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), *at("dv")),

@@ -22,13 +22,14 @@ from mixc.backends import chunked as C
 
 ALTERNATIVES = {  # entry: (decays it serves, alternatives to the default)
     "walk": ((1, 2), [(64, 8), (128, 4), (128, 8), (32, 4)]),
-    "out": ((1, 2), [(64, 4), (128, 4)]),
+    "out": ((1,), [(64, 4), (128, 4)]),
+    "out_key": ((2,), [(128, 8), (64, 4, 2), (128, 4, 1), (128, 4, 3)]),
     "walk_rev": ((1, 2), [(64, 8), (128, 4), (32, 4)]),
     "dv": ((1, 2), [(64, 8), (128, 4), (64, 4)]),
     "dqk": ((0, 1, "1+kscale"), [(64, 8), (32, 4), (128, 4), (64, 2)]),
     "dqk_key_off": ((2,), [(128, 8), (128, 4), (32, 4)]),
 }
-FORWARD = ("walk", "out")
+FORWARD = ("walk", "out", "out_key")
 
 
 def inputs(gate, B=4, T=4096, H=16, D=128):

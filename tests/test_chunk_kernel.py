@@ -136,6 +136,29 @@ def test_factored_and_exact_chunks_side_by_side(cu):
         assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("cu", [None, [0, 90, 200]])
+def test_forward_without_backward_equals_the_training_forward(cu):
+    """Per-key decays: the output kernel forms a factored chunk's scores itself and stores them only when a
+    backward will read them (chunk_fwd(backward=False) does not). Both forwards give the same output and
+    final state, with mild (factored) and sharp (exact kernels) chunks side by side, and match the loop."""
+    from mixc.backends.chunked import _factor_bound, chunk_fwd, key_spans
+
+    gen = torch.Generator().manual_seed(22)
+    B, T, H, K, V = (1, 200, 2, 9, 12)
+    q, k, v = (torch.randn(B, T, H, d, generator=gen).to(DEV) for d in (K, K, V))
+    sharp = ((torch.arange(T) // 64) % 2 == 1).float()[None, :, None, None]
+    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(DEV)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    span = key_spans(gk, cu_t)
+    assert (span <= _factor_bound(3)).any() and (span > _factor_bound(3)).any()
+    h0 = torch.randn(B if cu is None else len(cu) - 1, H, K, V, generator=gen).to(DEV)
+    train = chunk_fwd(q, k, v, gk, h0, cu_t)
+    infer = chunk_fwd(q, k, v, gk, h0, cu_t, backward=False)
+    assert torch.equal(train[0], infer[0]) and torch.equal(train[1], infer[1])
+    ro, rh = naive(q, k, v, gk, None, None, h0, cu_t)
+    assert rel(infer[0], ro) < 1e-5 and rel(infer[1], rh) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K, V", [(16, 16), (32, 48), (128, 64)])
 @pytest.mark.parametrize("use", ["", "s", "k"])
