@@ -2,7 +2,7 @@
 # One device-tool call: benchmarks/check_launch.py over a grid of head widths (K keys, V values) and decay
 # kinds, one process per case, 16 at a time, then the cases whose relative error exceeds 2e-2. Usage (from
 # the repository root, on the device; SETTING as check_launch.py's NAME=VALUE):
-#   bash benchmarks/check_grid.sh "KS" "VS" "DECAYS" [DTYPE] [SETTING ...] > $OUT/grid.txt
+#   bash benchmarks/check_grid.sh "KS" "VS" "DECAYS" [DTYPE] [--use h0,kscale,...] [SETTING ...] > $OUT/grid.txt
 #   bash benchmarks/check_grid.sh "16 24 32 48 64 80 128" "16 24 32 48 64 80 96 128" "key scalar"
 # Session 8 found with it that the no-decay and scalar dq/dk kernel computed wrong gradients at 4 warps
 # with K 16 and 32 and V 48 and 64, a region the kernel tests had not reached (BENCHMARKS.md).

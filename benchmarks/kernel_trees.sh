@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: the chunked kernels alone (no mixer module, no fla) in several source trees,
 # each checked on the GPU before it is timed. Usage (from the repository root, on the device):
-#   bash benchmarks/kernel_trees.sh DECAY [--checks-only | --no-checks] DIR [DIR ...]
+#   bash benchmarks/kernel_trees.sh DECAY [--checks-only | --no-checks] [--shape B,T,H,D] DIR [DIR ...]
 # DECAY: key, scalar or none. Four trees with checks take about the 600 s of one call on a cold machine:
 # split them with --checks-only and --no-checks (the second call on the same machine finds the cache).
 # DIR is a tree with this repository's layout (`.` for the working tree; others made here with
@@ -17,11 +17,15 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 decay=$1; shift
-checks=1; timing=1
-case ${1:-} in
-  --checks-only) timing=""; shift ;;
-  --no-checks) checks=""; shift ;;
-esac
+checks=1; timing=1; shape=4,4096,16,128
+while true; do
+  case ${1:-} in
+    --checks-only) timing=""; shift ;;
+    --no-checks) checks=""; shift ;;
+    --shape) shape=$2; shift 2 ;;  # B,T,H,D of the timing (time_chunk.py --shape)
+    *) break ;;
+  esac
+done
 trees=("$@")
 for d in "${trees[@]}"; do
   [ "$d" = . ] || cp benchmarks/time_chunk.py benchmarks/tune_launch.py benchmarks/check_launch.py "$d/benchmarks/"
@@ -48,9 +52,9 @@ if [ "$decay" = key ] && [ -n "$checks" ]; then  # the first tree, then the othe
   echo "checked $(date +%T)"
 fi
 [ -n "$timing" ] || exit 0
-in_tree "${trees[0]}" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --warm > /dev/null 2>&1
+in_tree "${trees[0]}" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --shape $shape --warm > /dev/null 2>&1
 for d in "${trees[@]:1}"; do
-  in_tree "$d" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --warm > /dev/null 2>&1 &
+  in_tree "$d" timeout 300 python3 benchmarks/time_chunk.py --decay "$decay" --shape $shape --warm > /dev/null 2>&1 &
 done
 wait
 echo "compiled $(date +%T)"
@@ -58,7 +62,7 @@ for r in 1 2; do
   i=0
   for d in "${trees[@]}"; do
     echo -n "$d: "
-    in_tree "$d" timeout 120 python3 benchmarks/time_chunk.py --decay "$decay" --save /tmp/kt_$i.pt 2>&1 | tail -1
+    in_tree "$d" timeout 120 python3 benchmarks/time_chunk.py --decay "$decay" --shape $shape --save /tmp/kt_$i.pt 2>&1 | tail -1
     i=$((i + 1))
   done
 done
@@ -68,5 +72,5 @@ for ((i = 1; i < ${#trees[@]}; i++)); do
 done
 for d in "${trees[@]}"; do
   echo "== kernels of $d (ms per fwd+bwd call)"
-  in_tree "$d" timeout 120 python3 benchmarks/time_chunk.py --decay "$decay" --profile 2>&1 | grep -E "^ +[0-9]"
+  in_tree "$d" timeout 120 python3 benchmarks/time_chunk.py --decay "$decay" --shape $shape --profile 2>&1 | grep -E "^ +[0-9]"
 done

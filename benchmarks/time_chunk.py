@@ -4,7 +4,8 @@ outputs so that two source trees can be compared in one device call.
     python benchmarks/time_chunk.py --decay key [--warm] [--save out.pt] [--compare a.pt b.pt]
 
 ``--warm`` compiles (one call each) and exits, so several trees can compile in parallel before any
-is timed. Inputs: tune_launch.py's (B4 T4096 H16 D128, bf16 q, k, v, fp32 decays, a fixed seed).
+is timed. Inputs: tune_launch.py's (B4 T4096 H16 D128 unless ``--shape B,T,H,D``, bf16 q, k, v, fp32
+decays, a fixed seed).
 
 Two trees in one device call (a branch archived into .trees/exp, with this script and tune_launch.py
 copied into it so both trees time the same inputs; `carry` [".whl", ".trees"]):
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--save", default="")
     ap.add_argument("--compare", nargs=2, default=None)
     ap.add_argument("--profile", action="store_true", help="also each kernel's time per call (torch profiler)")
+    ap.add_argument("--shape", default="4,4096,16,128", help="B,T,H,D (default: the training shape)")
     a = ap.parse_args()
     if a.compare:
         x, y = (torch.load(p) for p in a.compare)
@@ -43,7 +45,8 @@ def main():
             d = (x[name].float() - y[name].float()).norm() / y[name].float().norm()
             print(f"{name}: relative difference {d.item():.2e}")
         return
-    q, k, v, g, _ = inputs(GATE[a.decay])
+    B, T, H, D = map(int, a.shape.split(","))
+    q, k, v, g, _ = inputs(GATE[a.decay], B, T, H, D)
     fwd, bwd = passes(q, k, v, g)
 
     def fwdbwd():
