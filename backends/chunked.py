@@ -1448,9 +1448,10 @@ def chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs, A, scale, norm=Non
                                     IS_VARLEN=cu_seqlens is not None, num_warps=w_dg)
     else:
         bv_dqk, w_dqk = _launch("dqk", V)
-        if K < 64:  # at 4 warps Triton 3.6 computes wrong dq and dk on the H100 at K 16 and 32 with V 48 and 64
-            w_dqk = max(w_dqk, 8)  # (one 64-wide value block); at 8 warps every K and V checked is right
-            #                        (benchmarks/check_launch.py, BENCHMARKS.md session 8)
+        if K < 64:  # Triton 3.6 on the H100 computed wrong dq and dk at K 16 and 32 whenever the value loop
+            # ran once over a block wider than 16 (V 48 and 64 at 4 warps; with the normaliser V 24 and 48 at 8):
+            # 8 warps and at least two value blocks (benchmarks/check_grid.sh, BENCHMARKS.md session 8)
+            bv_dqk, w_dqk = max(16, min(bv_dqk, _pow2(V) // 2)), 8
         _dqk_kernel[(NK, NC, H)](
             qf, kf, vf, gf, dof, hs, dhs, dq, dk, _or(dg, dummy),
             _or(dden, dummy), _or(zs, dummy), _or(dzs, dummy), _or(den, dummy), ksf, _or(dks, dummy), cu, cinfo,
