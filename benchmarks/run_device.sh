@@ -11,7 +11,7 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache
 shapes=$1; shift
-checks=""; profile=""; tests=""; tests_k="normalised or skip or sharp or half or gk or key_scale or side_by_side or inference or time_invariant or only_some or without_backward"
+checks=""; profile=""; tests=""; tests_k="normalised or skip or sharp or half or gk or key_scale or side_by_side or inference or time_invariant or only_some or without_backward or at_the_bound"
 while [ $# -gt 0 ]; do
   case $1 in
     --no-checks) checks="--no-checks" ;;

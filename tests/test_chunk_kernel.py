@@ -136,6 +136,35 @@ def test_factored_and_exact_chunks_side_by_side(cu):
         assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_factored_chunk_at_the_bound_stays_finite(dtype):
+    """A factored chunk's scores are one product of q e^(G - G_R) and k e^(G_R - G): with a span just
+    under the bound, a masked score (a row before the middle row R against a key after it) multiplies two
+    factors near e^49 and overflows fp32 in its own entry. The causal select must drop it: the output,
+    the final state and every gradient stay finite and match the loop."""
+    from mixc.backends.chunked import _factor_bound, key_spans
+
+    gen = torch.Generator().manual_seed(23)
+    B, T, H, K, V = (1, 64, 1, 16, 16)
+    q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
+    gk = -1.5 - 0.02 * torch.rand(B, T, H, K, generator=gen)  # G_63 - G_31 about -48.5: factored
+    span = key_spans(gk.to(DEV))
+    assert span.max() <= _factor_bound(3) and span.max() > 45
+    assert (gk[0, :32].sum(0) - gk[0, :1].sum(0)).abs().max() > 44  # e^(2 * 44) > fp32's largest
+    ours = [x.to(dtype).to(DEV).requires_grad_() if i < 3 else x.float().to(DEV).requires_grad_()
+            for i, x in enumerate((q, k, v, gk))]
+    ref = [x.detach().double().requires_grad_() for x in ours]
+    ro, rh = naive(*ref[:3], ref[3], None, None, None, None)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    ((ro * do).sum() + rh.sum()).backward()
+    o, ht = chunk_recurrence(*ours[:3], gk=ours[3], output_final_state=True)
+    ((o.float() * do).sum() + ht.sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.isfinite(o).all() and rel(o, ro) < tol and rel(ht, rh) < tol
+    for name, a, b in zip("q k v gk".split(), ours, ref):
+        assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 10 * tol, name
+
+
 @pytest.mark.parametrize("cu", [None, [0, 90, 200]])
 def test_forward_without_backward_equals_the_training_forward(cu):
     """Per-key decays: the output kernel forms a factored chunk's scores itself and stores them only when a
