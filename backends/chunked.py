@@ -1357,7 +1357,8 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, _or(span, dummy), cu, cinfo, hoff, T,
-        float(scale), BV=BVO, SKIP=skip is not None, KS=kscale is not None, BOUND=bound, STORE_A=backward,
+        float(scale), BV=BVO, SKIP=skip is not None, KS=kscale is not None, BOUND=bound,
+        STORE_A=backward and gate == 2,  # (only a per-key decay reads it: one compiled kernel for the others)
         **{**common, "num_warps": warps, **_stages(out),
            **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
     return o, ht, hs, gf, A, zt, zs, den, span

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from torch.profiler import ProfilerActivity, profile
+from time_chunk import profiled  # (this script's folder is on the path)
 from triton.testing import do_bench
 
 import mixc  # noqa: E402
@@ -111,24 +111,13 @@ def busy_us(fn):
 
 def host_top(fn, rows=12):
     """The host-side operations of one call, by self CPU time (a torch profile of 5 calls)."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+    return profiled(fn, 5, cpu=True).key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                          max_name_column_width=50)
 
 
 def gpu_us(fn, calls=5):
     """Sum of the GPU kernels' own times per call, from a torch profile."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / calls
+    return sum(e.device_time_total for e in profiled(fn, calls).key_averages()) / calls
 
 
 def one(name, B, T, H, D, trace=False):

@@ -69,17 +69,22 @@ def main():
         profile_kernels(fwdbwd)
 
 
-def profile_kernels(fn, n=20):
-    """Each GPU kernel's time per call of fn (ms, mean over n calls), from the torch profiler."""
+def profiled(fn, n, cpu=False):
+    """A torch profile of n calls of fn (the GPU's activity, and the host's with ``cpu``), after one warm call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / n / 1e3, e.count // n) for e in prof.key_averages()
+    return prof
+
+
+def profile_kernels(fn, n=20):
+    """Each GPU kernel's time per call of fn (ms, mean over n calls), from the torch profiler."""
+    rows = [(e.key, e.device_time_total / n / 1e3, e.count // n) for e in profiled(fn, n).key_averages()
             if e.device_time_total > 0]
     for name, ms, count in sorted(rows, key=lambda r: -r[1]):
         print(f"  {ms:7.3f} ms  x{count}  {name[:90]}", flush=True)
