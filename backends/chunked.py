@@ -643,7 +643,7 @@ def _out_kernel(
     b_o += _dot(b_a, b_vc, DOT)
     if NORM:
         b_den = tl.where(m_c, (b_den + tl.sum(b_a, axis=1)) * scale, 1.0)
-        b_o = b_o * scale / b_den[:, None]
+        b_o = b_o * scale / b_den[:, None]  # (scale cancels: the backward differentiates this)
         tl.store(den + (bos + o_c) * H + i_h, b_den, mask=m_c & ((o_c * 0 + i_v) == 0))
     else:
         b_o = b_o * scale
@@ -651,141 +651,6 @@ def _out_kernel(
         b_o += tl.load(skip + i_h) * b_vc
     tl.store(o + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_c[:, None] & m_v[None, :])
-
-
-@_Launch
-@triton.jit
-def _fused_fwd_kernel(
-    q, k, v, g,  # [B*T, H, K], [B*T, H, K], [B*T, H, V]; the log decay as the input has it (GATE 1: [B*T, H]
-    #              or one value per head, token stride GT; GATE 2: [B*T, H, K]), any float dtype, summed in fp32
-    o,  # [B*T, H, V] output
-    s0, sN,  # [N, H, K, V] fp32: the initial state (USE_S0), the final state (STORE_SN)
-    z0, zN,  # NORM: the normaliser's initial and final values [N, H, K] fp32 (USE_S0, STORE_SN)
-    skip,  # SKIP: [H] fp32, o += skip[h] v
-    ks,  # KS: [B*T, H] (any float dtype), the keys are ks_t k_t (GATE 0 and 1)
-    cu, T, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr,
-    BOUND: tl.constexpr,
-):
-    """The forward that no backward follows, in one pass: each program walks one sequence, head and block
-    of BV values chunk by chunk with the whole state S [K, BV] in registers, and per chunk writes
-    o = scale ((q e^G) S + A v) and moves S to the chunk's end, S <- e^G_L S + (k e^(G_L - G))^T v.
-    Nothing but o and the final state is written: no chunk states, no cumulative gates, no scores. The
-    programs of one head's value blocks are adjacent in the grid and read the same q, k and g tiles at
-    about the same time, so the second read mostly hits L2. G, the chunk's inclusive cumulative log gate,
-    is summed here in fp32. A per-key decay's scores A are one tensor-core product around the middle row
-    when the chunk's span allows (_span_of); a sharper chunk's are formed by _sharp_scores. BK covers all
-    K keys (K <= 128: the state and the chunk's tiles stay in registers)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(i_n, cu, T, IS_VARLEN)
-    L = eos - bos
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    b_z = tl.zeros([BK], dtype=tl.float32)
-    if USE_S0:
-        b_s += tl.load(s0 + p_kv, mask=m_kv, other=0.0)
-        if NORM:
-            b_z += tl.load(z0 + i_nh.to(tl.int64) * K + o_k, mask=m_k, other=0.0)
-    m_ts = o_t[:, None] >= o_t[None, :]
-    for c0 in range(0, L, BT):
-        m_t = (c0 + o_t) < L
-        i_t = bos + c0 + o_t
-        m_tk = m_t[:, None] & m_k[None, :]
-        p_tk = (i_t[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (i_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                      other=0.0).to(tl.float32)
-        if KS:
-            b_k = b_k * tl.load(ks + i_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)[:, None]
-        last = tl.minimum(L - c0, BT) - 1  # the chunk's last row
-        if GATE == 2:
-            # rows past the end load g = 0: their G is G_L, inside the chunk's range
-            b_G = tl.cumsum(tl.load(g + p_tk, mask=m_tk, other=0.0).to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
-            b_R = tl.sum(tl.where((o_t == _mid_row(0, last + 1, BT))[:, None], b_G, 0.0), axis=0)
-            b_d = b_G - b_R[None, :]
-            if tl.max(tl.max(tl.abs(b_d), axis=1), axis=0) <= BOUND:  # factored (_span_of)
-                b_a = _fdot(b_q * tl.exp(b_d), tl.trans(b_k * tl.exp(-b_d)), DOT)
-            else:
-                b_a = _sharp_scores(b_q, b_k, b_G, k, g, bos + c0, last + 1, i_h, o_k, m_k, H, K, BT, BS, DOT)
-            b_qg = b_q * tl.exp(b_G)
-            b_kg = b_k * tl.exp(b_GL[None, :] - b_G)
-            b_dk = tl.exp(b_GL)  # the chunk's decay of the state's rows
-        elif GATE == 1:
-            b_Gc = tl.cumsum(tl.load(g + i_t * GT + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-            b_GL = tl.sum(tl.where(o_t == last, b_Gc, 0.0), axis=0)
-            b_a = _dot(b_q, tl.trans(b_k), DOT) * tl.exp(tl.where(m_ts, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
-            b_qg = b_q * tl.exp(b_Gc)[:, None]
-            b_kg = b_k * tl.exp(b_GL - b_Gc)[:, None]
-            b_dk = tl.zeros([BK], dtype=tl.float32) + tl.exp(b_GL)
-        else:
-            b_a = _dot(b_q, tl.trans(b_k), DOT)
-            b_qg = b_q
-            b_kg = b_k
-            b_dk = tl.full([BK], 1.0, dtype=tl.float32)
-        b_a = tl.where(m_ts, b_a, 0.0)
-        # the readout of the state at the chunk's start (b_s before its update below) plus the chunk's own
-        b_o = _dot(b_qg, b_s, DOT) + _dot(b_a, b_v, DOT)
-        if NORM:
-            b_den = tl.where(m_t, (tl.sum(b_qg * b_z[None, :], axis=1) + tl.sum(b_a, axis=1)) * scale, 1.0)
-            b_o = b_o * scale / b_den[:, None]
-            b_z = b_z * b_dk + tl.sum(b_kg, axis=0)
-        else:
-            b_o = b_o * scale
-        if SKIP:
-            b_o += tl.load(skip + i_h) * b_v
-        tl.store(o + (i_t[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        b_s = b_s * b_dk[:, None] + _dot(tl.trans(b_kg), b_v, DOT)
-    if STORE_SN:
-        tl.store(sN + p_kv, b_s, mask=m_kv)
-        if NORM:
-            tl.store(zN + i_nh.to(tl.int64) * K + o_k, b_z, mask=m_k & ((o_k * 0 + i_v) == 0))
-
-
-@triton.jit
-def _sharp_scores(b_q, b_k, b_G, k, g, r0, n, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                  BS: tl.constexpr, DOT: tl.constexpr):
-    """The in-chunk scores A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t, else 0) of a chunk too sharp to
-    factor around one row, from its tiles in registers (q, k and G [BT, BK] fp32; the chunk's n rows start
-    at token r0), every exponential of a difference <= 0. The chunk is cut into blocks of BS rows: block b
-    against the earlier blocks is one tensor-core product around G at the row before it, R_b; each block
-    against itself is summed one key column j at a time on CUDA cores, all blocks at once, the key row and
-    its G gathered for every row t (G_s = R_blk(t) + the gates of the block's rows up to s, re-read from
-    g and k, which L1 holds)."""
-    NSB: tl.constexpr = BT // BS
-    o_t = tl.arange(0, BT)
-    blk = o_t // BS
-    m_r = o_t < n
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Rt = tl.zeros_like(b_G)  # each row's R_blk(t) (0 for block 0: the chunk starts at G = 0)
-    for b in tl.static_range(1, NSB):
-        b_Rb = tl.sum(tl.where((o_t == b * BS - 1)[:, None], b_G, 0.0), axis=0)
-        in_b = (blk == b)[:, None]
-        b_Rt = tl.where(in_b, b_Rb[None, :], b_Rt)
-        b_qb = b_q * tl.exp(tl.where(in_b, b_G - b_Rb[None, :], float("-inf")))
-        b_kb = b_k * tl.exp(tl.where((o_t < b * BS)[:, None], b_Rb[None, :] - b_G, float("-inf")))
-        b_a += _fdot(b_qb, tl.trans(b_kb), DOT)
-    b_Gs = b_Rt
-    m_tk = m_r[:, None] & m_k[None, :]
-    for j in range(0, BS):
-        o_s = blk * BS + j  # row t's key row in its own block
-        p_s = ((r0 + o_s)[:, None] * H + i_h) * K + o_k[None, :]
-        m_s = (o_s < n)[:, None] & m_k[None, :]
-        b_Gs += tl.load(g + p_s, mask=m_s, other=0.0).to(tl.float32)
-        b_ks = tl.load(k + p_s, mask=m_s, other=0.0).to(tl.float32)
-        e = tl.exp(tl.where(m_tk & (o_t >= o_s)[:, None], b_G - b_Gs, float("-inf")))
-        b_a += tl.where(o_t[None, :] == o_s[:, None], tl.sum(b_q * b_ks * e, axis=1)[:, None], 0.0)
-    return b_a
 
 
 @_Launch
@@ -1370,9 +1235,6 @@ LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, 
     "dqk_key_off": (64, WARPS),
     "dqk_key_diag": (64, WARPS_KEY),
     "dg_key": (64, 4),
-    # the fused forward without a backward (chunk_infer): a guess to be timed (session 9)
-    "fused": (64, 8, 2),
-    "fused_key": (64, 8, 2),
 }
 
 
@@ -1500,52 +1362,6 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         **{**common, "num_warps": warps, **_stages(out),
            **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
     return o, ht, hs, gf, A, zt, zs, den, span
-
-
-FUSED_MAX_K = 128  # the fused forward keeps the state [K, value block] and the chunk's [64, K] tiles in registers
-
-
-def chunk_infer(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=None, z0=None, norm=False,
-                skip=None, kscale=None):
-    """The forward that no backward follows (inference, prefill): (o, final state [N, H, K, V] fp32, final
-    normaliser [N, H, K] fp32 or None), the arguments as :func:`chunk_fwd`'s. For keys up to FUSED_MAX_K
-    wide, one kernel (_fused_fwd_kernel) reads q, k, v and the decay once and writes o and the final state
-    only; wider keys take :func:`chunk_fwd` without the backward's stores."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    gate = _gate_of(g)
-    if _pow2(K) > FUSED_MAX_K:
-        o, ht, _, _, _, zt = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
-                                       kscale=kscale, backward=False)[:6]
-        return o, ht, zt
-    if norm and gate == 2:
-        raise ValueError("chunk_infer(norm=True) takes no decay or a scalar one, as chunk_fwd does")
-    if norm and skip is not None:
-        raise ValueError("chunk_infer takes a normaliser or a skip, not both")
-    if kscale is not None and gate == 2:
-        raise ValueError("chunk_infer(kscale=...) takes no decay or a scalar one, as chunk_fwd does")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BT, BS, _ = _blocks(K, V, gate)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
-    zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
-    if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
-        h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
-        z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
-    o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
-    gf = _flat_gate(g)
-    dummy = ht
-    name = "fused_key" if gate == 2 else "fused"
-    BV, warps = _launch(name, V)
-    _fused_fwd_kernel[(_cdiv(V, BV), N * H)](
-        _flat(q), _flat(k), _flat(v), _or(gf, dummy), o, h0.float().contiguous() if h0 is not None else dummy, ht,
-        z0.float().contiguous() if z0 is not None else dummy, _or(zt, dummy),
-        skip.float().contiguous() if skip is not None else dummy, _or(_flat(kscale), dummy),
-        cu_seqlens if cu_seqlens is not None else dummy, T, float(scale),
-        H=H, K=K, V=V, BT=BT, BS=BS, BK=_pow2(K), BV=BV, GATE=gate, GT=_gate_stride(gf, H),
-        USE_S0=h0 is not None, STORE_SN=True, IS_VARLEN=cu_seqlens is not None, DOT=_dot_mode(q.dtype),
-        NORM=norm, SKIP=skip is not None, KS=kscale is not None, BOUND=_factor_bound(_dot_mode(q.dtype)),
-        num_warps=warps, **_stages(name))
-    return o, ht, zt
 
 
 def _or(x, dummy):
@@ -2004,7 +1820,7 @@ def _scale_keys(k, kscale):
 def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=False, skip=None, kscale=None):
     """(o, final state, final normaliser or None) through the custom operator while torch.compile
     traces (an opaque operator: no graph break), else through :class:`ChunkParallel`, or straight through
-    :func:`chunk_infer` when no gradient is wanted (inference: one fused kernel, no autograd bookkeeping). A key
+    :func:`chunk_fwd` when no gradient is wanted (inference: no autograd bookkeeping on the host). A key
     scale with a per-key decay is applied here (the per-key kernels do not take one)."""
     if kscale is not None and g is not None and g.dim() == 4:
         k, kscale = _scale_keys(k, kscale), None
@@ -2014,7 +1830,9 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
         return o, ht, (zt if norm else None)
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, h0, z0, skip, kscale))):
-        return chunk_infer(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
+        o, ht, _, _, _, zt = chunk_fwd(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
+                                       kscale=kscale, backward=False)[:6]
+        return o, ht, zt
     return ChunkParallel.apply(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip, kscale)
 
 
