@@ -329,6 +329,35 @@ def _state_tile(s, p_s, m_k, o_v, V: tl.constexpr):
 
 
 @triton.jit
+def _chunk_cumsum(b_g, DOT: tl.constexpr, GSPLIT: tl.constexpr):
+    """The inclusive cumulative sum of b_g [BT, BK] (fp32 values) down its rows, as a product with the
+    lower-triangular matrix of ones on tensor cores: off the serial path of a scan (tl.cumsum along the
+    rows ran the walk 0.2 ms slower, BENCHMARKS.md session 7). Every product is exact: b_g is cut into
+    GSPLIT bf16 parts (1 when it came from bf16, 3 for fp32: 24 significant bits), each times 0 or 1,
+    summed in fp32; exact fp32 products with DOT 3."""
+    BT: tl.constexpr = b_g.shape[0]
+    o_t = tl.arange(0, BT)
+    b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0)
+    if DOT == 3:
+        return tl.dot(b_L, b_g, input_precision="ieee")
+    b_L = b_L.to(tl.bfloat16)
+    b_p = b_g.to(tl.bfloat16)
+    b_G = tl.dot(b_L, b_p)
+    if GSPLIT > 1:
+        b_r = b_g - b_p.to(tl.float32)
+        b_p = b_r.to(tl.bfloat16)
+        b_G = tl.dot(b_L, b_p, b_G)
+        b_G = tl.dot(b_L, (b_r - b_p.to(tl.float32)).to(tl.bfloat16), b_G)
+    return b_G
+
+
+@triton.jit
+def _tile_row(b_x, o_t, r):
+    """Row r of the tile b_x (rows o_t), a reduction over its rows."""
+    return tl.sum(tl.where((o_t == r)[:, None], b_x, 0.0), axis=0)
+
+
+@triton.jit
 def _suffix_sum(x):
     """sum_{r >= t} x_r along axis 0."""
     return tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
@@ -337,11 +366,12 @@ def _suffix_sum(x):
 @_Launch
 @triton.jit
 def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr, IS_VARLEN: tl.constexpr):
+                         BK: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_G: tl.constexpr = True):
     """G = the inclusive cumulative sum of g within each chunk, in fp32 (one program per key block, chunk
     and head); span[chunk, h, key block] = max |G_t - G_R| over the chunk's rows and the block's keys, R
     its middle row (_mid_row): whether the chunk's in-chunk factors e^(G_t - G_s) may be formed as
-    e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of)."""
+    e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of). Without STORE_G only the spans: the kernels
+    after it sum g themselves (RAW_G)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_c = c * BT + tl.arange(0, BT)
@@ -349,7 +379,8 @@ def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.
     m = (o_c < L)[:, None] & (o_k < K)[None, :]
     p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
     b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
-    tl.store(G + p, b_G, mask=m)
+    if STORE_G:
+        tl.store(G + p, b_G, mask=m)
     b_R = tl.sum(tl.where((o_c == _mid_row(c * BT, L, BT))[:, None], b_G, 0.0), axis=0)
     tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]),
                                                                                     0.0), axis=1), axis=0))
@@ -396,9 +427,11 @@ def _state_walk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, GT: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
+    RAW_G: tl.constexpr = False, GSPLIT: tl.constexpr = 3,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
-    every chunk start and at the end. Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
+    every chunk start and at the end (RAW_G: g is a per-key log decay, summed here; else its cumulative G).
+    Reverse (the adjoint): dS <- e^G_L dS + scale (q e^G)^T do
     from the last chunk, storing dS at every chunk end. NORM: the normaliser z <- e^G_L z + sum k e^(G_L - G)
     (reverse: dz <- e^G_L dz + scale sum (q e^G) dden) walks along, in the programs of value block 0."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -452,6 +485,8 @@ def _state_walk_kernel(
             b_z = b_z * tl.exp(b_GL)
         if GATE == 2:
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            if RAW_G:  # g is the log decay itself: G its in-chunk sum (_chunk_cumsum)
+                b_G = _chunk_cumsum(b_G, DOT, GSPLIT)
             b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
             if REVERSE:
                 b_x = b_x * tl.exp(b_G)
@@ -483,9 +518,11 @@ def _intra_key_kernel(
     span,  # [chunks, H, key blocks] fp32 from _local_cumsum_kernel
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr, RAW_G: tl.constexpr = False,
+    GSPLIT: tl.constexpr = 3,
 ):
-    """One chunk's in-chunk scores under a per-key decay. The chunk is cut into row blocks of BS
+    """One chunk's in-chunk scores under a per-key decay (RAW_G: g is the log decay, summed here). The
+    chunk is cut into row blocks of BS
     tokens; block b against earlier blocks goes through tensor cores around the reference row R_b
     (the row before the block): (q e^(G - R_b)) (k e^(R_b - G))^T, both factors <= 1. Each block
     against itself is left to _intra_diag_kernel (exact). Only for a chunk too sharp to factor (_span_of):
@@ -509,12 +546,15 @@ def _intra_key_kernel(
             b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
             b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
             b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+            if RAW_G:
+                b_G = _chunk_cumsum(b_G, DOT, GSPLIT)
             # every row's reference: G at the row before its block (0 before the chunk)
-            p_R = ((bos + c0 + blk * BS - 1)[:, None] * H + i_h) * K + o_k[None, :]
-            b_R = tl.load(g + p_R, mask=((blk > 0) & m_c)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_R = tl.zeros_like(b_G)
+            for b in tl.static_range(1, NSB):
+                b_R = tl.where((blk == b)[:, None], _tile_row(b_G, o_i, b * BS - 1)[None, :], b_R)
             b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
             for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1
-                b_Rb = _row(g, bos, c0 + b * BS - 1, 0, L, i_h, o_k, m_k, H, K)
+                b_Rb = _tile_row(b_G, o_i, b * BS - 1)
                 b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
                 b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
         tl.store(A + p_a, b_a, mask=m_c[:, None] & (blk[:, None] != blk[None, :]))  # own blocks: _intra_diag_kernel
@@ -525,11 +565,12 @@ def _intra_key_kernel(
 def _intra_diag_kernel(
     q, k, g, A, span, cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BOUND: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BOUND: tl.constexpr, RAW_G: tl.constexpr = False,
 ):
     """The scores of one BS-row block against itself, exactly: A[t, s] = sum_i q_ti k_si e^(G_ti - G_si)
     for s <= t, one key column s at a time (rows of BS tokens on CUDA cores); not for a factored chunk
-    (_intra_key_kernel has written its whole A)."""
+    (_intra_key_kernel has written its whole A). RAW_G: g is the log decay; only differences of G within
+    the block enter, so the block's own sums stand for G (the rows' running sum for G_s)."""
     i_cs, i_h = tl.program_id(0), tl.program_id(1)
     NSB: tl.constexpr = BT // BS
     bos, L, c, _ = _chunk_of(i_cs // NSB, cu, cinfo, hoff, T, BT, IS_VARLEN)
@@ -546,9 +587,15 @@ def _intra_diag_kernel(
             p_r = ((bos + o_r)[:, None] * H + i_h) * K + o_k[None, :]
             b_q = tl.load(q + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             b_G = tl.load(g + p_r, mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            if RAW_G:
+                b_G = tl.cumsum(b_G, axis=0)
+            b_Gj = tl.zeros([BK], dtype=tl.float32)
             for j in range(0, BS):
                 b_kj = _row(k, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
-                b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                if RAW_G:
+                    b_Gj += _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
+                else:
+                    b_Gj = _row(g, bos, s0 + j, 0, L, i_h, o_k, m_k, H, K)
                 e = tl.exp(tl.where(((o_j >= j) & m_r)[:, None] & m_k[None, :], b_G - b_Gj[None, :], float("-inf")))
                 b_d += tl.where((o_j == j)[None, :], tl.sum(b_q * b_kj[None, :] * e, axis=1)[:, None], 0.0)
         tl.store(A + ((bos + o_r)[:, None] * H + i_h) * BT + (s0 - c0 + o_j)[None, :], b_d, mask=m_r[:, None])
@@ -569,7 +616,7 @@ def _out_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr, BOUND: tl.constexpr = 0.0,
-    STORE_A: tl.constexpr = False, SBK: tl.constexpr = 64,
+    STORE_A: tl.constexpr = False, SBK: tl.constexpr = 64, RAW_G: tl.constexpr = False, GSPLIT: tl.constexpr = 3,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
     here without a decay or with a scalar one). With a per-key one, a chunk that can be factored
@@ -604,7 +651,11 @@ def _out_kernel(
         b_h = _state_tile(hs, p_hs, m_k, o_v, V)
         if GATE == 2:
             b_G = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
-            b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
+            if RAW_G:  # g is the log decay itself: G its in-chunk sum
+                b_G = _chunk_cumsum(b_G, DOT, GSPLIT)
+                b_R = _tile_row(b_G, o_c, _mid_row(c0, L, BT))
+            else:
+                b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
             b_d = b_G - b_R[None, :]
             # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
             f = tl.where(m_ck, 1.0, 0.0)
@@ -1266,16 +1317,23 @@ def _score_dtype(dtype):
     return torch.float32 if _dot_mode(dtype) == 3 else dtype
 
 
-def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen):
+def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen, store_g=True):
     """A per-key log decay gf ([B*T, H, K] memory) as the kernels take it: (its chunk-local cumulative sum
-    G in fp32, each chunk's span [NC, H, key blocks]), from _local_cumsum_kernel."""
+    G in fp32, each chunk's span [NC, H, key blocks]), from _local_cumsum_kernel; without ``store_g`` G is
+    not written (None): the kernels after it sum gf themselves (RAW_G)."""
     H, K = gf.shape[-2:]
     BT, _, BK = _blocks(K, K, 2)
-    G = torch.empty(gf.numel() // (H * K), H, K, dtype=torch.float32, device=gf.device)  # [B*T, H, K]
     span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=gf.device)
+    G = torch.empty(gf.numel() // (H * K), H, K, dtype=torch.float32, device=gf.device) if store_g else span
     _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
-                                                IS_VARLEN=varlen, num_warps=4)
-    return G, span
+                                                IS_VARLEN=varlen, STORE_G=store_g, num_warps=4)
+    return (G if store_g else None), span
+
+
+# The walk and the output kernel sum a per-key decay within each chunk themselves (RAW_G, _chunk_cumsum)
+# in a forward that no backward follows: no fp32 G is written or read. With a backward, G is written for it
+# and, with RAW_G_TRAIN, the forward's kernels still read the decay itself (half the bytes when it is bf16).
+RAW_G_TRAIN = False
 
 
 def key_spans(g, cu_seqlens=None):
@@ -1329,8 +1387,12 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     ksf = _or(_flat(kscale), dummy)
     dot = _dot_mode(q.dtype)
     span = None
-    if gate == 2:  # the kernels take the chunk-local cumulative sum, and each chunk's span (_span_of)
-        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None)
+    raw = gate == 2 and (not backward or RAW_G_TRAIN)
+    gin = gf  # the decay as the forward's kernels read it
+    rawk = dict(RAW_G=True, GSPLIT=1 if gf.dtype == torch.bfloat16 else 3) if raw else {}
+    if gate == 2:  # the chunk-local cumulative sum G for the backward (and the kernels, unless raw), the spans
+        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, store_g=backward)
+        gin = gin if raw else gf
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=dot, NORM=norm, num_warps=WARPS)
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
@@ -1338,28 +1400,28 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
     BVW, warps = _launch("walk", V)
     _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
-        kf, _or(gf, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
+        kf, _or(gin, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
-        **{**common, "num_warps": warps})
+        **{**common, "num_warps": warps, **rawk})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     bound = _factor_bound(dot)
     if gate == 2:  # a sharp chunk's in-chunk scores (the output kernel forms the others' and stores them)
         A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
-        _intra_key_kernel[(NC, H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
-                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, **SCORES_LAUNCH)
-        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gf, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
+        _intra_key_kernel[(NC, H)](qf, kf, gin, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
+                                   IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, **SCORES_LAUNCH, **rawk)
+        _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gin, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
-                                                 num_warps=WARPS_KEY)
+                                                 num_warps=WARPS_KEY, **({"RAW_G": True} if raw else {}))
     out = "out_key" if gate == 2 else "out"
     BVO, warps = _launch(out, V)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
-        qf, kf, vf, _or(gf, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
+        qf, kf, vf, _or(gin, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),
         skip.float().contiguous() if skip is not None else dummy, ksf, _or(span, dummy), cu, cinfo, hoff, T,
         float(scale), BV=BVO, SKIP=skip is not None, KS=kscale is not None, BOUND=bound,
         STORE_A=backward and gate == 2,  # (only a per-key decay reads it: one compiled kernel for the others)
-        **{**common, "num_warps": warps, **_stages(out),
+        **{**common, "num_warps": warps, **_stages(out), **rawk,
            **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
     return o, ht, hs, gf, A, zt, zs, den, span
 

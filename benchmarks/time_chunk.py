@@ -38,15 +38,21 @@ def main():
     ap.add_argument("--compare", nargs=2, default=None)
     ap.add_argument("--profile", action="store_true", help="also each kernel's time per call (torch profiler)")
     ap.add_argument("--shape", default="4,4096,16,128", help="B,T,H,D (default: the training shape)")
+    ap.add_argument("--g-dtype", default="float32", help="the decay's dtype (gla's module passes bf16)")
+    ap.add_argument("--raw-train", action="store_true", help="chunked.RAW_G_TRAIN where the tree has it")
     a = ap.parse_args()
+    if a.raw_train:
+        C.RAW_G_TRAIN = True
     if a.compare:
         x, y = (torch.load(p) for p in a.compare)
         for name in x:
+            if name not in y:
+                continue
             d = (x[name].float() - y[name].float()).norm() / y[name].float().norm()
             print(f"{name}: relative difference {d.item():.2e}")
         return
     B, T, H, D = map(int, a.shape.split(","))
-    q, k, v, g, _ = inputs(GATE[a.decay], B, T, H, D)
+    q, k, v, g, _ = inputs(GATE[a.decay], B, T, H, D, g_dtype=getattr(torch, a.g_dtype))
     fwd, bwd = passes(q, k, v, g)
 
     def fwdbwd():
@@ -57,15 +63,22 @@ def main():
     torch.cuda.synchronize()
     if a.warm:
         return
-    if a.save:
-        torch.save({"o": o, "dq": dq, "dk": dk, "dv": dv, "dg": dg}, a.save)
     infer = ""  # the forward that no backward follows (chunk_fwd(backward=False)), where the tree has it
-    if "backward" in inspect.signature(C.chunk_fwd).parameters:
+    saved = {"o": o, "dq": dq, "dk": dk, "dv": dv, "dg": dg}
+    has_infer = "backward" in inspect.signature(C.chunk_fwd).parameters
+    if has_infer:
+        saved["o_infer"] = C.chunk_fwd(q, k, v, g, backward=False)[0]
         ms = do_bench(lambda: C.chunk_fwd(q, k, v, g, backward=False), return_mode="median")
         infer = f", fwd without backward {ms:.3f} ms"
+    if a.save:
+        torch.save(saved, a.save)
     print(f"decay {a.decay}: fwd {do_bench(fwd, return_mode='median'):.3f} ms, "
           f"fwd+bwd {do_bench(fwdbwd, return_mode='median'):.3f} ms{infer}", flush=True)
     if a.profile:
+        if has_infer:
+            print("  the forward without backward:")
+            profile_kernels(lambda: C.chunk_fwd(q, k, v, g, backward=False))
+            print("  forward and backward:")
         profile_kernels(fwdbwd)
 
 

@@ -32,9 +32,9 @@ ALTERNATIVES = {  # entry: (decays it serves, alternatives to the default)
 FORWARD = ("walk", "out", "out_key")
 
 
-def inputs(gate, B=4, T=4096, H=16, D=128):
-    """q, k, v, log decay and key scale for decay kind ``gate`` (0, 1, 2, or "1+kscale": 1 with a key
-    scale, as mamba2 runs)."""
+def inputs(gate, B=4, T=4096, H=16, D=128, g_dtype=torch.float32):
+    """q, k, v, log decay (in ``g_dtype``) and key scale for decay kind ``gate`` (0, 1, 2, or "1+kscale": 1
+    with a key scale, as mamba2 runs)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     ks = None
     if gate == "1+kscale":
@@ -45,7 +45,7 @@ def inputs(gate, B=4, T=4096, H=16, D=128):
         g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
     elif gate == 2:
         g = F.logsigmoid(torch.randn(B, T, H, D, device="cuda", generator=gen))
-    return q, k, v, g, ks
+    return q, k, v, (g if g is None else g.to(g_dtype)), ks
 
 
 def passes(q, k, v, g, ks=None, do=None):
