@@ -329,26 +329,21 @@ def _state_tile(s, p_s, m_k, o_v, V: tl.constexpr):
 
 
 @triton.jit
-def _chunk_cumsum(b_g, DOT: tl.constexpr, GSPLIT: tl.constexpr):
-    """The inclusive cumulative sum of b_g [BT, BK] (fp32 values) down its rows, as a product with the
-    lower-triangular matrix of ones on tensor cores: off the serial path of a scan (tl.cumsum along the
-    rows ran the walk 0.2 ms slower, BENCHMARKS.md session 7). Every product is exact: b_g is cut into
-    GSPLIT bf16 parts (1 when it came from bf16, 3 for fp32: 24 significant bits), each times 0 or 1,
-    summed in fp32; exact fp32 products with DOT 3."""
+def _chunk_cumsum(b_g, DOT: tl.constexpr, GH: tl.constexpr):
+    """The inclusive cumulative sum of b_g [BT, BK] down its rows, in fp32, as a product with the
+    lower-triangular matrix of ones on tensor cores: no scan on the walk's serial path (tl.cumsum there ran
+    it 0.2 ms slower, BENCHMARKS.md session 7). b_g holds values of a half-precision decay (GH: 0 bf16,
+    1 fp16), so every product, a value times 0 or 1, is exact in that precision and summed in fp32 (exact
+    fp32 products with DOT 3)."""
     BT: tl.constexpr = b_g.shape[0]
     o_t = tl.arange(0, BT)
     b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0)
     if DOT == 3:
         return tl.dot(b_L, b_g, input_precision="ieee")
-    b_L = b_L.to(tl.bfloat16)
-    b_p = b_g.to(tl.bfloat16)
-    b_G = tl.dot(b_L, b_p)
-    if GSPLIT > 1:
-        b_r = b_g - b_p.to(tl.float32)
-        b_p = b_r.to(tl.bfloat16)
-        b_G = tl.dot(b_L, b_p, b_G)
-        b_G = tl.dot(b_L, (b_r - b_p.to(tl.float32)).to(tl.bfloat16), b_G)
-    return b_G
+    elif GH == 1:
+        return tl.dot(b_L.to(tl.float16), b_g.to(tl.float16))
+    else:
+        return tl.dot(b_L.to(tl.bfloat16), b_g.to(tl.bfloat16))
 
 
 @triton.jit
@@ -366,19 +361,25 @@ def _suffix_sum(x):
 @_Launch
 @triton.jit
 def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_G: tl.constexpr = True):
+                         BK: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_G: tl.constexpr = True,
+                         GH: tl.constexpr = -1, DOT: tl.constexpr = 3):
     """G = the inclusive cumulative sum of g within each chunk, in fp32 (one program per key block, chunk
     and head); span[chunk, h, key block] = max |G_t - G_R| over the chunk's rows and the block's keys, R
     its middle row (_mid_row): whether the chunk's in-chunk factors e^(G_t - G_s) may be formed as
     e^(G_t - G_R) e^(G_R - G_s) on tensor cores (_span_of). Without STORE_G only the spans: the kernels
-    after it sum g themselves (RAW_G)."""
+    after it sum g themselves (RAW_G). GH >= 0: g is half precision (_chunk_cumsum's GH), summed by a product
+    on tensor cores rather than a scan."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, _ = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     o_c = c * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m = (o_c < L)[:, None] & (o_k < K)[None, :]
     p = ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :]
-    b_G = tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), axis=0)
+    b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+    if GH >= 0:
+        b_G = _chunk_cumsum(b_G, DOT, GH)
+    else:
+        b_G = tl.cumsum(b_G, axis=0)
     if STORE_G:
         tl.store(G + p, b_G, mask=m)
     b_R = tl.sum(tl.where((o_c == _mid_row(c * BT, L, BT))[:, None], b_G, 0.0), axis=0)
@@ -427,7 +428,7 @@ def _state_walk_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, GT: tl.constexpr, REVERSE: tl.constexpr, USE_S0: tl.constexpr, STORE_SN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
-    RAW_G: tl.constexpr = False, GSPLIT: tl.constexpr = 3,
+    RAW_G: tl.constexpr = False, GH: tl.constexpr = 0,
 ):
     """The only sequential part. Forward: S <- e^G_L S + (k e^(G_L - G))^T v per chunk, storing S at
     every chunk start and at the end (RAW_G: g is a per-key log decay, summed here; else its cumulative G).
@@ -486,7 +487,7 @@ def _state_walk_kernel(
         if GATE == 2:
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
             if RAW_G:  # g is the log decay itself: G its in-chunk sum (_chunk_cumsum)
-                b_G = _chunk_cumsum(b_G, DOT, GSPLIT)
+                b_G = _chunk_cumsum(b_G, DOT, GH)
             b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
             if REVERSE:
                 b_x = b_x * tl.exp(b_G)
@@ -519,7 +520,7 @@ def _intra_key_kernel(
     cu, cinfo, hoff, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, BOUND: tl.constexpr, RAW_G: tl.constexpr = False,
-    GSPLIT: tl.constexpr = 3,
+    GH: tl.constexpr = 0,
 ):
     """One chunk's in-chunk scores under a per-key decay (RAW_G: g is the log decay, summed here). The
     chunk is cut into row blocks of BS
@@ -547,7 +548,7 @@ def _intra_key_kernel(
             b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
             b_G = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
             if RAW_G:
-                b_G = _chunk_cumsum(b_G, DOT, GSPLIT)
+                b_G = _chunk_cumsum(b_G, DOT, GH)
             # every row's reference: G at the row before its block (0 before the chunk)
             b_R = tl.zeros_like(b_G)
             for b in tl.static_range(1, NSB):
@@ -616,7 +617,7 @@ def _out_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr, BOUND: tl.constexpr = 0.0,
-    STORE_A: tl.constexpr = False, SBK: tl.constexpr = 64, RAW_G: tl.constexpr = False, GSPLIT: tl.constexpr = 3,
+    STORE_A: tl.constexpr = False, SBK: tl.constexpr = 64, RAW_G: tl.constexpr = False, GH: tl.constexpr = 0,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
     here without a decay or with a scalar one). With a per-key one, a chunk that can be factored
@@ -652,7 +653,7 @@ def _out_kernel(
         if GATE == 2:
             b_G = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
             if RAW_G:  # g is the log decay itself: G its in-chunk sum
-                b_G = _chunk_cumsum(b_G, DOT, GSPLIT)
+                b_G = _chunk_cumsum(b_G, DOT, GH)
                 b_R = _tile_row(b_G, o_c, _mid_row(c0, L, BT))
             else:
                 b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
@@ -1326,14 +1327,24 @@ def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen, store_g=True):
     span = torch.empty(NC, H, _cdiv(K, BK), dtype=torch.float32, device=gf.device)
     G = torch.empty(gf.numel() // (H * K), H, K, dtype=torch.float32, device=gf.device) if store_g else span
     _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
-                                                IS_VARLEN=varlen, STORE_G=store_g, num_warps=4)
+                                                IS_VARLEN=varlen, STORE_G=store_g, num_warps=4,
+                                                **({"GH": _gate_half(gf), "DOT": _dot_mode(gf.dtype)}
+                                                   if gf.dtype in (torch.bfloat16, torch.float16) else {}))
     return (G if store_g else None), span
 
 
-# The walk and the output kernel sum a per-key decay within each chunk themselves (RAW_G, _chunk_cumsum)
-# in a forward that no backward follows: no fp32 G is written or read. With a backward, G is written for it
-# and, with RAW_G_TRAIN, the forward's kernels still read the decay itself (half the bytes when it is bf16).
-RAW_G_TRAIN = False
+def _raw_gate(g):
+    """Whether the forward's kernels read a per-key decay g itself and sum it within each chunk (RAW_G,
+    _chunk_cumsum) rather than its cumulative sum G: for a bf16 or fp16 g, half G's bytes. Then G is written
+    only when a backward will read it (chunk_fwd), and an inference forward moves 0.27 GB less at gla's
+    B4 T4096 H16 D128 (0.506 -> 0.402 ms; training forward 0.516 -> 0.479: BENCHMARKS.md, session 9). An
+    fp32 g is read as fast as G and its sum would need three bf16 products (0.52 ms against 0.49)."""
+    return g is not None and g.dim() == 4 and g.dtype in (torch.bfloat16, torch.float16)
+
+
+def _gate_half(g):
+    """_chunk_cumsum's GH for a half-precision decay: 1 for fp16, 0 for bf16."""
+    return int(g.dtype == torch.float16)
 
 
 def key_spans(g, cu_seqlens=None):
@@ -1387,11 +1398,11 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     ksf = _or(_flat(kscale), dummy)
     dot = _dot_mode(q.dtype)
     span = None
-    raw = gate == 2 and (not backward or RAW_G_TRAIN)
+    raw = _raw_gate(g)
     gin = gf  # the decay as the forward's kernels read it
-    rawk = dict(RAW_G=True, GSPLIT=1 if gf.dtype == torch.bfloat16 else 3) if raw else {}
+    rawk = dict(RAW_G=True, GH=_gate_half(gf)) if raw else {}
     if gate == 2:  # the chunk-local cumulative sum G for the backward (and the kernels, unless raw), the spans
-        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, store_g=backward)
+        gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, store_g=backward or not raw)
         gin = gin if raw else gf
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
                   DOT=dot, NORM=norm, num_warps=WARPS)

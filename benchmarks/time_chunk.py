@@ -39,10 +39,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also each kernel's time per call (torch profiler)")
     ap.add_argument("--shape", default="4,4096,16,128", help="B,T,H,D (default: the training shape)")
     ap.add_argument("--g-dtype", default="float32", help="the decay's dtype (gla's module passes bf16)")
-    ap.add_argument("--raw-train", action="store_true", help="chunked.RAW_G_TRAIN where the tree has it")
     a = ap.parse_args()
-    if a.raw_train:
-        C.RAW_G_TRAIN = True
     if a.compare:
         x, y = (torch.load(p) for p in a.compare)
         for name in x:

@@ -107,18 +107,20 @@ def test_sharp_gates_do_not_overflow():
         assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("gdt", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cu", [None, [0, 90, 200]])
-def test_factored_and_exact_chunks_side_by_side(cu):
+def test_factored_and_exact_chunks_side_by_side(cu, gdt):
     """Per-key decays: a chunk whose cumulative gates stay within the bound around its middle row goes
     through tensor cores whole (factored), a sharper one through the exact 16-row kernels. Mild and sharp
-    chunks alternate here (both kinds are checked to occur); outputs and every gradient match the loop."""
+    chunks alternate here (both kinds are checked to occur); outputs and every gradient match the loop.
+    A half-precision decay is summed within the chunk by the forward's kernels themselves (_raw_gate)."""
     from mixc.backends.chunked import _factor_bound, key_spans
 
     gen = torch.Generator().manual_seed(21)
     B, T, H, K, V = (1, 200, 2, 9, 12)
     q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
     sharp = ((torch.arange(T) // 64) % 2 == 1).float()[None, :, None, None]  # chunks 1 and 3
-    gk = F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)
+    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(gdt)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV)
     span = key_spans(gk.to(DEV), cu_t)
     bound = _factor_bound(3)  # fp32 inputs on the CPU: ieee products
@@ -128,12 +130,14 @@ def test_factored_and_exact_chunks_side_by_side(cu):
     ro, rh = naive(*ref[:3], ref[3], None, None, h0, cu_t)
     do = torch.randn(B, T, H, V, generator=gen).to(DEV)
     ((ro * do).sum() + rh.sum()).backward()
-    ours = [x.detach().float().requires_grad_() for x in ref]
+    ours = [x.detach().to(torch.float32 if i < 3 else gdt).requires_grad_() for i, x in enumerate(ref)]
     o, ht = chunk_recurrence(*ours[:3], gk=ours[3], h0=h0.float(), cu_seqlens=cu_t, output_final_state=True)
     ((o * do).sum() + ht.sum()).backward()
     assert rel(o, ro) < 1e-5 and rel(ht, rh) < 1e-5
+    # (the decay's gradient comes back in its own dtype: rounded to it)
+    tol = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
     for name, a, b in zip("q k v gk".split(), ours, ref):
-        assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 1e-4, name
+        assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < tol[a.dtype], name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -165,8 +169,9 @@ def test_factored_chunk_at_the_bound_stays_finite(dtype):
         assert torch.isfinite(a.grad).all() and rel(a.grad, b.grad) < 10 * tol, name
 
 
+@pytest.mark.parametrize("gdt", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cu", [None, [0, 90, 200]])
-def test_forward_without_backward_equals_the_training_forward(cu):
+def test_forward_without_backward_equals_the_training_forward(cu, gdt):
     """Per-key decays: the output kernel forms a factored chunk's scores itself and stores them only when a
     backward will read them (chunk_fwd(backward=False) does not, and writes no cumulative gate G: its kernels
     sum the decay themselves). Both forwards give the output and final state of the loop, with mild
@@ -177,22 +182,23 @@ def test_forward_without_backward_equals_the_training_forward(cu):
     B, T, H, K, V = (1, 200, 2, 9, 12)
     q, k, v = (torch.randn(B, T, H, d, generator=gen).to(DEV) for d in (K, K, V))
     sharp = ((torch.arange(T) // 64) % 2 == 1).float()[None, :, None, None]
-    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(DEV)
+    gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(gdt).to(DEV)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV)
     span = key_spans(gk, cu_t)
     assert (span <= _factor_bound(3)).any() and (span > _factor_bound(3)).any()
     h0 = torch.randn(B if cu is None else len(cu) - 1, H, K, V, generator=gen).to(DEV)
     train = chunk_fwd(q, k, v, gk, h0, cu_t)
     infer = chunk_fwd(q, k, v, gk, h0, cu_t, backward=False)
-    assert infer[3] is None  # no G
-    ro, rh = naive(q, k, v, gk, None, None, h0, cu_t)
+    assert (infer[3] is None) == (gdt != torch.float32)  # a half-precision decay: no G without a backward
+    assert train[3] is not None and train[3].dtype == torch.float32
+    ro, rh = naive(q, k, v, gk.double(), None, None, h0, cu_t)  # (the loop's exp in float64)
     assert rel(infer[0], ro) < 1e-5 and rel(infer[1], rh) < 1e-5
     assert rel(train[0], ro) < 1e-5 and rel(train[1], rh) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K, V", [(16, 16), (32, 48), (128, 64)])
-@pytest.mark.parametrize("use", ["", "s", "k"])
+@pytest.mark.parametrize("use", ["", "s", "k", "k-half"])
 def test_half_precision_inputs(use, K, V, dtype):
     """fp16 and bf16 inputs (products in that precision on a GPU, fp32 accumulation; fp32 products in the
     interpreter): outputs and gradients within 2e-2, at head widths whose key loops run one, one and two
@@ -201,13 +207,15 @@ def test_half_precision_inputs(use, K, V, dtype):
     gen = torch.Generator().manual_seed(5)
     B, T, H = 1, 80, 2
     q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
-    gk = F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) if use == "k" else None
+    gk = F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) if use.startswith("k") else None
     gs = F.logsigmoid(torch.randn(B, T, H, generator=gen)) if use == "s" else None
+    if use == "k-half":  # the decay in the inputs' dtype too (the kernels sum it themselves: _raw_gate)
+        gk = gk.to(dtype)
     ref = [x.double().to(DEV).requires_grad_() if x is not None else None for x in (q, k, v, gk, gs)]
     ro, _ = naive(ref[0], ref[1], ref[2], ref[3], None, ref[4], None, None)
     do = torch.randn(B, T, H, V, generator=gen).to(DEV)
     (ro * do).sum().backward()
-    ours = [x.detach().to(dtype).requires_grad_() if i < 3 else
+    ours = [x.detach().to(dtype).requires_grad_() if i < 3 or (i == 3 and use == "k-half") else
             (x.detach().float().requires_grad_() if x is not None else None) for i, x in enumerate(ref)]
     o, _ = chunk_recurrence(ours[0], ours[1], ours[2], gk=ours[3], gs=ours[4])
     assert o.dtype == dtype
