@@ -618,6 +618,7 @@ def _out_kernel(
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr, NORM: tl.constexpr, SKIP: tl.constexpr, KS: tl.constexpr, BOUND: tl.constexpr = 0.0,
     STORE_A: tl.constexpr = False, SBK: tl.constexpr = 64, RAW_G: tl.constexpr = False, GH: tl.constexpr = 0,
+    SELF_SPAN: tl.constexpr = False, BS: tl.constexpr = 16,
 ):
     """One chunk: o = scale ((q e^G) h + A v), A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t; computed
     here without a decay or with a scalar one). With a per-key one, a chunk that can be factored
@@ -629,7 +630,9 @@ def _out_kernel(
     causal select drops it. (Two products with masked operands, rows up to R against keys up to R and
     later rows against every key, never form those, but computed wrong outputs at 4 warps on the H100
     with Triton 3.6 whenever the key loop ran once: BENCHMARKS.md, sessions 7 and 8.)
-    NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser."""
+    NORM: o is divided by den = scale ((q e^G) z + sum_s A[t, s]), the same readout of the normaliser.
+    SELF_SPAN (RAW_G, no backward to follow): the kernel measures the chunk's span itself as it sums the
+    decay, and forms a sharp chunk's scores itself (_exact_scores): no span, no G and no A in memory."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, L, c, ih = _chunk_of(i_c, cu, cinfo, hoff, T, BT, IS_VARLEN)
     c0 = c * BT
@@ -640,7 +643,8 @@ def _out_kernel(
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     b_den = tl.zeros([BT], dtype=tl.float32)
-    if GATE == 2:
+    b_span = tl.zeros([BK], dtype=tl.float32)
+    if GATE == 2 and not SELF_SPAN:
         factored = _span_of(span, i_c, i_h, H, K, SBK) <= BOUND  # (span's key blocks are SBK wide)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
@@ -658,6 +662,8 @@ def _out_kernel(
             else:
                 b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
             b_d = b_G - b_R[None, :]
+            if SELF_SPAN:
+                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.abs(b_d), 0.0), axis=0))
             # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
             f = tl.where(m_ck, 1.0, 0.0)
             b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND)) * f
@@ -672,7 +678,11 @@ def _out_kernel(
             b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
             b_den += tl.sum(b_q * b_z[None, :], axis=1)
     m_ts = o_c[:, None] >= o_c[None, :]
-    if GATE == 2:
+    if GATE == 2 and SELF_SPAN:
+        if tl.max(b_span, axis=0) > BOUND:
+            b_a = _exact_scores(q, k, g, bos, c0, L, i_h, H, K, BT, BS, BK, DOT, GH)
+        b_a = tl.where(m_ts, b_a, 0.0)
+    elif GATE == 2:
         # a sharp chunk's scores are loaded and a factored one's stored, under masks (no branch)
         p_a = A + ((bos + o_c)[:, None] * H + i_h) * BT + (o_c - c0)[None, :]
         fac = (tl.zeros([BT], dtype=tl.int32) + factored.to(tl.int32)) == 1  # the scalar, per row
@@ -703,6 +713,48 @@ def _out_kernel(
         b_o += tl.load(skip + i_h) * b_vc
     tl.store(o + ((bos + o_c)[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_c[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _exact_scores(q, k, g, bos, c0, L, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+                  BK: tl.constexpr, DOT: tl.constexpr, GH: tl.constexpr):
+    """A sharp chunk's in-chunk scores A[t, s] = sum_i q_ti k_si e^(G_ti - G_si) (s <= t, else 0), from q, k
+    and the half-precision decay g itself (rows c0 .. of the sequence at bos), every exponential of a
+    difference <= 0: what _intra_key_kernel and _intra_diag_kernel compute, in one program. Per key block:
+    block b of BS rows against the earlier blocks is one product around G at the row before it, R_b; each
+    block against itself is summed one key column j at a time for all blocks at once, row t's key row
+    blk(t) BS + j gathered from k and its G as R_blk(t) plus the decay's rows since (re-read; L1 holds them)."""
+    NSB: tl.constexpr = BT // BS
+    o_i = tl.arange(0, BT)
+    m_c = (c0 + o_i) < L
+    blk = o_i // BS
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_c[:, None] & m_k[None, :]
+        p = ((bos + c0 + o_i)[:, None] * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+        b_G = _chunk_cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), DOT, GH)
+        b_R = tl.zeros_like(b_G)  # each row's R_blk(t) (0 for block 0: the chunk starts at G = 0)
+        for b in tl.static_range(1, NSB):
+            b_R = tl.where((blk == b)[:, None], _tile_row(b_G, o_i, b * BS - 1)[None, :], b_R)
+        b_qr = b_q * tl.exp(tl.where(m, b_G - b_R, float("-inf")))
+        for b in tl.static_range(1, NSB):  # block b against blocks 0 .. b-1: tensor cores
+            b_Rb = _tile_row(b_G, o_i, b * BS - 1)
+            b_kb = b_k * tl.exp(tl.where((o_i < b * BS)[:, None] & m, b_Rb[None, :] - b_G, float("-inf")))
+            b_a += tl.where((blk == b)[:, None], _dot(b_qr, tl.trans(b_kb), DOT), 0.0)
+        b_Gs = b_R
+        for j in range(0, BS):  # each block against itself, exactly
+            o_s = blk * BS + j
+            p_s = ((bos + c0 + o_s)[:, None] * H + i_h) * K + o_k[None, :]
+            m_s = ((c0 + o_s) < L)[:, None] & m_k[None, :]
+            b_Gs += tl.load(g + p_s, mask=m_s, other=0.0).to(tl.float32)
+            b_ks = tl.load(k + p_s, mask=m_s, other=0.0).to(tl.float32)
+            e = tl.exp(tl.where(m & (o_i >= o_s)[:, None], b_G - b_Gs, float("-inf")))
+            b_a += tl.where(o_i[None, :] == o_s[:, None], tl.sum(b_q * b_ks * e, axis=1)[:, None], 0.0)
+    return b_a
 
 
 @_Launch
@@ -1401,7 +1453,10 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     raw = _raw_gate(g)
     gin = gf  # the decay as the forward's kernels read it
     rawk = dict(RAW_G=True, GH=_gate_half(gf)) if raw else {}
-    if gate == 2:  # the chunk-local cumulative sum G for the backward (and the kernels, unless raw), the spans
+    self_span = raw and not backward  # the output kernel measures the spans and forms sharp chunks' scores
+    if gate == 2 and self_span:
+        gf = None
+    elif gate == 2:  # the chunk-local cumulative sum G for the backward (and the kernels, unless raw), the spans
         gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, store_g=backward or not raw)
         gin = gin if raw else gf
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=_gate_stride(gf, H), IS_VARLEN=cu_seqlens is not None,
@@ -1418,7 +1473,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     bound = _factor_bound(dot)
-    if gate == 2:  # a sharp chunk's in-chunk scores (the output kernel forms the others' and stores them)
+    if gate == 2 and not self_span:  # a sharp chunk's in-chunk scores (the output kernel forms the others')
         A = torch.empty(B * T, H, BT, dtype=_score_dtype(q.dtype), device=q.device)
         _intra_key_kernel[(NC, H)](qf, kf, gin, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS, BK=BK,
                                    IS_VARLEN=cu_seqlens is not None, DOT=dot, BOUND=bound, **SCORES_LAUNCH, **rawk)
@@ -1432,7 +1487,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         skip.float().contiguous() if skip is not None else dummy, ksf, _or(span, dummy), cu, cinfo, hoff, T,
         float(scale), BV=BVO, SKIP=skip is not None, KS=kscale is not None, BOUND=bound,
         STORE_A=backward and gate == 2,  # (only a per-key decay reads it: one compiled kernel for the others)
-        **{**common, "num_warps": warps, **_stages(out), **rawk,
+        **{**common, "num_warps": warps, **_stages(out), **rawk, **({"SELF_SPAN": True} if self_span else {}),
            **({"BK": min(BK, OUT_KEY_BK), "SBK": BK} if gate == 2 else {})})
     return o, ht, hs, gf, A, zt, zs, den, span
 
