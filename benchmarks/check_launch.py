@@ -42,7 +42,9 @@ def naive(q, k, v, g, h0=None, ks=None, skip=None, norm=False):
 
 def features(K, V, dt, decay, use, gen, dev):
     """The public differentiable entry (chunk_recurrence, or chunk_normalised with "norm") with the
-    features in ``use`` (h0, kscale, skip, norm), against naive(): [(name, ours, reference)]."""
+    features in ``use`` (h0, kscale, skip, norm; ghalf: the decay in DTYPE too, which the forward's kernels
+    sum themselves), against naive(): [(name, ours, reference)]; "o_infer" is the same call's output with
+    no gradient wanted (the inference forward)."""
     from mixc.backends.chunked import chunk_normalised, chunk_recurrence
 
     B, T, H = 1, 80, 2
@@ -58,22 +60,28 @@ def features(K, V, dt, decay, use, gen, dev):
     leaves = {"q": q, "k": k, "v": v, "g": g, "h0": h0, "ks": ks, "skip": skip}
     # the reference takes the inputs as rounded to DTYPE: the error is the kernels', not the inputs' rounding
     # (which alone moves a scalar decay's gradient by ~3e-2 in bf16: sums over K * V terms that cancel)
-    ref = {n: (x.to(dt) if n in "qkv" else x).double().requires_grad_() for n, x in leaves.items() if x is not None}
-    ours = {n: (x.to(dt) if n in "qkv" else x.float()).requires_grad_() for n, x in leaves.items() if x is not None}
+    rounded = "qkv" + ("g" if "ghalf" in use else "")
+    ref = {n: (x.to(dt) if n in rounded else x).double().requires_grad_() for n, x in leaves.items() if x is not None}
+    ours = {n: (x.to(dt) if n in rounded else x.float()).requires_grad_() for n, x in leaves.items()
+            if x is not None}
     gz = torch.zeros(B, T, H, device=dev, dtype=torch.float64)
     ro, rS = naive(ref["q"], ref["k"], ref["v"], ref.get("g", gz), ref.get("h0"), ref.get("ks"), ref.get("skip"),
                    "norm" in use)
     gk = ours.get("g") if decay == "key" else None
     gs = ours.get("g") if decay == "scalar" else None
-    if "norm" in use:
-        o, S, _ = chunk_normalised(ours["q"], ours["k"], ours["v"], gk=gk, gs=gs, h0=ours.get("h0"),
-                                   kscale=ours.get("ks"), output_final_state=True)
-    else:
-        o, S = chunk_recurrence(ours["q"], ours["k"], ours["v"], gk=gk, gs=gs, h0=ours.get("h0"),
+    def call():
+        if "norm" in use:
+            return chunk_normalised(ours["q"], ours["k"], ours["v"], gk=gk, gs=gs, h0=ours.get("h0"),
+                                    kscale=ours.get("ks"), output_final_state=True)[:2]
+        return chunk_recurrence(ours["q"], ours["k"], ours["v"], gk=gk, gs=gs, h0=ours.get("h0"),
                                 kscale=ours.get("ks"), skip=ours.get("skip"), output_final_state=True)
+    with torch.no_grad():
+        o_infer = call()[0]
+    o, S = call()
     ((o.float() * do).sum() + (S * dS).sum()).backward()
     ((ro * do.double()).sum() + (rS * dS.double()).sum()).backward()
-    return [("o", o, ro), ("S", S, rS)] + [("d" + n, ours[n].grad, ref[n].grad) for n in ref]
+    return [("o", o, ro), ("o_infer", o_infer, ro), ("S", S, rS)] + [("d" + n, ours[n].grad, ref[n].grad)
+                                                                   for n in ref]
 
 
 def main():
@@ -82,8 +90,9 @@ def main():
     ap.add_argument("dtype")
     ap.add_argument("--decay", default="key", choices=["key", "scalar", "none"])
     ap.add_argument("--v", type=int, default=16)
-    ap.add_argument("--use", default="", help="comma-separated: h0, kscale, skip, norm (through the public "
-                    "chunk_recurrence / chunk_normalised, final state and every gradient checked)")
+    ap.add_argument("--use", default="", help="comma-separated: h0, kscale, skip, norm, ghalf (through the public "
+                    "chunk_recurrence / chunk_normalised, final state, every gradient and the inference output "
+                    "checked)")
     ap.add_argument("settings", nargs="*")
     a = ap.parse_intermixed_args()
     K, V, dt = a.K, a.v, getattr(torch, a.dtype)
