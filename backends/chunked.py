@@ -1387,11 +1387,20 @@ def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen, store_g=True):
 
 def _raw_gate(g):
     """Whether the forward's kernels read a per-key decay g itself and sum it within each chunk (RAW_G,
-    _chunk_cumsum) rather than its cumulative sum G: for a bf16 or fp16 g, half G's bytes. Then G is written
-    only when a backward will read it (chunk_fwd), and an inference forward moves 0.27 GB less at gla's
-    B4 T4096 H16 D128 (0.506 -> 0.402 ms; training forward 0.516 -> 0.479: BENCHMARKS.md, session 9). An
-    fp32 g is read as fast as G and its sum would need three bf16 products (0.52 ms against 0.49)."""
-    return g is not None and g.dim() == 4 and g.dtype in (torch.bfloat16, torch.float16)
+    _chunk_cumsum) rather than its cumulative sum G: for a bf16 or fp16 g of at least RAW_G_MIN_K keys,
+    half G's bytes. G is then written only when a backward will read it, and an inference forward runs
+    just the walk and the output kernel (SELF_SPAN). gla at B4 T4096 H16 D128, bf16 decay, kernels alone:
+    inference forward 0.509 -> 0.356 ms, training forward 0.518 -> 0.435, forward and backward 1.80 -> 1.71
+    (BENCHMARKS.md, session 9). An fp32 g is read as fast as G, and its exact sum would take three bf16
+    products (measured 0.52 ms against 0.49)."""
+    return (g is not None and g.dim() == 4 and g.dtype in (torch.bfloat16, torch.float16)
+            and g.shape[-1] >= RAW_G_MIN_K)
+
+
+# Keys narrower than this read G, not the decay itself: with bf16 or fp16 decays, K 16 and 32 at V 16 gave
+# wrong outputs on the H100 with Triton 3.6 (relative error 0.95; K 64 and 128 right at V 16-128:
+# BENCHMARKS.md, session 9), and narrow keys move few of the bytes it saves.
+RAW_G_MIN_K = 64
 
 
 def _gate_half(g):

@@ -113,11 +113,12 @@ def test_factored_and_exact_chunks_side_by_side(cu, gdt):
     """Per-key decays: a chunk whose cumulative gates stay within the bound around its middle row goes
     through tensor cores whole (factored), a sharper one through the exact 16-row kernels. Mild and sharp
     chunks alternate here (both kinds are checked to occur); outputs and every gradient match the loop.
-    A half-precision decay is summed within the chunk by the forward's kernels themselves (_raw_gate)."""
+    A half-precision decay of 64 keys is summed within the chunk by the forward's kernels themselves
+    (_raw_gate)."""
     from mixc.backends.chunked import _factor_bound, key_spans
 
     gen = torch.Generator().manual_seed(21)
-    B, T, H, K, V = (1, 200, 2, 9, 12)
+    B, T, H, K, V = (1, 200, 2, 9 if gdt == torch.float32 else 64, 12)
     q, k, v = (torch.randn(B, T, H, d, generator=gen) for d in (K, K, V))
     sharp = ((torch.arange(T) // 64) % 2 == 1).float()[None, :, None, None]  # chunks 1 and 3
     gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(gdt)
@@ -176,15 +177,16 @@ def test_forward_without_backward_equals_the_training_forward(cu, gdt):
     backward will read them (chunk_fwd(backward=False) does not, and writes no cumulative gate G: its kernels
     sum the decay themselves). Both forwards give the output and final state of the loop, with mild
     (factored) and sharp (exact kernels) chunks side by side."""
-    from mixc.backends.chunked import _factor_bound, chunk_fwd, key_spans
+    from mixc.backends.chunked import _factor_bound, _raw_gate, chunk_fwd, key_spans
 
     gen = torch.Generator().manual_seed(22)
-    B, T, H, K, V = (1, 200, 2, 9, 12)
+    B, T, H, K, V = (1, 200, 2, 9 if gdt == torch.float32 else 64, 12)
     q, k, v = (torch.randn(B, T, H, d, generator=gen).to(DEV) for d in (K, K, V))
     sharp = ((torch.arange(T) // 64) % 2 == 1).float()[None, :, None, None]
     gk = (F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) * (1 + 9 * sharp)).to(gdt).to(DEV)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV)
     span = key_spans(gk, cu_t)
+    assert _raw_gate(gk) == (gdt != torch.float32)  # a half-precision decay of 64 keys: read as it is
     assert (span <= _factor_bound(3)).any() and (span > _factor_bound(3)).any()
     h0 = torch.randn(B if cu is None else len(cu) - 1, H, K, V, generator=gen).to(DEV)
     train = chunk_fwd(q, k, v, gk, h0, cu_t)
