@@ -339,11 +339,10 @@ def _chunk_cumsum(b_g, DOT: tl.constexpr, GH: tl.constexpr):
     o_t = tl.arange(0, BT)
     b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0)
     if DOT == 3:
-        return tl.dot(b_L, b_g, input_precision="ieee")
-    elif GH == 1:
-        return tl.dot(b_L.to(tl.float16), b_g.to(tl.float16))
-    else:
-        return tl.dot(b_L.to(tl.bfloat16), b_g.to(tl.bfloat16))
+        b_G = _dot(b_L, b_g, 3)
+    else:  # (GH is _dot's code for the decay's precision)
+        b_G = _dot(b_L, b_g, GH)
+    return b_G
 
 
 @triton.jit
@@ -1615,7 +1614,7 @@ def _ops_tag():
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
-               _span_of, _dqk_key_off_blocks, _fdot)
+               _span_of, _dqk_key_off_blocks, _fdot, _chunk_cumsum, _tile_row, _exact_scores)
     fns = (f.fn if isinstance(f, _Launch) else f for f in kernels)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)  # jit or interpreted function
     return hashlib.sha256(src.encode()).hexdigest()[:16]

@@ -20,6 +20,7 @@ forward's first launch on the H100 (BENCHMARKS.md, session 6).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -100,7 +101,13 @@ def main():
                                                                              STORE_SN=False)),
             "_dv_kernel": (dict(q=bf, k=bf, v=bf, do=bf, dhs=bf, dv=bf, **ints), *at("dv")),
         }
-        if gate == 2:
+        if gate == 2:  # the inference forward with a bf16 decay read as it is (RAW_G, SELF_SPAN)
+            kernels["_state_walk_kernel/fwd-raw"] = (dict(x=bf, g=bf, y=bf, hs=bf, **ints),
+                                                     *at("walk", REVERSE=False, USE_S0=False, STORE_SN=True,
+                                                         RAW_G=True, GH=0))
+            kernels["_out_kernel/infer"] = (dict(q=bf, k=bf, v=bf, g=bf, hs=bf, o=bf, A=bf, **ints),
+                                            *at("out_key", BK=min(BK, C.OUT_KEY_BK), SBK=BK, RAW_G=True, GH=0,
+                                                SELF_SPAN=True))
             kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.SCORES_LAUNCH["num_warps"])
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
             kernels["_dqk_key_off_kernel"] = (dict(q=bf, k=bf, v=bf, do=bf, hs=bf, dhs=bf, dq=bf, dk=bf, **ints),
@@ -116,6 +123,9 @@ def main():
             fn = getattr(C, name.split('/')[0])
             fn = getattr(fn, "fn", fn)  # the jit function under a _Launch
             consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
+            for prm in inspect.signature(fn.fn).parameters.values():  # constexprs left at their defaults
+                if prm.default is not prm.empty and prm.name not in consts:
+                    consts[prm.name] = prm.default
             sig = sig_of(fn, ptrs, {"T", "NTOT", "NCT"}, {"scale"}, consts)
             for w in (list(map(int, args.warps.split(","))) if args.warps else [warps]):
                 for st in (list(map(int, args.stages.split(","))) if args.stages else [None]):
