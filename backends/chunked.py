@@ -26,7 +26,11 @@ dk in fp32 only after dG is formed, so no bf16 rounding of it survives. With a p
 whose cumulative gates stay within e^(+-50) of its middle row (its span, from _local_cumsum_kernel)
 is factored: its in-chunk products are whole-chunk tensor-core products around that row. A sharper
 chunk is cut into 16-row blocks: blocks against other blocks on tensor cores around a reference row at
-their edge, each block against itself exactly (_intra_diag_kernel, _dqk_key_diag_kernel).
+their edge, each block against itself exactly (_intra_diag_kernel, _dqk_key_diag_kernel). A bf16 or
+fp16 per-key decay of 64+ keys is read as it is (_raw_gate): the walk and the output kernel sum it within
+the chunk by one exact tensor-core product (_chunk_cumsum, RAW_G), fp32 G is written only for the
+backward, and a forward that no backward follows is the walk and the output kernel alone (SELF_SPAN:
+it measures the spans and forms a sharp chunk's scores itself, _exact_scores).
 A normaliser (o = q^T S / q^T z, z the same recurrence with v = 1) walks beside the state and
 the output kernel divides (NORM); in the backward _dden_kernel forms the denominator's cotangent and
 the others divide do by it as they load do. A skip term c_h v_t is added by the output kernel (SKIP),
