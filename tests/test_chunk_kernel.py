@@ -176,7 +176,7 @@ def test_forward_without_backward_equals_the_training_forward(cu, gdt):
     """Per-key decays: the output kernel forms a factored chunk's scores itself and stores them only when a
     backward will read them (chunk_fwd(backward=False) does not, and writes no cumulative gate G: its kernels
     sum the decay themselves). Both forwards give the output and final state of the loop, with mild
-    (factored) and sharp (exact kernels) chunks side by side."""
+    (factored) and sharp (exact kernels) chunks side by side, and a skip term."""
     from mixc.backends.chunked import _factor_bound, _raw_gate, chunk_fwd, key_spans
 
     gen = torch.Generator().manual_seed(22)
@@ -189,11 +189,13 @@ def test_forward_without_backward_equals_the_training_forward(cu, gdt):
     assert _raw_gate(gk) == (gdt != torch.float32)  # a half-precision decay of 64 keys: read as it is
     assert (span <= _factor_bound(3)).any() and (span > _factor_bound(3)).any()
     h0 = torch.randn(B if cu is None else len(cu) - 1, H, K, V, generator=gen).to(DEV)
-    train = chunk_fwd(q, k, v, gk, h0, cu_t)
-    infer = chunk_fwd(q, k, v, gk, h0, cu_t, backward=False)
+    skip = torch.randn(H, generator=gen).to(DEV)
+    train = chunk_fwd(q, k, v, gk, h0, cu_t, skip=skip)
+    infer = chunk_fwd(q, k, v, gk, h0, cu_t, skip=skip, backward=False)
     assert (infer[3] is None) == (gdt != torch.float32)  # a half-precision decay: no G without a backward
     assert train[3] is not None and train[3].dtype == torch.float32
     ro, rh = naive(q, k, v, gk.double(), None, None, h0, cu_t)  # (the loop's exp in float64)
+    ro = ro + skip.double()[:, None] * v.double()
     assert rel(infer[0], ro) < 1e-5 and rel(infer[1], rh) < 1e-5
     assert rel(train[0], ro) < 1e-5 and rel(train[1], rh) < 1e-5
 
