@@ -674,3 +674,35 @@ def test_gradients_when_only_some_outputs_reach_the_loss(use):
         (got if impl == "kernel" else want).extend(torch.zeros_like(t) if g is None else g for g, t in zip(grads, x))
     for a, b in zip(got, want):
         assert (a - b.to(a.dtype)).abs().max() < 1e-4 * b.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("gdt", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,K,V,cu", [(1, 1, 1, 64, 12, None), (2, 37, 1, 80, 12, None),
+                                          (1, 130, 2, 64, 20, [0, 5, 5, 64, 65, 130]), (1, 65, 1, 96, 16, None)],
+                         ids=["T1", "K80-T37", "varlen-empty", "K96-T65"])
+def test_raw_half_decay_edge_shapes(B, T, H, K, V, cu, gdt):
+    """A half-precision per-key decay of 64+ keys, which the forward's kernels sum themselves (_raw_gate), at
+    T = 1, key widths that are not powers of two, a partial last chunk and variable lengths with an empty
+    sequence: the inference output and final state, the training ones and every gradient, against the
+    loop on the same rounded decay (the decay's gradient comes back rounded to its dtype)."""
+    from mixc.backends.chunked import _raw_gate
+
+    gen = torch.Generator().manual_seed(T + K)
+    q, k, v = (torch.randn(B, T, H, d, generator=gen) * (K ** -0.25 if d == K else 1) for d in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) + 2).to(gdt)
+    assert _raw_gate(g)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    h0 = torch.randn(B if cu is None else len(cu) - 1, H, K, V, generator=gen)
+    ref = [x.double().to(DEV).requires_grad_() for x in (q, k, v, g, h0)]
+    ro, rh = naive(ref[0], ref[1], ref[2], ref[3], None, None, ref[4], cu_t)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    ((ro * do).sum() + rh.sum()).backward()
+    ours = [x.to(DEV).requires_grad_() for x in (q, k, v, g, h0)]
+    with torch.no_grad():
+        oi, hi = chunk_recurrence(*ours[:3], gk=ours[3], h0=ours[4], cu_seqlens=cu_t, output_final_state=True)
+    o, ht = chunk_recurrence(*ours[:3], gk=ours[3], h0=ours[4], cu_seqlens=cu_t, output_final_state=True)
+    ((o * do).sum() + ht.sum()).backward()
+    for a, b in ((oi, ro), (hi, rh), (o, ro), (ht, rh)):
+        assert rel(a, b) < 1e-5
+    for name, a, b in zip("q k v g h0".split(), ours, ref):
+        assert rel(a.grad, b.grad) < (1e-2 if name == "g" else 1e-4), name
