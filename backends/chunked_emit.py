@@ -603,6 +603,8 @@ def describe(a: Analysis) -> list[str]:
         if cp.decay == "key":
             out.append("per-key decay: a chunk whose summed gates stay within e^(+-50) of its middle row takes its "
                        "in-chunk products whole on tensor cores; a sharper chunk takes exact 16-row blocks")
+            out.append("per-key decay in bf16/fp16 with 64+ keys: read as it is and summed by a tensor-core product "
+                       "in the kernels (fp32 sums written only for the backward; no backward: two kernels)")
     if cp.normaliser:
         out.append(f"normaliser {cp.normaliser}: " + ("carried beside the state by the kernels; the output kernel "
                                                        "divides" if _normaliser_in_kernel(cp) else "an extra value "
