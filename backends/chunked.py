@@ -1384,7 +1384,7 @@ def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen, store_g=True):
     _local_cumsum_kernel[(_cdiv(K, BK), NC, H)](gf, G, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BK=BK,
                                                 IS_VARLEN=varlen, STORE_G=store_g, num_warps=4,
                                                 **({"GH": _gate_half(gf), "DOT": _dot_mode(gf.dtype)}
-                                                   if gf.dtype in (torch.bfloat16, torch.float16) else {}))
+                                                   if gf.dtype in _HALF else {}))
     return (G if store_g else None), span
 
 
@@ -1396,8 +1396,10 @@ def _raw_gate(g):
     inference forward 0.509 -> 0.356 ms, training forward 0.518 -> 0.435, forward and backward 1.80 -> 1.71
     (BENCHMARKS.md, session 9). An fp32 g is read as fast as G, and its exact sum would take three bf16
     products (measured 0.52 ms against 0.49)."""
-    return (g is not None and g.dim() == 4 and g.dtype in (torch.bfloat16, torch.float16)
-            and g.shape[-1] >= RAW_G_MIN_K)
+    return g is not None and g.dim() == 4 and g.dtype in _HALF and g.shape[-1] >= RAW_G_MIN_K
+
+
+_HALF = (torch.bfloat16, torch.float16)  # the decays a product with 0/1 sums exactly (_chunk_cumsum)
 
 
 # Keys narrower than this read G, not the decay itself: with bf16 or fp16 decays, K 16 and 32 at V 16 gave
@@ -1466,7 +1468,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     gin = gf  # the decay as the forward's kernels read it
     rawk = dict(RAW_G=True, GH=_gate_half(gf)) if raw else {}
     self_span = raw and not backward  # the output kernel measures the spans and forms sharp chunks' scores
-    if gate == 2 and self_span:
+    if self_span:  # (raw: a per-key decay)
         gf = None
     elif gate == 2:  # the chunk-local cumulative sum G for the backward (and the kernels, unless raw), the spans
         gf, span = _key_cumsum(gf, NC, cu, cinfo, hoff, T, cu_seqlens is not None, store_g=backward or not raw)
