@@ -1483,7 +1483,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         kf, _or(gin, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
-        **{**common, "num_warps": warps, **rawk})
+        **{**common, "num_warps": warps, **_stages("walk"), **rawk})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     bound = _factor_bound(dot)
