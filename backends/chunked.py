@@ -1330,6 +1330,8 @@ SCORES_LAUNCH = dict(num_warps=4, num_stages=2)
 # (benchmarks/tune_launch.py and benchmarks/sweep_stages.py time alternatives on the device).
 LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, session 4)
     "walk": (64, 4),  # the state walk; the grid has one program per key block, value block and head
+    "walk_raw": (64, 4),  # the walk summing a half-precision decay itself (RAW_G); (value block, warps,
+    #                        stages or None, key block) may also set its key block
     "walk_rev": (64, 4),  # the adjoint walk
     "out": (128, WARPS),  # one q k^T per value block: one block of 128 values forms it once
     # with a per-key decay the output kernel also forms the in-chunk scores: 4 warps, loads 3 deep and a key
@@ -1355,8 +1357,14 @@ def _launch(name, V):
 
 
 def _stages(name):
-    """Launch options beyond the warps: the pipeline depth, where LAUNCH gives one."""
-    return {"num_stages": LAUNCH[name][2]} if len(LAUNCH[name]) > 2 else {}
+    """Launch options beyond the warps: the pipeline depth, where LAUNCH gives one (not None)."""
+    return {"num_stages": LAUNCH[name][2]} if len(LAUNCH[name]) > 2 and LAUNCH[name][2] else {}
+
+
+def _key_block(name, K, BK):
+    """The key block of kernel ``name``: LAUNCH's fourth entry where it gives one (clipped to [16, K's next
+    power of two]), else BK."""
+    return max(16, min(_pow2(K), LAUNCH[name][3])) if len(LAUNCH[name]) > 3 else BK
 
 
 def _factor_bound(dot):
@@ -1478,12 +1486,14 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     if norm and (h0 is None) != (z0 is None):  # both initial values, or neither
         h0 = h0 if h0 is not None else torch.zeros(N, H, K, V, dtype=torch.float32, device=q.device)
         z0 = z0 if z0 is not None else torch.zeros(N, H, K, dtype=torch.float32, device=q.device)
-    BVW, warps = _launch("walk", V)
-    _state_walk_kernel[(_cdiv(K, BK), _cdiv(V, BVW), N * H)](
+    walk = "walk_raw" if raw else "walk"
+    BVW, warps = _launch(walk, V)
+    BKW = _key_block(walk, K, BK)
+    _state_walk_kernel[(_cdiv(K, BKW), _cdiv(V, BVW), N * H)](
         kf, _or(gin, dummy), vf, h0.contiguous() if h0 is not None else dummy, hs, ht, dummy, dummy,
         z0.float().contiguous() if z0 is not None else dummy, _or(zs, dummy), _or(zt, dummy), ksf, cu, hoff, T,
         1.0, REVERSE=False, USE_S0=h0 is not None, STORE_SN=True, BV=BVW, KS=kscale is not None,
-        **{**common, "num_warps": warps, **_stages("walk"), **rawk})
+        **{**common, "BK": BKW, "num_warps": warps, **_stages(walk), **rawk})
     o = torch.empty(B, T, H, V, dtype=out_dtype or q.dtype, device=q.device)
     A = None
     bound = _factor_bound(dot)
