@@ -333,15 +333,16 @@ def _state_tile(s, p_s, m_k, o_v, V: tl.constexpr):
 
 
 @triton.jit
-def _chunk_cumsum(b_g, DOT: tl.constexpr, GH: tl.constexpr):
+def _chunk_cumsum(b_g, DOT: tl.constexpr, GH: tl.constexpr, r=-1):
     """The inclusive cumulative sum of b_g [BT, BK] down its rows, in fp32, as a product with the
     lower-triangular matrix of ones on tensor cores: no scan on the walk's serial path (tl.cumsum there ran
     it 0.2 ms slower, BENCHMARKS.md session 7). b_g holds values of a half-precision decay (GH: 0 bf16,
-    1 fp16), so every product, a value times 0 or 1, is exact in that precision and summed in fp32 (exact
-    fp32 products with DOT 3)."""
+    1 fp16), so every product, a value times 0 or +-1, is exact in that precision and summed in fp32 (exact
+    fp32 products with DOT 3). With a row r >= 0: G_t - G_r, by the matrix [s <= t] - [s <= r] (the sum of
+    the rows between r and t, signed), with no row of the sum to pick out (a reduction across warps)."""
     BT: tl.constexpr = b_g.shape[0]
     o_t = tl.arange(0, BT)
-    b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0)
+    b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0) - tl.where(o_t[None, :] <= r, 1.0, 0.0)
     if DOT == 3:
         b_G = _dot(b_L, b_g, 3)
     else:  # (GH is _dot's code for the decay's precision)
@@ -646,7 +647,7 @@ def _out_kernel(
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     b_den = tl.zeros([BT], dtype=tl.float32)
-    b_span = tl.zeros([BK], dtype=tl.float32)
+    b_span = tl.zeros([BT], dtype=tl.float32)
     if GATE == 2 and not SELF_SPAN:
         factored = _span_of(span, i_c, i_h, H, K, SBK) <= BOUND  # (span's key blocks are SBK wide)
     for k0 in range(0, K, BK):
@@ -659,18 +660,16 @@ def _out_kernel(
         b_h = _state_tile(hs, p_hs, m_k, o_v, V)
         if GATE == 2:
             b_G = tl.load(g + p_c, mask=m_ck, other=0.0).to(tl.float32)
-            if RAW_G:  # g is the log decay itself: G its in-chunk sum
+            if RAW_G:  # g is the log decay itself: G its in-chunk sum, and G - G_R by a second product
+                b_d = _chunk_cumsum(b_G, DOT, GH, _mid_row(c0, L, BT) - c0)
                 b_G = _chunk_cumsum(b_G, DOT, GH)
-                b_R = _tile_row(b_G, o_c, _mid_row(c0, L, BT))
             else:
-                b_R = _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)
-            b_d = b_G - b_R[None, :]
-            if SELF_SPAN:
-                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.abs(b_d), 0.0), axis=0))
-            # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
-            f = tl.where(m_ck, 1.0, 0.0)
-            b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND)) * f
-            b_kr = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * tl.exp(tl.minimum(-b_d, BOUND)) * f
+                b_d = b_G - _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)[None, :]
+            if SELF_SPAN:  # each row's largest |G - G_R| (across the keys: within a warp)
+                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.abs(b_d), 0.0), axis=1))
+            # the factors, clipped at e^BOUND (a chunk beyond it does not use them); q and k are 0 where masked
+            b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND))
+            b_kr = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * tl.exp(tl.minimum(-b_d, BOUND))
             b_a += _fdot(b_qr, tl.trans(b_kr), DOT)
             b_q = b_q * tl.exp(b_G)
         else:
@@ -1330,8 +1329,10 @@ SCORES_LAUNCH = dict(num_warps=4, num_stages=2)
 # (benchmarks/tune_launch.py and benchmarks/sweep_stages.py time alternatives on the device).
 LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, session 4)
     "walk": (64, 4),  # the state walk; the grid has one program per key block, value block and head
-    "walk_raw": (64, 4),  # the walk summing a half-precision decay itself (RAW_G); (value block, warps,
-    #                        stages or None, key block) may also set its key block
+    # the walk summing a half-precision decay itself (RAW_G; (value block, warps, stages or None, key block)
+    # may also set its key block): 128 values ran the inference forward 0.010 ms faster than 64; a key block
+    # of 128 (64 programs, 8 warps) 0.15 slower (benchmarks/tune_infer.py, BENCHMARKS.md session 10)
+    "walk_raw": (128, 4),
     "walk_rev": (64, 4),  # the adjoint walk
     "out": (128, WARPS),  # one q k^T per value block: one block of 128 values forms it once
     # with a per-key decay the output kernel also forms the in-chunk scores: 4 warps, loads 3 deep and a key
@@ -1339,6 +1340,9 @@ LAUNCH = {  # chosen from benchmarks/tune_launch.py on the H100 (BENCHMARKS.md, 
     # kernels' forward in 0.495 ms, against 0.61 with the separate scores kernel (2 deep 0.525, 8 warps 0.57,
     # key block 64 0.51; outputs checked on the H100 at K 16-128: BENCHMARKS.md, session 8)
     "out_key": (128, 4, 3),
+    # the same without a backward to follow (SELF_SPAN: it measures the spans itself); 4 stages ran 0.002-0.003
+    # ms faster than 3 (benchmarks/tune_infer.py, BENCHMARKS.md session 10)
+    "out_infer": (128, 4, 4),
     "dv": (128, WARPS),
     "dqk": (64, 4),  # loops over the value blocks; 4 warps spill but ran 0.19 ms faster than 8
     "dqk_key_off": (64, WARPS),
@@ -1504,7 +1508,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
         _intra_diag_kernel[(NC * (BT // BS), H)](qf, kf, gin, A, span, cu, cinfo, hoff, T, H=H, K=K, BT=BT, BS=BS,
                                                  BK=BK, IS_VARLEN=cu_seqlens is not None, BOUND=bound,
                                                  num_warps=WARPS_KEY, **({"RAW_G": True} if raw else {}))
-    out = "out_key" if gate == 2 else "out"
+    out = "out_infer" if self_span else "out_key" if gate == 2 else "out"
     BVO, warps = _launch(out, V)
     _out_kernel[(_cdiv(V, BVO), NC, H)](
         qf, kf, vf, _or(gin, dummy), hs, o, _or(A, dummy), _or(zs, dummy), _or(den, dummy),

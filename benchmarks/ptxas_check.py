@@ -103,10 +103,10 @@ def main():
         }
         if gate == 2:  # the inference forward with a bf16 decay read as it is (RAW_G, SELF_SPAN)
             kernels["_state_walk_kernel/fwd-raw"] = (dict(x=bf, g=bf, y=bf, hs=bf, **ints),
-                                                     *at("walk", REVERSE=False, USE_S0=False, STORE_SN=True,
+                                                     *at("walk_raw", REVERSE=False, USE_S0=False, STORE_SN=True,
                                                          RAW_G=True, GH=0))
             kernels["_out_kernel/infer"] = (dict(q=bf, k=bf, v=bf, g=bf, hs=bf, o=bf, A=bf, **ints),
-                                            *at("out_key", BK=min(BK, C.OUT_KEY_BK), SBK=BK, RAW_G=True, GH=0,
+                                            *at("out_infer", BK=min(BK, C.OUT_KEY_BK), SBK=BK, RAW_G=True, GH=0,
                                                 SELF_SPAN=True))
             kernels["_intra_key_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.SCORES_LAUNCH["num_warps"])
             kernels["_intra_diag_kernel"] = (dict(q=bf, k=bf, **ints), dict(BS=BS), C.WARPS_KEY)
