@@ -100,9 +100,10 @@ def bench_one(name, B, T, H, D, ops, do_bwd, dtype=torch.bfloat16):
     # correctness in this run: bf16 chunked vs fp32 reference (forward)
     o = m(**x, form="chunked")
     torch.cuda.synchronize()
-    if B * T <= 8192:
+    with torch.no_grad():  # (the reference is a token loop: at 4096 tokens a few thousand small launches)
         ref = m.reference(**{k: v.float() for k, v in x.items()})
-        row["fwd_rel_err_vs_fp32_ref"] = rel(o, ref)
+    row["fwd_rel_err_vs_fp32_ref"] = rel(o, ref)
+    del ref
     row["ours_fwd_ms"] = med(lambda: m(**x, form="chunked"))
     fla_fn = None
     if ops and name in ops:
