@@ -667,9 +667,15 @@ def _out_kernel(
                 b_d = b_G - _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)[None, :]
             if SELF_SPAN:  # each row's largest |G - G_R| (across the keys: within a warp)
                 b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.abs(b_d), 0.0), axis=1))
-            # the factors, clipped at e^BOUND (a chunk beyond it does not use them); q and k are 0 where masked
+            # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
             b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND))
             b_kr = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * tl.exp(tl.minimum(-b_d, BOUND))
+            if not RAW_G:  # zero where masked (as q and k are already): without these products the kernel
+                #            computed wrong outputs at K 16, V 16 on the H100 with Triton 3.6 (0.94 relative
+                #            error; BENCHMARKS.md, session 10)
+                f = tl.where(m_ck, 1.0, 0.0)
+                b_qr = b_qr * f
+                b_kr = b_kr * f
             b_a += _fdot(b_qr, tl.trans(b_kr), DOT)
             b_q = b_q * tl.exp(b_G)
         else:
