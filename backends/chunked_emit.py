@@ -230,11 +230,31 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True
     args = [_elementwise_btd(em, s, lay_vars, tok) for s in node.src]
     if any(a is None for a in args):
         return None
+    if node.op in _PROMOTING and em.rdt == "real":  # an input beside an fp32 tensor: no copy of it first
+        for i, (a, b) in enumerate((node.src, node.src[::-1])):
+            if a.op == "input" and _real_tensor(b):
+                args[i] = args[i].replace("as_dtype(", "promoted(", 1)
+                break
     if node.op == "neg":
         return f"(-{em._paren(args[0])})"
     if node.op in TORCH_UNARY:
         return f"{TORCH_UNARY[node.op]}({args[0]})"
     return f"({em._paren(args[0])} {INFIX[node.op]} {em._paren(args[1])})"
+
+
+_PROMOTING = ("add", "sub", "mul", "div")  # arithmetic that type promotion carries out in the wider dtype
+
+
+def _real_tensor(n: Node) -> bool:
+    """Whether :func:`_elementwise_btd`'s expression for ``n`` is a tensor with dimensions in the real
+    dtype (fp32, or fp64 for fp64 inputs): a parameter or input (which it converts), or an operation
+    with one such operand. Beside it, a bf16 or fp16 operand of +, -, *, / is computed in the real dtype
+    by type promotion, as if converted first, without the copy (runtime ``promoted``)."""
+    if n.op in ("param", "buffer", "input"):
+        return True
+    if _is_number(n):
+        return False
+    return (n.op == "neg" or n.op in TORCH_UNARY or n.op in INFIX) and any(_real_tensor(x) for x in n.src)
 
 
 def _is_number(n: Node) -> bool:

@@ -192,7 +192,7 @@ def test_elementwise_feature_maps_stay_in_the_inputs_layout():
     for name, want in (("linear_attention", "F.elu(as_dtype(inputs['q'], dt_in)) + 1"),
                        ("synthetic_norm", "torch.sigmoid(as_dtype(inputs['a'], dt_in))"),
                        ("synthetic", "as_dtype(params['w'], real)[:, None] * F.silu("),
-                       ("mamba2", "as_dtype(inputs['dt'], real) * as_dtype(params['A'], real)")):
+                       ("mamba2", "promoted(inputs['dt'], real) * as_dtype(params['A'], real)")):
         src = load(name).source_code
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert want in body and ".permute(" not in body, name
@@ -265,3 +265,17 @@ def test_chunked_mixer_compiles_without_graph_breaks():
 
     got = torch.compile(f, fullgraph=True, backend="eager")(**x)
     assert rel(got, f(**x)) < 1e-6
+
+
+def test_an_input_beside_an_fp32_parameter_is_not_copied_first():
+    """mamba2's decay dt * A takes a bf16 or fp16 dt as it is (``promoted``): type promotion computes the
+    product in fp32, bit for bit the product of dt converted first, and in one launch rather than two.
+    Another dtype is converted (fp64 dt with fp32 inputs: the decay stays fp32)."""
+    from mixc.backends.runtime import promoted
+
+    A = -torch.rand(4, dtype=torch.float32) * 3
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        x = torch.randn(2, 5, 4).to(dt)
+        got = promoted(x, torch.float32) * A
+        assert got.dtype == torch.float32 and torch.equal(got, x.float() * A), dt
+        assert (promoted(x, torch.float32) is x) == (dt != torch.float64)
