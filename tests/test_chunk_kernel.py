@@ -678,8 +678,9 @@ def test_gradients_when_only_some_outputs_reach_the_loss(use):
 
 @pytest.mark.parametrize("gdt", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,T,H,K,V,cu", [(1, 1, 1, 64, 12, None), (2, 37, 1, 80, 12, None),
-                                          (1, 130, 2, 64, 20, [0, 5, 5, 64, 65, 130]), (1, 65, 1, 96, 16, None)],
-                         ids=["T1", "K80-T37", "varlen-empty", "K96-T65"])
+                                          (1, 130, 2, 64, 20, [0, 5, 5, 64, 65, 130]), (1, 65, 1, 96, 16, None),
+                                          (1, 70, 1, 200, 130, None)],
+                         ids=["T1", "K80-T37", "varlen-empty", "K96-T65", "K200-V130"])
 def test_raw_half_decay_edge_shapes(B, T, H, K, V, cu, gdt):
     """A half-precision per-key decay of 64+ keys, which the forward's kernels sum themselves (_raw_gate), at
     T = 1, key widths that are not powers of two, a partial last chunk and variable lengths with an empty
