@@ -1412,7 +1412,8 @@ def _raw_gate(g):
     half G's bytes. G is then written only when a backward will read it, and an inference forward runs
     just the walk and the output kernel (SELF_SPAN). gla at B4 T4096 H16 D128, bf16 decay, kernels alone:
     inference forward 0.509 -> 0.356 ms, training forward 0.518 -> 0.435, forward and backward 1.80 -> 1.71
-    (BENCHMARKS.md, session 9). An fp32 g is read as fast as G, and its exact sum would take three bf16
+    (BENCHMARKS.md, session 9); with G - G_R by a second product and the launches of session 10, the
+    inference forward 0.325 ms. An fp32 g is read as fast as G, and its exact sum would take three bf16
     products (measured 0.52 ms against 0.49)."""
     return g is not None and g.dim() == 4 and g.dtype in _HALF and g.shape[-1] >= RAW_G_MIN_K
 
