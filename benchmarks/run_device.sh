@@ -5,7 +5,8 @@
 # Writes bench_rows.json, bench_chunked.json, bench_table.md (and profile.txt, gpu_tests.txt) under $OUT.
 # --tests: afterwards, the kernel tests on the GPU (fp32 kernels against the float64 loop: normaliser,
 # skip, key scale, per-key decays factored and exact, sharp gates, fp16), at most 230 s (540 s with SHAPES none); --tests-k EXPR: only
-# the tests pytest -k EXPR selects (a failure does not stop the rest). SHAPES "none": no benchmark (tests
+# the tests pytest -k EXPR selects (a failure does not stop the rest); with pytest-xdist and execnet wheels in
+# .whl/ the tests run in 8 processes. SHAPES "none": no benchmark (tests
 # only); SHAPES "train,small": both shapes, which with the gradient checks needs about 600 s: pass --no-checks.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -37,8 +38,10 @@ if [ -n "$profile" ]; then
 fi
 if [ -n "$tests" ]; then
   tlimit=230; [ "$shapes" = none ] && tlimit=540
+  # in 8 processes when pytest-xdist is carried (.whl/): the run is mostly Triton compiling, one test at a time
+  xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
   # SIGINT at the limit: pytest stops and still prints which tests passed and failed (-v lists each)
-  timeout -s INT -k 30 $tlimit python3 -m pytest -v -rfE tests/test_chunk_kernel.py -p no:cacheprovider \
+  timeout -s INT -k 30 $tlimit python3 -m pytest -v -rfE tests/test_chunk_kernel.py -p no:cacheprovider $xdist \
     -k "$tests_k" > "$OUT/gpu_tests.txt" 2>&1
   tail -3 "$OUT/gpu_tests.txt"
 fi
