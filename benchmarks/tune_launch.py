@@ -8,7 +8,8 @@ or the backward alone (chunk_bwd from one saved forward) is timed with do_bench 
 the decays that use the kernel; the default launch is timed in the same process, first. Every
 alternative's outputs (o and the gradients, at this shape and at B1 T80 H2 D16) are compared with the
 default's, and a launch whose differ by more than 1e-2 is marked WRONG. Pick a new
-default only from a difference measured here, and record it in BENCHMARKS.md.
+default only from a difference measured here, and record it in BENCHMARKS.md. The entries of a bf16
+per-key decay read as it is (``walk_raw``, ``out_infer``) are timed by tune_infer.py.
 """
 
 import ast
