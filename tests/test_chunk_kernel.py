@@ -263,6 +263,17 @@ def test_custom_operator_passes_opcheck_normalised(gate):
     torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, None, cu, 0.5, None, None, True, None, None))
 
 
+def _compiled_matches_eager(f, args):
+    """f compiled with fullgraph=True (any graph break fails) gives eager's value and gradients."""
+    ref = f(*args)
+    want = torch.autograd.grad(ref, args)
+    got_l = torch.compile(f, fullgraph=True, backend="eager")(*args)
+    got = torch.autograd.grad(got_l, args)
+    assert rel(got_l, ref.detach()) < 1e-6
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-6
+
+
 def test_torch_compile_has_no_graph_break():
     """fullgraph=True fails on any graph break; forward and gradients equal eager execution."""
     q, k, v, g, h0 = _opcheck_args(2)
@@ -271,13 +282,7 @@ def test_torch_compile_has_no_graph_break():
         o, ht = chunk_recurrence(q, k, v, gk=g, h0=h0, output_final_state=True)
         return o.square().sum() + ht.sum()
 
-    ref = f(q, k, v, g, h0)
-    want = torch.autograd.grad(ref, (q, k, v, g, h0))
-    got_l = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, g, h0)
-    got = torch.autograd.grad(got_l, (q, k, v, g, h0))
-    assert rel(got_l, ref.detach()) < 1e-6
-    for a, b in zip(got, want):
-        assert rel(a, b) < 1e-6
+    _compiled_matches_eager(f, (q, k, v, g, h0))
 
 
 def naive_normalised(q, k, v, gk, gv, gs, h0, z0, cu):
@@ -377,13 +382,7 @@ def test_torch_compile_normalised_has_no_graph_break():
         o, ht, zt = chunk_normalised(q, k, v, gs=g, h0=h0, output_final_state=True)
         return o.square().sum() + ht.sum() + zt.sum()
 
-    ref = f(q, k, v, g, h0)
-    want = torch.autograd.grad(ref, (q, k, v, g, h0))
-    got_l = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, g, h0)
-    got = torch.autograd.grad(got_l, (q, k, v, g, h0))
-    assert rel(got_l, ref.detach()) < 1e-6
-    for a, b in zip(got, want):
-        assert rel(a, b) < 1e-6
+    _compiled_matches_eager(f, (q, k, v, g, h0))
 
 
 @pytest.mark.parametrize("use,cu", [("", None), ("s", None), ("k", None), ("s", [0, 70, 70, 150]), ("v", None)])
