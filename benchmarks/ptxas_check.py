@@ -78,13 +78,16 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: Triton's)")
     ap.add_argument("--bv", default="", help="comma-separated value blocks (default: LAUNCH's)")
+    ap.add_argument("--k", type=int, default=128, help="keys (based's features: 153, or 160 padded)")
+    ap.add_argument("--v", type=int, default=128, help="values")
+    ap.add_argument("--norm", action="store_true", help="with the normaliser (gates 0 and 1)")
     args = ap.parse_args()
-    K = V = 128
+    K, V = args.k, args.v
     bf, i32 = "*bf16", "*i32"
     for gate in map(int, args.gates.split(",")):
         BT, BS, BK = C._blocks(K, V, gate)
-        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=16, IS_VARLEN=False, DOT=0, NORM=False, SKIP=False,
-                    KS=args.ks and gate < 2, BOUND=50.0)
+        base = dict(H=16, K=K, V=V, BT=BT, BK=BK, GATE=gate, GT=16, IS_VARLEN=False, DOT=0,
+                    NORM=args.norm and gate < 2, SKIP=False, KS=args.ks and gate < 2, BOUND=50.0)
         ints = dict(cu=i32, cinfo=i32, hoff=i32)
 
         def at(name, **extra):  # the value block and warps the kernel runs with (LAUNCH)
