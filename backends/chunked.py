@@ -183,14 +183,14 @@ def _chunk_fwd_kernel(
             m_gk = m_g[:, None] & m_k[None, :]
             b_gk = tl.load(gk + (i_g[:, None] * H + i_h) * K + o_k[None, :], mask=m_gk, other=0.0).to(tl.float32)
             b_Gk = tl.cumsum(b_gk, axis=0)
-            b_Gk_last = tl.sum(tl.where((o_t == last)[:, None], b_Gk, 0.0), axis=0)
+            b_Gk_last = _tile_row(b_Gk, o_t, last)
             b_qd = b_q * tl.exp(b_Gk)
             b_kd = b_k * tl.exp(b_Gk_last[None, :] - b_Gk)
         if HAS_GV:
             m_gv = m_g[:, None] & m_v[None, :]
             b_gv = tl.load(gv + (i_g[:, None] * H + i_h) * V + o_v[None, :], mask=m_gv, other=0.0).to(tl.float32)
             b_Gv = tl.cumsum(b_gv, axis=0)
-            b_Gv_last = tl.sum(tl.where((o_t == last)[:, None], b_Gv, 0.0), axis=0)
+            b_Gv_last = _tile_row(b_Gv, o_t, last)
             b_vd = b_v * tl.exp(b_Gv_last[None, :] - b_Gv)
         # the past: o = (q * exp(Gk)) S (* exp(Gv)) (* exp(Gs))
         b_o = _dot(b_qd, b_s, DOT)
@@ -386,7 +386,7 @@ def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.
         b_G = tl.cumsum(b_G, axis=0)
     if STORE_G:
         tl.store(G + p, b_G, mask=m)
-    b_R = tl.sum(tl.where((o_c == _mid_row(c * BT, L, BT))[:, None], b_G, 0.0), axis=0)
+    b_R = _tile_row(b_G, o_c, _mid_row(c * BT, L, BT))
     tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]),
                                                                                     0.0), axis=1), axis=0))
 
@@ -492,7 +492,7 @@ def _state_walk_kernel(
             b_G = tl.load(g + (i_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
             if RAW_G:  # g is the log decay itself: G its in-chunk sum (_chunk_cumsum)
                 b_G = _chunk_cumsum(b_G, DOT, GH)
-            b_GL = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), axis=0)
+            b_GL = _tile_row(b_G, o_t, last)
             if REVERSE:
                 b_x = b_x * tl.exp(b_G)
             else:
@@ -647,7 +647,8 @@ def _out_kernel(
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     b_den = tl.zeros([BT], dtype=tl.float32)
-    b_span = tl.zeros([BT], dtype=tl.float32)
+    if GATE == 2 and SELF_SPAN:
+        b_span = tl.zeros([BT], dtype=tl.float32)  # each row's largest |G - G_R|
     if GATE == 2 and not SELF_SPAN:
         factored = _span_of(span, i_c, i_h, H, K, SBK) <= BOUND  # (span's key blocks are SBK wide)
     for k0 in range(0, K, BK):
