@@ -213,7 +213,7 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True
     if node.op == "input":
         src = node.src[0]
         if tok and src.op == "iota" and src.arg == T_VAR and tuple(node.arg[1]) == tuple(lay_vars):
-            return f"as_dtype(inputs[{node.arg[0]!r}], {em.rdt})"
+            return _input_in(em, node, "as_dtype")
         return None
     if node.op in ("param", "buffer"):  # [H, *axes] broadcast onto [B, T, H, *lay_vars] (axes in that order)
         name, axes = node.arg
@@ -233,13 +233,18 @@ def _elementwise_btd(em, node: Node, lay_vars: tuple[Var, ...], tok: bool = True
     if node.op in _PROMOTING and em.rdt == "real":  # an input beside an fp32 tensor: no copy of it first
         for i, (a, b) in enumerate((node.src, node.src[::-1])):
             if a.op == "input" and _real_tensor(b):
-                args[i] = args[i].replace("as_dtype(", "promoted(", 1)
+                args[i] = _input_in(em, a, "promoted")
                 break
     if node.op == "neg":
         return f"(-{em._paren(args[0])})"
     if node.op in TORCH_UNARY:
         return f"{TORCH_UNARY[node.op]}({args[0]})"
     return f"({em._paren(args[0])} {INFIX[node.op]} {em._paren(args[1])})"
+
+
+def _input_in(em, node: Node, cast: str) -> str:
+    """An input read at token t in the emitter's dtype, through runtime ``cast`` (as_dtype or promoted)."""
+    return f"{cast}(inputs[{node.arg[0]!r}], {em.rdt})"
 
 
 _PROMOTING = ("add", "sub", "mul", "div")  # arithmetic that type promotion carries out in the wider dtype
