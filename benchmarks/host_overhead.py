@@ -1,7 +1,9 @@
 """Host-side cost of one chunked call, without a GPU: every Triton launch is replaced by a no-op,
 so what is timed is Python, argument checks, the PyTorch prologue and autograd bookkeeping.
 
-    python benchmarks/host_overhead.py [NAME ...] [--profile]
+    python benchmarks/host_overhead.py [NAME ...] [--profile] [--bf16]
+
+``--bf16``: the inputs in bf16, as the GPU benchmarks take them (the default fp32 skips every cast).
 
 Shapes are tiny (B1 T64 H2 D16) so tensor work is negligible; the figure is microseconds per call on
 this machine's CPU (the GPU host's CPU differs, so compare before/after on one machine only).
@@ -60,7 +62,8 @@ def main(argv):
         m = mixc.load(os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.mix"))
         stub_kernels(m)
         sizes = {k: 16 for k in m.meta["sizes"]}
-        x = {k: v.requires_grad_() for k, v in m.random_inputs(1, 64, 2, seed=1, **sizes).items()}
+        dt = torch.bfloat16 if "--bf16" in argv else torch.float32
+        x = {k: v.to(dt).requires_grad_() for k, v in m.random_inputs(1, 64, 2, seed=1, **sizes).items()}
         o = m(**x, form="chunked")
         do = torch.ones_like(o)
 
