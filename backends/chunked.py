@@ -646,7 +646,6 @@ def _out_kernel(
     m_v = o_v < V
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    b_den = tl.zeros([BT], dtype=tl.float32)
     if GATE == 2 and SELF_SPAN:
         b_span = tl.zeros([BT], dtype=tl.float32)  # each row's largest |G - G_R|
     if GATE == 2 and not SELF_SPAN:
@@ -683,9 +682,17 @@ def _out_kernel(
             b_kc = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32)
             b_a += _dot(b_q, tl.trans(b_kc), DOT)
         b_o += _dot(b_q, b_h, DOT)
-        if NORM:
-            b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=m_k, other=0.0)
-            b_den += tl.sum(b_q * b_z[None, :], axis=1)
+    if NORM:  # q z in a key loop of its own that Triton does not pipeline: read in the pipelined loop above,
+        #      the normaliser gave denominators that differed from run to run on the H100 with Triton 3.6, wrong
+        #      by up to 2e-2 at K 160 and 192 (benchmarks/diag_width.py; BENCHMARKS.md, session 11)
+        b_qz = tl.zeros([BT, BK], dtype=tl.float32)
+        for k0 in tl.range(0, K, BK, num_stages=1):
+            o_k = k0 + tl.arange(0, BK)
+            m_ck = m_c[:, None] & (o_k < K)[None, :]
+            b_q = tl.load(q + ((bos + o_c)[:, None] * H + i_h) * K + o_k[None, :], mask=m_ck, other=0.0)
+            b_z = tl.load(zs + (ih * H + i_h) * K + o_k, mask=o_k < K, other=0.0)
+            b_qz += b_q.to(tl.float32) * b_z[None, :]
+        b_den = tl.sum(b_qz, axis=1)
     m_ts = o_c[:, None] >= o_c[None, :]
     if GATE == 2 and SELF_SPAN:
         if tl.max(b_span, axis=0) > BOUND:
@@ -704,7 +711,8 @@ def _out_kernel(
         if GATE == 1:
             b_Gc = tl.cumsum(tl.load(g + (bos + o_c) * GT + i_h, mask=m_c, other=0.0).to(tl.float32), axis=0)
             b_o = b_o * tl.exp(b_Gc)[:, None]
-            b_den = b_den * tl.exp(b_Gc)
+            if NORM:
+                b_den = b_den * tl.exp(b_Gc)
             b_a = b_a * tl.exp(tl.where(m_ts, b_Gc[:, None] - b_Gc[None, :], float("-inf")))
         if KS:  # A[t, s] = q_t . k'_s with k'_s = ks_s k_s: a column scale
             b_a = b_a * tl.load(ks + (bos + o_c) * H + i_h, mask=m_c, other=0.0).to(tl.float32)[None, :]

@@ -374,6 +374,32 @@ def test_normalised_half_precision(K, V, dtype):
         assert rel(a.grad, b.grad) < 2e-2, name
 
 
+@pytest.mark.parametrize("scalar", [False, True])
+@pytest.mark.parametrize("K", [160, 192])
+def test_normalised_wide_keys_on_a_long_sequence(K, scalar):
+    """Key widths over 128 that are multiples of 16 (aligned rows: Triton pipelines the key loop's loads):
+    the output kernel summed q z across warps inside that loop and computed wrong denominators, different
+    from run to run, at T 4096 on the H100 (1.8e-2 relative at K 160; BENCHMARKS.md, session 11). Half
+    precision against the same kernels on fp32 copies, outputs and gradients, and two runs bit for bit."""
+    gen = torch.Generator().manual_seed(K)
+    B, T, H, V = (1, 4096, 4, 64) if DEV == "cuda" else (1, 130, 1, 20)
+    half = torch.bfloat16 if DEV == "cuda" else torch.float16
+    q, k = (F.elu(torch.randn(B, T, H, K, generator=gen) / 4) + 1 for _ in range(2))
+    v, do = torch.randn(B, T, H, V, generator=gen), torch.randn(B, T, H, V, generator=gen)
+    gs = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3).to(DEV) if scalar else None
+
+    def run(dtype):
+        xs = [x.detach().to(DEV, dtype).requires_grad_() for x in (q, k, v)]
+        o, _, _ = chunk_normalised(*xs, gs=gs)
+        (o.float() * do.to(DEV)).sum().backward()
+        return [o.detach()] + [x.grad for x in xs]
+
+    want, got, again = run(torch.float32), run(half), run(half)
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, want, again):
+        assert rel(a, b) < 5e-3, name
+        assert torch.equal(a, c), name
+
+
 def test_torch_compile_normalised_has_no_graph_break():
     q, k, v, g, h0 = _opcheck_args(1)
     q, k = (F.elu(x.detach()).add(1).requires_grad_() for x in (q, k))
