@@ -395,9 +395,11 @@ def test_normalised_wide_keys_on_a_long_sequence(K, scalar):
         return [o.detach()] + [x.grad for x in xs]
 
     want, got, again = run(torch.float32), run(half), run(half)
-    for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, want, again):
-        assert rel(a, b) < 5e-3, name
-        assert torch.equal(a, c), name
+    # right (on the H100, these inputs): o under 5e-3, dq 1.4e-2 to 1.6e-2 (a normalised dq cancels); wrong
+    # (session 11): o 1.0e-2 to 2.0e-2 (diag_width.py) and reruns that differ
+    for name, a, b, c, tol in zip(("o", "dq", "dk", "dv"), got, want, again, (5e-3, 2e-2, 2e-2, 2e-2)):
+        assert rel(a, b) < tol, (name, rel(a, b))
+        assert torch.equal(a, c), (name, "differs between two runs")
 
 
 def test_torch_compile_normalised_has_no_graph_break():
