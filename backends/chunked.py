@@ -1821,7 +1821,7 @@ def symmetric_power(x, e):
     return out
 
 
-def power_features(x, e, coeffs):
+def power_features(x, e, coeffs, pad=1):
     """Features of a polynomial in a dot product: the symmetric e-th power of [x, 1], each feature of
     degree d (d entries of x, e - d ones) times coeffs[d] / sqrt(C(e, d)), so that
     power_features(a, e, c) . power_features(b, e, c') = sum_d c_d c'_d (a . b)^d. based's
@@ -1829,17 +1829,20 @@ def power_features(x, e, coeffs):
 
     On a GPU (or under TRITON_INTERPRET) one kernel reads x and writes the features, and one kernel
     forms the gradient (:class:`PowerFeatures`); while torch.compile traces, and on a CPU without the
-    interpreter, the same map is two one-hot matrix products and a multiplication per extra factor."""
+    interpreter, the same map is two one-hot matrix products and a multiplication per extra factor.
+    ``pad``: the width rounded up to a multiple of it with features that are 0 (weight 0), which change no
+    dot product. A row of 153 bf16 features starts at an odd address, so every kernel that reads or writes
+    them moves 2 bytes at a time; 160 wide, 16 (ptxas_check.py: scalar b16 loads and stores become v4)."""
     coeffs = tuple(float(c) for c in coeffs)
     if (x.is_cuda or INTERPRET) and not torch.compiler.is_compiling():
-        return PowerFeatures.apply(x, e, coeffs)
-    return _power_features_torch(x, e, coeffs)
+        return PowerFeatures.apply(x, e, coeffs, pad)
+    return _power_features_torch(x, e, coeffs, pad)
 
 
-def _power_features_torch(x, e, coeffs):
+def _power_features_torch(x, e, coeffs, pad=1):
     """:func:`power_features` as PyTorch operations."""
     K = x.shape[-1]
-    first, rest = _on_device(("power", K, e, coeffs), x, lambda: _power_weights(K, e, coeffs))
+    first, rest = _on_device(("power", K, e, coeffs, pad), x, lambda: _power_weights(K, e, coeffs, pad))
     x1 = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
     out = x1 @ first
     for pick in rest:
@@ -1899,9 +1902,9 @@ class PowerFeatures(torch.autograd.Function):
     """:func:`power_features` in two kernels: forward x [..., K] -> [..., F]; backward the gradient of x."""
 
     @staticmethod
-    def forward(ctx, x, e, coeffs):
+    def forward(ctx, x, e, coeffs, pad=1):
         K = x.shape[-1]
-        idx, w = _power_index(K, e, coeffs, x.device)
+        idx, w = _power_index(K, e, coeffs, x.device, pad)
         F = idx.shape[1]
         xf = x.contiguous()
         out = x.new_empty(*x.shape[:-1], F)
@@ -1909,28 +1912,28 @@ class PowerFeatures(torch.autograd.Function):
         _power_features_kernel[(_cdiv(NR, 64), _cdiv(F, 64))](xf, idx, w, out, NR, K=K, F=F, E=e, BR=64, BF=64,
                                                                num_warps=4)
         ctx.save_for_backward(xf)
-        ctx.e, ctx.coeffs = e, coeffs
+        ctx.e, ctx.coeffs, ctx.pad = e, coeffs, pad
         return out
 
     @staticmethod
     def backward(ctx, dout):
         (xf,) = ctx.saved_tensors
         K, e = xf.shape[-1], ctx.e
-        idx, w = _power_index(K, e, ctx.coeffs, xf.device)
+        idx, w = _power_index(K, e, ctx.coeffs, xf.device, ctx.pad)
         F = idx.shape[1]
         dx = torch.empty_like(xf)
         NR = xf.numel() // K
         _power_features_bwd_kernel[(_cdiv(NR, 64),)](xf, idx, w, dout.contiguous(), dx, NR, K=K, F=F, E=e, BR=64,
                                                      BF=32, BK=max(16, _pow2(K)), num_warps=4)
-        return dx, None, None
+        return dx, None, None, None
 
 
-def _power_index(K, e, coeffs, device):
+def _power_index(K, e, coeffs, device, pad=1):
     """(idx [e, F] int32: the entry of [x, 1] each factor of each feature takes (K: the 1), weights [F]
     fp32) of :func:`power_features`, made once per device."""
-    key = ("index", K, e, coeffs, device)
+    key = ("index", K, e, coeffs, device, pad)
     if key not in _PICKS:
-        picks, w = _power_weights(K, e, coeffs)
+        picks, w = _power_weights(K, e, coeffs, pad)
         _PICKS[key] = (picks.argmax(1).to(device, torch.int32).contiguous(), w.to(device, torch.float32))
     return _PICKS[key]
 
@@ -1948,14 +1951,21 @@ def _on_device(key, x, make):
     return _PICKS[full]
 
 
-def _power_weights(K, e, coeffs):
-    """(picks of the symmetric power of [x, 1], the feature weights of :func:`power_features`)."""
+def _power_weights(K, e, coeffs, pad=1):
+    """(picks of the symmetric power of [x, 1], the feature weights of :func:`power_features`), with
+    features of weight 0 (every factor the 1) up to a multiple of ``pad``."""
     import math
 
     picks, w = _symmetric_index(K + 1, e)
     degree = e - picks[:, K, :].sum(0).long()  # entries of x among each feature's e factors
     scale = torch.tensor([coeffs[d] / math.sqrt(math.comb(e, d)) for d in range(e + 1)], dtype=torch.float64)
-    return picks, w * scale[degree]
+    w = w * scale[degree]
+    extra = -w.numel() % pad
+    if extra:
+        ones = torch.zeros(e, K + 1, extra, dtype=picks.dtype)
+        ones[:, K, :] = 1.0
+        picks, w = torch.cat([picks, ones], -1), torch.cat([w, w.new_zeros(extra)])
+    return picks, w
 
 
 _SYMMETRIC = {}

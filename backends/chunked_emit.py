@@ -16,6 +16,10 @@ from mixc.lower import make, rename
 
 from .reference import INFIX, TORCH_UNARY, input_dtype_emitter, prologue
 
+# power_features' width rounded up to a multiple of this with zero features: a 153-wide bf16 row (based at
+# K = 16) starts at an odd address and every kernel moves it 2 bytes at a time; a 160-wide one, 16 at a time
+FEATURE_PAD = 16
+
 
 @dataclass
 class ChunkPlan:
@@ -546,13 +550,14 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
         by_degree = sorted(fp.blocks, key=lambda b: len(b.pairs))
         em.emit(f"# a polynomial of degree {D} in ({show(A)}) . ({show(B)}): one weighted symmetric power of "
                 f"[x, 1] per side, width {fp.width_symmetric}")
+        em.emit(f"# (rounded up to a multiple of {FEATURE_PAD} with zero features: aligned rows for the kernels)")
         sides = []
         for x, factors in ((A, [[_const(b.coeff), *b.q_factors] for b in by_degree]),
                            (B, [b.k_factors for b in by_degree])):
             (i,) = [v for v in x.idx if v != T_VAR]
             xs = _as_btd(fe, x, (i,), f"B, H, T, {em.sizes_var[i.axis]}")
             coeffs = ", ".join(" * ".join(em._paren(em.val(f, "pre")[0]) for f in fs) or "1.0" for fs in factors)
-            sides.append(f"power_features({xs}, {D}, ({coeffs}))")
+            sides.append(f"power_features({xs}, {D}, ({coeffs}), pad={FEATURE_PAD})")
         em.emit(f"phi_q = {sides[0]}")
         em.emit(f"psi_k = {sides[1]}")
     qs, ks = [], []
@@ -610,8 +615,9 @@ def describe(a: Analysis) -> list[str]:
                 blocks = [f"a polynomial of degree {poly[2]} in ({show(poly[0])}) . ({show(poly[1])}), as one weighted "
                           "symmetric power of [x, 1] per side"]
             where = "one kernel per side, power_features" if poly is not None else "PyTorch"
+            pad = f", rounded up to a multiple of {FEATURE_PAD} with zero features (aligned rows)" if poly else ""
             out = [f"feature maps ({where}): {' + '.join(blocks)}; width {fp.width}, "
-                   f"{fp.width_symmetric} as stored"]
+                   f"{fp.width_symmetric} as stored{pad}"]
             if fp.normalised:
                 out.append("normaliser: carried beside the state by the kernels; the output kernel divides")
             return out

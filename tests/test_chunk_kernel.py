@@ -580,6 +580,27 @@ def test_power_features_kernels_match_the_matrix_form(e, K, dtype):
         assert rel(dot, sum(c[d] * s ** d for d in range(e + 1))) < 1e-5
 
 
+@pytest.mark.parametrize("K, pad", [(16, 16), (5, 8), (4, 5)])
+def test_padded_power_features_add_only_zero_features(K, pad):
+    """power_features(pad=p): the width rounded up to a multiple of p; the first features are the unpadded
+    map's (both the kernels' path and the matrix form), the rest are 0 and get no gradient into x."""
+    from mixc.backends.chunked import PowerFeatures, _power_features_torch, power_features
+
+    gen = torch.Generator().manual_seed(K + pad)
+    c = (1.0, 0.7, 0.3)
+    x = torch.randn(1, 37, 2, K, generator=gen).to(DEV).requires_grad_()
+    plain = power_features(x.detach(), 2, c)
+    F = plain.shape[-1]
+    for got in (PowerFeatures.apply(x, 2, c, pad), _power_features_torch(x, 2, c, pad)):
+        assert got.shape[-1] % pad == 0 and got.shape[-1] - F < pad
+        assert torch.equal(got[..., F:], torch.zeros_like(got[..., F:]))
+        assert rel(got[..., :F], plain) < 1e-6
+        g = torch.randn(got.shape, generator=gen).to(DEV)
+        (gx,) = torch.autograd.grad(got, x, g)
+        (want,) = torch.autograd.grad(power_features(x, 2, c), x, g[..., :F])
+        assert rel(gx, want) < 1e-6
+
+
 @pytest.mark.parametrize("bv", [16, 32, 128])
 def test_any_launch_value_block_gives_the_same_result(bv, monkeypatch):
     """The launch table (value block, warps per kernel) is a tuning knob only: every kernel's value
