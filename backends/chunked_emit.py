@@ -534,8 +534,9 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     poly = _polynomial_of_one_pair(fp.blocks)
     lines = _header(f"The chunked form of {p.name}: the weight w(t, u) factors through feature maps of width\n"
                     f"    {fp.width} ({fp.width_symmetric} with symmetric powers); phi(q) and psi(k) are formed "
-                    + ("by power_features" if poly is not None else "in PyTorch")
-                    + ",\n    then one linear-attention kernel"
+                    + (f"by power_features\n    (zero features up to a multiple of {FEATURE_PAD}), then one "
+                       if poly is not None else "in PyTorch,\n    then one ")
+                    + "linear-attention kernel"
                     + (" that carries the normaliser and divides" if fp.normalised else ""))
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
