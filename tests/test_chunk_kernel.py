@@ -378,9 +378,9 @@ def test_normalised_half_precision(K, V, dtype):
 @pytest.mark.parametrize("K", [160, 192])
 def test_normalised_wide_keys_on_a_long_sequence(K, scalar):
     """Key widths over 128 that are multiples of 16 (aligned rows: Triton pipelines the key loop's loads):
-    the output kernel summed q z across warps inside that loop and computed wrong denominators, different
-    from run to run, at T 4096 on the H100 (1.8e-2 relative at K 160; BENCHMARKS.md, session 11). Half
-    precision against the same kernels on fp32 copies, outputs and gradients, and two runs bit for bit."""
+    with the normaliser z read inside that loop, the output kernel's denominators differed from run to run
+    at T 4096 on the H100 (1.8e-2 relative at K 160; BENCHMARKS.md, session 11). Half precision against the
+    same kernels on fp32 copies, outputs and gradients, and two runs bit for bit."""
     gen = torch.Generator().manual_seed(K)
     B, T, H, V = (1, 4096, 4, 64) if DEV == "cuda" else (1, 130, 1, 20)
     half = torch.bfloat16 if DEV == "cuda" else torch.float16
