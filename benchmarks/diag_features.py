@@ -12,17 +12,13 @@ For based's maps (power_features of degree 2) at several shapes, in bf16 on the 
 import argparse
 
 import torch
+from bench_chunked import rel  # (this script's folder is on the path)
 
 from mixc.backends.chunked import chunk_normalised, power_features
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (on a CPU: TRITON_INTERPRET=1)
 
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
-
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).square().mean().sqrt() / b.square().mean().sqrt().clamp_min(1e-30)).item()
 
 
 def main():

@@ -15,7 +15,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from tune_launch import apply_settings  # (this script's folder is on the path)
+from bench_chunked import rel  # (this script's folder is on the path)
+from tune_launch import apply_settings
 
 from mixc.backends import chunked as C
 
@@ -23,19 +24,17 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (on a CPU: TRITON_INTERP
 HALF = torch.bfloat16 if DEV == "cuda" else torch.float16
 
 
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).square().mean().sqrt() / b.square().mean().sqrt().clamp_min(1e-30)).item()
+def call(decay, q, k, v, g, **kw):
+    """The public entry for decay kind ``decay`` (norm...: chunk_normalised with g as a scalar decay)."""
+    if decay.startswith("norm"):
+        return C.chunk_normalised(q, k, v, gs=g, **kw)
+    return C.chunk_recurrence(q, k, v, gk=g if decay == "key" else None, gs=g if decay == "scalar" else None, **kw)
 
 
 def run(decay, q, k, v, g, do):
     """(o, final state, dq, dk, dv) of one forward and backward (cotangent do on o)."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    if decay.startswith("norm"):
-        o, ht, _ = C.chunk_normalised(q, k, v, gs=g, output_final_state=True)
-    else:
-        o, ht = C.chunk_recurrence(q, k, v, gk=g if decay == "key" else None, gs=g if decay == "scalar" else None,
-                                   output_final_state=True)
+    o, ht = call(decay, q, k, v, g, output_final_state=True)[:2]
     o.backward(do.to(o.dtype))
     return o.detach(), ht, q.grad, k.grad, v.grad
 
@@ -48,9 +47,7 @@ def timed(on, decay, q, k, v, g):
 
     def fwd():
         with torch.no_grad():
-            if decay.startswith("norm"):
-                return C.chunk_normalised(q, k, v, gs=g)
-            return C.chunk_recurrence(q, k, v, gk=g if decay == "key" else None, gs=g if decay == "scalar" else None)
+            return call(decay, q, k, v, g)
     return f", forward {do_bench(fwd, return_mode='median'):.3f} ms"
 
 
@@ -60,7 +57,7 @@ def main():
     ap.add_argument("--decays", nargs="+", default=["none", "norm", "norm-scalar", "scalar", "key"])
     ap.add_argument("--shape", default="1,4096,4,128")
     ap.add_argument("--set", nargs="*", default=[])
-    ap.add_argument("--time", action="store_true", help="also the bf16 forward's median time (no gradient)")
+    ap.add_argument("--time", action="store_true", help="also the bf16 forward's median time (no gradient; GPU only)")
     a = ap.parse_args()
     B, T, H, V = map(int, a.shape.split(","))
     launch = dict(C.LAUNCH)
