@@ -657,3 +657,13 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
         return emit_chunked(a, plan(a)), "chunked kernel emitted"
     except NoChunkedForm as ex:
         return None, str(ex)
+
+
+def _backend():
+    from . import chunked
+    from .registry import FormBackend
+
+    return FormBackend(form="chunked", emit=emit_any, support=(chunked,), native_varlen=True, describe=describe)
+
+
+BACKEND = _backend()

@@ -32,7 +32,8 @@ class Mixer:
     """A compiled mixer. Call it like a function; see ``../shared/MECHANISMS.md`` for the contract.
 
     ``m(**inputs, initial_state=None, output_final_state=False, cu_seqlens=None, form=None)``
-    runs the compiled form (for now the reference), ``m.reference(...)`` the plain-PyTorch meaning.
+    runs a compiled form (``form=None``: the default, ``m.meta["default_form"]``, where its kernels can run on
+    the inputs' device, else the reference); ``m.reference(...)`` runs the plain-PyTorch meaning.
     Inputs are ``[B, T, H, ...]``; parameters (``[H, ...]``) default to the file's initialisers.
     """
 
@@ -42,7 +43,8 @@ class Mixer:
         self.program = program
         self.name = program.name
         self.analysis = analyse(program)
-        self.source_code = emit.module_source(program, self.analysis)
+        _, self.plan = emit.form_plan(program, self.analysis)
+        self.source_code = emit.module_source(program, self.analysis, self.plan)
         if os.environ.get("MIXC_DEBUG"):
             import sys
 

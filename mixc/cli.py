@@ -148,23 +148,41 @@ def _add_explain(sub) -> None:
     p.set_defaults(run=cmd_explain)
 
 
+def _plan_lines(mixer) -> list[str]:
+    """The emitted forms' plan lines (``describe`` of each backend that has one)."""
+    out = []
+    for form, (backend, _) in mixer.plan.emitted.items():
+        if backend.describe is not None:
+            lines = backend.describe(mixer.analysis)
+            if lines:
+                out.append(f"  {form} kernels:" + "".join(f"\n    {line}" for line in lines))
+    return out
+
+
 def explain_text(mixer) -> str:
-    """What ``mixc explain`` prints for a compiled :class:`mixc.Mixer`: the IR, then the analysis."""
-    from .backends.chunked_emit import describe
+    """What ``mixc explain`` prints for a compiled :class:`mixc.Mixer`: the IR, then the analysis, then
+    what was emitted (a legal form that was not, with the reason) and the default as it runs."""
     from .ir import format_program
 
-    built = ", ".join(mixer.forms)
-    plan = "".join(f"\n    {line}" for line in describe(mixer.analysis))
-    return (f"{format_program(mixer.program)}\n\n{mixer.analysis.explain()}\n"
-            f"  emitted: {built} (run with form=...; 'reference' is the plain-PyTorch meaning)"
-            + (f"\n  chunked kernels:{plan}" if plan else ""))
+    plan = mixer.plan
+    out = [format_program(mixer.program), "", mixer.analysis.explain(),
+           f"  emitted: {', '.join(mixer.forms)} (run with form=...; 'reference' is the plain-PyTorch meaning)"]
+    out += [f"  not emitted: {f} -- {why}" for f, why in plan.not_emitted.items()]
+    if plan.default != mixer.analysis.default_form:
+        out.append(f"  runs by default: {plan.default} -- {plan.default_reason}")
+    out += _plan_lines(mixer)
+    return "\n".join(out)
 
 
 def explain_json(mixer) -> dict:
     """What ``mixc explain --json`` prints."""
     from .backends.chunked_emit import describe
 
-    return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "chunked_plan": describe(mixer.analysis)}
+    plan = mixer.plan
+    return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "default_form": plan.default,
+            "analysis_default_form": mixer.analysis.default_form, "default_reason": plan.default_reason,
+            "not_emitted": dict(plan.not_emitted),
+            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else []}
 
 
 def cmd_explain(args) -> int:

@@ -1,0 +1,49 @@
+"""The form table (backends/registry.py): what each backend pastes into a generated module must not
+collide with another's, and the default that runs is always an emitted form, with its reason."""
+
+import ast
+import inspect
+
+import pytest
+
+import mixc
+from mixc.backends.registry import KERNEL_FORMS, backends
+
+
+def _top_level_names(mod) -> set[str]:
+    names = set()
+    for node in ast.parse(inspect.getsource(mod)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_support_modules_define_disjoint_names():
+    """Two backends' pasted modules share one namespace in a generated module: no top-level name twice,
+    and none named like a form function."""
+    seen: dict[str, str] = {}
+    mods = {m for b in backends() for m in b.support}
+    for mod in sorted(mods, key=lambda m: m.__name__):
+        for name in _top_level_names(mod):
+            assert name not in KERNEL_FORMS and name not in ("reference", "forward", "pick_form", "MIXER"), \
+                f"{mod.__name__} defines {name}, a name the generated module uses"
+            assert name not in seen, f"{name} is defined in both {seen[name]} and {mod.__name__}"
+            seen[name] = mod.__name__
+
+
+def test_every_backend_names_a_kernel_form():
+    for b in backends():
+        assert b.form in KERNEL_FORMS
+
+
+@pytest.mark.parametrize("name", ["gla", "hgrn", "softmax_attention"])
+def test_default_is_emitted_and_explained(name):
+    m = mixc.load(f"examples/{name}.mix")
+    assert m.meta["default_form"] in m.forms
+    if m.meta["default_form"] != m.analysis.default_form:
+        assert m.analysis.default_form in m.meta["not_emitted"]
+        assert "not emitted" in m.meta["default_reason"]
