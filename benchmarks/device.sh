@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one device script: on the GPU machine (device tool), from the repository root,
+#   bash benchmarks/device.sh [--tests "PYTEST ARGS"] [--suites chunked,recurrent,fft,attention,delta] [--limit S]
+# 1. installs the wheels carried in .whl/ (fla 0.6.0, pytest-xdist, ...: README "Performance") into /tmp/site;
+# 2. --tests: runs pytest with those arguments on the GPU (8 processes when pytest-xdist is there), at most
+#    --limit seconds (default 300; SIGINT at the limit, so pytest still reports what passed), log in $OUT/gpu_tests.txt;
+# 3. --suites: runs benchmarks/bench.py on those suites, rows and tables in $OUT/bench_<suite>.{json,md}.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+tests=""; suites=""; limit=300
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tests) tests=$2; shift ;;
+    --suites) suites=$2; shift ;;
+    --limit) limit=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ -n "$tests" ]; then
+  xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 30 "$limit" python3 -m pytest -q -rfE -p no:cacheprovider $xdist $tests > "$OUT/gpu_tests.txt" 2>&1
+  tail -15 "$OUT/gpu_tests.txt"
+fi
+if [ -n "$suites" ]; then
+  python3 benchmarks/bench.py "$suites" --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt" | grep -v "^{" 
+fi
