@@ -338,7 +338,7 @@ def cmd_run(args) -> int:
 
 def _cannot_run_here(mixer, form: str, dev) -> str | None:
     """Why a form cannot run on this device (Triton kernel forms need CUDA or the interpreter)."""
-    kernel_forms = getattr(mixer._module, "KERNEL_FORMS", ())
+    kernel_forms = getattr(mixer._module, "TRITON_FORMS", getattr(mixer._module, "KERNEL_FORMS", ()))
     if form in kernel_forms and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "runs Triton kernels: use --device cuda, or set TRITON_INTERPRET=1 to interpret them on the CPU"
     return None

@@ -18,7 +18,7 @@ from mixc.history import history_name, token_history
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
-from ..reference import prologue
+from ..reference import Emitter, prologue
 
 
 class NoFFTForm(Exception):
@@ -195,12 +195,17 @@ def emit_fft(a: Analysis, fp: FFTPlan) -> list[str]:
     per = ", ".join(["H", *ch_sizes, nf])  # [H, *C, N] (the modes flattened)
     full = ", ".join(["1, H", *ch_sizes, *md_sizes])
 
+    # the parameters' side (a, b, c, K) in float64 whatever the inputs: K and the maps are small ([H, ...]),
+    # and a formula such as (exp(dt A) - 1) / A loses digits to cancellation in fp32
+    em.emit("pdt, pcdt = torch.float64, torch.complex128  # K and the maps from the parameters: float64")
+    pe = _param_emitter(p, em)
+
     def per_mode(node: Node, what: str) -> str:
-        """``node`` over (channels, modes) per head, as [H, *C, N]."""
-        e, lay = em.val(node, "pre")
-        e = em.expand(em.tensor(e, lay), lay if lay is not None else (), ch + md)
-        name = em.fresh()
-        em.emit(f"{name} = ({e}).expand({full})[0].reshape({per})  # {what}  [{per}]")
+        """``node`` over (channels, modes) per head, as [H, *C, N] in float64."""
+        e, lay = pe.val(node, "pre")
+        e = pe.expand(pe.tensor(e, lay), lay if lay is not None else (), ch + md)
+        name = pe.fresh()
+        pe.emit(f"{name} = ({e}).expand({full})[0].reshape({per})  # {what}  [{per}]")
         return name
 
     def per_token(node: Node, dst: tuple[Var, ...], shape: str, what: str) -> str:
@@ -223,16 +228,17 @@ def emit_fft(a: Analysis, fp: FFTPlan) -> list[str]:
     else:
         av = per_mode(fp.a, f"a = {show(fp.a)}")
         la = em.fresh()
-        em.emit(f"{la} = torch.log({av}.to(cplx))  # log a (complex: a may be negative)")
+        em.emit(f"{la} = torch.log({av}.to(pcdt))  # log a (complex: a may be negative)")
     wb = per_mode(fp.b, f"b = {show(fp.b)}")
     wc = per_mode(fp.c, f"c = {show(fp.c)}")
     em.emit(f"kern = _fft_vandermonde({wc} * {wb}, {la}, T)  # K_l = Re(sum_n c_n b_n a_n^l), l < T  [{per[:-len(nf)]}T]")
     ksh = ", ".join(["H", *ch_sizes])
     if fp.skip_in_k is not None:
-        e, lay = em.val(fp.skip_in_k, "pre")
-        e = em.expand(em.tensor(e, lay), lay if lay is not None else (), ch)
+        e, lay = pe.val(fp.skip_in_k, "pre")
+        e = pe.expand(pe.tensor(e, lay), lay if lay is not None else (), ch)
         em.emit(f"kern = torch.cat([kern[..., :1] + ({e}).expand(1, {ksh})[0].unsqueeze(-1), kern[..., 1:]], -1)"
                 f"  # skip {show(fp.skip)} = s x_t: K_0 += s")
+    em.emit("kern = kern.to(real)  # the convolution runs in fp32 (fp64 for fp64 inputs)")
     xshape = ", ".join(["B, H, T", *ch_sizes])
     x = per_token(fp.signal, ch, xshape, f"x_t = {show(fp.signal)}")
     em.emit(f"xs = {x}.movedim(2, -1)  # tokens last  [{', '.join(['B, H', *ch_sizes, 'T'])}]")
@@ -245,7 +251,8 @@ def emit_fft(a: Analysis, fp: FFTPlan) -> list[str]:
     em.emit("if h0 is not None:")
     pm = "" if to_cm == sorted(to_cm) else f".permute(0, 1, {', '.join(map(str, to_cm))})"
     em.emit(f"    h0 = h0.to(dtype={dt}, device=dev){pm}.reshape({h0_shape})  # [B, H, *C, N]")
-    em.emit(f"    y = y + _fft_vandermonde({wc} * h0 * torch.exp({la}), {la}, T)  # + Re(sum_n c_n a_n^(t+1) h0_n)")
+    em.emit(f"    y0 = _fft_vandermonde({wc} * h0 * torch.exp({la}), {la}, T)  # Re(sum_n c_n a_n^(t+1) h0_n)")
+    em.emit("    y = y + y0.to(real)")
     em.emit("y = y.movedim(-1, 2)  # [B, H, T, *C]")
     o = "y"
     if fp.gate is not None:
@@ -266,16 +273,28 @@ def emit_fft(a: Analysis, fp: FFTPlan) -> list[str]:
     em.emit("    if h0 is not None:")
     em.emit(f"        hT = hT + torch.exp(T * {la}) * h0  # + a^T h0")
     cplx_h = fp.log_a is None or fp.log_a.dtype == "complex" or fp.b.dtype == "complex"
-    conv = ".to(cplx)" if fp.complex_state else ".real" if cplx_h else ""
+    conv = "" if fp.complex_state else ".real" if cplx_h else ""
     back = ", ".join(["B, H", *ch_sizes, *md_sizes])
     perm = ", ".join(["0", "1"] + [str(2 + i) for i in decl_pos])
     hist = "".join(f", {history_name(n)!r}: ext_{n}[:, :, T:]" for n in token_history(p))
     pm = "" if decl_pos == sorted(decl_pos) else f".permute({perm})"
-    em.emit(f"    hT = hT{conv}.reshape({back}){pm}  # [B, H, ...] as declared")
+    em.emit(f"    hT = hT{conv}.to({dt}).reshape({back}){pm}  # [B, H, ...] as declared")
     em.emit(f"    final = {{{fp.state!r}: hT{hist}}}")
     perm_o = ", ".join(["0", "2", "1"] + [str(3 + i) for i in range(len(p.output.vars))])
     em.emit(f"return o.permute({perm_o}), final  # [B, T, H, ...]")
     return lines
+
+
+def _param_emitter(p, em: Emitter) -> Emitter:
+    """An emitter over ``em``'s lines whose parameters, buffers and constants are float64 (``pdt``)."""
+    out = Emitter(em.sizes_var, em.lines, em.indent, "pdt", "pcdt", em.dev)
+    out.count = 1000  # its names (x1001, ...) never meet em's
+    for d in p.params + p.buffers:
+        nm = f"{'pk' if d.kind == 'param' else 'bk'}_{d.name}"
+        out.leaf_defs[(d.kind, d.name)] = [f"{nm} = params[{d.name!r}].to(dtype=pdt, device=dev).unsqueeze(0)  # [1, H"
+                                           + "".join(f", {a}" for a in d.axes) + "]"]
+        out.leaf_names[(d.kind, d.name)] = nm
+    return out
 
 
 def plan_or_reason(a: Analysis) -> tuple[FFTPlan | None, str]:
@@ -329,7 +348,8 @@ def _backend():
     from ..registry import FormBackend
     from . import kernels
 
-    return FormBackend(form="fft", emit=emit_any, support=(kernels,), native_varlen=False, describe=describe)
+    return FormBackend(form="fft", emit=emit_any, support=(kernels,), native_varlen=False, describe=describe,
+                       triton=False)
 
 
 BACKEND = _backend()
