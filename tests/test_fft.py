@@ -151,8 +151,7 @@ def test_fft_float64_is_the_reference():
     m = load("h3")
     x = m.random_inputs(2, 70, 2, dtype=torch.float64, seed=1, P=3, N=4)
     s0 = states_for(m, 2, 2, {"P": 3, "N": 4})
-    ro, rf = m.reference(**x, initial_state=s0, output_final_state=True, P=3, N=4) if False else \
-        m(**x, initial_state=s0, output_final_state=True, form="reference")
+    ro, rf = m(**x, initial_state=s0, output_final_state=True, form="reference")
     o, f = m(**x, initial_state=s0, output_final_state=True, form="fft")
     assert o.dtype == torch.float64 and rel(o, ro) < 1e-11
     assert f["h"].dtype == torch.complex128 and all(rel(f[k], rf[k]) < 1e-11 for k in rf)
@@ -194,6 +193,7 @@ def test_long_sequence_stays_finite_and_accurate():
     o, f = m(**{k: v.float() for k, v in x.items()}, **{k: v.float() for k, v in p.items()},
              output_final_state=True, form="fft")
     assert torch.isfinite(o).all() and torch.isfinite(torch.view_as_real(f["h"])).all()
+    print(f"T={T}: output {rel(o, want):.1e}, final state {rel(f['h'], h):.1e}")
     assert rel(o, want) < 1e-4 and rel(f["h"], h) < 1e-4
     # the kernel's last taps against float64 powers taken one at a time (no accumulated rounding)
     A = torch.complex(p["A_re"], p["A_im"])
@@ -202,7 +202,8 @@ def test_long_sequence_stays_finite_and_accurate():
     ell = torch.arange(T - 64, T, dtype=torch.float64)
     tail = (w[..., None] * torch.exp(ell * la[..., None])).sum(-2).real
     got = kernels._fft_vandermonde(w.to(torch.complex64), la.to(torch.complex64), T)[..., T - 64:]
-    assert rel(got, tail) < 1e-3
+    print(f"last 64 taps of K: {rel(got, tail):.1e}")
+    assert rel(got, tail) < 1e-4
 
 
 def test_fft_size_and_blocks():

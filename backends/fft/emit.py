@@ -231,8 +231,8 @@ def emit_fft(a: Analysis, fp: FFTPlan) -> list[str]:
         em.emit(f"{la} = torch.log({av}.to(pcdt))  # log a (complex: a may be negative)")
     wb = per_mode(fp.b, f"b = {show(fp.b)}")
     wc = per_mode(fp.c, f"c = {show(fp.c)}")
-    em.emit(f"kern = _fft_vandermonde({wc} * {wb}, {la}, T)  # K_l = Re(sum_n c_n b_n a_n^l), l < T  [{per[:-len(nf)]}T]")
     ksh = ", ".join(["H", *ch_sizes])
+    em.emit(f"kern = _fft_vandermonde({wc} * {wb}, {la}, T)  # K_l = Re(sum_n c_n b_n a_n^l), l < T  [{ksh}, T]")
     if fp.skip_in_k is not None:
         e, lay = pe.val(fp.skip_in_k, "pre")
         e = pe.expand(pe.tensor(e, lay), lay if lay is not None else (), ch)
