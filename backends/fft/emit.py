@@ -320,8 +320,9 @@ def describe(a: Analysis) -> list[str]:
     out = [f"K_l = {'Re' if fp.real else ''}(sum over {', '.join(v.name for v in fp.modes) or 'no modes'}: c b a^l), "
            f"l < T, from the parameters: a = {show(fp.a)}, b = {show(fp.b)}, c = {show(fp.c)}",
            f"a^l = exp(l log a) ({la}), never a running product: with l = i J + j (J = ceil(sqrt T)), "
-           "K is one batched [I, N] x [N, J] matmul per channel (fp32/complex64; fp64 for fp64 inputs); "
-           "autograd carries the gradients to the parameters through K",
+           "K is one batched [I, N] x [N, J] matmul per channel, in float64 (complex128) whatever the inputs "
+           "(K and the maps are [H, ...]: cheap; fp32 would lose digits to cancellation such as exp(dt A) - 1), "
+           "then cast to the compute dtype; autograd carries the gradients to the parameters through K",
            f"signal x_t = {show(fp.signal)}: PyTorch prologue, in fp32 for bf16/fp16 inputs",
            "choice by length: T <= 32 tokens (_FFT_DIRECT_MAX_T): a T x T Toeplitz product of the same K (exact; "
            "no FFT launches); longer: real FFTs (rfft/irfft) of length n = 2m >= 2T (m 7-smooth: no wrap-around), "
