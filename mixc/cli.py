@@ -177,12 +177,14 @@ def explain_text(mixer) -> str:
 def explain_json(mixer) -> dict:
     """What ``mixc explain --json`` prints."""
     from .backends.chunked_emit import describe
+    from .backends.fft.emit import describe as describe_fft
 
     plan = mixer.plan
     return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "default_form": plan.default,
             "analysis_default_form": mixer.analysis.default_form, "default_reason": plan.default_reason,
             "not_emitted": dict(plan.not_emitted),
-            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else []}
+            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else [],
+            "fft_plan": describe_fft(mixer.analysis) if "fft" in plan.emitted else []}
 
 
 def cmd_explain(args) -> int:

@@ -136,6 +136,27 @@ def test_fft_matches_reference(name, B, T, H):
     check(*run_both(m, x, params, None))
 
 
+# Corners of the normal form: no modes (a scalar state per channel, a constant decay), a negative decay
+# (log a = log|a| + i pi), and an output axis the state does not have (a gate over it broadcasts K * x)
+ODD = {
+    "no_modes": "size C\ninput u[C]\nstate s[C]\ns[c] = 0.9 * s[c] + u[c]\nout y[c] = 2 * s[c]\n",
+    "negative": "size N\ninput u[]\nparam r[N] = normal(0, 1)\nstate s[N]\ns[n] = -sigmoid(r[n]) * s[n] + u\n"
+                "out y = sum(n: s[n])\n",
+    "extra_axis": "size N, V\ninput u[], g[V]\nparam r[N] = normal(0, 1)\nstate s[N]\n"
+                  "s[n] = exp(-exp(r[n])) * s[n] + u\nout y[v] = g[v] * sum(n: s[n]) + u\n",
+}
+
+
+@pytest.mark.parametrize("name", ODD)
+def test_fft_corners_of_the_normal_form(name):
+    m = mixc.loads(ODD[name], f"{name}.mix")
+    assert m.meta["default_form"] == "fft"
+    sz = {k: 3 for k in m.meta["sizes"]}
+    for T in (5, 70):
+        x = m.random_inputs(2, T, 2, dtype=torch.float64, seed=T, **sz)
+        check(*run_both(m, x, m.parameters_init(2, dtype=torch.float64, **sz), states_for(m, 2, 2, sz)))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fft_varlen(name):
     cu = [0, 5, 5, 45, 80]
@@ -243,6 +264,10 @@ def test_explain_states_the_fft_plan():
     assert "D added to K_0" in text
     text = explain_text(load("h3"))
     assert "output gate q[p]: PyTorch epilogue" in text and "k@past (3 tokens)" in text
+    from mixc.cli import explain_json
+
+    j = explain_json(load("syn_sig"))
+    assert j["default_form"] == "fft" and any("log a = log(sigmoid(a[n])) (complex)" in x for x in j["fft_plan"])
 
 
 def test_no_fft_form_for_time_varying_or_nonlinear_readouts():
