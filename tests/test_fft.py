@@ -132,7 +132,10 @@ def test_fft_matches_reference(name, B, T, H):
     sz = sizes_of(m)
     x = m.random_inputs(B, T, H, dtype=torch.float64, seed=T, **sz)
     params = {k: v * 1.1 for k, v in m.parameters_init(H, dtype=torch.float64, **sz).items()}
-    check(*run_both(m, x, params, states_for(m, B, H, sz)))
+    s0 = states_for(m, B, H, sz)
+    ref, ours = run_both(m, x, params, s0)
+    assert set(ours[2]) == {*x, *params, *s0}  # a gradient reaches every input, parameter and initial state
+    check(ref, ours)
     check(*run_both(m, x, params, None))
 
 
