@@ -27,6 +27,7 @@ KERNEL_FORMS = ("chunked", "recurrent", "fft", "attention")  # what the analysis
 # Backend modules in the order they are tried; the first that emits a form provides it.
 BACKEND_MODULES = (
     "mixc.backends.chunked_emit",
+    "mixc.backends.fft.emit",
 )
 
 
@@ -37,6 +38,7 @@ class FormBackend:
     support: tuple[ModuleType, ...]  # modules pasted verbatim into the generated module, in this order
     native_varlen: bool = False  # the form function takes cu_seqlens itself
     describe: Callable | None = None  # (Analysis) -> list[str]: the plan lines `mixc explain` prints
+    triton: bool = True  # its support runs Triton kernels (else plain PyTorch: any device, no interpreter)
 
 
 @dataclass

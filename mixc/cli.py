@@ -177,12 +177,14 @@ def explain_text(mixer) -> str:
 def explain_json(mixer) -> dict:
     """What ``mixc explain --json`` prints."""
     from .backends.chunked_emit import describe
+    from .backends.fft.emit import describe as describe_fft
 
     plan = mixer.plan
     return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "default_form": plan.default,
             "analysis_default_form": mixer.analysis.default_form, "default_reason": plan.default_reason,
             "not_emitted": dict(plan.not_emitted),
-            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else []}
+            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else [],
+            "fft_plan": describe_fft(mixer.analysis) if "fft" in plan.emitted else []}
 
 
 def cmd_explain(args) -> int:
@@ -338,7 +340,7 @@ def cmd_run(args) -> int:
 
 def _cannot_run_here(mixer, form: str, dev) -> str | None:
     """Why a form cannot run on this device (Triton kernel forms need CUDA or the interpreter)."""
-    kernel_forms = getattr(mixer._module, "KERNEL_FORMS", ())
+    kernel_forms = getattr(mixer._module, "TRITON_FORMS", getattr(mixer._module, "KERNEL_FORMS", ()))
     if form in kernel_forms and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "runs Triton kernels: use --device cuda, or set TRITON_INTERPRET=1 to interpret them on the CPU"
     return None
