@@ -387,8 +387,11 @@ def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.
     if STORE_G:
         tl.store(G + p, b_G, mask=m)
     b_R = _tile_row(b_G, o_c, _mid_row(c * BT, L, BT))
-    tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]),
-                                                                                    0.0), axis=1), axis=0))
+    # a NaN in the decay counts as an infinite span: the chunk takes the exact path, where a NaN reaches only
+    # the rows at and after its token (factored around the middle row, it would reach every row)
+    b_d = b_G - b_R[None, :]
+    b_d = tl.where(b_d != b_d, float("inf"), tl.abs(b_d))
+    tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, b_d, 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -666,7 +669,8 @@ def _out_kernel(
             else:
                 b_d = b_G - _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)[None, :]
             if SELF_SPAN:  # each row's largest |G - G_R| (across the keys: within a warp)
-                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.abs(b_d), 0.0), axis=1))
+                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.where(b_d != b_d, float("inf"), tl.abs(b_d)),
+                                                            0.0), axis=1))  # (NaN: infinite, as in the spans)
             # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
             b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND))
             b_kr = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * tl.exp(tl.minimum(-b_d, BOUND))
@@ -1989,6 +1993,23 @@ def _symmetric_index(K, e):
     return _SYMMETRIC[K, e]
 
 
+# Log decays are floored here before the kernels see them: a decay exactly 0 (log -inf) would make the
+# in-chunk differences G_t - G_s of cumulative log decays -inf - (-inf) = NaN, and a very sharp gate (g = -1e4)
+# makes the cumulative sums so large that their fp32 differences lose every digit (ulp(3e5) = 0.03). Any path
+# through a floored token is weighted by at most e^-60 (9e-27), as good as the exact 0 in fp32 beside the
+# token's own term of weight 1, and a floored gate's gradient is 0, as exp(g)'s is at -inf. NaN stays NaN.
+LOG_DECAY_MIN = -60.0
+
+
+def _floor_log_decay(g):
+    """max(g, LOG_DECAY_MIN) (None for None); a decay that is one value per head keeps its stride-0 layout."""
+    if g is None:
+        return None
+    if g.dim() == 3 and _per_head(g):
+        return g[:1, :1].clamp(min=LOG_DECAY_MIN).expand(g.shape)
+    return g.clamp(min=LOG_DECAY_MIN)
+
+
 def _merge_decays(gk, gs):
     return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
 
@@ -2006,6 +2027,7 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
     scale with a per-key decay is applied here (the per-key kernels do not take one)."""
     if kscale is not None and g is not None and g.dim() == 4:
         k, kscale = _scale_keys(k, kscale), None
+    g = _floor_log_decay(g)
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
         o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
                                            kscale)[:6]
@@ -2035,6 +2057,7 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
     else:
         if kscale is not None:
             k = _scale_keys(k, kscale)
+        gk, gv, gs = _floor_log_decay(gk), _floor_log_decay(gv), _floor_log_decay(gs)
         o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
         if skip is not None:
             o = o + skip.float()[:, None] * v.float()

@@ -177,6 +177,12 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
     if node.op == "input" and node.src[0].op == "iota" and node.src[0].arg == T_VAR and \
             tuple(node.arg[1]) == tuple(lay_vars):
         name = f"inputs[{node.arg[0]!r}]"
+    elif _is_number(node):  # a number (a constant decay, v' = 1): one value per head, broadcast (stride 0)
+        e, _ = em.val(node, "pre")
+        name = em.fresh()
+        full = ", ".join(["B, T, H"] + [em.sizes_var[v.axis] for v in lay_vars])
+        ones = ", ".join(["1", "1", "H"] + ["1"] * len(lay_vars))
+        em.emit(f"{name} = torch.full(({ones}), {e}, dtype={em.rdt}, device=dev).expand({full})  # {show(node)}")
     elif (direct := _elementwise_btd(em, node, lay_vars)) is not None:
         name = em.fresh()
         dims = ", ".join(["B, T, H"] + [v.axis for v in lay_vars])
