@@ -245,8 +245,8 @@ def _dot(a, b, DOT: tl.constexpr):
     """a @ b with fp32 accumulation; DOT picks the operand precision (see the kernel)."""
     if DOT == 3:
         return tl.dot(a, b, input_precision="ieee")
-    elif DOT == 2:
-        return tl.dot(a, b, input_precision="tf32")
+    elif DOT == 2:  # fp16 inputs: tf32 has fp16's significand and fp32's range (scores and states stay finite)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     elif DOT == 1:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
@@ -1184,10 +1184,13 @@ def _flat(x):
 
 def _dot_mode(dtype):
     """Products in the operands' own precision: exact fp32 for fp32/fp64 (and in the interpreter,
-    which has no bf16), tensor cores for bf16/fp16."""
+    which has no bf16), tensor cores for bf16, and tf32 tensor cores for fp16: the same 11 significant
+    bits, but fp32's range, so in-chunk scores and states of large fp16 inputs (1e3: k v^T summed over a
+    chunk is 6e7) do not overflow fp16 (65504) where the reference is finite. (Mode 1, fp16 operands, is
+    kept for the decay's exact sums, _chunk_cumsum's GH.)"""
     if INTERPRET or dtype in (torch.float32, torch.float64):
         return 3
-    return 1 if dtype == torch.float16 else 0
+    return 2 if dtype == torch.float16 else 0
 
 
 def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=False, cu_seqlens=None,
@@ -1399,9 +1402,9 @@ def _factor_bound(dot):
 
 
 def _score_dtype(dtype):
-    """The stored in-chunk scores' dtype: fp32 for exact fp32 products, else the inputs' half precision (the
-    output and dv kernels cast A to it for their tensor-core products anyway)."""
-    return torch.float32 if _dot_mode(dtype) == 3 else dtype
+    """The stored in-chunk scores' dtype: bf16 for bf16 products (the output and dv kernels cast A to it for
+    their tensor-core products anyway), else fp32 (fp16's range is too small for the scores of large inputs)."""
+    return dtype if dtype == torch.bfloat16 and _dot_mode(dtype) != 3 else torch.float32  # (fp16: its range)
 
 
 def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen, store_g=True):
@@ -1486,7 +1489,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     BT, BS, BK = _blocks(K, V, gate)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, ht)
-    sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
+    sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32  # (fp16 states would overflow at 65504)
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
     zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
     zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
@@ -1702,7 +1705,7 @@ def _define_ops():
             ctx = torch.library.get_ctx()  # a size made here must be some output's: NC only with a span
             N, NS = cu_seqlens.shape[0] - 1, ctx.new_dynamic_size()
             NC = ctx.new_dynamic_size() if gate == 2 else 0
-        sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
+        sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
         f32 = torch.float32
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
@@ -2066,16 +2069,18 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
 
 
 def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_seqlens=None,
-                     output_final_state=False, scale=1.0, out_dtype=None, kscale=None):
+                     output_final_state=False, scale=1.0, out_dtype=None, kscale=None, den_fn=None):
     """The recurrence of :func:`chunk_recurrence` together with its normaliser z_t = Dk z_{t-1} e^gs + k_t
     (the same decays, v = 1), divided: o_t = (q_t^T S_t) / (q_t^T z_t) (``scale`` cancels; it only
     matters for rounding). Returns (o, final S or None, final z [N, H, K] or None).
 
     With no decay or a scalar one the kernels carry z themselves and divide in the output kernel; with
     a per-key or per-value decay z is one more value column and the division a PyTorch op. ``kscale`` as in
-    :func:`chunk_recurrence` (it scales z's input too)."""
+    :func:`chunk_recurrence` (it scales z's input too). ``den_fn``: o_t = (q_t^T S_t) / den_fn(q_t^T z_t), an
+    elementwise function of the denominator ([B, T, H, 1] fp32; ``scale`` included), applied in PyTorch with z
+    as a value column."""
     g = _merge_decays(gk, gs)
-    if gv is None and (g is None or g.dim() == 3):
+    if gv is None and (g is None or g.dim() == 3) and den_fn is None:
         o, ht, zt = _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, True, kscale=kscale)
         return o, (ht if output_final_state else None), (zt if output_final_state else None)
     V = v.shape[-1]
@@ -2089,5 +2094,5 @@ def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_se
         h0 = torch.cat([h0, z0[..., None]], dim=-1)
     o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale, torch.float32,
                              kscale=kscale)
-    o = (o[..., :V] / o[..., V:]).to(out_dtype or q.dtype)
+    o = (o[..., :V] / (o[..., V:] if den_fn is None else den_fn(o[..., V:]))).to(out_dtype or q.dtype)
     return o, (ht[..., :V] if output_final_state else None), (ht[..., V] if output_final_state else None)

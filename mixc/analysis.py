@@ -341,6 +341,32 @@ class Readout:
     skip: list[Term]
     ratio: tuple[Readout, Readout] | None = None  # o = num / den (a normalised readout)
     real: bool = False  # the output takes the real part of a complex readout
+    # o = num / f(den): (the linear readout den, the whole denominator f(den)), f elementwise and state-free
+    # apart from den (such as max(abs(den), 1)); None when the output divides by den itself
+    den_fn: tuple[Node, Node] | None = None
+
+
+def _linear(r: Readout | None) -> bool:
+    """Whether a readout is linear in the states (its state-free terms read no state)."""
+    return r is not None and all(state_free(f) for t in r.skip for f in t.factors)
+
+
+def _function_of_one_readout(n: Node) -> Node | None:
+    """The one linear readout X (a sum over a state read) that ``n`` is an elementwise function of, or None:
+    every state read in ``n`` lies inside X, and X's readout is linear with no state-free term."""
+    sums = [x for x in toposort([n]) if x.op == "sum" and not state_free(x)]
+    outer = [x for x in sums if not any(x is not y and x in toposort([y]) for y in sums)]
+    if len({x for x in outer}) != 1:
+        return None
+    X = outer[0]
+    r = readout(X)
+    if not _linear(r) or r.skip or not r.terms:
+        return None
+
+    def free_outside(y: Node) -> bool:
+        return y == X or (y.op != "state" and all(free_outside(z) for z in y.src))
+
+    return X if free_outside(n) else None
 
 
 def readout(n: Node) -> Readout | None:
@@ -348,6 +374,11 @@ def readout(n: Node) -> Readout | None:
         a, b = readout(n.src[0]), readout(n.src[1])
         if a is None or b is None:
             return None
+        if not _linear(b):  # o = num / f(den), f an elementwise function (an mLSTM-like max(|q'n|, 1))
+            X = _function_of_one_readout(n.src[1])
+            if X is None:
+                return None
+            return Readout([], [], (a, readout(X)), den_fn=(X, n.src[1]))
         return Readout([], [], (a, b))
     if n.op == "mul":
         for x, y in ((n.src[0], n.src[1]), (n.src[1], n.src[0])):
@@ -896,6 +927,9 @@ def _readout_lines(rd: Readout) -> list[str]:
         parts = [t.show() for t in r.terms] + [t.show() for t in r.skip]
         return " + ".join(parts) if parts else "0"
 
+    if rd.ratio is not None and rd.den_fn is not None:
+        return [f"readout: o_t = ({one(rd.ratio[0])}) / f(d), d = {one(rd.ratio[1])}, f(d) = {show(rd.den_fn[1])}"
+                "  (a normalised readout through an elementwise function of its denominator)"]
     if rd.ratio is not None:
         return [f"readout: o_t = ({one(rd.ratio[0])}) / ({one(rd.ratio[1])})  (a normalised readout)"]
     lines = []
