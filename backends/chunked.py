@@ -343,11 +343,17 @@ def _chunk_cumsum(b_g, DOT: tl.constexpr, GH: tl.constexpr, r=-1):
     BT: tl.constexpr = b_g.shape[0]
     o_t = tl.arange(0, BT)
     b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0) - tl.where(o_t[None, :] <= r, 1.0, 0.0)
+    # a NaN of g must reach only the sums that hold it (a scan's rows from its own on), not every row through
+    # 0 * NaN: the NaNs are counted by the same product and the sums with a nonzero count made NaN
+    b_n = tl.where(b_g != b_g, 1.0, 0.0)
+    b_g = tl.where(b_g != b_g, 0.0, b_g)
     if DOT == 3:
         b_G = _dot(b_L, b_g, 3)
+        b_N = _dot(b_L, b_n, 3)
     else:  # (GH is _dot's code for the decay's precision)
         b_G = _dot(b_L, b_g, GH)
-    return b_G
+        b_N = _dot(b_L, b_n, GH)
+    return tl.where(b_N != 0.0, float("nan"), b_G)
 
 
 @triton.jit

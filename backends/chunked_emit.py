@@ -676,7 +676,8 @@ def describe(a: Analysis) -> list[str]:
         out.append(f"key scale {show(kscale)}: k' is scaled by it per token as the kernels load it "
                    "(the scaled keys are never stored)")
     if cp.decay != "none":
-        out.append(f"log decay ({cp.decay}): {show(cp.g)}, summed within each 64-token chunk by the kernels")
+        out.append(f"log decay ({cp.decay}): {show(cp.g)}, floored at -60 (a decay of 0 weighs e^-60) and summed "
+                   "within each 64-token chunk by the kernels")
         if cp.decay == "key":
             out.append("per-key decay: a chunk whose summed gates stay within e^(+-50) of its middle row takes its "
                        "in-chunk products whole on tensor cores; a sharper chunk takes exact 16-row blocks")

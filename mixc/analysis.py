@@ -687,7 +687,8 @@ def decay_in_unit_interval(factors: list[Node], p: Program) -> str | None:
                     "an input (any value can be passed)" if any(x.op == "input" for x in toposort([f])) else
                     f"bounded by [{lo:g}, {hi:g}]")
             return (f"the decay {show(f)} is not provably in [0, 1] ({what}): the chunked kernels take the log of "
-                    "a decay and need it <= 0; write a positive gate as exp(...), e.g. exp(logsigmoid(x))")
+                    "the decay and need it in [0, 1]; write a gate as exp(...) of a log gate <= 0, e.g. "
+                    "exp(logsigmoid(x)), or sigmoid(x)")
     return None
 
 

@@ -289,3 +289,21 @@ def test_randomized_decays_never_give_nan_where_the_reference_is_finite(kind):
         assert torch.isfinite(co).all() and torch.isfinite(cs["S"]).all(), (kind, trial)
         assert rel(co, ro) < 1e-4 and rel(cs["S"], rs["S"]) < 1e-4, (kind, trial, rel(co, ro))
     assert math.isfinite(rel(co, ro))
+
+
+def test_half_precision_decay_summed_by_a_product():
+    """A fp16 per-key decay of 64 keys is summed within chunks by a product with a triangular matrix of ones
+    (and, with no backward, the output kernel measures the spans itself): a NaN there reached every row
+    through 0 * NaN; it is counted by the same product and reaches only the rows from its token on. Exact
+    0 decays and sharp gates alike."""
+    m = mixc.loads(rec("exp(g[i])", gax="K", sampler="logsigmoid"))
+    x = m.random_inputs(1, 70, 1, K=64, V=16, dtype=torch.float64, seed=1)
+    x["g"][0, 3, 0, 5] = -INF
+    x["g"][0, 20:30] = -1e4
+    x["g"][0, 45, 0, 7] = float("nan")
+    ref = m(**x, form="reference")
+    with torch.no_grad():
+        o = m(**{k: v.half() for k, v in x.items()}, form="chunked")
+    assert torch.equal(torch.isnan(o), torch.isnan(ref)) and not torch.isinf(o).any()
+    keep = ~torch.isnan(ref)
+    assert rel(o[keep], ref[keep]) < 2e-3
