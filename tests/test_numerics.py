@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import mixc
-from mixc.analysis import bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 INF = float("inf")
@@ -100,6 +99,8 @@ def test_complex_decay_has_no_chunked_form():
 
 
 def test_interval_bounds_of_initialisers():
+    from mixc.analysis import bounds
+
     p = mixc.load(ROOT / "examples" / "retnet.mix").program
     (gamma,) = p.buffers
     lo, hi = bounds(gamma.init, p)
