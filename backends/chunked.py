@@ -245,8 +245,8 @@ def _dot(a, b, DOT: tl.constexpr):
     """a @ b with fp32 accumulation; DOT picks the operand precision (see the kernel)."""
     if DOT == 3:
         return tl.dot(a, b, input_precision="ieee")
-    elif DOT == 2:
-        return tl.dot(a, b, input_precision="tf32")
+    elif DOT == 2:  # fp16 inputs: tf32 has fp16's significand and fp32's range (scores and states stay finite)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     elif DOT == 1:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
@@ -343,11 +343,17 @@ def _chunk_cumsum(b_g, DOT: tl.constexpr, GH: tl.constexpr, r=-1):
     BT: tl.constexpr = b_g.shape[0]
     o_t = tl.arange(0, BT)
     b_L = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0) - tl.where(o_t[None, :] <= r, 1.0, 0.0)
+    # a NaN of g must reach only the sums that hold it (a scan's rows from its own on), not every row through
+    # 0 * NaN: the NaNs are counted by the same product and the sums with a nonzero count made NaN
+    b_n = tl.where(b_g != b_g, 1.0, 0.0)
+    b_g = tl.where(b_g != b_g, 0.0, b_g)
     if DOT == 3:
         b_G = _dot(b_L, b_g, 3)
+        b_N = _dot(b_L, b_n, 3)
     else:  # (GH is _dot's code for the decay's precision)
         b_G = _dot(b_L, b_g, GH)
-    return b_G
+        b_N = _dot(b_L, b_n, GH)
+    return tl.where(b_N != 0.0, float("nan"), b_G)
 
 
 @triton.jit
@@ -387,8 +393,11 @@ def _local_cumsum_kernel(g, G, span, cu, cinfo, hoff, T, H: tl.constexpr, K: tl.
     if STORE_G:
         tl.store(G + p, b_G, mask=m)
     b_R = _tile_row(b_G, o_c, _mid_row(c * BT, L, BT))
-    tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, tl.abs(b_G - b_R[None, :]),
-                                                                                    0.0), axis=1), axis=0))
+    # a NaN in the decay counts as an infinite span: the chunk takes the exact path, where a NaN reaches only
+    # the rows at and after its token (factored around the middle row, it would reach every row)
+    b_d = b_G - b_R[None, :]
+    b_d = tl.where(b_d != b_d, float("inf"), tl.abs(b_d))
+    tl.store(span + (i_c * H + i_h) * tl.cdiv(K, BK) + i_k, tl.max(tl.max(tl.where(m, b_d, 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -666,7 +675,8 @@ def _out_kernel(
             else:
                 b_d = b_G - _row(g, bos, _mid_row(c0, L, BT), 0, L, i_h, o_k, m_k, H, K)[None, :]
             if SELF_SPAN:  # each row's largest |G - G_R| (across the keys: within a warp)
-                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.abs(b_d), 0.0), axis=1))
+                b_span = tl.maximum(b_span, tl.max(tl.where(m_ck, tl.where(b_d != b_d, float("inf"), tl.abs(b_d)),
+                                                            0.0), axis=1))  # (NaN: infinite, as in the spans)
             # the factors, clipped at e^BOUND (a chunk beyond it does not use them)
             b_qr = b_q * tl.exp(tl.minimum(b_d, BOUND))
             b_kr = tl.load(k + p_c, mask=m_ck, other=0.0).to(tl.float32) * tl.exp(tl.minimum(-b_d, BOUND))
@@ -1180,10 +1190,13 @@ def _flat(x):
 
 def _dot_mode(dtype):
     """Products in the operands' own precision: exact fp32 for fp32/fp64 (and in the interpreter,
-    which has no bf16), tensor cores for bf16/fp16."""
+    which has no bf16), tensor cores for bf16, and tf32 tensor cores for fp16: the same 11 significant
+    bits, but fp32's range, so in-chunk scores and states of large fp16 inputs (1e3: k v^T summed over a
+    chunk is 6e7) do not overflow fp16 (65504) where the reference is finite. (Mode 1, fp16 operands, is
+    kept for the decay's exact sums, _chunk_cumsum's GH.)"""
     if INTERPRET or dtype in (torch.float32, torch.float64):
         return 3
-    return 1 if dtype == torch.float16 else 0
+    return 2 if dtype == torch.float16 else 0
 
 
 def chunk_run(q, k, v, gk=None, gv=None, gs=None, h0=None, output_final_state=False, cu_seqlens=None,
@@ -1395,9 +1408,9 @@ def _factor_bound(dot):
 
 
 def _score_dtype(dtype):
-    """The stored in-chunk scores' dtype: fp32 for exact fp32 products, else the inputs' half precision (the
-    output and dv kernels cast A to it for their tensor-core products anyway)."""
-    return torch.float32 if _dot_mode(dtype) == 3 else dtype
+    """The stored in-chunk scores' dtype: bf16 for bf16 products (the output and dv kernels cast A to it for
+    their tensor-core products anyway), else fp32 (fp16's range is too small for the scores of large inputs)."""
+    return dtype if dtype == torch.bfloat16 and _dot_mode(dtype) != 3 else torch.float32  # (fp16: its range)
 
 
 def _key_cumsum(gf, NC, cu, cinfo, hoff, T, varlen, store_g=True):
@@ -1482,7 +1495,7 @@ def chunk_fwd(q, k, v, g=None, h0=None, cu_seqlens=None, scale=1.0, out_dtype=No
     BT, BS, BK = _blocks(K, V, gate)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     NC, NS, cu, cinfo, hoff = _geometry(B, T, cu_seqlens, BT, q.device, layout, ht)
-    sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
+    sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32  # (fp16 states would overflow at 65504)
     hs = torch.empty(NS, H, K, V, dtype=sdt, device=q.device)
     zs = torch.empty(NS, H, K, dtype=torch.float32, device=q.device) if norm else None
     zt = torch.empty(N, H, K, dtype=torch.float32, device=q.device) if norm else None
@@ -1698,7 +1711,7 @@ def _define_ops():
             ctx = torch.library.get_ctx()  # a size made here must be some output's: NC only with a span
             N, NS = cu_seqlens.shape[0] - 1, ctx.new_dynamic_size()
             NC = ctx.new_dynamic_size() if gate == 2 else 0
-        sdt = torch.float32 if q.dtype in (torch.float32, torch.float64) else q.dtype
+        sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
         f32 = torch.float32
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
@@ -1989,6 +2002,23 @@ def _symmetric_index(K, e):
     return _SYMMETRIC[K, e]
 
 
+# Log decays are floored here before the kernels see them: a decay exactly 0 (log -inf) would make the
+# in-chunk differences G_t - G_s of cumulative log decays -inf - (-inf) = NaN, and a very sharp gate (g = -1e4)
+# makes the cumulative sums so large that their fp32 differences lose every digit (ulp(3e5) = 0.03). Any path
+# through a floored token is weighted by at most e^-60 (9e-27), as good as the exact 0 in fp32 beside the
+# token's own term of weight 1, and a floored gate's gradient is 0, as exp(g)'s is at -inf. NaN stays NaN.
+LOG_DECAY_MIN = -60.0
+
+
+def _floor_log_decay(g):
+    """max(g, LOG_DECAY_MIN) (None for None); a decay that is one value per head keeps its stride-0 layout."""
+    if g is None:
+        return None
+    if g.dim() == 3 and _per_head(g):
+        return g[:1, :1].clamp(min=LOG_DECAY_MIN).expand(g.shape)
+    return g.clamp(min=LOG_DECAY_MIN)
+
+
 def _merge_decays(gk, gs):
     return gk if gs is None else gs if gk is None else gk.float() + gs.float()[..., None]
 
@@ -2006,6 +2036,7 @@ def _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0=None, norm=
     scale with a per-key decay is applied here (the per-key kernels do not take one)."""
     if kscale is not None and g is not None and g.dim() == 4:
         k, kscale = _scale_keys(k, kscale), None
+    g = _floor_log_decay(g)
     if _CHUNK_FWD_OP is not None and torch.compiler.is_compiling():
         o, ht, _, _, _, zt = _CHUNK_FWD_OP(q, k, v, g, h0, cu_seqlens, float(scale), out_dtype, z0, norm, skip,
                                            kscale)[:6]
@@ -2035,6 +2066,7 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
     else:
         if kscale is not None:
             k = _scale_keys(k, kscale)
+        gk, gv, gs = _floor_log_decay(gk), _floor_log_decay(gv), _floor_log_decay(gs)
         o, ht = ChunkRecurrence.apply(q, k, v, gk, gv, gs, h0, cu_seqlens, output_final_state, float(scale))
         if skip is not None:
             o = o + skip.float()[:, None] * v.float()
@@ -2043,16 +2075,18 @@ def chunk_recurrence(q, k, v, gk=None, gv=None, gs=None, h0=None, cu_seqlens=Non
 
 
 def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_seqlens=None,
-                     output_final_state=False, scale=1.0, out_dtype=None, kscale=None):
+                     output_final_state=False, scale=1.0, out_dtype=None, kscale=None, den_fn=None):
     """The recurrence of :func:`chunk_recurrence` together with its normaliser z_t = Dk z_{t-1} e^gs + k_t
     (the same decays, v = 1), divided: o_t = (q_t^T S_t) / (q_t^T z_t) (``scale`` cancels; it only
     matters for rounding). Returns (o, final S or None, final z [N, H, K] or None).
 
     With no decay or a scalar one the kernels carry z themselves and divide in the output kernel; with
     a per-key or per-value decay z is one more value column and the division a PyTorch op. ``kscale`` as in
-    :func:`chunk_recurrence` (it scales z's input too)."""
+    :func:`chunk_recurrence` (it scales z's input too). ``den_fn``: o_t = (q_t^T S_t) / den_fn(q_t^T z_t), an
+    elementwise function of the denominator ([B, T, H, 1] fp32; ``scale`` included), applied in PyTorch with z
+    as a value column."""
     g = _merge_decays(gk, gs)
-    if gv is None and (g is None or g.dim() == 3):
+    if gv is None and (g is None or g.dim() == 3) and den_fn is None:
         o, ht, zt = _chunk_parallel(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, True, kscale=kscale)
         return o, (ht if output_final_state else None), (zt if output_final_state else None)
     V = v.shape[-1]
@@ -2066,5 +2100,5 @@ def chunk_normalised(q, k, v, gk=None, gv=None, gs=None, h0=None, z0=None, cu_se
         h0 = torch.cat([h0, z0[..., None]], dim=-1)
     o, ht = chunk_recurrence(q, k, v1, gk, gv1, gs, h0, cu_seqlens, output_final_state, scale, torch.float32,
                              kscale=kscale)
-    o = (o[..., :V] / o[..., V:]).to(out_dtype or q.dtype)
+    o = (o[..., :V] / (o[..., V:] if den_fn is None else den_fn(o[..., V:]))).to(out_dtype or q.dtype)
     return o, (ht[..., :V] if output_final_state else None), (ht[..., V] if output_final_state else None)

@@ -35,6 +35,7 @@ class ChunkPlan:
     gate: Node | None  # output gate over the value axis (multiplies q'^T S)
     skip: Node | None  # state-free part of the output (over the value axis)
     normaliser: str | None  # state z carried as an extra value column; o = num / den
+    den_fn: tuple[Node, Node] | None = None  # o = num / f(den): (den's readout node, f(den)) (Readout.den_fn)
 
 
 class NoChunkedForm(Exception):
@@ -140,6 +141,8 @@ def plan(a: Analysis) -> ChunkPlan:
         qz = rename(qz, {zdecl.axes[0]: key})
         if qz != q_node or gz is not None:
             raise NoChunkedForm("the normaliser is read with another query than the state")
+        if rd.den_fn is not None and decay == "value":
+            raise NoChunkedForm("a function of the denominator under a per-value decay")
     else:
         if normaliser is not None:
             raise NoChunkedForm("a normaliser state that the output does not divide by")
@@ -151,7 +154,8 @@ def plan(a: Analysis) -> ChunkPlan:
                 skip = make("add", (skip, x), None)
     if any(n.dtype == "complex" for n in (q_node, k_node, v_node) if n is not None):
         raise NoChunkedForm("complex-valued recurrences have no chunked kernel")
-    return ChunkPlan(main.name, transposed, key, value, q_node, k_node, v_node, decay, g, gate, skip, normaliser)
+    return ChunkPlan(main.name, transposed, key, value, q_node, k_node, v_node, decay, g, gate, skip, normaliser,
+                     rd.den_fn if rd.ratio is not None else None)
 
 
 def _rename_terms(terms: list[Term], m: dict) -> list[Term]:
@@ -177,6 +181,12 @@ def _as_btd(em, node: Node, lay_vars: tuple[Var, ...], shape: str) -> str:
     if node.op == "input" and node.src[0].op == "iota" and node.src[0].arg == T_VAR and \
             tuple(node.arg[1]) == tuple(lay_vars):
         name = f"inputs[{node.arg[0]!r}]"
+    elif _is_number(node):  # a number (a constant decay, v' = 1): one value per head, broadcast (stride 0)
+        e, _ = em.val(node, "pre")
+        name = em.fresh()
+        full = ", ".join(["B, T, H"] + [em.sizes_var[v.axis] for v in lay_vars])
+        ones = ", ".join(["1", "1", "H"] + ["1"] * len(lay_vars))
+        em.emit(f"{name} = torch.full(({ones}), {e}, dtype={em.rdt}, device=dev).expand({full})  # {show(node)}")
     elif (direct := _elementwise_btd(em, node, lay_vars)) is not None:
         name = em.fresh()
         dims = ", ".join(["B, T, H"] + [v.axis for v in lay_vars])
@@ -281,11 +291,14 @@ def _scale_by(em, factors: list[Node]) -> str:
     return out
 
 
-def _feature_emitter(p, em):
+def _feature_emitter(p, em, products: bool = False):
     """An emitter for q', k', v' (and feature maps) in the dtype the kernels take (``dt_in``: the
     inputs' own bf16/fp16, else fp32): one rounding per operation instead of fp32 copies of every
-    input and a cast at the end. Decays and the epilogue stay with ``em``, in fp32 at least."""
-    em.emit("dt_in = x0.dtype if x0.dtype in (torch.bfloat16, torch.float16) else torch.float32")
+    input and a cast at the end. Decays and the epilogue stay with ``em``, in fp32 at least.
+    ``products``: feature maps that multiply inputs together (q (x) q of inputs of 1e3 is 1e6), formed
+    in fp32 for fp16 inputs, whose range (65504) they would overflow; bf16 has fp32's range."""
+    half = "(torch.bfloat16,)" if products else "(torch.bfloat16, torch.float16)"
+    em.emit(f"dt_in = x0.dtype if x0.dtype in {half} else torch.float32")
     return input_dtype_emitter(p, em, "dt_in", "lp")
 
 
@@ -296,9 +309,32 @@ def _kernel_skip(cp: ChunkPlan) -> Node | None:
 
 
 def _normaliser_in_kernel(cp: ChunkPlan) -> bool:
-    """Whether the kernels carry the normaliser (no decay or a scalar one; chunk_normalised otherwise
-    makes it a value column)."""
-    return cp.normaliser is not None and cp.decay in ("none", "scalar")
+    """Whether the kernels carry the normaliser (no decay or a scalar one, dividing by the denominator itself;
+    chunk_normalised otherwise makes it a value column)."""
+    return cp.normaliser is not None and cp.decay in ("none", "scalar") and cp.den_fn is None
+
+
+def _den_fn_expr(em, n: Node, X: Node) -> str:
+    """f(d) as a PyTorch expression of the tensor ``d`` (the denominator q'^T z, [B, T, H, 1] fp32), for the
+    elementwise function f of Readout.den_fn: X (the readout) is ``d``, numbers are numbers."""
+    if n == X:
+        return "d"
+    if _is_number(n):
+        return em._paren(em.val(n, "pre")[0])
+    args = [_den_fn_expr(em, x, X) for x in n.src]
+    if n.op == "neg":
+        return f"(-{args[0]})"
+    if n.op in TORCH_UNARY:
+        return f"{TORCH_UNARY[n.op]}({args[0]})"
+    if n.op in ("min", "max") and len(args) == 2:
+        a, b = args if not _is_number(n.src[0]) else args[::-1]
+        if _is_number(n.src[0]) or _is_number(n.src[1]):
+            return f"torch.clamp_{'max' if n.op == 'min' else 'min'}({a}, {b})"  # (max(a, b): b the least)
+        return f"torch.{'minimum' if n.op == 'min' else 'maximum'}({a}, {b})"
+    if n.op in ("add", "sub", "mul", "div", "pow"):
+        return f"({args[0]} {INFIX[n.op]} {args[1]})"
+    raise NoChunkedForm(f"the denominator's function {show(n)} is not elementwise arithmetic of numbers "
+                        "and the readout")
 
 
 def _skip_coefficient(skip: Node, v: Node) -> Node | None:
@@ -399,7 +435,16 @@ def emit_chunked(a: Analysis, cp: ChunkPlan) -> list[str]:
     epilogue = cp.gate is not None or skip is not None
     args = (f"as_dtype({q}, dt_in), as_dtype({k}, dt_in), as_dtype({v}, dt_in){gargs}, cu_seqlens=cu_seqlens, "
             f"output_final_state=output_final_state, scale={scale}" + (", out_dtype=real)" if epilogue else ")"))
-    if cp.normaliser:
+    if cp.normaliser and cp.den_fn is not None:
+        X, fden = cp.den_fn
+        em.emit(f"# o = (q'^T {cp.state}) / f(d), d = q'^T {cp.normaliser}, f(d) = {show(fden)}: "
+                f"{cp.normaliser} as one more value column, f and the division in PyTorch (autograd)")
+        em.emit("def den_fn(d):  # [B, T, H, 1] fp32")
+        em.emit(f"    return {_den_fn_expr(em, fden, X)}")
+        em.emit(f"o, ht, zt = chunk_normalised({args[:-1]}, den_fn=den_fn)")
+        final = (f"{{{cp.state!r}: as_dtype(ht{tr}, real), {cp.normaliser!r}: as_dtype(zt, real)}} "
+                 "if output_final_state else None")
+    elif cp.normaliser:
         em.emit(f"# o = (q'^T {cp.state}) / (q'^T {cp.normaliser}): " + ("the kernels carry it and divide"
                 if _normaliser_in_kernel(cp) else f"{cp.normaliser} as one more value column"))
         em.emit(f"o, ht, zt = chunk_normalised({args}")
@@ -541,7 +586,7 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
     nodes = [n for b in fp.blocks for pair in b.pairs for n in pair] + [n for b in fp.blocks for n in
                                                                        b.q_factors + b.k_factors] + [fp.value]
     em = prologue(p, lines, nodes)
-    fe = _feature_emitter(p, em)  # the feature maps: in the kernels' input dtype
+    fe = _feature_emitter(p, em, products=True)  # the feature maps: in the kernels' input dtype
     where = f"{p.source.path}:{p.output.pos.line}" if p.output.pos else p.source.path
     em.emit(f"# w(t, u) = {a.separability.weight}  ({where}); feature width {fp.width}")
     j = fp.value_var
@@ -558,7 +603,7 @@ def emit_chunked_features(a: Analysis, fp: FeaturePlan) -> list[str]:
             (i,) = [v for v in x.idx if v != T_VAR]
             xs = _as_btd(fe, x, (i,), f"B, H, T, {em.sizes_var[i.axis]}")
             coeffs = ", ".join(" * ".join(em._paren(em.val(f, "pre")[0]) for f in fs) or "1.0" for fs in factors)
-            sides.append(f"power_features({xs}, {D}, ({coeffs}), pad={FEATURE_PAD})")
+            sides.append(f"power_features(as_dtype({xs}, dt_in), {D}, ({coeffs}), pad={FEATURE_PAD})")
         em.emit(f"phi_q = {sides[0]}")
         em.emit(f"psi_k = {sides[1]}")
     qs, ks = [], []
@@ -631,13 +676,17 @@ def describe(a: Analysis) -> list[str]:
         out.append(f"key scale {show(kscale)}: k' is scaled by it per token as the kernels load it "
                    "(the scaled keys are never stored)")
     if cp.decay != "none":
-        out.append(f"log decay ({cp.decay}): {show(cp.g)}, summed within each 64-token chunk by the kernels")
+        out.append(f"log decay ({cp.decay}): {show(cp.g)}, floored at -60 (a decay of 0 weighs e^-60) and summed "
+                   "within each 64-token chunk by the kernels")
         if cp.decay == "key":
             out.append("per-key decay: a chunk whose summed gates stay within e^(+-50) of its middle row takes its "
                        "in-chunk products whole on tensor cores; a sharper chunk takes exact 16-row blocks")
             out.append("per-key decay in bf16/fp16 with 64+ keys: read as it is and summed by a tensor-core product "
                        "in the kernels (fp32 sums written only for the backward; no backward: two kernels)")
-    if cp.normaliser:
+    if cp.den_fn is not None:
+        out.append(f"normaliser {cp.normaliser}: an extra value column; o = num / f(den) with f(den) = "
+                   f"{show(cp.den_fn[1])}, a PyTorch epilogue (its gradient by autograd)")
+    elif cp.normaliser:
         out.append(f"normaliser {cp.normaliser}: " + ("carried beside the state by the kernels; the output kernel "
                                                        "divides" if _normaliser_in_kernel(cp) else "an extra value "
                                                        f"column (per-{cp.decay} decay); divided in PyTorch"))

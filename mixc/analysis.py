@@ -341,6 +341,32 @@ class Readout:
     skip: list[Term]
     ratio: tuple[Readout, Readout] | None = None  # o = num / den (a normalised readout)
     real: bool = False  # the output takes the real part of a complex readout
+    # o = num / f(den): (the linear readout den, the whole denominator f(den)), f elementwise and state-free
+    # apart from den (such as max(abs(den), 1)); None when the output divides by den itself
+    den_fn: tuple[Node, Node] | None = None
+
+
+def _linear(r: Readout | None) -> bool:
+    """Whether a readout is linear in the states (its state-free terms read no state)."""
+    return r is not None and all(state_free(f) for t in r.skip for f in t.factors)
+
+
+def _function_of_one_readout(n: Node) -> Node | None:
+    """The one linear readout X (a sum over a state read) that ``n`` is an elementwise function of, or None:
+    every state read in ``n`` lies inside X, and X's readout is linear with no state-free term."""
+    sums = [x for x in toposort([n]) if x.op == "sum" and not state_free(x)]
+    outer = [x for x in sums if not any(x is not y and x in toposort([y]) for y in sums)]
+    if len({x for x in outer}) != 1:
+        return None
+    X = outer[0]
+    r = readout(X)
+    if not _linear(r) or r.skip or not r.terms:
+        return None
+
+    def free_outside(y: Node) -> bool:
+        return y == X or (y.op != "state" and all(free_outside(z) for z in y.src))
+
+    return X if free_outside(n) else None
 
 
 def readout(n: Node) -> Readout | None:
@@ -348,6 +374,11 @@ def readout(n: Node) -> Readout | None:
         a, b = readout(n.src[0]), readout(n.src[1])
         if a is None or b is None:
             return None
+        if not _linear(b):  # o = num / f(den), f an elementwise function (an mLSTM-like max(|q'n|, 1))
+            X = _function_of_one_readout(n.src[1])
+            if X is None:
+                return None
+            return Readout([], [], (a, readout(X)), den_fn=(X, n.src[1]))
         return Readout([], [], (a, b))
     if n.op == "mul":
         for x, y in ((n.src[0], n.src[1]), (n.src[1], n.src[0])):
@@ -507,6 +538,158 @@ def _flatten_mul(n: Node) -> list[Node]:
     if n.op == "mul":
         return _flatten_mul(n.src[0]) + _flatten_mul(n.src[1])
     return [n]
+
+
+# ---- bounds of decays (interval arithmetic) -----------------------------------------------------
+
+_INF = math.inf
+_ALL = (-_INF, _INF)
+
+
+def _imul(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """The product of two intervals (0 * inf taken as 0: a bound, not a value)."""
+    ps = [0.0 if (x == 0 or y == 0) else x * y for x in a for y in b]
+    return min(ps), max(ps)
+
+
+def _iexp(a: tuple[float, float]) -> tuple[float, float]:
+    def e(x: float) -> float:
+        try:
+            return math.exp(x)
+        except OverflowError:
+            return _INF
+    return e(a[0]), e(a[1])
+
+
+def _ilog(a: tuple[float, float]) -> tuple[float, float]:
+    if a[0] < 0:
+        return _ALL
+    return (-_INF if a[0] == 0 else math.log(a[0])), (_INF if a[1] == _INF else math.log(a[1]) if a[1] > 0
+                                                       else -_INF)
+
+
+def _idiv(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    if b[0] > 0 or b[1] < 0:  # 1 / b is bounded away from a pole
+        inv = tuple(sorted((0.0 if abs(x) == _INF else 1 / x) for x in b))
+        return _imul(a, inv)
+    return _ALL
+
+
+def _ipow(a: tuple[float, float], b: tuple[float, float], exponent: Node) -> tuple[float, float]:
+    if a[0] > 0:  # a ** b = exp(b log a)
+        return _iexp(_imul(_ilog(a), b))
+    if exponent.op == "const" and isinstance(exponent.arg, int | float) and float(exponent.arg).is_integer():
+        e = int(exponent.arg)
+        if e >= 0:
+            ends = [x ** e if abs(x) != _INF else (_INF if e else 1.0) * (1 if e % 2 == 0 or x > 0 else -1)
+                    for x in a]
+            lo, hi = min(ends), max(ends)
+            if e % 2 == 0 and a[0] <= 0 <= a[1]:
+                lo = 0.0
+            return lo, hi
+    return _ALL
+
+
+def bounds(n: Node, p: Program, depth: int = 0) -> tuple[float, float]:
+    """An interval holding every value of a real expression, for any inputs, tokens, heads and sizes:
+    inputs and learnable parameters are unbounded (a parameter's value at call time is not its
+    initialiser), a buffer takes its initialiser's bounds, the head index, index variables and the
+    token index are >= 0, sizes >= 1, random draws lie in their range. (-inf, inf) when unknown."""
+    if n.dtype != "real" or depth > 60:
+        return _ALL
+    op, src = n.op, n.src
+
+    def b(x: Node) -> tuple[float, float]:
+        return bounds(x, p, depth + 1)
+
+    if op == "const":
+        v = n.arg
+        return (float(v), float(v)) if isinstance(v, int | float) and not isinstance(v, bool) else _ALL
+    if op == "dim":
+        return 1.0, _INF
+    if op in ("iota", "head"):
+        return 0.0, _INF
+    if op == "buffer":
+        decl = p.decl(n.arg[0])
+        return b(decl.init) if decl is not None and decl.init is not None else _ALL
+    if op == "rand":
+        if n.arg[0] == "uniform":
+            lo, hi = b(src[0]), b(src[1])
+            return min(lo[0], hi[0]), max(lo[1], hi[1])
+        return _ALL
+    if op in ("input", "param", "state"):
+        return _ALL
+    if op == "neg":
+        lo, hi = b(src[0])
+        return -hi, -lo
+    if op == "add":
+        (a0, a1), (b0, b1) = b(src[0]), b(src[1])
+        return a0 + b0, a1 + b1
+    if op == "sub":
+        (a0, a1), (b0, b1) = b(src[0]), b(src[1])
+        return a0 - b1, a1 - b0
+    if op == "mul":
+        return _imul(b(src[0]), b(src[1]))
+    if op == "div":
+        return _idiv(b(src[0]), b(src[1]))
+    if op == "pow":
+        return _ipow(b(src[0]), b(src[1]), src[1])
+    if op == "exp":
+        return _iexp(b(src[0]))
+    if op == "log":
+        return _ilog(b(src[0]))
+    if op == "sqrt":
+        lo, hi = b(src[0])
+        return (math.sqrt(max(lo, 0.0)), math.sqrt(hi) if hi >= 0 else 0.0) if hi >= 0 else _ALL
+    if op == "sigmoid":
+        lo, hi = b(src[0])
+        s = [0.0 if x == -_INF else 1.0 if x == _INF else 1 / (1 + math.exp(-x)) if x > -700 else 0.0
+             for x in (lo, hi)]
+        return s[0], s[1]
+    if op == "tanh":
+        lo, hi = b(src[0])
+        return math.tanh(lo), math.tanh(hi)
+    if op == "logsigmoid":
+        return -_INF, 0.0
+    if op in ("softplus", "abs", "relu"):
+        lo, hi = b(src[0])
+        if op == "relu":
+            return max(lo, 0.0), max(hi, 0.0)
+        if op == "abs":
+            return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+        return 0.0, _INF
+    if op in ("min", "max"):
+        (a0, a1), (b0, b1) = b(src[0]), b(src[1])
+        return (min(a0, b0), min(a1, b1)) if op == "min" else (max(a0, b0), max(a1, b1))
+    if op in ("sin", "cos"):
+        return -1.0, 1.0
+    if op == "where":
+        (a0, a1), (b0, b1) = b(src[1]), b(src[2])
+        return min(a0, b0), max(a1, b1)
+    return _ALL
+
+
+def decay_in_unit_interval(factors: list[Node], p: Program) -> str | None:
+    """None when the decay ``prod(factors)`` is provably in [0, 1] as the chunked kernels need it (they take
+    its logarithm, summed within chunks, and assume the sums never grow: a decay exactly 0, log = -inf, is
+    fine), else why not, in words. A factor exp(x) of a real x is positive (its being at most 1 is the
+    gate's own contract, as a log-space forget gate is); any other factor must lie in [0, 1] for every
+    input, token, head and size (:func:`bounds`)."""
+    for f in factors:
+        if f.dtype != "real":
+            return f"the decay {show(f)} is complex: the chunked kernels take real log decays"
+        if f.op == "exp":
+            continue
+        lo, hi = bounds(f, p)
+        if not (lo >= 0 and hi <= 1):
+            what = ("a learnable parameter (its value at call time is not its initialiser)"
+                    if any(x.op == "param" for x in toposort([f])) else
+                    "an input (any value can be passed)" if any(x.op == "input" for x in toposort([f])) else
+                    f"bounded by [{lo:g}, {hi:g}]")
+            return (f"the decay {show(f)} is not provably in [0, 1] ({what}): the chunked kernels take the log of "
+                    "the decay and need it in [0, 1]; write a gate as exp(...) of a log gate <= 0, e.g. "
+                    "exp(logsigmoid(x)), or sigmoid(x)")
+    return None
 
 
 # ---- the whole analysis ------------------------------------------------------------------------
@@ -672,8 +855,9 @@ def analyse(p: Program) -> Analysis:
     reasons["recurrent"] = "a linear recurrence always runs as a scan over tokens (decode, and training fallback)"
     chunkable = {"identity", "constant_scalar", "scalar", "diagonal_key", "diagonal_value", "delta", "gated_delta"}
     others = [s for s in states if s is not main and s.normaliser_of is None]
+    bad_decay = _decay_problem(main, p) if main.transition in chunkable else None
     if (len(main.axes) == 2 and main.transition in chunkable and main.k is not None and main.v is not None
-            and not others):
+            and not others and bad_decay is None):
         forms.insert(0, "chunked")
         how = {"delta": "the WY representation of products of (I - b k k^T)",
                "gated_delta": "the WY representation with cumulative scalar gates"}.get(
@@ -690,6 +874,8 @@ def analyse(p: Program) -> Analysis:
             why = "the input term is not an outer product k' v'^T"
         elif others:
             why = f"several independent states ({', '.join(s.name for s in [main] + others)})"
+        elif bad_decay is not None:
+            why = bad_decay
         else:
             why = f"the {main.transition} transition has no chunked algorithm"
         reasons["chunked"] = f"not available: {why}"
@@ -704,6 +890,13 @@ def analyse(p: Program) -> Analysis:
     width = main.key_axis.axis if main.key_axis is not None and len(main.axes) == 2 else None
     return Analysis(p, "recurrence", transition, main.transition_reason, states, readout_lines, None, None, width,
                     ti, ti_reason, kernel, forms, default, reasons, notes)
+
+
+def _decay_problem(s: StateForm, p: Program) -> str | None:
+    """Why the decay of a chunkable state is not one the chunked kernels can take (None when it is): the
+    factors of its diagonal term (the scalar gate of a gated delta rule) must be provably in [0, 1]."""
+    diag = [t for t in s.linear if not t.summed and tuple(t.state.arg[1]) == tuple(s.axes)]
+    return decay_in_unit_interval(list(diag[0].factors), p) if diag else None
 
 
 def _same_decay(z: StateForm, s: StateForm) -> bool:
@@ -735,6 +928,9 @@ def _readout_lines(rd: Readout) -> list[str]:
         parts = [t.show() for t in r.terms] + [t.show() for t in r.skip]
         return " + ".join(parts) if parts else "0"
 
+    if rd.ratio is not None and rd.den_fn is not None:
+        return [f"readout: o_t = ({one(rd.ratio[0])}) / f(d), d = {one(rd.ratio[1])}, f(d) = {show(rd.den_fn[1])}"
+                "  (a normalised readout through an elementwise function of its denominator)"]
     if rd.ratio is not None:
         return [f"readout: o_t = ({one(rd.ratio[0])}) / ({one(rd.ratio[1])})  (a normalised readout)"]
     lines = []

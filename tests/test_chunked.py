@@ -175,8 +175,8 @@ def test_the_kernels_carry_the_normaliser_and_the_skip():
         src = load(name).source_code
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert "chunk_normalised(" in body and "torch.cat" not in body and "o = o[" not in body
-    for name, call in (("based", "power_features(inputs['q'], 2,"),
-                       ("synthetic_poly", "power_features(inputs['a'], 3,")):
+    for name, call in (("based", "power_features(as_dtype(inputs['q'], dt_in), 2,"),
+                       ("synthetic_poly", "power_features(as_dtype(inputs['a'], dt_in), 3,")):
         src = load(name).source_code  # width C(K + 2, 2) (C(K + 3, 3)), not 1 + K + K^2 (+ K^3)
         body = src[src.index("def chunked("):src.index("chunked.native_varlen")]
         assert call in body and "torch.cat" not in body, name
