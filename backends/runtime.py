@@ -91,7 +91,8 @@ def bind_call(meta, kwargs, initial_state, cu_seqlens, init_params):
     (_signature) passed the checks before takes their result again without repeating them: the host
     time of a short call matters (BENCHMARKS.md, session 5)."""
     key = None
-    if cu_seqlens is None:
+    # (under torch.compile the checks are traced once anyway, and torch 2.11's dynamo cannot trace id())
+    if cu_seqlens is None and not torch.compiler.is_compiling():
         try:
             key = _signature(meta, kwargs, initial_state)
         except AttributeError:  # something not a tensor (None included): the checks say what

@@ -15,6 +15,7 @@ import torch
 import mixc
 
 ROOT = Path(__file__).resolve().parent.parent
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INF = float("inf")
 
 REC = """
@@ -94,7 +95,7 @@ def test_complex_decay_has_no_chunked_form():
     assert m.forms == ["reference"]
     src = src.replace("0.5j", "0.5")  # a real decay of a complex state with real inputs: chunked, and right
     m = mixc.loads(src)
-    x = m.random_inputs(1, 9, 2, K=3, V=4)
+    x = m.random_inputs(1, 9, 2, K=3, V=4, device=DEV)
     assert m.forms[0] == "chunked" and rel(m(**x, form="chunked"), m(**x, form="reference").double()) < 1e-5
 
 
@@ -119,7 +120,7 @@ def test_number_decays_and_unit_factors(decay, inp):
     gradients and final states equal to the reference."""
     m = mixc.loads(rec(decay, inp=inp, sampler="logsigmoid"))
     assert m.forms[0] == "chunked"
-    x = m.random_inputs(1, 70, 2, K=5, V=6, dtype=torch.float64)
+    x = m.random_inputs(1, 70, 2, K=5, V=6, dtype=torch.float64, device=DEV)
     (ro, rs, rg), (co, cs, cg) = both(m, x, grads=True)
     assert rel(co, ro) < 1e-5 and rel(cs["S"], rs["S"]) < 1e-5
     for k in ("q", "k", "v"):
@@ -137,7 +138,7 @@ def gla():
 
 def test_exact_zero_decays_per_key(gla):
     """g = -inf (a decay exactly 0) at some keys and tokens: the reference's result, gradients included."""
-    x = gla.random_inputs(1, 67, 1, K=4, V=3, dtype=torch.float64, seed=2)
+    x = gla.random_inputs(1, 67, 1, K=4, V=3, dtype=torch.float64, seed=2, device=DEV)
     x["g"][0, 7, :, 3] = -INF
     x["g"][0, 40, 0, :] = -INF
     x["g"][0, 64] = -INF  # the first token of the second chunk
@@ -151,7 +152,7 @@ def test_exact_zero_decays_per_key(gla):
 def test_a_sigmoid_gate_exactly_zero():
     """sigmoid(x) = 0 in floating point (x = -1e4): log 0 = -inf taken as an exact 0 decay."""
     m = mixc.loads(rec("sigmoid(g)"))
-    x = m.random_inputs(1, 70, 2, K=4, V=5, dtype=torch.float64, seed=1)
+    x = m.random_inputs(1, 70, 2, K=4, V=5, dtype=torch.float64, seed=1, device=DEV)
     x["g"][0, 3] = -1e4
     (ro, _, _), (co, _, _) = both(m, x)
     assert torch.isfinite(co).all() and rel(co, ro) < 1e-5
@@ -160,7 +161,7 @@ def test_a_sigmoid_gate_exactly_zero():
 def test_sharp_gates_are_accurate(gla):
     """g = -1e4 on tokens 10 .. 39: was 4.2e-3 relative error (2.4e-2 at the worst token); the floored log
     decays keep the in-chunk sums small enough for fp32."""
-    x = gla.random_inputs(1, 70, 1, K=16, V=8, dtype=torch.float64, seed=1)
+    x = gla.random_inputs(1, 70, 1, K=16, V=8, dtype=torch.float64, seed=1, device=DEV)
     x["g"][0, 10:40] = -1e4
     (ro, _, _), (co, _, _) = both(gla, x)
     assert rel(co, ro) < 1e-4 and per_token(co, ro) < 5e-4
@@ -171,7 +172,7 @@ def test_nan_propagates_only_forward(decay, gax):
     """A NaN in the gate at token 5 makes the outputs NaN from token 5 on, as in the reference (factored
     around the chunk's middle row it reached every row of the chunk)."""
     m = mixc.loads(rec(decay, gax=gax, sampler="logsigmoid"))
-    x = m.random_inputs(1, 70, 2, K=16, V=16, dtype=torch.float64, seed=1)
+    x = m.random_inputs(1, 70, 2, K=16, V=16, dtype=torch.float64, seed=1, device=DEV)
     if gax:
         x["g"][0, 5, 0, 2] = float("nan")
     else:
@@ -191,7 +192,7 @@ def test_large_fp16_inputs_stay_finite(name):
     """Inputs x1e3 in fp16: the states (k v^T summed over a chunk: 1e6 and more) and based's features (q (x) q)
     overflowed fp16; they are kept in fp32 (the kernels' products: tf32 on a GPU)."""
     m = mixc.load(ROOT / "examples" / f"{name}.mix")
-    x = m.random_inputs(1, 150, 2, K=16, V=16, dtype=torch.float64, seed=1)
+    x = m.random_inputs(1, 150, 2, K=16, V=16, dtype=torch.float64, seed=1, device=DEV)
     x = {k: (v * 1e3).half() for k, v in x.items()}
     r16 = m(**x, form="reference")
     ref = m(**{k: v.double() for k, v in x.items()}, form="reference")
@@ -206,7 +207,7 @@ def test_large_fp16_inputs_stay_finite(name):
 def test_float64_calls_default_to_the_reference(gla):
     """The kernels compute in float32: a float64 call with no form runs the exact reference (gradcheck-able);
     form='chunked' still runs the kernels, float32-accurate, as the docs and `mixc run` say."""
-    x = gla.random_inputs(1, 6, 1, K=2, V=2, dtype=torch.float64)
+    x = gla.random_inputs(1, 6, 1, K=2, V=2, dtype=torch.float64, device=DEV)
     assert torch.equal(gla(**x), gla(**x, form="reference"))
     xs = {k: v.clone().requires_grad_() for k, v in x.items()}
     assert torch.autograd.gradcheck(lambda q, k, v, g: gla(q=q, k=k, v=v, g=g), (xs["q"], xs["k"], xs["v"], xs["g"]))
@@ -235,10 +236,10 @@ def test_a_function_of_the_denominator(d, ax):
     m = mixc.loads(MLSTM.format(d=d, ax=ax))
     assert m.forms[0] == "chunked" and m.meta["default_form"] == "chunked"
     B, T, H, K, V = 1, 70, 2, 5, 7
-    x = m.random_inputs(B, T, H, K=K, V=V, dtype=torch.float64, seed=3)
+    x = m.random_inputs(B, T, H, K=K, V=V, dtype=torch.float64, seed=3, device=DEV)
     gen = torch.Generator().manual_seed(0)
-    s0 = {"S": torch.randn(B, H, K, V, generator=gen, dtype=torch.float64),
-          "n": torch.randn(B, H, K, generator=gen, dtype=torch.float64)}
+    s0 = {"S": torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(DEV),
+          "n": torch.randn(B, H, K, generator=gen, dtype=torch.float64).to(DEV)}
     res = []
     for form, dt in (("reference", torch.float64), ("chunked", torch.float32)):
         xx = {k: v.detach().to(dt).requires_grad_() for k, v in x.items()}
@@ -248,7 +249,7 @@ def test_a_function_of_the_denominator(d, ax):
         res.append([o, st["S"], st["n"]] + [xx[k].grad for k in sorted(xx)] + [ss[k].grad for k in sorted(ss)])
     for i, (r, c) in enumerate(zip(*res)):
         assert rel(c, r) < 1e-4, i
-    cu = torch.tensor([0, 9, 10, T])
+    cu = torch.tensor([0, 9, 10, T], device=DEV)
     ro = m(**x, cu_seqlens=cu, form="reference")
     co = m(**{k: v.float() for k, v in x.items()}, cu_seqlens=cu, form="chunked")
     assert rel(co, ro) < 1e-5
@@ -274,9 +275,9 @@ def test_randomized_decays_never_give_nan_where_the_reference_is_finite(kind):
     assert m.forms[0] == "chunked"
     gen = torch.Generator().manual_seed(17)
     for trial in range(3):
-        x = m.random_inputs(1, 66 + 5 * trial, 1, K=4, V=3, dtype=torch.float64, seed=trial)
+        x = m.random_inputs(1, 66 + 5 * trial, 1, K=4, V=3, dtype=torch.float64, seed=trial, device=DEV)
         g = x["g"]
-        u = torch.rand(g.shape, generator=gen, dtype=torch.float64)
+        u = torch.rand(g.shape, generator=gen, dtype=torch.float64).to(DEV)
         low = -INF if kind != "sigmoid" else -1e4  # (sigmoid(-1e4) = 0: its exact 0 decay)
         g = torch.where(u < 0.05, torch.full_like(g, low), g)
         g = torch.where((u >= 0.05) & (u < 0.12), torch.full_like(g, -1e4), g)
@@ -298,7 +299,7 @@ def test_half_precision_decay_summed_by_a_product():
     through 0 * NaN; it is counted by the same product and reaches only the rows from its token on. Exact
     0 decays and sharp gates alike."""
     m = mixc.loads(rec("exp(g[i])", gax="K", sampler="logsigmoid"))
-    x = m.random_inputs(1, 70, 1, K=64, V=16, dtype=torch.float64, seed=1)
+    x = m.random_inputs(1, 70, 1, K=64, V=16, dtype=torch.float64, seed=1, device=DEV)
     x["g"][0, 3, 0, 5] = -INF
     x["g"][0, 20:30] = -1e4
     x["g"][0, 45, 0, 7] = float("nan")
