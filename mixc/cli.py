@@ -176,13 +176,12 @@ def explain_text(mixer) -> str:
 
 def explain_json(mixer) -> dict:
     """What ``mixc explain --json`` prints."""
-    from .backends.chunked_emit import describe
-
     plan = mixer.plan
+    chunked = plan.emitted.get("chunked")  # (the backend that emitted it, its lines)
     return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "default_form": plan.default,
             "analysis_default_form": mixer.analysis.default_form, "default_reason": plan.default_reason,
             "not_emitted": dict(plan.not_emitted),
-            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else []}
+            "chunked_plan": chunked[0].describe(mixer.analysis) if chunked and chunked[0].describe else []}
 
 
 def cmd_explain(args) -> int:

@@ -218,43 +218,101 @@ def dl_chunked_torch(q, a, b, v, g=None, h0=None, scale=1.0, BT=DL_CHUNK):
     return o, S
 
 
-class DeltaChunked(torch.autograd.Function):
-    """Triton forward; the backward recomputes :func:`dl_chunked_torch` in fp32 (fp64 for fp64 inputs)
-    and differentiates it."""
+def dl_chunk_bwd(do, dht, q, a, b, v, g=None, h0=None, scale=1.0):
+    """Gradients (dq, da, db, dv, dg or None, dh0 or None) of :func:`dl_chunk_fwd`'s outputs against the
+    cotangents ``do`` [B, T, H, V] and ``dht`` [B, H, K, V] (or None), by recomputing
+    :func:`dl_chunked_torch` in fp32 (fp64 for fp64 inputs) and differentiating it; each in its input's dtype."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    xs = [None if x is None else x.detach().to(wide).requires_grad_() for x in (q, a, b, v, g, h0)]
+    with torch.enable_grad():
+        o, ht = dl_chunked_torch(*xs, scale=scale)
+        outs, cot = [o], [do.to(wide)]
+        if dht is not None:
+            outs.append(ht)
+            cot.append(dht.to(wide))
+        want = [x for x in xs if x is not None]
+        got = iter(torch.autograd.grad(outs, want, cot, allow_unused=True))
+    res = []
+    for x, orig in zip(xs, (q, a, b, v, g, h0)):
+        if x is None:
+            res.append(None)
+            continue
+        d = next(got)
+        res.append(torch.zeros_like(orig) if d is None else d.to(orig.dtype))
+    return tuple(res)
 
-    @staticmethod
-    def forward(ctx, q, a, b, v, g, h0, scale, output_final_state, out_dtype):
+
+# ---- as a torch operator ----------------------------------------------------------------------------
+# A custom operator (torch.library) is opaque to torch.compile: a compiled model calls it without a graph
+# break. Its name carries a hash of this file's kernels and algorithm, so modules compiled by different
+# mixc versions never share an operator that is not theirs.
+
+
+def _dl_tag():
+    import hashlib
+    import inspect
+
+    fns = (_dl_prep_kernel, _dl_walk_kernel, dl_chunk_fwd, dl_chunked_torch, dl_chunk_bwd)
+    src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _dl_empty(x):
+    return x.new_empty(0, dtype=torch.float32)
+
+
+def _dl_define_ops():
+    from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
+
+    tag = _dl_tag()
+    fwd_name = f"delta_fwd_{tag}"
+    try:  # already defined by another module pasting the same source
+        return getattr(torch.ops.mixc, fwd_name)
+    except (AttributeError, RuntimeError):
+        pass
+    Tensor = torch.Tensor
+
+    @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
+    def fwd(q: Tensor, a: Tensor, b: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
+            scale: float, output_final_state: bool, out_dtype: Optional[torch.dtype]  # noqa: UP045
+            ) -> tuple[Tensor, Tensor]:
         o, ht = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype)
+        return o, (ht if ht is not None else _dl_empty(q))
+
+    @fwd.register_fake
+    def _(q, a, b, v, g, h0, scale, output_final_state, out_dtype):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else _dl_empty(q)
+        return q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), ht
+
+    def setup_context(ctx, inputs, output):
+        q, a, b, v, g, h0, scale, output_final_state, out_dtype = inputs
         ctx.save_for_backward(q, a, b, v, g, h0)
         ctx.scale = scale
-        return o, ht
+        ctx.final = output_final_state
 
-    @staticmethod
     def backward(ctx, do, dht):
         q, a, b, v, g, h0 = ctx.saved_tensors
-        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-        xs = [None if x is None else x.detach().to(wide).requires_grad_(n) for x, n in
-              zip((q, a, b, v, g, h0), ctx.needs_input_grad[:6])]
-        with torch.enable_grad():
-            o, ht = dl_chunked_torch(*xs, scale=ctx.scale)
-            outs, grads = [o], [do.to(wide) if do is not None else torch.zeros_like(o)]
-            if dht is not None:
-                outs.append(ht)
-                grads.append(dht.to(wide))
-            want = [x for x in xs if x is not None and x.requires_grad]
-            got = iter(torch.autograd.grad(outs, want, grads, allow_unused=True)) if want else iter(())
-        res = []
-        for x, orig in zip(xs, (q, a, b, v, g, h0)):
-            if x is None or not x.requires_grad:
-                res.append(None)
-            else:
-                d = next(got)
-                res.append(torch.zeros_like(orig) if d is None else d.to(orig.dtype))
-        return (*res, None, None, None)
+        if do is None:
+            do = q.new_zeros(*q.shape[:3], v.shape[-1])
+        # autograd through the PyTorch chunked algorithm (an operator's body runs below autograd, so the
+        # backward is not an operator of its own)
+        dq, da, db, dv, dg, dh0 = dl_chunk_bwd(do, dht if ctx.final else None, q, a, b, v, g, h0, ctx.scale)
+        return dq, da, db, dv, dg, dh0, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+_DL_OP = []  # the forward operator, defined on first use
 
 
 def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None):
-    """The chunked (gated) delta rule, differentiable. q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H]
-    fp32 log gates or None; h0: [B, H, K, V] fp32 or None. Returns (o [B, T, H, V], final state
-    [B, H, K, V] fp32 or None)."""
-    return DeltaChunked.apply(q, a, b, v, g, h0, scale, output_final_state, out_dtype)
+    """The chunked (gated) delta rule, differentiable (a torch operator). q, a, b: [B, T, H, K]; v: [B, T, H, V];
+    g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V] fp32 or None. Returns (o [B, T, H, V] in ``out_dtype``
+    (default q's), final state [B, H, K, V] fp32 or None)."""
+    if not _DL_OP:
+        _DL_OP.append(_dl_define_ops())
+    o, ht = _DL_OP[0](q, a, b, v, g, h0, float(scale), bool(output_final_state), out_dtype)
+    return o, (ht if output_final_state else None)
