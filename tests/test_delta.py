@@ -166,21 +166,29 @@ def test_explain_describes_the_delta_plan():
     assert any("delta rule" in line for line in explain_json(m)["chunked_plan"])
 
 
-def test_the_chunked_algorithm_in_pytorch_is_the_kernels():
-    """dl_chunked_torch (what the backward differentiates) and the Triton forward agree, T across chunks."""
+@pytest.mark.parametrize("T,gated,h0", [(90, True, True), (64, False, False)], ids=["T90-gated-h0", "T64"])
+def test_the_kernels_are_the_chunked_algorithm(T, gated, h0):
+    """The Triton forward and backward against autograd through dl_chunked_torch (the same algorithm in
+    PyTorch, fp64), with cotangents on the output and the final state; widths 20 x 33 (padded blocks)."""
     gen = torch.Generator().manual_seed(0)
-    B, T, H, K, V = 1, 90, 2, 20, 33
+    B, H, K, V = 1, 2, 20, 33
     q, kk = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
     kk = kk / kk.norm(dim=-1, keepdim=True)
     beta = 0.9 + 0.1 * torch.rand(B, T, H, 1, generator=gen)
-    v = torch.randn(B, T, H, V, generator=gen)
-    g = -torch.rand(B, T, H, generator=gen) * 5
-    h0 = torch.randn(B, H, K, V, generator=gen)
-    o1, s1 = kernels.dl_chunk_fwd(q.to(DEV), kk.to(DEV), (beta * kk).to(DEV), (beta * v).to(DEV), g.to(DEV),
-                                  h0.to(DEV), 0.3, True)
-    o2, s2 = kernels.dl_chunked_torch(q.double(), kk.double(), (beta * kk).double(), (beta * v).double(), g.double(),
-                                      h0.double(), 0.3)
-    assert rel(o1.cpu(), o2) < 1e-5 and rel(s1.cpu(), s2) < 1e-5
+    xs = [q, kk, beta * kk, beta * torch.randn(B, T, H, V, generator=gen),
+          -torch.rand(B, T, H, generator=gen) * 5 if gated else None,
+          torch.randn(B, H, K, V, generator=gen) if h0 else None]
+    do, dht = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    xd = [None if x is None else x.double().requires_grad_() for x in xs]
+    o_ref, s_ref = kernels.dl_chunked_torch(*xd, scale=0.3)
+    want = torch.autograd.grad([o_ref, s_ref], [x for x in xd if x is not None], [do.double(), dht.double()])
+    dev = [None if x is None else x.to(DEV) for x in xs]
+    o, s, saved = kernels.dl_chunk_fwd(*dev, 0.3, True, None, True)
+    got = [x for x in kernels.dl_chunk_bwd(do.to(DEV), dht.to(DEV), *dev, saved, 0.3) if x is not None]
+    assert rel(o.cpu(), o_ref) < 1e-5 and rel(s.cpu(), s_ref) < 1e-5
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        assert rel(x.cpu(), y) < 1e-5
 
 
 def test_delta_mixer_compiles_without_graph_breaks():

@@ -11,7 +11,7 @@ input). :func:`plan` reads those terms, never a mechanism's name:
 * ``log c_t`` is the gate g (none when c = 1).
 
 The readout (q', an output gate, a skip) is read as :mod:`mixc.backends.chunked_emit` reads it. The
-form calls :func:`mixc.backends.delta.kernels.delta_chunk`.
+form calls :func:`mixc.backends.delta.kernels.delta_chunk` (a torch operator).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def describe(a: Analysis) -> list[str]:
     return [f"delta rule: a = {show(dp.a)}, b = {show(dp.b)}, v = {show(dp.v)}, q' = {show(dp.q)} (PyTorch prologue)",
             "log gate: " + (show(dp.g) if dp.g is not None else "none") + "; per 64-token chunk the UT transform "
             "(I + L)^-1 by forward substitution in fp32, then a sequential walk over chunks (Triton)",
-            "backward: the same chunked algorithm in PyTorch, recomputed and differentiated by autograd"]
+            "backward: an adjoint walk over chunks in reverse, then every chunk in parallel (Triton)"]
 
 
 def emit_any(a: Analysis) -> tuple[list[str] | None, str]:

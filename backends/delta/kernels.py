@@ -20,10 +20,16 @@ unit lower-triangular system), W = T diag(e^G) B and U0 = T V, the chunk is
 
 Gates enter only as e^(G_t - G_s) with s <= t (<= 1 for g <= 0), never as e^ of a positive sum.
 
-    forward   _dl_prep_kernel  per chunk, in parallel: G, L, T (forward substitution), W and U0
-              _dl_walk_kernel  per head and value block, sequential over chunks: U, O and the state
-    backward  the same chunked algorithm in PyTorch (:func:`dl_chunked_torch`), recomputed and
-              differentiated by autograd (batched matrix products per chunk, a loop over chunks)
+    forward   _dl_prep_kernel      per chunk, in parallel: G, L, T (forward substitution), W and U0
+              _dl_walk_kernel      per head and value block, sequential over chunks: U, O and the state
+                                   (with a backward to follow it also keeps T, U and every chunk's S_0)
+    backward  _dl_bwd_walk_kernel  the adjoint walk, sequential over chunks in reverse: dU and every
+                                   chunk's dS_C (dS_0 = scale (Q e^G)^T dO + e^(G_C) dS_C - W^T dU)
+              _dl_bwd_chunk_kernel per chunk, in parallel: dq, da, db, dv and the log gate's dg through
+                                   dT and dL = -T^T dT T^T (the derivative of the inverse)
+
+:func:`dl_chunked_torch` is the same algorithm in PyTorch (differentiable): the tests check the kernels,
+forward and backward, against it and against the reference.
 
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
@@ -44,10 +50,11 @@ def _dl_prep_kernel(
     W,  # [B, H, NT * BT, BK] fp32 out: W = T diag(e^G) B
     U,  # [B, H, NT * BT, BV * NV] fp32 out: U0 = T V
     Gc,  # [B, H, NT * BT] fp32 out: G, the in-chunk cumulative log gate
+    Tm,  # [B, H, NT * BT, BT] fp32 out: T = (I + L)^-1 (for the backward; unused without SAVE)
     T,  # tokens per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_G: tl.constexpr,
+    HAS_G: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -68,7 +75,7 @@ def _dl_prep_kernel(
         b_G = tl.zeros([BT], dtype=tl.float32)
     # L[t, s] = e^(G_t - G_s) b_t . a_s for s < t: the exponent is <= 0 there, 0 elsewhere
     lower = o_r[:, None] > o_r[None, :]
-    b_L = tl.dot(b_b, tl.trans(b_a), input_precision="ieee")
+    b_L = tl.dot(b_b, tl.trans(b_a), input_precision=PREC)
     b_L = tl.where(lower, b_L * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.)), 0.)
     # T = (I + L)^-1 = I + N by forward substitution: N[i, :] = -L[i, :] - sum_j L[i, j] N[j, :]
     b_N = tl.zeros([BT, BT], dtype=tl.float32)
@@ -78,15 +85,17 @@ def _dl_prep_kernel(
         row = row + tl.sum(row[:, None] * b_N, 0)  # rows j < i of N are final
         b_N = tl.where(sel, row[None, :], b_N)
     b_T = b_N + tl.where(o_r[:, None] == o_r[None, :], 1., 0.)
-    b_W = tl.dot(b_T, b_b * tl.exp(b_G)[:, None], input_precision="ieee")
+    b_W = tl.dot(b_T, b_b * tl.exp(b_G)[:, None], input_precision=PREC)
     base = i_bh * NTP + o_t  # rows of the padded [B, H, NT * BT] buffers
     tl.store(W + base[:, None] * BK + o_k[None, :], b_W)
     tl.store(Gc + base, b_G)
+    if SAVE:
+        tl.store(Tm + base[:, None] * BT + o_r[None, :], b_T)
     for i_v in range(NV):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_u = tl.dot(b_T, b_v.to(tl.float32), input_precision="ieee")
+        b_u = tl.dot(b_T, b_v.to(tl.float32), input_precision=PREC)
         tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
 
 
@@ -95,8 +104,9 @@ def _dl_walk_kernel(
     q,  # [B, T, H, K] queries (the readout's q', without the number factor `scale`)
     a,  # [B, T, H, K] keys a_t
     W,  # [B, H, NT * BT, BK] fp32 from _dl_prep_kernel
-    U,  # [B, H, NT * BT, BV * NV] fp32 U0 from _dl_prep_kernel
+    U,  # [B, H, NT * BT, BV * NV] fp32 U0 from _dl_prep_kernel; with SAVE overwritten by the pseudo-values U
     Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
+    hs,  # [B, H, NT, BK, BV * NV] fp32 out: the state at every chunk start (unused without SAVE)
     h0,  # [B, H, K, V] fp32 initial state (unused without HAS_H0)
     ht,  # [B, H, K, V] fp32 out: final state (unused without STORE_HT)
     o,  # [B, T, H, V] out: the output
@@ -105,7 +115,7 @@ def _dl_walk_kernel(
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -134,49 +144,250 @@ def _dl_walk_kernel(
         b_G = tl.load(Gc + base)
         b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)  # G at the chunk's end (padding adds 0)
         # U = U0 - W S_0 (rows past T are 0: their W and U0 rows are)
-        b_u = b_U - tl.dot(b_W, b_S, input_precision="ieee")
+        b_u = b_U - tl.dot(b_W, b_S, input_precision=PREC)
+        if SAVE:
+            tl.store(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_S)
+            tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
         # O = scale ((Q e^G) S_0 + (Q A^T * e^(G_t - G_s) [s <= t]) U)
-        b_A = tl.dot(b_q, tl.trans(b_a), input_precision="ieee")
+        b_A = tl.dot(b_q, tl.trans(b_a), input_precision=PREC)
         b_A = tl.where(incl, b_A * tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.)), 0.)
-        b_o = tl.dot(b_q * tl.exp(b_G)[:, None], b_S, input_precision="ieee")
-        b_o = (b_o + tl.dot(b_A, b_u, input_precision="ieee")) * scale
+        b_o = tl.dot(b_q * tl.exp(b_G)[:, None], b_S, input_precision=PREC)
+        b_o = (b_o + tl.dot(b_A, b_u, input_precision=PREC)) * scale
         tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         # S_C = e^(G_C) S_0 + (A e^(G_C - G))^T U
         b_ad = b_a * tl.exp(b_GL - b_G)[:, None]
-        b_S = b_S * tl.exp(b_GL) + tl.dot(tl.trans(b_ad), b_u, input_precision="ieee")
+        b_S = b_S * tl.exp(b_GL) + tl.dot(tl.trans(b_ad), b_u, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + p_s, b_S, mask=m_kv)
+
+
+
+
+@triton.jit
+def _dl_bwd_walk_kernel(
+    q,  # [B, T, H, K] queries
+    a,  # [B, T, H, K] keys a_t
+    W,  # [B, H, NT * BT, BK] fp32 W of the forward
+    Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
+    do,  # [B, T, H, V] the output's cotangent
+    dht,  # [B, H, K, V] fp32 the final state's cotangent (unused without HAS_DHT)
+    dh0,  # [B, H, K, V] fp32 out: the initial state's cotangent (unused without STORE_DH0)
+    dU,  # [B, H, NT * BT, BV * NV] fp32 out: the pseudo-values' cotangent dU
+    dhs,  # [B, H, NT, BK, BV * NV] fp32 out: dS_C, the cotangent of every chunk's end state
+    scale,  # the readout's number factor
+    T,  # tokens per sequence
+    NT,  # chunks per sequence
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):
+    """The adjoint walk, over chunks in reverse, with dS the cotangent of the chunk's end state S_C:
+    dU = scale M^T dO + (A e^(G_C - G)) dS,   dS_0 = scale (Q e^G)^T dO + e^(G_C) dS - W^T dU."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    if HAS_DHT:
+        b_dS = tl.load(dht + p_s, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    incl = o_r[:, None] >= o_r[None, :]
+    for j in range(NT):
+        i_t = NT - 1 - j
+        o_t = i_t * BT + o_r
+        m_t = o_t < T
+        rows = (i_b * T + o_t) * H + i_h
+        base = i_bh * NT * BT + o_t
+        m_tk = m_t[:, None] & m_k[None, :]
+        tl.store(dhs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_dS)
+        b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_W = tl.load(W + base[:, None] * BK + o_k[None, :])
+        b_G = tl.load(Gc + base)
+        b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)
+        b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_do = b_do.to(tl.float32)
+        b_M = tl.dot(b_q, tl.trans(b_a), input_precision=PREC)
+        b_M = tl.where(incl, b_M * tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.)), 0.)
+        b_ad = b_a * tl.exp(b_GL - b_G)[:, None]
+        b_du = tl.dot(tl.trans(b_M), b_do, input_precision=PREC) * scale
+        b_du += tl.dot(b_ad, b_dS, input_precision=PREC)
+        tl.store(dU + base[:, None] * (BV * NV) + o_v[None, :], b_du)
+        b_dS = b_dS * tl.exp(b_GL) + tl.dot(tl.trans(b_q * tl.exp(b_G)[:, None]), b_do, input_precision=PREC) * scale
+        b_dS -= tl.dot(tl.trans(b_W), b_du, input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0 + p_s, b_dS, mask=m_kv)
+
+
+@triton.jit
+def _dl_bwd_chunk_kernel(
+    q,  # [B, T, H, K] queries
+    a,  # [B, T, H, K] keys a_t
+    b,  # [B, T, H, K] b_t
+    v,  # [B, T, H, V] values
+    Tm,  # [B, H, NT * BT, BT] fp32 T = (I + L)^-1 of the forward
+    hs,  # [B, H, NT, BK, BV * NV] fp32 the state at every chunk start
+    U,  # [B, H, NT * BT, BV * NV] fp32 the pseudo-values
+    dU,  # [B, H, NT * BT, BV * NV] fp32 their cotangent (from _dl_bwd_walk_kernel)
+    dhs,  # [B, H, NT, BK, BV * NV] fp32 dS_C of every chunk
+    Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
+    do,  # [B, T, H, V] the output's cotangent
+    dq, da, db,  # [B, T, H, K] out: cotangents of q, a, b (their dtype)
+    dv,  # [B, T, H, V] out: cotangent of v
+    dg,  # [B, T, H] fp32 out: cotangent of the log gate (unused without HAS_G)
+    scale,  # the readout's number factor
+    T,  # tokens per sequence
+    NT,  # chunks per sequence
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    HAS_G: tl.constexpr, PREC: tl.constexpr,
+):
+    """Everything else, per chunk in parallel (P = dX * X elementwise, for the gate):
+    dW = -dU S_0^T, dV = T^T dU, dM = scale dO U^T (t >= s), dQ = scale e^G (dO S_0^T) + (dM * Gamma) A,
+    dA = (dM * Gamma)^T Q + e^(G_C - G) (U dS_C^T) + (dL * Gamma)^T B, dB = e^G (T^T dW) + (dL * Gamma) A,
+    dT = dW (B e^G)^T + dU V^T, dL = -(T^T dT T^T) (s < t); dG_t from every e^(+-G) it enters,
+    dg the suffix sums of dG within the chunk."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    rows = (i_b * T + o_t) * H + i_h
+    base = i_bh * NT * BT + o_t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_T = tl.load(Tm + base[:, None] * BT + o_r[None, :])
+    b_G = tl.load(Gc + base)
+    b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)
+    b_gam = tl.exp(b_G)
+    b_del = tl.exp(b_GL - b_G)
+    b_dW = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dQ1 = tl.zeros([BT, BK], dtype=tl.float32)  # dO S_0^T
+    b_dAd = tl.zeros([BT, BK], dtype=tl.float32)  # U dS_C^T
+    b_dM = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dU V^T
+    b_dGC = tl.zeros([BK], dtype=tl.float32)  # sum_v dS_C * S_0
+    for i_v in range(NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_s = ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :]
+        b_S = tl.load(hs + p_s)
+        b_dS = tl.load(dhs + p_s)
+        b_u = tl.load(U + base[:, None] * (BV * NV) + o_v[None, :])
+        b_du = tl.load(dU + base[:, None] * (BV * NV) + o_v[None, :])
+        b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_dW -= tl.dot(b_du, tl.trans(b_S), input_precision=PREC)
+        b_dQ1 += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
+        b_dAd += tl.dot(b_u, tl.trans(b_dS), input_precision=PREC)
+        b_dM += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
+        b_dT += tl.dot(b_du, tl.trans(b_v), input_precision=PREC)
+        b_dGC += tl.sum(b_dS * b_S, 1)
+        b_dv = tl.dot(tl.trans(b_T), b_du, input_precision=PREC)
+        tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    incl = o_r[:, None] >= o_r[None, :]
+    lower = o_r[:, None] > o_r[None, :]
+    b_Gam = tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.))  # e^(G_t - G_s), s <= t (1 elsewhere)
+    # the readout's in-chunk scores M = (Q A^T) * Gamma (s <= t)
+    b_dM = tl.where(incl, b_dM * scale * b_Gam, 0.)  # dM * Gamma
+    b_PM = b_dM * tl.dot(b_q, tl.trans(b_a), input_precision=PREC)  # dM * M
+    b_dq = b_dQ1 * (b_gam * scale)[:, None] + tl.dot(b_dM, b_a, input_precision=PREC)
+    b_da = tl.dot(tl.trans(b_dM), b_q, input_precision=PREC) + b_dAd * b_del[:, None]
+    # W = T (B e^G), U0 = T V, T = (I + L)^-1
+    b_bg = b_b * b_gam[:, None]
+    b_dbg = tl.dot(tl.trans(b_T), b_dW, input_precision=PREC)
+    b_dT += tl.dot(b_dW, tl.trans(b_bg), input_precision=PREC)
+    b_dL = tl.dot(tl.trans(b_T), tl.dot(b_dT, tl.trans(b_T), input_precision=PREC), input_precision=PREC)
+    b_dL = tl.where(lower, -b_dL * b_Gam, 0.)  # dL * Gamma (s < t)
+    b_PL = b_dL * tl.dot(b_b, tl.trans(b_a), input_precision=PREC)  # dL * L
+    b_db = b_dbg * b_gam[:, None] + tl.dot(b_dL, b_a, input_precision=PREC)
+    b_da += tl.dot(tl.trans(b_dL), b_b, input_precision=PREC)
+    p_k = rows[:, None] * K + o_k[None, :]
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)
+    tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=m_tk)
+    if HAS_G:
+        # dG_t: rows of P_L, P_M (e^(+G_t)) less their columns (e^(-G_s)), e^G in B e^G and Q e^G, and
+        # e^(G_C - G_t) in the end state (less at t, more at the chunk's end, with e^(G_C) S_0)
+        b_pad = tl.sum(b_dAd * b_a * b_del[:, None], 1)
+        b_dG = tl.sum(b_PL, 1) - tl.sum(b_PL, 0) + tl.sum(b_PM, 1) - tl.sum(b_PM, 0)
+        b_dG += tl.sum(b_dbg * b_bg, 1) + tl.sum(b_dQ1 * b_q, 1) * b_gam * scale - b_pad
+        b_dG += tl.where(o_r == BT - 1, tl.sum(b_pad, 0) + tl.exp(b_GL) * tl.sum(b_dGC, 0), 0.)
+        # G_t = sum_(s <= t) g_s: dg_s = sum_(t >= s) dG_t
+        b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
+        tl.store(dg + rows, b_dg, mask=m_t)
 
 
 def _dl_pow2(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None):
-    """Triton forward. q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log gates or None; h0:
-    [B, H, K, V] or None. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state
-    [B, H, K, V] fp32 or None)."""
+def _dl_geometry(q, v):
+    """(B, T, H, K, V, BT, NT, BK, BV, NV, PREC): one key block of all K keys, value blocks of up to 64;
+    fp32 products stay fp32 (ieee), bf16/fp16 inputs take tf32 products."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT = DL_CHUNK
-    NT = triton.cdiv(T, BT)
-    BK = _dl_pow2(K)
     BV = min(_dl_pow2(V), 64)
-    NV = triton.cdiv(V, BV)
+    prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    return B, T, H, K, V, BT, triton.cdiv(T, BT), _dl_pow2(K), BV, triton.cdiv(V, BV), prec
+
+
+def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, save=False):
+    """Triton forward. q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log gates or None; h0:
+    [B, H, K, V] or None. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state
+    [B, H, K, V] fp32 or None, and with ``save`` what the backward reads: (W, U, G, T, hs), else None)."""
+    B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
     q, a, b, v = (x.contiguous() for x in (q, a, b, v))
     dev = q.device
     f32 = torch.float32
     W = torch.empty(B, H, NT * BT, BK, device=dev, dtype=f32)
     U = torch.empty(B, H, NT * BT, BV * NV, device=dev, dtype=f32)
     Gc = torch.empty(B, H, NT * BT, device=dev, dtype=f32)
+    Tm = torch.empty(B, H, NT * BT, BT, device=dev, dtype=f32) if save else Gc
+    hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=f32) if save else Gc
     gg = g.to(f32).contiguous() if g is not None else Gc
-    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, W, U, Gc, T, H, K, V, BT, BK, BV, NV, g is not None)
+    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, W, U, Gc, Tm, T, H, K, V, BT, BK, BV, NV, g is not None, save, prec)
     o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
     ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
-    _dl_walk_kernel[(NV, B * H)](q, a, W, U, Gc, s0 if s0 is not None else Gc, ht if ht is not None else Gc, o,
-                                 float(scale), T, NT, H, K, V, BT, BK, BV, NV, h0 is not None, ht is not None)
-    return o, ht
+    _dl_walk_kernel[(NV, B * H)](q, a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc, o,
+                                 float(scale), T, NT, H, K, V, BT, BK, BV, NV, h0 is not None, ht is not None, save,
+                                 prec)
+    return o, ht, ((W, U, Gc, Tm, hs) if save else None)
+
+
+def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0):
+    """Triton backward of :func:`dl_chunk_fwd` (``saved`` from its ``save=True`` call): the adjoint walk, then
+    every chunk in parallel. ``do`` [B, T, H, V], ``dht`` [B, H, K, V] or None. Returns (dq, da, db, dv in
+    their inputs' dtypes, dg fp32 or None, dh0 fp32 or None)."""
+    B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
+    W, U, Gc, Tm, hs = saved
+    q, a, b, v, do = (x.contiguous() for x in (q, a, b, v, do))
+    f32 = torch.float32
+    dU = torch.empty_like(U)
+    dhs = torch.empty_like(hs)
+    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
+    dht = dht.to(f32).contiguous() if dht is not None else None
+    _dl_bwd_walk_kernel[(NV, B * H)](q, a, W, Gc, do, dht if dht is not None else Gc, dh0 if dh0 is not None else Gc,
+                                     dU, dhs, float(scale), T, NT, H, K, V, BT, BK, BV, NV, dht is not None,
+                                     dh0 is not None, prec)
+    dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
+    dg = torch.empty(B, T, H, device=q.device, dtype=f32) if g is not None else None
+    _dl_bwd_chunk_kernel[(NT, B * H)](q, a, b, v, Tm, hs, U, dU, dhs, Gc, do, dq, da, db, dv,
+                                      dg if dg is not None else Gc, float(scale), T, NT, H, K, V, BT, BK, BV, NV,
+                                      g is not None, prec)
+    return dq, da, db, dv, (dg.to(g.dtype) if g is not None else None), dh0
 
 
 def dl_chunked_torch(q, a, b, v, g=None, h0=None, scale=1.0, BT=DL_CHUNK):
@@ -218,41 +429,18 @@ def dl_chunked_torch(q, a, b, v, g=None, h0=None, scale=1.0, BT=DL_CHUNK):
     return o, S
 
 
-def dl_chunk_bwd(do, dht, q, a, b, v, g=None, h0=None, scale=1.0):
-    """Gradients (dq, da, db, dv, dg or None, dh0 or None) of :func:`dl_chunk_fwd`'s outputs against the
-    cotangents ``do`` [B, T, H, V] and ``dht`` [B, H, K, V] (or None), by recomputing
-    :func:`dl_chunked_torch` in fp32 (fp64 for fp64 inputs) and differentiating it; each in its input's dtype."""
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    xs = [None if x is None else x.detach().to(wide).requires_grad_() for x in (q, a, b, v, g, h0)]
-    with torch.enable_grad():
-        o, ht = dl_chunked_torch(*xs, scale=scale)
-        outs, cot = [o], [do.to(wide)]
-        if dht is not None:
-            outs.append(ht)
-            cot.append(dht.to(wide))
-        want = [x for x in xs if x is not None]
-        got = iter(torch.autograd.grad(outs, want, cot, allow_unused=True))
-    res = []
-    for x, orig in zip(xs, (q, a, b, v, g, h0)):
-        if x is None:
-            res.append(None)
-            continue
-        d = next(got)
-        res.append(torch.zeros_like(orig) if d is None else d.to(orig.dtype))
-    return tuple(res)
-
-
 # ---- as a torch operator ----------------------------------------------------------------------------
 # A custom operator (torch.library) is opaque to torch.compile: a compiled model calls it without a graph
-# break. Its name carries a hash of this file's kernels and algorithm, so modules compiled by different
-# mixc versions never share an operator that is not theirs.
+# break. Its name carries a hash of this file's kernels, so modules compiled by different mixc versions
+# never share an operator that is not theirs.
 
 
 def _dl_tag():
     import hashlib
     import inspect
 
-    fns = (_dl_prep_kernel, _dl_walk_kernel, dl_chunk_fwd, dl_chunked_torch, dl_chunk_bwd)
+    fns = (_dl_prep_kernel, _dl_walk_kernel, _dl_bwd_walk_kernel, _dl_bwd_chunk_kernel, _dl_geometry, dl_chunk_fwd,
+           dl_chunk_bwd)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
@@ -261,11 +449,15 @@ def _dl_empty(x):
     return x.new_empty(0, dtype=torch.float32)
 
 
+def _dl_or_none(x):
+    return None if x is None or x.numel() == 0 else x
+
+
 def _dl_define_ops():
     from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
 
     tag = _dl_tag()
-    fwd_name = f"delta_fwd_{tag}"
+    fwd_name, bwd_name = f"delta_fwd_{tag}", f"delta_bwd_{tag}"
     try:  # already defined by another module pasting the same source
         return getattr(torch.ops.mixc, fwd_name)
     except (AttributeError, RuntimeError):
@@ -274,45 +466,63 @@ def _dl_define_ops():
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
     def fwd(q: Tensor, a: Tensor, b: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
-            scale: float, output_final_state: bool, out_dtype: Optional[torch.dtype]  # noqa: UP045
-            ) -> tuple[Tensor, Tensor]:
-        o, ht = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype)
-        return o, (ht if ht is not None else _dl_empty(q))
+            scale: float, output_final_state: bool, out_dtype: Optional[torch.dtype], save: bool  # noqa: UP045
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save)
+        saved = saved if saved is not None else tuple(_dl_empty(q) for _ in range(5))  # (distinct tensors)
+        return (o, ht if ht is not None else _dl_empty(q), *saved)
 
     @fwd.register_fake
-    def _(q, a, b, v, g, h0, scale, output_final_state, out_dtype):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else _dl_empty(q)
-        return q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), ht
+    def _(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save):
+        B, T, H, K, V, BT, NT, BK, BV, NV, _ = _dl_geometry(q, v)
+        f32 = torch.float32
+        ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else _dl_empty(q)
+        saved = ((q.new_empty(B, H, NT * BT, BK, dtype=f32), q.new_empty(B, H, NT * BT, BV * NV, dtype=f32),
+                  q.new_empty(B, H, NT * BT, dtype=f32), q.new_empty(B, H, NT * BT, BT, dtype=f32),
+                  q.new_empty(B, H, NT, BK, BV * NV, dtype=f32)) if save else tuple(_dl_empty(q) for _ in range(5)))
+        return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), ht, *saved)
+
+    @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
+    def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, a: Tensor, b: Tensor, v: Tensor,  # noqa: UP045
+            g: Optional[Tensor], h0: Optional[Tensor], W: Tensor, U: Tensor, G: Tensor, Tm: Tensor,  # noqa: UP045
+            hs: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        dq, da, db, dv, dg, dh0 = dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale)
+        return dq, da, db, dv, (dg if dg is not None else _dl_empty(q)), (dh0 if dh0 is not None else _dl_empty(q))
+
+    @bwd.register_fake
+    def _(do, dht, q, a, b, v, g, h0, W, U, G, Tm, hs, scale):
+        return (torch.empty_like(q), torch.empty_like(a), torch.empty_like(b), torch.empty_like(v),
+                torch.empty_like(g) if g is not None else _dl_empty(q),
+                q.new_empty(h0.shape, dtype=torch.float32) if h0 is not None else _dl_empty(q))
 
     def setup_context(ctx, inputs, output):
-        q, a, b, v, g, h0, scale, output_final_state, out_dtype = inputs
-        ctx.save_for_backward(q, a, b, v, g, h0)
+        q, a, b, v, g, h0, scale, output_final_state, out_dtype, save = inputs
+        ctx.save_for_backward(q, a, b, v, g, h0, *output[2:])
         ctx.scale = scale
         ctx.final = output_final_state
 
-    def backward(ctx, do, dht):
-        q, a, b, v, g, h0 = ctx.saved_tensors
+    def backward(ctx, do, dht, *_):
+        q, a, b, v, g, h0, W, U, G, Tm, hs = ctx.saved_tensors
+        if W.numel() == 0:
+            raise RuntimeError("delta_chunk: the forward ran without save=True, so it has no backward")
         if do is None:
             do = q.new_zeros(*q.shape[:3], v.shape[-1])
-        # autograd through the PyTorch chunked algorithm (an operator's body runs below autograd, so the
-        # backward is not an operator of its own)
-        dq, da, db, dv, dg, dh0 = dl_chunk_bwd(do, dht if ctx.final else None, q, a, b, v, g, h0, ctx.scale)
-        return dq, da, db, dv, dg, dh0, None, None, None
+        dq, da, db, dv, dg, dh0 = bwd(do, dht if ctx.final else None, q, a, b, v, g, h0, W, U, G, Tm, hs, ctx.scale)
+        return (dq, da, db, dv, _dl_or_none(dg) if g is not None else None,
+                _dl_or_none(dh0) if h0 is not None else None, None, None, None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
 
 
-_DL_OP = []  # the forward operator, defined on first use
+_DL_OP = _dl_define_ops()  # defined as the module loads (not inside a torch.compile trace)
 
 
 def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None):
     """The chunked (gated) delta rule, differentiable (a torch operator). q, a, b: [B, T, H, K]; v: [B, T, H, V];
     g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V] fp32 or None. Returns (o [B, T, H, V] in ``out_dtype``
-    (default q's), final state [B, H, K, V] fp32 or None)."""
-    if not _DL_OP:
-        _DL_OP.append(_dl_define_ops())
-    o, ht = _DL_OP[0](q, a, b, v, g, h0, float(scale), bool(output_final_state), out_dtype)
+    (default q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only
+    when a gradient will be asked for."""
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, h0))
+    o, ht, *_ = _DL_OP(q, a, b, v, g, h0, float(scale), bool(output_final_state), out_dtype, save)
     return o, (ht if output_final_state else None)
