@@ -21,8 +21,9 @@ unit lower-triangular system), W = T diag(e^G) B and U0 = T V, the chunk is
 Gates enter only as e^(G_t - G_s) with s <= t (<= 1 for g <= 0), never as e^ of a positive sum.
 
     forward   _dl_prep_kernel      per chunk, in parallel: G, L, T (forward substitution), W and U0
-              _dl_walk_kernel      per head and value block, sequential over chunks: U, O and the state
-                                   (with a backward to follow it also keeps T, U and every chunk's S_0)
+                                   (and T itself when a backward will follow)
+              _dl_walk_kernel      per head and value block, sequential over chunks: U and every chunk's S_0
+              _dl_out_kernel       per chunk and value block, in parallel: O
     backward  _dl_bwd_walk_kernel  the adjoint walk, sequential over chunks in reverse: dU and every
                                    chunk's dS_C (dS_0 = scale (Q e^G)^T dO + e^(G_C) dS_C - W^T dU)
               _dl_bwd_chunk_kernel per chunk, in parallel: dq, da, db, dv and the log gate's dg through
@@ -39,6 +40,7 @@ import triton
 import triton.language as tl
 
 DL_CHUNK = 64  # tokens per chunk
+DL_BV = 32  # largest value block (the walks keep a [K, BV] fp32 state in registers)
 
 
 @triton.jit
@@ -101,22 +103,21 @@ def _dl_prep_kernel(
 
 @triton.jit
 def _dl_walk_kernel(
-    q,  # [B, T, H, K] queries (the readout's q', without the number factor `scale`)
     a,  # [B, T, H, K] keys a_t
     W,  # [B, H, NT * BT, BK] fp32 from _dl_prep_kernel
-    U,  # [B, H, NT * BT, BV * NV] fp32 U0 from _dl_prep_kernel; with SAVE overwritten by the pseudo-values U
+    U,  # [B, H, NT * BT, BV * NV] fp32 U0 from _dl_prep_kernel, overwritten by the pseudo-values U
     Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
-    hs,  # [B, H, NT, BK, BV * NV] fp32 out: the state at every chunk start (unused without SAVE)
+    hs,  # [B, H, NT, BK, BV * NV] fp32 out: the state S_0 at every chunk start
     h0,  # [B, H, K, V] fp32 initial state (unused without HAS_H0)
     ht,  # [B, H, K, V] fp32 out: final state (unused without STORE_HT)
-    o,  # [B, T, H, V] out: the output
-    scale,  # the readout's number factor
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
+    """The state walk, per head and value block, sequential over chunks:
+    U = U0 - W S_0,  S_C = e^(G_C) S_0 + (A e^(G_C - G))^T U."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_r = tl.arange(0, BT)
@@ -130,37 +131,66 @@ def _dl_walk_kernel(
         b_S = tl.load(h0 + p_s, mask=m_kv, other=0.).to(tl.float32)
     else:
         b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    incl = o_r[:, None] >= o_r[None, :]
     for i_t in range(NT):
         o_t = i_t * BT + o_r
         m_t = o_t < T
         rows = (i_b * T + o_t) * H + i_h
         base = i_bh * NT * BT + o_t
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_W = tl.load(W + base[:, None] * BK + o_k[None, :])
         b_U = tl.load(U + base[:, None] * (BV * NV) + o_v[None, :])
         b_G = tl.load(Gc + base)
         b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)  # G at the chunk's end (padding adds 0)
+        tl.store(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_S)
         # U = U0 - W S_0 (rows past T are 0: their W and U0 rows are)
         b_u = b_U - tl.dot(b_W, b_S, input_precision=PREC)
-        if SAVE:
-            tl.store(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_S)
-            tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
-        # O = scale ((Q e^G) S_0 + (Q A^T * e^(G_t - G_s) [s <= t]) U)
-        b_A = tl.dot(b_q, tl.trans(b_a), input_precision=PREC)
-        b_A = tl.where(incl, b_A * tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.)), 0.)
-        b_o = tl.dot(b_q * tl.exp(b_G)[:, None], b_S, input_precision=PREC)
-        b_o = (b_o + tl.dot(b_A, b_u, input_precision=PREC)) * scale
-        tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        # S_C = e^(G_C) S_0 + (A e^(G_C - G))^T U
-        b_ad = b_a * tl.exp(b_GL - b_G)[:, None]
+        tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
+        b_ad = b_a.to(tl.float32) * tl.exp(b_GL - b_G)[:, None]
         b_S = b_S * tl.exp(b_GL) + tl.dot(tl.trans(b_ad), b_u, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + p_s, b_S, mask=m_kv)
 
 
+@triton.jit
+def _dl_out_kernel(
+    q,  # [B, T, H, K] queries (the readout's q', without the number factor `scale`)
+    a,  # [B, T, H, K] keys a_t
+    U,  # [B, H, NT * BT, BV * NV] fp32 the pseudo-values
+    Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
+    hs,  # [B, H, NT, BK, BV * NV] fp32 the state at every chunk start
+    o,  # [B, T, H, V] out: the output
+    scale,  # the readout's number factor
+    T,  # tokens per sequence
+    NT,  # chunks per sequence
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The output, per chunk and value block in parallel: O = scale ((Q e^G) S_0 + (Q A^T * Gamma) U),
+    Gamma[t, s] = e^(G_t - G_s) for s <= t, else 0."""
+    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    rows = (i_b * T + o_t) * H + i_h
+    base = i_bh * NT * BT + o_t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_G = tl.load(Gc + base)
+    b_S = tl.load(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :])
+    b_u = tl.load(U + base[:, None] * (BV * NV) + o_v[None, :])
+    incl = o_r[:, None] >= o_r[None, :]
+    b_A = tl.dot(b_q, tl.trans(b_a), input_precision=PREC)
+    b_A = tl.where(incl, b_A * tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.)), 0.)
+    b_o = tl.dot(b_q * tl.exp(b_G)[:, None], b_S, input_precision=PREC)
+    b_o = (b_o + tl.dot(b_A, b_u, input_precision=PREC)) * scale
+    tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -332,13 +362,28 @@ def _dl_pow2(n):
     return max(16, triton.next_power_of_2(n))
 
 
+# (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
+# (benchmarks/ptxas_delta.py): one stage everywhere, since pipelined loads put the walks at 297-313 KB of shared
+# memory (the H100 allows 227 KB); the backward's chunk kernel needs 250 KB at 8 warps, 229 KB at 4
+_DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (4, 1), "_dl_out_kernel": (4, 1),
+              "_dl_bwd_walk_kernel": (8, 1), "_dl_bwd_chunk_kernel": (4, 1)}
+
+
+def _dl_cfg(name):
+    """Launch options of a kernel: ``num_warps`` and ``num_stages``."""
+    warps, stages = _DL_LAUNCH[name]
+    return {"num_warps": warps, "num_stages": stages}
+
+
 def _dl_geometry(q, v):
     """(B, T, H, K, V, BT, NT, BK, BV, NV, PREC): one key block of all K keys, value blocks of up to 64;
     fp32 products stay fp32 (ieee), bf16/fp16 inputs take tf32 products."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if K > 256:
+        raise ValueError(f"delta_chunk: the key width K = {K} of q, a, b is above 256 (one key block per program)")
     BT = DL_CHUNK
-    BV = min(_dl_pow2(V), 64)
+    BV = min(_dl_pow2(V), DL_BV)
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     return B, T, H, K, V, BT, triton.cdiv(T, BT), _dl_pow2(K), BV, triton.cdiv(V, BV), prec
 
@@ -355,15 +400,18 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     U = torch.empty(B, H, NT * BT, BV * NV, device=dev, dtype=f32)
     Gc = torch.empty(B, H, NT * BT, device=dev, dtype=f32)
     Tm = torch.empty(B, H, NT * BT, BT, device=dev, dtype=f32) if save else Gc
-    hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=f32) if save else Gc
+    hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=f32)
     gg = g.to(f32).contiguous() if g is not None else Gc
-    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, W, U, Gc, Tm, T, H, K, V, BT, BK, BV, NV, g is not None, save, prec)
-    o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
+    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, W, U, Gc, Tm, T, H, K, V, BT, BK, BV, NV, g is not None, save, prec,
+                                 **_dl_cfg("_dl_prep_kernel"))
     ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
-    _dl_walk_kernel[(NV, B * H)](q, a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc, o,
-                                 float(scale), T, NT, H, K, V, BT, BK, BV, NV, h0 is not None, ht is not None, save,
-                                 prec)
+    _dl_walk_kernel[(NV, B * H)](a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc,
+                                 T, NT, H, K, V, BT, BK, BV, NV, h0 is not None, ht is not None, prec,
+                                 **_dl_cfg("_dl_walk_kernel"))
+    o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
+    _dl_out_kernel[(NT, NV, B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H, K, V, BT, BK, BV, NV, prec,
+                                    **_dl_cfg("_dl_out_kernel"))
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
 
 
@@ -381,12 +429,12 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0):
     dht = dht.to(f32).contiguous() if dht is not None else None
     _dl_bwd_walk_kernel[(NV, B * H)](q, a, W, Gc, do, dht if dht is not None else Gc, dh0 if dh0 is not None else Gc,
                                      dU, dhs, float(scale), T, NT, H, K, V, BT, BK, BV, NV, dht is not None,
-                                     dh0 is not None, prec)
+                                     dh0 is not None, prec, **_dl_cfg("_dl_bwd_walk_kernel"))
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
     dg = torch.empty(B, T, H, device=q.device, dtype=f32) if g is not None else None
     _dl_bwd_chunk_kernel[(NT, B * H)](q, a, b, v, Tm, hs, U, dU, dhs, Gc, do, dq, da, db, dv,
                                       dg if dg is not None else Gc, float(scale), T, NT, H, K, V, BT, BK, BV, NV,
-                                      g is not None, prec)
+                                      g is not None, prec, **_dl_cfg("_dl_bwd_chunk_kernel"))
     return dq, da, db, dv, (dg.to(g.dtype) if g is not None else None), dh0
 
 
@@ -439,8 +487,8 @@ def _dl_tag():
     import hashlib
     import inspect
 
-    fns = (_dl_prep_kernel, _dl_walk_kernel, _dl_bwd_walk_kernel, _dl_bwd_chunk_kernel, _dl_geometry, dl_chunk_fwd,
-           dl_chunk_bwd)
+    fns = (_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_walk_kernel, _dl_bwd_chunk_kernel, _dl_geometry,
+           dl_chunk_fwd, dl_chunk_bwd)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
