@@ -147,11 +147,15 @@ def test_the_plan_comes_from_the_terms():
     from mixc.analysis import show
     from mixc.backends.delta.emit import plan
 
-    dp = plan(load("synthetic").analysis)  # the numbers 0.4 of the key factors move to b and v
-    assert (show(dp.a), show(dp.b), show(dp.v), show(dp.g)) == ("tanh(y[i])", "tanh(y[i]) * r * 0.4 * 0.4",
-                                                                 "0.4 * z[j]", "f")
+    dp = plan(load("synthetic").analysis)  # the numbers 0.4 of the key factors move to b and v; r is b's scale
+    assert (show(dp.a), show(dp.b), show(dp.bs), show(dp.v), dp.vs, show(dp.g)) == (
+        "tanh(y[i])", "tanh(y[i]) * 0.4 * 0.4", "r", "0.4 * z[j]", None, "f")
     dp = plan(load("synthetic_t").analysis)
-    assert (show(dp.a), show(dp.b), show(dp.v), dp.g, dp.transposed) == ("y[i]", "y[i] * r", "r * z[j]", None, True)
+    assert (show(dp.a), show(dp.b), show(dp.bs), show(dp.v), show(dp.vs), dp.g, dp.transposed) == (
+        "y[i]", "y[i]", "r", "z[j]", "r", None, True)
+    body = load("deltanet").source_code  # q, k, k, v and beta as the caller passed them: no copies
+    assert "delta_chunk(as_dtype(inputs['q'], dt_in), as_dtype(inputs['k'], dt_in), as_dtype(inputs['k'], dt_in), " \
+           "as_dtype(inputs['v'], dt_in), None" in body and "bs=as_dtype(inputs['beta'], torch.float32)" in body
     other = SYNTHETIC_T.replace("+ r * y[i] * z[j]", "+ x[i] * z[j]")
     m = mixc.loads(other, "other.mix")
     assert m.analysis.transition == "delta"
@@ -166,25 +170,33 @@ def test_explain_describes_the_delta_plan():
     assert any("delta rule" in line for line in explain_json(m)["chunked_plan"])
 
 
-@pytest.mark.parametrize("T,gated,h0", [(90, True, True), (64, False, False)], ids=["T90-gated-h0", "T64"])
-def test_the_kernels_are_the_chunked_algorithm(T, gated, h0):
+@pytest.mark.parametrize("T,gated,h0,scales", [(90, True, True, True), (64, False, False, False)],
+                         ids=["T90-gated-h0-scales", "T64"])
+def test_the_kernels_are_the_chunked_algorithm(T, gated, h0, scales):
     """The Triton forward and backward against autograd through dl_chunked_torch (the same algorithm in
-    PyTorch, fp64), with cotangents on the output and the final state; widths 20 x 33 (padded blocks)."""
+    PyTorch, fp64), with cotangents on the output and the final state; widths 20 x 33 (padded blocks); with
+    per-token scales of b and v (applied by the kernels as they load b and v) or with b and v scaled before."""
     gen = torch.Generator().manual_seed(0)
     B, H, K, V = 1, 2, 20, 33
     q, kk = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
     kk = kk / kk.norm(dim=-1, keepdim=True)
-    beta = 0.9 + 0.1 * torch.rand(B, T, H, 1, generator=gen)
-    xs = [q, kk, beta * kk, beta * torch.randn(B, T, H, V, generator=gen),
-          -torch.rand(B, T, H, generator=gen) * 5 if gated else None,
-          torch.randn(B, H, K, V, generator=gen) if h0 else None]
+    beta = 0.9 + 0.1 * torch.rand(B, T, H, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen) * 5 if gated else None
+    s0 = torch.randn(B, H, K, V, generator=gen) if h0 else None
+    if scales:
+        xs, sc = [q, kk, kk, v, g, s0], [beta, beta * 0.5]
+    else:
+        xs, sc = [q, kk, beta[..., None] * kk, beta[..., None] * v, g, s0], [None, None]
     do, dht = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
-    xd = [None if x is None else x.double().requires_grad_() for x in xs]
-    o_ref, s_ref = kernels.dl_chunked_torch(*xd, scale=0.3)
+    xd = [None if x is None else x.double().requires_grad_() for x in xs + sc]
+    o_ref, s_ref = kernels.dl_chunked_torch(*xd[:6], scale=0.3, bs=xd[6], vs=xd[7])
     want = torch.autograd.grad([o_ref, s_ref], [x for x in xd if x is not None], [do.double(), dht.double()])
-    dev = [None if x is None else x.to(DEV) for x in xs]
-    o, s, saved = kernels.dl_chunk_fwd(*dev, 0.3, True, None, True)
-    got = [x for x in kernels.dl_chunk_bwd(do.to(DEV), dht.to(DEV), *dev, saved, 0.3) if x is not None]
+    dev = [None if x is None else x.to(DEV) for x in xs + sc]
+    o, s, saved = kernels.dl_chunk_fwd(*dev[:6], 0.3, True, None, True, bs=dev[6], vs=dev[7])
+    got = kernels.dl_chunk_bwd(do.to(DEV), dht.to(DEV), *dev[:6], saved, 0.3, bs=dev[6], vs=dev[7])
+    dq, da, db, dv, dg, dbs, dvs, dh0 = got
+    got = [x for x in (dq, da, db, dv, dg, dh0, dbs, dvs) if x is not None]  # autograd's order: xs, then sc
     assert rel(o.cpu(), o_ref) < 1e-5 and rel(s.cpu(), s_ref) < 1e-5
     assert len(got) == len(want)
     for x, y in zip(got, want):

@@ -49,6 +49,8 @@ class DeltaPlan:
     a: Node  # a_t[key]: the correction's left factor and the input's key
     b: Node  # b_t[key]: the correction's right factor (with its per-token scalars)
     v: Node  # the kernels' value v_t[value] (the input's factors other than a)
+    bs: Node | None  # b's per-token scalar factors (deltanet's beta), applied by the kernels as they load b
+    vs: Node | None  # v's per-token scalar factors, likewise
     g: Node | None  # log c_t (a per-token scalar), None when c = 1
     gate: Node | None  # output gate over the value axis
     skip: Node | None  # state-free part of the output
@@ -115,8 +117,13 @@ def plan(a: Analysis) -> DeltaPlan:
         raise NoChunkedForm(f"the input's key ({' * '.join(show(f) for f in kf)}) is not the correction's left "
                             f"factor ({' * '.join(show(f) for f in a_side)}): no single rank-one update per token")
     a_node = product(a_side)
-    b_node = rename(_signed(b_side + scal, -r.sign), {l: key})  # A = c (I - a b^T): the correction's sign is -
-    v_node = _signed(vf, inp.sign)
+    # A = c (I - a b^T): the correction's sign is -; per-token scalars go to the kernels as scales
+    bsc, brest = _token_scalars(b_side + scal)
+    b_node = rename(_signed(brest, -r.sign), {l: key})
+    vsc, vrest = _token_scalars(vf)
+    if not any(value in f.idx for f in vrest):
+        vsc, vrest = [], vf
+    v_node = _signed(vrest, inp.sign)
     g = _log_decay(d.factors) if d.factors else None
     if g is not None and set(g.idx) - {T_VAR}:
         raise NoChunkedForm(f"the decay {show(g)} is not one scalar per token")
@@ -137,7 +144,14 @@ def plan(a: Analysis) -> DeltaPlan:
             skip = make("add", (skip, x), None)
     if any(n.dtype == "complex" for n in (q_node, a_node, b_node, v_node)):
         raise NoChunkedForm("complex-valued recurrences have no chunked kernel")
-    return DeltaPlan(main.name, transposed, key, value, q_node, a_node, b_node, v_node, g, gate, skip)
+    return DeltaPlan(main.name, transposed, key, value, q_node, a_node, b_node, v_node, product(bsc) if bsc else None,
+                     product(vsc) if vsc else None, g, gate, skip)
+
+
+def _token_scalars(factors: list[Node]) -> tuple[list[Node], list[Node]]:
+    """(the factors that vary with the token only, the others)."""
+    scal = [f for f in factors if set(f.idx) == {T_VAR}]
+    return scal, [f for f in factors if set(f.idx) != {T_VAR}]
 
 
 def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
@@ -147,7 +161,7 @@ def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
              f'    """The chunked form of {p.name}: q\', a, b, v and the log gate in PyTorch, then the chunked delta '
              f"rule\n    (UT transform per 64-token chunk) for the {a.transition} recurrence of state {dp.state}."
              '"""']
-    extra = [n for n in (dp.q, dp.a, dp.b, dp.v, dp.g, dp.gate, dp.skip) if n is not None]
+    extra = [n for n in (dp.q, dp.a, dp.b, dp.v, dp.bs, dp.vs, dp.g, dp.gate, dp.skip) if n is not None]
     em = prologue(p, lines, extra)  # the gate and the epilogue: in the compute dtype (fp32 at least)
     fe = _feature_emitter(p, em)  # q', a, b, v: in the kernels' input dtype
     K, V = em.sizes_var[dp.key.axis], em.sizes_var[dp.value.axis]
@@ -156,7 +170,7 @@ def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
     where_u = f"{src}:{upd.pos.line}" if upd is not None and upd.pos else src
     where_o = f"{src}:{p.output.pos.line}" if p.output.pos else src
     em.emit(f"# {dp.state}_t = c_t (I - a_t b_t^T) {dp.state}_(t-1) + a_t v_t^T  ({where_u}):")
-    em.emit(f"#   a = {show(dp.a)},  b = {show(dp.b)},  v = {show(dp.v)},  "
+    em.emit(f"#   a = {show(dp.a)},  b = {_scaled(dp.b, dp.bs)},  v = {_scaled(dp.v, dp.vs)},  "
             f"log c = {show(dp.g) if dp.g is not None else '0'}")
     em.emit(f"# q'_t = {show(dp.q)}  (the output {p.output.target}, {where_o})")
     numbers, tensors = [], []
@@ -175,12 +189,18 @@ def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
     else:
         g = _as_btd(em, dp.g, (), "B, H, T")
         g = f"as_dtype({g}, torch.float32)"
+    scales = ""
+    for name, node in (("bs", dp.bs), ("vs", dp.vs)):
+        if node is not None:
+            em.emit(f"# {name} = {show(node)}: the kernels scale {name[0]} by it per token as they load {name[0]}")
+            scales += f", {name}=as_dtype({_as_btd(em, node, (), 'B, H, T')}, torch.float32)"
     tr = ".transpose(-1, -2)" if dp.transposed else ""
     em.emit(f"h0 = states.get({dp.state!r})")
     em.emit(f"h0 = None if h0 is None else as_dtype(h0, torch.float32){tr}")
     epilogue = dp.gate is not None or dp.skip is not None
     em.emit(f"o, ht = delta_chunk(as_dtype({q}, dt_in), as_dtype({ka}, dt_in), as_dtype({kb}, dt_in), "
-            f"as_dtype({v}, dt_in), {g}, h0, {scale}, output_final_state" + (", real)" if epilogue else ")"))
+            f"as_dtype({v}, dt_in), {g}, h0, {scale}, output_final_state"
+            + (", real" if epilogue else "") + scales + ")")
     if dp.gate is not None:
         em.emit(f"o = o * {_as_btd(em, dp.gate, (dp.value,), f'B, H, T, {V}')}")
     if dp.skip is not None:
@@ -189,13 +209,18 @@ def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
     return lines
 
 
+def _scaled(vec: Node, scale: Node | None) -> str:
+    return show(vec) if scale is None else f"{show(scale)} * {show(vec)}"
+
+
 def describe(a: Analysis) -> list[str]:
     """The delta-rule plan in words (``mixc explain``); empty when this backend has no form for ``a``."""
     try:
         dp = plan(a)
     except NoChunkedForm:
         return []
-    return [f"delta rule: a = {show(dp.a)}, b = {show(dp.b)}, v = {show(dp.v)}, q' = {show(dp.q)} (PyTorch prologue)",
+    return [f"delta rule: a = {show(dp.a)}, b = {_scaled(dp.b, dp.bs)}, v = {_scaled(dp.v, dp.vs)}, q' = {show(dp.q)} "
+            "(PyTorch prologue; per-token scales applied by the kernels as they load b and v)",
             "log gate: " + (show(dp.g) if dp.g is not None else "none") + "; per 64-token chunk the UT transform "
             "(I + L)^-1 by forward substitution in fp32, then a sequential walk over chunks (Triton)",
             "backward: an adjoint walk over chunks in reverse, then every chunk in parallel (Triton)"]

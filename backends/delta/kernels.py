@@ -49,6 +49,8 @@ def _dl_prep_kernel(
     b,  # [B, T, H, K] b_t: the correction is a_t b_t^T
     v,  # [B, T, H, V] the values
     g,  # [B, T, H] fp32 log gate (unused without HAS_G)
+    bs,  # [B, T, H] fp32 per-token scale of b (deltanet's beta; unused without HAS_BS)
+    vs,  # [B, T, H] fp32 per-token scale of v (unused without HAS_VS)
     W,  # [B, H, NT * BT, BK] fp32 out: W = T diag(e^G) B
     U,  # [B, H, NT * BT, BV * NV] fp32 out: U0 = T V
     Gc,  # [B, H, NT * BT] fp32 out: G, the in-chunk cumulative log gate
@@ -56,7 +58,7 @@ def _dl_prep_kernel(
     T,  # tokens per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_G: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_BS: tl.constexpr, HAS_VS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -70,6 +72,10 @@ def _dl_prep_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
     b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    if HAS_BS:
+        b_b *= tl.load(bs + rows, mask=m_t, other=0.)[:, None]
+    if HAS_VS:
+        b_vs = tl.load(vs + rows, mask=m_t, other=0.)
     if HAS_G:
         b_g = tl.load(g + rows, mask=m_t, other=0.).to(tl.float32)
         b_G = tl.cumsum(b_g, 0)  # padded rows add 0: they keep the last row's G
@@ -97,7 +103,10 @@ def _dl_prep_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_u = tl.dot(b_T, b_v.to(tl.float32), input_precision=PREC)
+        b_v = b_v.to(tl.float32)
+        if HAS_VS:
+            b_v *= b_vs[:, None]
+        b_u = tl.dot(b_T, b_v, input_precision=PREC)
         tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
 
 
@@ -260,6 +269,8 @@ def _dl_bwd_chunk_kernel(
     a,  # [B, T, H, K] keys a_t
     b,  # [B, T, H, K] b_t
     v,  # [B, T, H, V] values
+    bs,  # [B, T, H] fp32 per-token scale of b (unused without HAS_BS)
+    vs,  # [B, T, H] fp32 per-token scale of v (unused without HAS_VS)
     Tm,  # [B, H, NT * BT, BT] fp32 T = (I + L)^-1 of the forward
     hs,  # [B, H, NT, BK, BV * NV] fp32 the state at every chunk start
     U,  # [B, H, NT * BT, BV * NV] fp32 the pseudo-values
@@ -270,18 +281,20 @@ def _dl_bwd_chunk_kernel(
     dq, da, db,  # [B, T, H, K] out: cotangents of q, a, b (their dtype)
     dv,  # [B, T, H, V] out: cotangent of v
     dg,  # [B, T, H] fp32 out: cotangent of the log gate (unused without HAS_G)
+    dbs,  # [B, T, H] fp32 out: cotangent of bs (unused without HAS_BS)
+    dvs,  # [B, T, H] fp32 out: cotangent of vs (unused without HAS_VS)
     scale,  # the readout's number factor
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_G: tl.constexpr, PREC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_BS: tl.constexpr, HAS_VS: tl.constexpr, PREC: tl.constexpr,
 ):
     """Everything else, per chunk in parallel (P = dX * X elementwise, for the gate):
     dW = -dU S_0^T, dV = T^T dU, dM = scale dO U^T (t >= s), dQ = scale e^G (dO S_0^T) + (dM * Gamma) A,
     dA = (dM * Gamma)^T Q + e^(G_C - G) (U dS_C^T) + (dL * Gamma)^T B, dB = e^G (T^T dW) + (dL * Gamma) A,
     dT = dW (B e^G)^T + dU V^T, dL = -(T^T dT T^T) (s < t); dG_t from every e^(+-G) it enters,
-    dg the suffix sums of dG within the chunk."""
+    dg the suffix sums of dG within the chunk. With scales, B and V here are bs b and vs v."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_r = tl.arange(0, BT)
@@ -294,7 +307,15 @@ def _dl_bwd_chunk_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
     b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-    b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_braw = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    if HAS_BS:
+        b_bs = tl.load(bs + rows, mask=m_t, other=0.)
+        b_b = b_braw * b_bs[:, None]
+    else:
+        b_b = b_braw
+    if HAS_VS:
+        b_vs = tl.load(vs + rows, mask=m_t, other=0.)
+        b_dvs = tl.zeros([BT], dtype=tl.float32)
     b_T = tl.load(Tm + base[:, None] * BT + o_r[None, :])
     b_G = tl.load(Gc + base)
     b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)
@@ -317,14 +338,18 @@ def _dl_bwd_chunk_kernel(
         b_du = tl.load(dU + base[:, None] * (BV * NV) + o_v[None, :])
         b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_dv = tl.dot(tl.trans(b_T), b_du, input_precision=PREC)  # the cotangent of vs v
+        if HAS_VS:
+            b_dvs += tl.sum(b_dv * b_v, 1)
+            b_dv *= b_vs[:, None]
+            b_v *= b_vs[:, None]
+        tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_dW -= tl.dot(b_du, tl.trans(b_S), input_precision=PREC)
         b_dQ1 += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
         b_dAd += tl.dot(b_u, tl.trans(b_dS), input_precision=PREC)
         b_dM += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
         b_dT += tl.dot(b_du, tl.trans(b_v), input_precision=PREC)
         b_dGC += tl.sum(b_dS * b_S, 1)
-        b_dv = tl.dot(tl.trans(b_T), b_du, input_precision=PREC)
-        tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
     incl = o_r[:, None] >= o_r[None, :]
     lower = o_r[:, None] > o_r[None, :]
     b_Gam = tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.))  # e^(G_t - G_s), s <= t (1 elsewhere)
@@ -345,6 +370,11 @@ def _dl_bwd_chunk_kernel(
     p_k = rows[:, None] * K + o_k[None, :]
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)
+    if HAS_BS:  # b_db is the cotangent of bs b
+        tl.store(dbs + rows, tl.sum(b_db * b_braw, 1), mask=m_t)
+        b_db *= b_bs[:, None]
+    if HAS_VS:
+        tl.store(dvs + rows, b_dvs, mask=m_t)
     tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=m_tk)
     if HAS_G:
         # dG_t: rows of P_L, P_M (e^(+G_t)) less their columns (e^(-G_s)), e^G in B e^G and Q e^G, and
@@ -389,10 +419,12 @@ def _dl_geometry(q, v):
     return B, T, H, K, V, BT, triton.cdiv(T, BT), _dl_pow2(K), BV, triton.cdiv(V, BV), prec
 
 
-def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, save=False):
+def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, save=False,
+                 bs=None, vs=None):
     """Triton forward. q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log gates or None; h0:
-    [B, H, K, V] or None. Returns (o [B, T, H, V] in ``out_dtype`` (default q's), final state
-    [B, H, K, V] fp32 or None, and with ``save`` what the backward reads: (W, U, G, T, hs), else None)."""
+    [B, H, K, V] or None; bs, vs: [B, T, H] per-token scales of b and v or None. Returns (o [B, T, H, V] in
+    ``out_dtype`` (default q's), final state [B, H, K, V] fp32 or None, and with ``save`` what the backward
+    reads: (W, U, G, T, hs), else None)."""
     B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
     q, a, b, v = (x.contiguous() for x in (q, a, b, v))
     dev = q.device
@@ -402,9 +434,9 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     Gc = torch.empty(B, H, NT * BT, device=dev, dtype=f32)
     Tm = torch.empty(B, H, NT * BT, BT, device=dev, dtype=f32) if save else Gc
     hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=f32)
-    gg = g.to(f32).contiguous() if g is not None else Gc
-    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, W, U, Gc, Tm, T, H, K, V, BT, BK, BV, NV, g is not None, save, prec,
-                                 **_dl_cfg("_dl_prep_kernel"))
+    gg, bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (g, bs, vs))
+    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, T, H, K, V, BT, BK, BV, NV, g is not None,
+                                 bs is not None, vs is not None, save, prec, **_dl_cfg("_dl_prep_kernel"))
     ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
     _dl_walk_kernel[(NV, B * H)](a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc,
@@ -416,10 +448,10 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
 
 
-def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0):
+def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None):
     """Triton backward of :func:`dl_chunk_fwd` (``saved`` from its ``save=True`` call): the adjoint walk, then
     every chunk in parallel. ``do`` [B, T, H, V], ``dht`` [B, H, K, V] or None. Returns (dq, da, db, dv in
-    their inputs' dtypes, dg fp32 or None, dh0 fp32 or None)."""
+    their inputs' dtypes, dg, dbs, dvs in fp32 or None, dh0 fp32 or None)."""
     B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
     W, U, Gc, Tm, hs = saved
     q, a, b, v, do = (x.contiguous() for x in (q, a, b, v, do))
@@ -432,16 +464,21 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0):
                                      dU, dhs, float(scale), T, NT, H, K, V, BT, BK, BV, NV, dht is not None,
                                      dh0 is not None, prec, **_dl_cfg("_dl_bwd_walk_kernel"))
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
-    dg = torch.empty(B, T, H, device=q.device, dtype=f32) if g is not None else None
-    _dl_bwd_chunk_kernel[(NT, B * H)](q, a, b, v, Tm, hs, U, dU, dhs, Gc, do, dq, da, db, dv,
-                                      dg if dg is not None else Gc, float(scale), T, NT, H, K, V, BT, BK, BV, NV,
-                                      g is not None, prec, **_dl_cfg("_dl_bwd_chunk_kernel"))
-    return dq, da, db, dv, (dg.to(g.dtype) if g is not None else None), dh0
+    dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
+    bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
+    _dl_bwd_chunk_kernel[(NT, B * H)](q, a, b, v, bsf, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, da, db, dv,
+                                      *(x if x is not None else Gc for x in (dg, dbs, dvs)), float(scale), T, NT,
+                                      H, K, V, BT, BK, BV, NV, g is not None, bs is not None, vs is not None, prec,
+                                      **_dl_cfg("_dl_bwd_chunk_kernel"))
+    return dq, da, db, dv, dg, dbs, dvs, dh0
 
 
-def dl_chunked_torch(q, a, b, v, g=None, h0=None, scale=1.0, BT=DL_CHUNK):
-    """The same chunked algorithm in PyTorch (differentiable; the backward differentiates it). Shapes
-    as :func:`dl_chunk_fwd`; computes in the inputs' dtype (fp32 or fp64). Returns (o, final state)."""
+def dl_chunked_torch(q, a, b, v, g=None, h0=None, scale=1.0, BT=DL_CHUNK, bs=None, vs=None):
+    """The same chunked algorithm in PyTorch (differentiable: the tests check the kernels' gradients against
+    autograd through it). Shapes as :func:`dl_chunk_fwd`; computes in the inputs' dtype (fp32 or fp64).
+    Returns (o, final state)."""
+    b = b if bs is None else b * bs[..., None]
+    v = v if vs is None else v * vs[..., None]
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = -(-T // BT)
@@ -514,15 +551,16 @@ def _dl_define_ops():
     Tensor = torch.Tensor
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
-    def fwd(q: Tensor, a: Tensor, b: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
-            scale: float, output_final_state: bool, out_dtype: Optional[torch.dtype], save: bool  # noqa: UP045
+    def fwd(q: Tensor, a: Tensor, b: Tensor, v: Tensor, g: Optional[Tensor], bs: Optional[Tensor],  # noqa: UP045
+            vs: Optional[Tensor], h0: Optional[Tensor], scale: float, output_final_state: bool,  # noqa: UP045
+            out_dtype: Optional[torch.dtype], save: bool  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save)
+        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs)
         saved = saved if saved is not None else tuple(_dl_empty(q) for _ in range(5))  # (distinct tensors)
         return (o, ht if ht is not None else _dl_empty(q), *saved)
 
     @fwd.register_fake
-    def _(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save):
+    def _(q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save):
         B, T, H, K, V, BT, NT, BK, BV, NV, _ = _dl_geometry(q, v)
         f32 = torch.float32
         ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else _dl_empty(q)
@@ -533,32 +571,35 @@ def _dl_define_ops():
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, a: Tensor, b: Tensor, v: Tensor,  # noqa: UP045
-            g: Optional[Tensor], h0: Optional[Tensor], W: Tensor, U: Tensor, G: Tensor, Tm: Tensor,  # noqa: UP045
-            hs: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        dq, da, db, dv, dg, dh0 = dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale)
-        return dq, da, db, dv, (dg if dg is not None else _dl_empty(q)), (dh0 if dh0 is not None else _dl_empty(q))
+            g: Optional[Tensor], bs: Optional[Tensor], vs: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
+            W: Tensor, U: Tensor, G: Tensor, Tm: Tensor, hs: Tensor, scale: float
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        grads = dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs)
+        return tuple(x if x is not None else _dl_empty(q) for x in grads)
 
     @bwd.register_fake
-    def _(do, dht, q, a, b, v, g, h0, W, U, G, Tm, hs, scale):
+    def _(do, dht, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs, scale):
+        f32 = torch.float32
         return (torch.empty_like(q), torch.empty_like(a), torch.empty_like(b), torch.empty_like(v),
-                torch.empty_like(g) if g is not None else _dl_empty(q),
-                q.new_empty(h0.shape, dtype=torch.float32) if h0 is not None else _dl_empty(q))
+                *(q.new_empty(x.shape, dtype=f32) if x is not None else _dl_empty(q) for x in (g, bs, vs, h0)))
 
     def setup_context(ctx, inputs, output):
-        q, a, b, v, g, h0, scale, output_final_state, out_dtype, save = inputs
-        ctx.save_for_backward(q, a, b, v, g, h0, *output[2:])
+        q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save = inputs
+        ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, *output[2:])
         ctx.scale = scale
         ctx.final = output_final_state
 
     def backward(ctx, do, dht, *_):
-        q, a, b, v, g, h0, W, U, G, Tm, hs = ctx.saved_tensors
+        q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs = ctx.saved_tensors
         if W.numel() == 0:
             raise RuntimeError("delta_chunk: the forward ran without save=True, so it has no backward")
         if do is None:
             do = q.new_zeros(*q.shape[:3], v.shape[-1])
-        dq, da, db, dv, dg, dh0 = bwd(do, dht if ctx.final else None, q, a, b, v, g, h0, W, U, G, Tm, hs, ctx.scale)
-        return (dq, da, db, dv, _dl_or_none(dg) if g is not None else None,
-                _dl_or_none(dh0) if h0 is not None else None, None, None, None, None)
+        dq, da, db, dv, *rest = bwd(do, dht if ctx.final else None, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs,
+                                    ctx.scale)
+        dg, dbs, dvs, dh0 = (_dl_or_none(d).to(x.dtype) if x is not None else None
+                             for d, x in zip(rest, (g, bs, vs, h0)))
+        return dq, da, db, dv, dg, dbs, dvs, dh0, None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -567,11 +608,13 @@ def _dl_define_ops():
 _DL_OP = _dl_define_ops()  # defined as the module loads (not inside a torch.compile trace)
 
 
-def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None):
+def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, bs=None, vs=None):
     """The chunked (gated) delta rule, differentiable (a torch operator). q, a, b: [B, T, H, K]; v: [B, T, H, V];
-    g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V] fp32 or None. Returns (o [B, T, H, V] in ``out_dtype``
+    g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V] fp32 or None; bs, vs: [B, T, H] per-token scales of b
+    and v (deltanet's beta: applied as the kernels load b and v, so the scaled tensors are never written) or
+    None. Returns (o [B, T, H, V] in ``out_dtype``
     (default q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only
     when a gradient will be asked for."""
-    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, h0))
-    o, ht, *_ = _DL_OP(q, a, b, v, g, h0, float(scale), bool(output_final_state), out_dtype, save)
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, bs, vs, h0))
+    o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype, save)
     return o, (ht if output_final_state else None)
