@@ -37,11 +37,12 @@ def main():
     prec = "ieee" if args.dtype == "fp32" else "tf32"
     base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec)
     kernels = {
-        "_dl_prep_kernel": (dict(a=x, b=x, v=x), dict(HAS_G=True, SAVE=True)),
+        "_dl_prep_kernel": (dict(a=x, b=x, v=x), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
         "_dl_walk_kernel": (dict(a=x), dict(HAS_H0=True, STORE_HT=True)),
         "_dl_out_kernel": (dict(q=x, a=x, o=x), {}),
         "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x), dict(HAS_DHT=True, STORE_DH0=True)),
-        "_dl_bwd_chunk_kernel": (dict(q=x, a=x, b=x, v=x, do=x, dq=x, da=x, db=x, dv=x), dict(HAS_G=True)),
+        "_dl_bwd_chunk_kernel": (dict(q=x, a=x, b=x, v=x, do=x, dq=x, da=x, db=x, dv=x),
+                                 dict(HAS_G=True, HAS_BS=True, HAS_VS=True)),
     }
     for name, (ptrs, extra) in kernels.items():
         if args.only and name not in args.only.split(","):

@@ -394,8 +394,8 @@ def _dl_pow2(n):
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
 # (benchmarks/ptxas_delta.py): one stage everywhere, since pipelined loads put the walk at 297-313 KB of shared
-# memory (the H100 allows 227 KB). Registers / spill bytes / shared KB: prep 203/0/48, walk (8 warps) 152/0/64,
-# out 190/0/56, adjoint walk (8 warps) 255/200/104, backward chunk kernel 255/3472/224 (250 KB at 8 warps)
+# memory (the H100 allows 227 KB). Registers / spill bytes / shared KB: prep 186/0/48, walk (8 warps) 152/0/64,
+# out 190/0/56, adjoint walk (8 warps) 255/200/104, backward chunk kernel 255/3624/220 (more at 8 warps)
 _DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (8, 1), "_dl_out_kernel": (4, 1),
               "_dl_bwd_walk_kernel": (8, 1), "_dl_bwd_chunk_kernel": (4, 1)}
 

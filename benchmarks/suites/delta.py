@@ -79,5 +79,6 @@ def run(smoke: bool) -> list[dict]:
             do = torch.randn_like(ref).to(dtype)
             t_ours = time_ms(fwd_bwd(ours, xg, do))
             t_fla = time_ms(fwd_bwd(theirs, xg, do)) if fla else None
-            rows.append(row("delta", f"{name} fwd+bwd {shape}", t_ours, anchor, t_fla, check, fla_note))
+            rows.append(row("delta", f"{name} fwd+bwd {shape}", t_ours, anchor, t_fla, check,
+                            fla_note + "; check: the forward output (gradients: tests/test_delta.py)"))
     return rows
