@@ -29,8 +29,9 @@ Gates enter only as e^(G_t - G_s) with s <= t (<= 1 for g <= 0), never as e^ of 
               _dl_bwd_chunk_kernel per chunk, in parallel: dq, da, db, dv and the log gate's dg through
                                    dT and dL = -T^T dT T^T (the derivative of the inverse)
 
-:func:`dl_chunked_torch` is the same algorithm in PyTorch (differentiable): the tests check the kernels,
-forward and backward, against it and against the reference.
+:func:`mixc.backends.delta.chunked_torch.dl_chunked_torch` is the same algorithm in PyTorch (differentiable;
+not pasted into generated modules): the tests check the kernels, forward and backward, against it and against
+the reference.
 
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
@@ -471,48 +472,6 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
                                       H, K, V, BT, BK, BV, NV, g is not None, bs is not None, vs is not None, prec,
                                       **_dl_cfg("_dl_bwd_chunk_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
-
-
-def dl_chunked_torch(q, a, b, v, g=None, h0=None, scale=1.0, BT=DL_CHUNK, bs=None, vs=None):
-    """The same chunked algorithm in PyTorch (differentiable: the tests check the kernels' gradients against
-    autograd through it). Shapes as :func:`dl_chunk_fwd`; computes in the inputs' dtype (fp32 or fp64).
-    Returns (o, final state)."""
-    b = b if bs is None else b * bs[..., None]
-    v = v if vs is None else v * vs[..., None]
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    NT = -(-T // BT)
-    pad = NT * BT - T
-
-    def chunks(x):  # [B, T, H, D] -> [B, H, NT, BT, D]
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.reshape(B, NT, BT, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
-
-    qc, ac, bc, vc = chunks(q), chunks(a), chunks(b), chunks(v)
-    if g is not None:
-        G = chunks(g[..., None])[..., 0].cumsum(-1)  # [B, H, NT, BT]
-    else:
-        G = q.new_zeros(B, H, NT, BT)
-    lower = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril(-1)
-    incl = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril()
-    dG = G[..., :, None] - G[..., None, :]
-    L = (bc @ ac.transpose(-1, -2)) * torch.exp(dG.masked_fill(~lower, 0)) * lower
-    eye = torch.eye(BT, dtype=q.dtype, device=q.device)
-    Tm = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
-    Wc = Tm @ (bc * torch.exp(G)[..., None])
-    Uc = Tm @ vc
-    Aq = (qc @ ac.transpose(-1, -2)) * torch.exp(dG.masked_fill(~incl, 0)) * incl
-    qg = qc * torch.exp(G)[..., None]
-    GL = G[..., -1]
-    ad = ac * torch.exp(GL[..., None] - G)[..., None]
-    S = h0 if h0 is not None else q.new_zeros(B, H, K, V)
-    outs = []
-    for c in range(NT):
-        u = Uc[:, :, c] - Wc[:, :, c] @ S
-        outs.append(qg[:, :, c] @ S + Aq[:, :, c] @ u)
-        S = S * torch.exp(GL[:, :, c])[..., None, None] + ad[:, :, c].transpose(-1, -2) @ u
-    o = torch.stack(outs, 2).reshape(B, H, NT * BT, V)[:, :, :T].permute(0, 2, 1, 3) * scale
-    return o, S
 
 
 # ---- as a torch operator ----------------------------------------------------------------------------
