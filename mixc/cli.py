@@ -175,16 +175,14 @@ def explain_text(mixer) -> str:
 
 
 def explain_json(mixer) -> dict:
-    """What ``mixc explain --json`` prints."""
-    from .backends.chunked_emit import describe
-    from .backends.fft.emit import describe as describe_fft
-
+    """What ``mixc explain --json`` prints: the analysis, what was emitted, and ``<form>_plan`` for each emitted
+    form whose backend describes its plan (``chunked_plan`` is always there, empty when not emitted)."""
     plan = mixer.plan
+    plans = {f"{form}_plan": backend.describe(mixer.analysis) if backend.describe else []
+             for form, (backend, _) in plan.emitted.items()}
     return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "default_form": plan.default,
             "analysis_default_form": mixer.analysis.default_form, "default_reason": plan.default_reason,
-            "not_emitted": dict(plan.not_emitted),
-            "chunked_plan": describe(mixer.analysis) if "chunked" in plan.emitted else [],
-            "fft_plan": describe_fft(mixer.analysis) if "fft" in plan.emitted else []}
+            "not_emitted": dict(plan.not_emitted), "chunked_plan": [], **plans}
 
 
 def cmd_explain(args) -> int:

@@ -19,6 +19,7 @@ import mixc
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # example -> sizes for its random inputs
     "gla": {"K": 8, "V": 16},
+    "gated_deltanet": {"K": 8, "V": 16},
     "s4d": {"N": 16},
     "softmax_attention": {"K": 8, "V": 8},
 }

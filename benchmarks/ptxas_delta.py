@@ -1,0 +1,61 @@
+"""Compile the delta-rule kernels (backends/delta) for an H100 (sm_90) without a GPU: registers, spills, shared memory.
+
+    PYTHONPATH=/tmp/t36 python benchmarks/ptxas_delta.py [--k 128] [--v 128] [--warps 4,8]
+
+(Triton 3.6, the device's version: ``pip install -q --no-deps --target /tmp/t36 triton==3.6.0``.) bf16 inputs,
+the launch's value block and warps unless --warps is given. STACK > 0 means spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ptxas_check import compile_one, sig_of  # noqa: E402
+
+from mixc.backends.delta import kernels as D  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--k", type=int, default=128)
+    ap.add_argument("--v", type=int, default=128)
+    ap.add_argument("--warps", default="")
+    ap.add_argument("--bv", type=int, default=D.DL_BV, help="largest value block")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
+    ap.add_argument("--only", default="", help="comma-separated kernel names")
+    args = ap.parse_args()
+    K, V = args.k, args.v
+    BK = D._dl_pow2(K)
+    BV = min(D._dl_pow2(V), args.bv)
+    NV = -(-V // BV)
+    x = f"*{args.dtype}"
+    prec = "ieee" if args.dtype == "fp32" else "tf32"
+    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec)
+    kernels = {
+        "_dl_prep_kernel": (dict(a=x, b=x, v=x), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
+        "_dl_walk_kernel": (dict(a=x), dict(HAS_H0=True, STORE_HT=True)),
+        "_dl_out_kernel": (dict(q=x, a=x, o=x), {}),
+        "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x), dict(HAS_DHT=True, STORE_DH0=True)),
+        "_dl_bwd_chunk_kernel": (dict(q=x, a=x, b=x, v=x, do=x, dq=x, da=x, db=x, dv=x),
+                                 dict(HAS_G=True, HAS_BS=True, HAS_VS=True)),
+    }
+    for name, (ptrs, extra) in kernels.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        fn = getattr(D, name)
+        consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
+        sig = sig_of(fn, ptrs, {"T", "NT"}, {"scale"}, consts)
+        for w in (list(map(int, args.warps.split(","))) if args.warps else [D._DL_LAUNCH[name][0]]):
+            for st in (list(map(int, args.stages.split(","))) if args.stages else [D._DL_LAUNCH[name][1]]):
+                regs, spill, shared = compile_one(fn, sig, consts, w, st)
+                print(f"{name:<22} K {K} V {V} BV {BV} warps {w} stages {st}: {regs} registers, stack {spill} bytes, "
+                      f"shared {shared} bytes", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The chunked delta rule (backends/delta) against fla 0.6.0's ``chunk_delta_rule`` and ``chunk_gated_delta_rule``.
+
+Rows (bf16 on the GPU; fp32 in a CPU smoke run, where the interpreter's bf16 is wrong): deltanet and
+gated_deltanet, forward and forward + backward, at B4 T4096 H16 D128 and B8 T1024 H16 D64 (the issue's shapes;
+its targets: fwd+bwd vs chunk_delta_rule >= 1.0 and forward vs chunk_gated_delta_rule >= 1.0 at the first,
+>= 2.0 at the second). Inputs as fla's users pass them: k L2-normalised (q too), beta = sigmoid, g = logsigmoid,
+[B, T, H, D], scale D^-1/2 (``use_qk_l2norm_in_kernel=False``). Each row's check is our output's relative RMS
+error against the reference in fp32 in the same run (the note gives fla's); rows without fla say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .common import DEV, fwd_bwd, rel, row, time_ms
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPES = [(4, 4096, 16, 128), (8, 1024, 16, 64)]
+SMOKE_SHAPES = [(1, 70, 2, 16)]
+
+
+def _fla():
+    """fla's two ops, or None when fla is not installed."""
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:
+        return None
+    return chunk_delta_rule, chunk_gated_delta_rule
+
+
+def _inputs(B, T, H, D, dtype, gated, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, D, generator=gen)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    x = {"q": q, "k": k, "v": v, "beta": beta}
+    if gated:
+        x["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 3)
+    return {n: t.to(DEV, dtype) for n, t in x.items()}
+
+
+def run(smoke: bool) -> list[dict]:
+    import mixc
+
+    fla = _fla()
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    rows = []
+    for name, gated in (("deltanet", False), ("gated_deltanet", True)):
+        m = mixc.load(ROOT / "examples" / f"{name}.mix")
+        for B, T, H, D in SMOKE_SHAPES if smoke else SHAPES:
+            x = _inputs(B, T, H, D, dtype, gated)
+            scale = D ** -0.5
+
+            def ours(**kw):
+                return m(**kw, form="chunked")
+
+            def theirs(**kw):
+                op = fla[1] if gated else fla[0]
+                extra = {"g": kw["g"]} if gated else {}
+                o, _ = op(q=kw["q"], k=kw["k"], v=kw["v"], beta=kw["beta"], scale=scale, **extra,
+                          use_qk_l2norm_in_kernel=False)
+                return o
+
+            with torch.no_grad():
+                ref = m.reference(**{n: t.float() for n, t in x.items()})
+                check = rel(ours(**x).float(), ref)
+                fla_note = f"fla's check {rel(theirs(**x).float(), ref):.1e}" if fla else "fla not installed: no anchor"
+            shape = f"B{B} T{T} H{H} D{D} {str(dtype).replace('torch.', '')}"
+            anchor = ("chunk_gated_delta_rule" if gated else "chunk_delta_rule") if fla else None
+            with torch.no_grad():
+                t_ours = time_ms(lambda: ours(**x))
+                t_fla = time_ms(lambda: theirs(**x)) if fla else None
+            rows.append(row("delta", f"{name} fwd {shape}", t_ours, anchor, t_fla, check, fla_note))
+            xg = {n: t.clone().requires_grad_() for n, t in x.items()}
+            do = torch.randn_like(ref).to(dtype)
+            t_ours = time_ms(fwd_bwd(ours, xg, do))
+            t_fla = time_ms(fwd_bwd(theirs, xg, do)) if fla else None
+            rows.append(row("delta", f"{name} fwd+bwd {shape}", t_ours, anchor, t_fla, check,
+                            fla_note + "; check: the forward output (gradients: tests/test_delta.py)"))
+    return rows

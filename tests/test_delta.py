@@ -1,0 +1,216 @@
+"""The chunked delta-rule form (backends/delta) against the reference: outputs, final states and every
+gradient for deltanet and gated_deltanet, odd T, T = 1, non-power-of-two widths, initial states,
+variable-length batches, fp16 inputs, beta near 1 and gates near -20 and near 0, and synthetic files of
+the same class that no example is (other names, feature maps, an output gate, a skip).
+
+Under TRITON_INTERPRET=1 (CPU, conftest.py); on a GPU the same tests run the compiled kernels.
+"""
+
+import pytest
+import torch
+from test_chunked import DEV, check, rel, run_both, states_for
+
+import mixc
+from mixc.backends.delta import kernels
+from mixc.backends.delta.chunked_torch import dl_chunked_torch
+
+NAMES = ["deltanet", "gated_deltanet"]
+SIZES = {"K": 5, "V": 7}
+
+# The delta rule with other names, a feature map on the keys (bounded: |phi|^2 <= 0.8 at Dk = 5), the scalar
+# r on the correction only (a = phi(y), b = r phi(y), v = z), another readout map, an output gate and a skip.
+SYNTHETIC = """
+size Dk, Dv
+input x[Dk], y[Dk], z[Dv]
+input r[] ~ sigmoid
+input f[] ~ logsigmoid
+param w[] = 0.7
+state M[Dk, Dv]
+M[i, j] = exp(f) * sum(l: (eye(i, l) - r * (0.4 * tanh(y[i])) * (0.4 * tanh(y[l]))) * M[l, j]) + 0.4 * tanh(y[i]) * z[j]
+out h[j] = w * sum(i: silu(x[i]) * M[i, j]) * sigmoid(z[j]) + 0.5 * z[j]
+"""
+# Ungated, the value scaled by the same scalar as the correction, state declared [value, key]
+SYNTHETIC_T = """
+size Dk, Dv
+input x[Dk], y[Dk], z[Dv]
+input r[] ~ sigmoid
+state N[Dv, Dk]
+N[j, i] = sum(l: (eye(i, l) - r * y[i] * y[l]) * N[j, l]) + r * y[i] * z[j]
+out h[j] = sum(i: x[i] * N[j, i])
+"""
+SYNTHETICS = {"synthetic": SYNTHETIC, "synthetic_t": SYNTHETIC_T}
+
+
+def load(name):
+    if name in SYNTHETICS:
+        return mixc.loads(SYNTHETICS[name], f"{name}.mix")
+    return mixc.load(f"examples/{name}.mix")
+
+
+def sizes_of(m):
+    return {k: v for k, v in {**SIZES, "Dk": 5, "Dv": 6}.items() if k in m.meta["sizes"]}
+
+
+def inputs(m, B, T, H, sz, seed, beta=None, g=None):
+    """Random inputs; ``beta`` / ``g`` = (lo, hi) redraws the correction's scalar / the log gate uniformly."""
+    x = m.random_inputs(B, T, H, dtype=torch.float64, seed=seed, **sz)
+    if name_of(x, ("beta", "r")) and beta is not None:
+        n = name_of(x, ("beta", "r"))
+        x[n] = beta[0] + (beta[1] - beta[0]) * torch.rand(x[n].shape, generator=torch.Generator().manual_seed(seed),
+                                                          dtype=torch.float64)
+    if name_of(x, ("g", "f")) and g is not None:
+        n = name_of(x, ("g", "f"))
+        x[n] = g[0] + (g[1] - g[0]) * torch.rand(x[n].shape, generator=torch.Generator().manual_seed(seed + 1),
+                                                 dtype=torch.float64)
+    return x
+
+
+def name_of(x, names):
+    return next((n for n in names if n in x), None)
+
+
+CASES = [(n, B, T, H) for n in NAMES + list(SYNTHETICS) for (B, T, H) in ((2, 37, 2), (1, 1, 3), (1, 150, 1))]
+
+
+@pytest.mark.parametrize("name,B,T,H", CASES, ids=[f"{c[0]}-B{c[1]}-T{c[2]}-H{c[3]}" for c in CASES])
+def test_delta_matches_reference(name, B, T, H):
+    m = load(name)
+    assert m.meta["default_form"] == "chunked" and "delta_chunk(" in m.source_code
+    sz = sizes_of(m)
+    x = inputs(m, B, T, H, sz, seed=T)
+    params = {k: v * 1.1 for k, v in m.parameters_init(H, dtype=torch.float64, **sz).items()}
+    check(*run_both(m, x, params, states_for(m, B, H, sz)))
+    check(*run_both(m, x, params, None))
+
+
+CORNERS = {"beta-near-1": ((0.9, 1.0), None), "gates-near-minus-20": ((0.9, 1.0), (-21.0, -19.0)),
+           "gates-near-0": ((0.9, 1.0), (-1e-3, 0.0)), "mixed-gates": (None, (-20.0, 0.0))}
+CORNER_CASES = [("deltanet", "beta-near-1")] + [("gated_deltanet", c) for c in CORNERS]
+
+
+@pytest.mark.parametrize("name,corner", CORNER_CASES, ids=[f"{n}-{c}" for n, c in CORNER_CASES])
+def test_delta_numerical_corners(name, corner):
+    """beta in (0.9, 1) (each step nearly erases what the key held: the in-chunk solve chains near
+    cancellations), log gates near -20 (e^(G_t - G_s) underflows: only differences with s <= t are
+    exponentiated) and near 0, and gates spread over (-20, 0)."""
+    beta, g = CORNERS[corner]
+    m = load(name)
+    x = inputs(m, 1, 130, 2, SIZES, seed=7, beta=beta, g=g)
+    check(*run_both(m, x, {}, states_for(m, 1, 2, SIZES)))
+
+
+def test_delta_aligned_keys_beta_near_1():
+    """Every key the same unit vector and beta = 0.999: each step nearly erases the last value, so the
+    in-chunk solve chains 64 near-cancellations; the result must still match the reference."""
+    m = load("gated_deltanet")
+    x = inputs(m, 1, 100, 1, SIZES, seed=2, beta=(0.999, 0.999), g=(-1e-3, 0.0))
+    x["k"] = (x["k"][:, :1] + 0.01 * x["k"]).expand_as(x["k"]).contiguous()
+    x["k"] = x["k"] / x["k"].norm(dim=-1, keepdim=True)
+    check(*run_both(m, x, {}, None))
+
+
+@pytest.mark.parametrize("cu", [[0, 5, 5, 20, 37], [0, 70, 70, 150]], ids=["one-chunk", "across-chunks"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "synthetic"])
+def test_delta_varlen(name, cu):
+    m = load(name)
+    sz = sizes_of(m)
+    x = inputs(m, 1, cu[-1], 2, sz, seed=3)
+    params = m.parameters_init(2, dtype=torch.float64, **sz)
+    check(*run_both(m, x, params, states_for(m, len(cu) - 1, 2, sz), cu=torch.tensor(cu, device=DEV)))
+
+
+def test_delta_wide_heads():
+    """Widths that are not powers of two and more than one value block (V 80 > 64)."""
+    m = load("gated_deltanet")
+    sz = {"K": 40, "V": 80}
+    check(*run_both(m, inputs(m, 1, 70, 1, sz, seed=4), {}, states_for(m, 1, 1, sz)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2)] + ([(torch.bfloat16, 2e-2)] if DEV == "cuda" else []))
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_low_precision_inputs(name, dtype, tol):
+    m = load(name)
+    x = inputs(m, 2, 40, 2, {"K": 16, "V": 16}, seed=5)
+    ref, ref_state = m.reference(**x, output_final_state=True)
+    xs = {k: v.to(DEV, dtype).requires_grad_() for k, v in x.items()}
+    o, fin = m(**xs, output_final_state=True, form="chunked")
+    assert o.dtype == dtype and rel(o.cpu(), ref) < tol and rel(fin["S"].cpu(), ref_state["S"]) < tol
+    o.float().square().sum().backward()
+    xr = {k: v.clone().requires_grad_() for k, v in x.items()}
+    m.reference(**xr).square().sum().backward()
+    for k in x:
+        assert xs[k].grad.dtype == dtype and rel(xs[k].grad.cpu(), xr[k].grad) < 5 * tol, k
+
+
+def test_the_plan_comes_from_the_terms():
+    """a, b and v are read off the correction and the input (never the mechanism's name); an input whose
+    key is not the correction's left factor has no delta-rule chunked form, and says why."""
+    from mixc.analysis import show
+    from mixc.backends.delta.emit import plan
+
+    dp = plan(load("synthetic").analysis)  # the numbers 0.4 of the key factors move to b and v; r is b's scale
+    assert (show(dp.a), show(dp.b), show(dp.bs), show(dp.v), dp.vs, show(dp.g)) == (
+        "tanh(y[i])", "tanh(y[i]) * 0.4 * 0.4", "r", "0.4 * z[j]", None, "f")
+    dp = plan(load("synthetic_t").analysis)
+    assert (show(dp.a), show(dp.b), show(dp.bs), show(dp.v), show(dp.vs), dp.g, dp.transposed) == (
+        "y[i]", "y[i]", "r", "z[j]", "r", None, True)
+    body = load("deltanet").source_code  # q, k, k, v and beta as the caller passed them: no copies
+    assert "delta_chunk(as_dtype(inputs['q'], dt_in), as_dtype(inputs['k'], dt_in), as_dtype(inputs['k'], dt_in), " \
+           "as_dtype(inputs['v'], dt_in), None" in body and "bs=as_dtype(inputs['beta'], torch.float32)" in body
+    other = SYNTHETIC_T.replace("+ r * y[i] * z[j]", "+ x[i] * z[j]")
+    m = mixc.loads(other, "other.mix")
+    assert m.analysis.transition == "delta"
+    assert "chunked" not in m.forms and "correction's left factor" in m.meta["not_emitted"]["chunked"]
+
+
+def test_explain_describes_the_delta_plan():
+    from mixc.cli import explain_json, explain_text
+
+    m = load("gated_deltanet")
+    assert "UT transform" in explain_text(m)
+    assert any("delta rule" in line for line in explain_json(m)["chunked_plan"])
+
+
+@pytest.mark.parametrize("T,gated,h0,scales", [(90, True, True, True), (64, False, False, False)],
+                         ids=["T90-gated-h0-scales", "T64"])
+def test_the_kernels_are_the_chunked_algorithm(T, gated, h0, scales):
+    """The Triton forward and backward against autograd through dl_chunked_torch (the same algorithm in
+    PyTorch, fp64), with cotangents on the output and the final state; widths 20 x 33 (padded blocks); with
+    per-token scales of b and v (applied by the kernels as they load b and v) or with b and v scaled before."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, K, V = 1, 2, 20, 33
+    q, kk = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    kk = kk / kk.norm(dim=-1, keepdim=True)
+    beta = 0.9 + 0.1 * torch.rand(B, T, H, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen) * 5 if gated else None
+    s0 = torch.randn(B, H, K, V, generator=gen) if h0 else None
+    if scales:
+        xs, sc = [q, kk, kk, v, g, s0], [beta, beta * 0.5]
+    else:
+        xs, sc = [q, kk, beta[..., None] * kk, beta[..., None] * v, g, s0], [None, None]
+    do, dht = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    xd = [None if x is None else x.double().requires_grad_() for x in xs + sc]
+    o_ref, s_ref = dl_chunked_torch(*xd[:6], scale=0.3, bs=xd[6], vs=xd[7])
+    want = torch.autograd.grad([o_ref, s_ref], [x for x in xd if x is not None], [do.double(), dht.double()])
+    dev = [None if x is None else x.to(DEV) for x in xs + sc]
+    o, s, saved = kernels.dl_chunk_fwd(*dev[:6], 0.3, True, None, True, bs=dev[6], vs=dev[7])
+    got = kernels.dl_chunk_bwd(do.to(DEV), dht.to(DEV), *dev[:6], saved, 0.3, bs=dev[6], vs=dev[7])
+    dq, da, db, dv, dg, dbs, dvs, dh0 = got
+    got = [x for x in (dq, da, db, dv, dg, dh0, dbs, dvs) if x is not None]  # autograd's order: xs, then sc
+    assert rel(o.cpu(), o_ref) < 1e-5 and rel(s.cpu(), s_ref) < 1e-5
+    assert len(got) == len(want)
+    for x, y in zip(got, want):
+        assert rel(x.cpu(), y) < 1e-5
+
+
+def test_delta_mixer_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) over a whole call: the kernels are a custom operator."""
+    m = load("gated_deltanet")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(1, 40, 2, seed=1, K=8, V=8).items()}
+
+    def f(**kw):
+        return m(**kw, form="chunked")
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(**x)
+    assert rel(got, f(**x)) < 1e-6
