@@ -57,7 +57,11 @@ def main(argv=None) -> int:
     ap.add_argument("suites", help="comma-separated suite names (modules under benchmarks/suites/)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the suite runs (CPU is fine)")
     ap.add_argument("--out", help="folder for bench_<suite>.json and .md")
+    ap.add_argument("--only", help="a regular expression: run only the cases it matches (suites that check it)")
     args = ap.parse_args(argv)
+    from suites import common
+
+    common.ONLY = args.only
     env = environment()
     print("env", json.dumps(env), flush=True)
     status = 0

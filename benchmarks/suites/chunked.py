@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import mixc
 
-from .common import DEV, rel, row, time_ms
+from .common import DEV, rel, row, time_ms, wanted
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("gla", "retnet", "mamba2", "linear_attention", "based")
@@ -72,6 +72,8 @@ def run(smoke: bool) -> list[dict]:
     rows = []
     for label, B, T, H, D in shapes:
         for name in NAMES:
+            if not wanted(f"{name} B{B} T{T} H{H} D{D}"):
+                continue
             m = mixc.load(ROOT / "examples" / f"{name}.mix")
             x = _inputs(m, name, B, T, H, D, dtype)
             ours = lambda xx, m=m: m(**xx, form="chunked")  # noqa: E731

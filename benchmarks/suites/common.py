@@ -17,6 +17,14 @@ def on_gpu() -> bool:
 
 
 DEV = "cuda" if on_gpu() else "cpu"
+ONLY: str | None = None  # bench.py --only: a regular expression a case must match to run (None: every case)
+
+
+def wanted(case: str) -> bool:
+    """Whether ``bench.py --only`` selects this case (suites check it before timing one)."""
+    import re
+
+    return ONLY is None or re.search(ONLY, case) is not None
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
