@@ -266,6 +266,12 @@ class Emitter:
             return f"complex({args[0]}, {args[1]})"
         if op in ("min", "max"):
             return f"{op}({args[0]}, {args[1]})"
+        if op == "where":
+            return f"({self._paren(args[1])} if {self._paren(args[0])} else {self._paren(args[2])})"
+        if op in ("and", "or"):
+            return f"({self._paren(args[0])} {op} {self._paren(args[1])})"
+        if op == "not":
+            return f"(not {self._paren(args[0])})"
         # anything else: lift to a tensor
         t = self.tensor(args[0], None)
         return f"{TORCH_UNARY[op]}({t}).item()"
@@ -339,6 +345,7 @@ def _init_lines(p: Program) -> list[str]:
     ]
     for d in p.params + p.buffers:
         sizes_var = {ax: f"sizes[{ax!r}]" for ax in {v.axis for v in d.init_vars} | set(d.axes)}
+        sizes_var["H"] = "H"  # the number of heads ('H' is reserved: never a declared size)
         for ax in _axes_in(d.init):
             sizes_var.setdefault(ax, f"sizes[{ax!r}]")
         em = Emitter(sizes_var, out, "    ", "torch.float64", "torch.complex128", "'cpu'")
