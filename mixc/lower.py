@@ -813,10 +813,11 @@ class Lowerer:
                                or f"declare it: size {a.size}")
             val = self.consts.get(a.size, 1)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                huge = isinstance(val, float) and val.is_integer()  # an integer beyond 64 bits became a float
                 raise self.err(f"constant '{a.size}' is used as a size in the shape of '{st.name}' and must be a "
-                               f"positive integer, got {val!r}", _tail(a.pos, a.size),
+                               f"positive integer{' below 2**63' if huge else ''}, got {val!r}", _tail(a.pos, a.size),
                                hint="write it as an integer ('//' divides integers)"
-                               if isinstance(val, float) else None)
+                               if isinstance(val, float) and not huge else None)
         if st.kind in ("input", "state"):
             return TensorDecl(st.kind, st.name, axes, st.complex, st.sampler, pos=st.pos)
         init_vars = []
