@@ -30,7 +30,7 @@ from .ir import Program
 def _header_comment(text: str) -> list[str]:
     """The comment block that opens the .mix file (its maths and paper)."""
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # lines as the parser counts them: a comment runs to the next '\n'
         s = line.strip()
         if s.startswith("#"):
             out.append(s[1:].strip() if s[1:2] == " " or s == "#" else s[1:])
