@@ -283,3 +283,28 @@ def test_no_command_is_usage_error(cli):
     code, _, err = cli()
     assert code == 2
     assert "usage:" in err
+
+
+# ---- issue 17 ------------------------------------------------------------------------------------------
+
+
+def test_graph_into_a_missing_folder_is_a_clean_error(cli, tmp_path):
+    code, out, err = cli("explain", "examples/gla.mix", "--graph", tmp_path / "no" / "such" / "g")
+    assert code == 1
+    assert err.startswith("mixc: error: cannot write the graph") and "internal error" not in err
+
+
+def test_compile_help_names_triton(cli):
+    code, out, _ = cli("compile", "--help")
+    assert code == 0
+    assert "needs only torch" not in out and "triton" in out
+
+
+def test_define_beyond_64_bits_is_a_located_error(cli, tmp_path):
+    src = tmp_path / "w.mix"
+    src.write_text("size V = 2\nconst W = 2\ninput v[V]\nout o[j] = W * v[j]\n")
+    code, _, err = cli("check", src)
+    assert code == 0
+    code, _, err = cli("compile", src, "-o", tmp_path / "w.py", "-D", "W=99999999999999999999999")
+    assert code == 1 and f"{src}:2:7: error: constant 'W' is too large" in err
+    assert not (tmp_path / "w.py").exists()
