@@ -238,6 +238,11 @@ class Emitter:
             return self._assign(f"{fn}({a}, {b})", lay, indent)
         if op == "where":
             c, a, b = args
+            if srcs[0][1] is None:  # a condition on numbers alone (sizes): a tensor, so the branches broadcast
+                c = f"torch.tensor({c}, device={self.dev})"
+            if srcs[1][1] is None and srcs[2][1] is None:  # two numbers: a tensor of the compute dtype, not int64
+                dt = self.cdt if n.dtype == "complex" else self.rdt
+                a = f"torch.tensor({a}, dtype={dt}, device={self.dev})"
             return self._assign(f"torch.where({c}, {a}, {b})", lay, indent)
         raise NotImplementedError(f"reference backend: op '{op}'")  # pragma: no cover
 

@@ -125,11 +125,29 @@ def _fold(op: str, vals: list, pos: Pos | None = None):
 
 
 def make(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
-    """Build a node, computing its index set and dtype, folding constants."""
+    """Build a node, computing its index set and dtype, folding constants (an operation on constants whose value
+    is undefined or not finite is left unfolded: later passes build nodes with this too)."""
+    if all(s.op == "const" for s in src) and src:
+        try:
+            val = _fold(op, [s.arg for s in src], pos)
+        except MixError:
+            val = None
+        if val is not None:
+            return const(val, pos)
+    return _node(op, src, pos, arg)
+
+
+def make_checked(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
+    """:func:`make` for what a file writes: an operation on constants must have a finite value (``log(0)``,
+    ``0 / 0``, ``0 ** -0.5``, ``exp(1000)`` are located errors, not a failure when the mixer is called)."""
     if all(s.op == "const" for s in src) and src:
         val = _fold(op, [s.arg for s in src], pos)
         if val is not None:
             return const(val, pos)
+    return _node(op, src, pos, arg)
+
+
+def _node(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
     idx = canonical(v for s in src for v in s.idx)
     if op in COMPARE or op in ("and", "or", "not"):
         dtype = "bool"
@@ -360,7 +378,7 @@ class Lowerer:
         if isinstance(e, ast.Neg):
             x = self.expr(e.x, ctx, const_busy)
             self.need_number(x, e.x.pos)
-            return make("neg", (x,), pos)
+            return make_checked("neg", (x,), pos)
         if isinstance(e, ast.Bin):
             a = self.expr(e.a, ctx, const_busy)
             b = self.expr(e.b, ctx, const_busy)
@@ -369,22 +387,22 @@ class Lowerer:
                 self.need_number(n, sub.pos)
                 if op in REAL_ONLY:
                     self.need_real(n, sub.pos, f"'{e.op}'")
-            return make(op, (a, b), pos)
+            return make_checked(op, (a, b), pos)
         if isinstance(e, ast.Pow):
             a = self.expr(e.a, ctx, const_busy)
             b = self.expr(e.b, ctx, const_busy)
             self.need_number(a, e.a.pos)
             self.need_number(b, e.b.pos)
-            return make("pow", (a, b), pos)
+            return make_checked("pow", (a, b), pos)
         if isinstance(e, ast.Compare):
             args = [self.expr(x, ctx, const_busy) for x in e.args]
             for n, sub in zip(args, e.args):
                 self.need_number(n, sub.pos)
                 self.need_real(n, sub.pos, "a comparison")
-            links = [make(CMPOPS[op], (args[i], args[i + 1]), pos) for i, op in enumerate(e.ops)]
+            links = [make_checked(CMPOPS[op], (args[i], args[i + 1]), pos) for i, op in enumerate(e.ops)]
             out = links[0]
             for link in links[1:]:
-                out = make("and", (out, link), pos)
+                out = make_checked("and", (out, link), pos)
             return out
         if isinstance(e, ast.BoolOp):
             args = [self.expr(x, ctx, const_busy) for x in e.args]
@@ -392,12 +410,12 @@ class Lowerer:
                 self.need_bool(n, sub.pos, f"'{e.op}'")
             out = args[0]
             for x in args[1:]:
-                out = make(e.op, (out, x), pos)
+                out = make_checked(e.op, (out, x), pos)
             return out
         if isinstance(e, ast.Not):
             x = self.expr(e.x, ctx, const_busy)
             self.need_bool(x, e.x.pos, "'not'")
-            return make("not", (x,), pos)
+            return make_checked("not", (x,), pos)
         if isinstance(e, ast.Reduce):
             return self.reduce(e, ctx)
         raise self.err(f"unsupported expression {type(e).__name__}", pos)  # pragma: no cover
@@ -669,14 +687,14 @@ class Lowerer:
             self.need_bool(c, e.args[0].pos, "where's first argument")
             self.need_number(a, e.args[1].pos)
             self.need_number(b, e.args[2].pos)
-            return make("where", (c, a, b), pos)
+            return make_checked("where", (c, a, b), pos)
         if name in UNARY_FUNCS:
             self._arity(e, 1, f"{name}(x)")
             x = self.expr(e.args[0], ctx, const_busy)
             self.need_number(x, e.args[0].pos)
             if name in REAL_ONLY:
                 self.need_real(x, e.args[0].pos, f"{name}")
-            return make(name, (x,), pos)
+            return make_checked(name, (x,), pos)
         if name in BINARY_FUNCS:
             self._arity(e, 2, f"{name}(a, b)")
             a, b = (self.expr(x, ctx, const_busy) for x in e.args)
@@ -684,7 +702,7 @@ class Lowerer:
                 self.need_number(n, x.pos)
                 if name in REAL_ONLY or name == "complex":
                     self.need_real(n, x.pos, name)
-            return make(name, (a, b), pos)
+            return make_checked(name, (a, b), pos)
         if name in self.tensors or name in self.lets:
             raise self.err(f"'{name}' is not a function; index it with [ ]", _head(pos, name))
         known = set(self.defs) | BUILTIN_FUNCS
