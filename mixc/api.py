@@ -29,7 +29,7 @@ def compile_program(text: str, path: str = "<string>", **constants) -> Program:
 
 
 class Mixer:
-    """A compiled mixer. Call it like a function; see ``../shared/MECHANISMS.md`` for the contract.
+    """A compiled mixer. Call it like a function; see ``docs/MECHANISMS.md`` for the contract.
 
     ``m(**inputs, initial_state=None, output_final_state=False, cu_seqlens=None, form=None)``
     runs a compiled form (``form=None``: the default, ``m.meta["default_form"]``, where its kernels can run on

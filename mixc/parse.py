@@ -394,8 +394,9 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
     if bad is not None:
         line = text.count("\n", 0, bad.start()) + 1
         col = bad.start() - text.rfind("\n", 0, bad.start())
-        raise MixError(f"the text contains {ascii(bad.group())}, which is not a character", Pos(line, col, line, col + 1),
-                       hint="a lone surrogate is not valid Unicode: the text was decoded wrongly", source=source)
+        raise MixError(f"the text contains {ascii(bad.group())}, which is not a character",
+                       Pos(line, col, line, col + 1), source=source,
+                       hint="a lone surrogate is not valid Unicode: the text was decoded wrongly")
     try:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
