@@ -136,7 +136,7 @@ def module_source(p: Program, analysis=None, plan=None) -> str:
     meta["not_emitted"] = dict(plan.not_emitted)
     needs = "torch and triton" if plan.emitted else "only torch"
     doc = "\n".join(about) if about else f"Mixer '{p.name}'."
-    doc += ("\n\n" if about else "\n\n") + (
+    doc += "\n\n" + (
         "Call ``forward(**inputs, initial_state=None, output_final_state=False, cu_seqlens=None)``;\n"
         "inputs are [B, T, H, ...] tensors, parameters [H, ...] (defaults from ``init_params``).\n")
     lines = [
@@ -296,6 +296,12 @@ def load_module(source: str, name: str) -> ModuleType:
         if d is not None and (path := _write_cached(d, f"{mod_name}.py", source)) is not None:
             code = compile(source, str(path), "exec", dont_inherit=True)
             break
+    # Another module object under this name (a cleared in-memory cache loads the text again): a name of its own,
+    # since torch.compile and Triton find a function's globals through sys.modules[fn.__module__].
+    base, n = mod_name, 1
+    while mod_name in sys.modules:
+        n += 1
+        mod_name = f"{base}_{n}"
     module = ModuleType(mod_name)
     if path is not None:
         module.__file__ = str(path)

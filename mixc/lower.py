@@ -130,10 +130,10 @@ def make(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
     if all(s.op == "const" for s in src) and src:
         try:
             val = _fold(op, [s.arg for s in src], pos)
+            if val is not None:
+                return const(val, pos)
         except MixError:
-            val = None
-        if val is not None:
-            return const(val, pos)
+            pass
     return _node(op, src, pos, arg)
 
 
