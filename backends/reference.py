@@ -238,6 +238,11 @@ class Emitter:
             return self._assign(f"{fn}({a}, {b})", lay, indent)
         if op == "where":
             c, a, b = args
+            if srcs[0][1] is None:  # a condition on numbers alone (sizes): a tensor, so the branches broadcast
+                c = f"torch.tensor({c}, device={self.dev})"
+            if srcs[1][1] is None and srcs[2][1] is None:  # two numbers: a tensor of the compute dtype, not int64
+                dt = self.cdt if n.dtype == "complex" else self.rdt
+                a = f"torch.tensor({a}, dtype={dt}, device={self.dev})"
             return self._assign(f"torch.where({c}, {a}, {b})", lay, indent)
         raise NotImplementedError(f"reference backend: op '{op}'")  # pragma: no cover
 
@@ -266,6 +271,12 @@ class Emitter:
             return f"complex({args[0]}, {args[1]})"
         if op in ("min", "max"):
             return f"{op}({args[0]}, {args[1]})"
+        if op == "where":
+            return f"({self._paren(args[1])} if {self._paren(args[0])} else {self._paren(args[2])})"
+        if op in ("and", "or"):
+            return f"({self._paren(args[0])} {op} {self._paren(args[1])})"
+        if op == "not":
+            return f"(not {self._paren(args[0])})"
         # anything else: lift to a tensor
         t = self.tensor(args[0], None)
         return f"{TORCH_UNARY[op]}({t}).item()"
@@ -339,6 +350,7 @@ def _init_lines(p: Program) -> list[str]:
     ]
     for d in p.params + p.buffers:
         sizes_var = {ax: f"sizes[{ax!r}]" for ax in {v.axis for v in d.init_vars} | set(d.axes)}
+        sizes_var["H"] = "H"  # the number of heads ('H' is reserved: never a declared size)
         for ax in _axes_in(d.init):
             sizes_var.setdefault(ax, f"sizes[{ax!r}]")
         em = Emitter(sizes_var, out, "    ", "torch.float64", "torch.complex128", "'cpu'")

@@ -80,7 +80,7 @@ def _signature(meta, kwargs, initial_state):
     sig = [id(meta)]
     for k, x in kwargs.items():
         sig.append((k, x.shape, x.dtype, x.device))
-    if initial_state:
+    if initial_state is not None:
         for k, x in initial_state.items():
             sig.append(("initial_state", k, x.shape, x.dtype, x.device))
     return tuple(sig)
@@ -188,9 +188,11 @@ def _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params):
             raise MixerCallError(f"cu_seqlens must start at 0, end at T={T} and never decrease, got {cu}")
         n_seq = len(cu) - 1
     states = {}
-    initial_state = initial_state or {}
+    if initial_state is None:
+        initial_state = {}
     if not isinstance(initial_state, dict):
-        raise MixerCallError("initial_state must be a dict mapping state names to tensors [B, H, ...]")
+        raise MixerCallError(f"initial_state must be a dict mapping state names ({', '.join(meta['states'])}) "
+                             f"to tensors [B, H, ...], got {type(initial_state).__name__}")
     for k in initial_state:
         if k not in meta["states"]:
             raise MixerCallError(
@@ -219,6 +221,9 @@ def _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params):
         for name, m in group.items():
             for axis in m["axes"]:
                 sizes.need(axis, f"'{name}'")
+    for name, default in meta["sizes"].items():  # a size read only as a value takes its default
+        if default is not None and name not in sizes.value:
+            sizes.need(name, "the mixer")
     if any(n not in params for n in param_meta):
         defaults = default_params(init_params, H, sizes.value, device, compute_dtypes(dtype)[0])
         for n in param_meta:
@@ -238,6 +243,16 @@ def zero_state(meta, name, sizes, H, dtype, inputs):
 _DEFAULTS = {}
 
 
+def _constant_result(fn):
+    """``fn`` made opaque to torch.compile: its result is computed when the call is traced and kept as a constant
+    of the graph (the file's default parameters are: a random initialiser's torch.Generator cannot be traced)."""
+    try:
+        return torch._dynamo.assume_constant_result(fn)
+    except Exception:  # a torch without dynamo
+        return fn
+
+
+@_constant_result
 def default_params(init_params, H, sizes, device, dtype=torch.float64):
     """The file's default parameters for this head count, sizes and device, computed once in float64
     (they are deterministic) and kept in ``dtype`` (the forms' compute dtype, so converting them per call

@@ -29,7 +29,7 @@ def compile_program(text: str, path: str = "<string>", **constants) -> Program:
 
 
 class Mixer:
-    """A compiled mixer. Call it like a function; see ``../shared/MECHANISMS.md`` for the contract.
+    """A compiled mixer. Call it like a function; see ``docs/MECHANISMS.md`` for the contract.
 
     ``m(**inputs, initial_state=None, output_final_state=False, cu_seqlens=None, form=None)``
     runs a compiled form (``form=None``: the default, ``m.meta["default_form"]``, where its kernels can run on
@@ -125,7 +125,22 @@ class Mixer:
         return format_program(self.program)
 
     def __repr__(self) -> str:
-        return f"<mixc.Mixer '{self.name}' from {self.program.source.path}>"
+        return f"<mixc.Mixer '{self.name}' from {self.program.source.path!r}>"
+
+    # -- copying and pickling: a Mixer is its source text and constants, compiled again on load --------
+
+    def __reduce__(self):
+        p = self.program
+        constants = {**dict(p.consts), **{k: v for k, v in p.sizes if v is not None}}
+        return (_rebuild_mixer, (p.source.text, p.source.path, constants))
+
+    def __deepcopy__(self, memo) -> Mixer:
+        return self  # immutable once compiled: a copy would be the same compiled code
+
+
+def _rebuild_mixer(text: str, path: str, constants: dict) -> Mixer:
+    """Unpickle a :class:`Mixer`: compile its source again with the constants and sizes it was built with."""
+    return Mixer(compile_program(text, path, **constants))
 
 
 def _sample(kind: str | None, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

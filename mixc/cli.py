@@ -196,7 +196,12 @@ def cmd_explain(args) -> int:
     if args.graph:
         from .graph import write_graph
 
-        for path in write_graph(mixer.program, args.graph):
+        try:
+            written = write_graph(mixer.program, args.graph)
+        except OSError as err:
+            raise CliError(f"cannot write the graph {args.graph}: {err.strerror or err}"
+                           + (f" ({err.filename})" if err.filename else "")) from None
+        for path in written:
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -206,9 +211,12 @@ def cmd_explain(args) -> int:
 
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="write a standalone Python module for a mixer",
-                       description="Compile FILE to a standalone Python module that needs only torch "
-                                   "(no mixc); call its forward(**inputs, initial_state=None, "
-                                   "output_final_state=False, cu_seqlens=None).")
+                       description="Compile FILE to a standalone Python module that does not need mixc: "
+                                   "torch, and triton when the mixer has a kernel form (chunked, ...); the "
+                                   "module's first lines say which. Call its forward(**inputs, "
+                                   "initial_state=None, output_final_state=False, cu_seqlens=None, form=None). "
+                                   "The module is compiled before it is written: nothing is written if it "
+                                   "would not import.")
     p.add_argument("file", metavar="FILE", help="a .mix file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.py", help="where to write the module")
     _add_defines(p)
@@ -216,13 +224,14 @@ def _add_compile(sub) -> None:
 
 
 def cmd_compile(args) -> int:
-    from .emit import module_source
+    from .emit import check_source, module_source
 
     program = load_program(args.file, args.defines)
     source = module_source(program)
     out = Path(args.output)
+    check_source(source, str(out))  # a module that would not import is never written
     try:
-        out.write_text(source)
+        out.write_text(source, encoding="utf-8")
     except OSError as err:
         raise CliError(f"cannot write {out}: {err.strerror or err}") from None
     print(f"{out}: mixer {program.name} ({len(source.splitlines())} lines)")
@@ -341,7 +350,8 @@ def cmd_run(args) -> int:
 def _cannot_run_here(mixer, form: str, dev) -> str | None:
     """Why a form cannot run on this device (Triton kernel forms need CUDA or the interpreter)."""
     kernel_forms = getattr(mixer._module, "TRITON_FORMS", getattr(mixer._module, "KERNEL_FORMS", ()))
-    if form in kernel_forms and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    interpreted = getattr(mixer._module, "TRITON_INTERPRETED", os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if form in kernel_forms and dev.type != "cuda" and not interpreted:
         return "runs Triton kernels: use --device cuda, or set TRITON_INTERPRET=1 to interpret them on the CPU"
     return None
 

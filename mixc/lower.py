@@ -41,7 +41,10 @@ SPECIAL_FUNCS = {"where": 3, "eye": 2}
 BUILTIN_FUNCS = UNARY_FUNCS | BINARY_FUNCS | set(RANDOM_FUNCS) | set(SPECIAL_FUNCS)
 # `t` (current token) and `u` (key token) are not reserved: a declaration of that name wins
 # (s4d names its input u), and then the token index is simply not available under that name.
-RESERVED = {"head", "pi"} | BUILTIN_FUNCS | {"sum", "softmax"}
+RESERVED = {"head", "H", "pi"} | BUILTIN_FUNCS | {"sum", "softmax"}
+# Inputs, parameters and buffers are passed to a mixer as keyword arguments, next to these.
+CALL_KEYWORDS = ("initial_state", "output_final_state", "cu_seqlens", "form", "self")
+INT64_MAX = 2**63 - 1
 SAMPLERS = ("normal", "uniform", "logsigmoid", "sigmoid", "softplus", "unit", "positive")
 BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod"}
 CMPOPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
@@ -51,10 +54,42 @@ CMPOPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 
 def const(value, pos: Pos | None = None) -> Node:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        value = _as_float(value, pos)  # torch computes in 64 bits: an integer beyond them is a float
     return Node("const", arg=value, dtype="complex" if isinstance(value, complex) else "real", pos=pos)
 
 
-def _fold(op: str, vals: list):
+def _as_float(value: int, pos: Pos | None) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise MixError(f"the number {_short(value)} is too large", pos,
+                       hint="numbers must be finite in double precision (below about 1.8e308)") from None
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"{str(value)[:12]}... "
+    return text if len(text) < 40 else text[:36] + "..."
+
+
+_FOLD_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**"}
+
+
+def _shown(op: str, vals: list) -> str:
+    """A folded operation as written: ``0 / 0``, ``log(0)``."""
+    args = [_short(v) for v in vals]
+    if op in _FOLD_SYMBOLS:
+        return f"{args[0]} {_FOLD_SYMBOLS[op]} {args[1]}"
+    return f"-{args[0]}" if op == "neg" else f"{op}({', '.join(args)})"
+
+
+_FOLD_WORDS = {"div": "a division by zero", "floordiv": "a division by zero", "mod": "a division by zero",
+               "log": "log of a number <= 0", "sqrt": "sqrt of a negative number", "pow": "an undefined power"}
+
+
+def _fold(op: str, vals: list, pos: Pos | None = None):
+    """The value of ``op`` on constants ``vals``; None when it is not folded here. Raises a located
+    :class:`MixError` when the value is undefined or not finite (log(0), 0/0, 0 ** -0.5, overflow)."""
     a = vals[0]
     b = vals[1] if len(vals) > 1 else None
     try:
@@ -66,25 +101,53 @@ def _fold(op: str, vals: list):
             "exp": lambda: (math.exp(a) if not isinstance(a, complex) else __import__("cmath").exp(a)),
             "log": lambda: math.log(a), "sqrt": lambda: math.sqrt(a), "abs": lambda: abs(a),
             "floor": lambda: math.floor(a), "cos": lambda: math.cos(a), "sin": lambda: math.sin(a),
+            "real": lambda: complex(a).real, "imag": lambda: complex(a).imag, "conj": lambda: complex(a).conjugate(),
         }
         if op not in table:
             return None
         if op == "pow" and isinstance(a, int) and isinstance(b, int) and b > 1024 and abs(a) > 1:
             a = float(a)  # 10 ** 10 ** 10 as an exact integer would not finish; as a float it overflows
         out = table[op]()
-    except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+    except TypeError:
         return None
+    except (ValueError, ZeroDivisionError, OverflowError) as err:
+        what = "overflows" if isinstance(err, OverflowError) else \
+            f"is undefined ({_FOLD_WORDS.get(op, str(err))})"
+        raise MixError(f"{_shown(op, vals)} {what}", pos,
+                       hint="every constant expression must have a finite value") from None
     if isinstance(out, complex) and out.imag == 0 and op != "complex":
         out = out.real
+    if isinstance(out, complex) and not (math.isfinite(out.real) and math.isfinite(out.imag)) or \
+            isinstance(out, float) and not math.isfinite(out):
+        raise MixError(f"{_shown(op, vals)} is not finite ({out!r})", pos,
+                       hint="every constant expression must have a finite value")
     return out
 
 
 def make(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
-    """Build a node, computing its index set and dtype, folding constants."""
+    """Build a node, computing its index set and dtype, folding constants (an operation on constants whose value
+    is undefined or not finite is left unfolded: later passes build nodes with this too)."""
     if all(s.op == "const" for s in src) and src:
-        val = _fold(op, [s.arg for s in src])
-        if val is not None and not (isinstance(val, float) and not math.isfinite(val)):
+        try:
+            val = _fold(op, [s.arg for s in src], pos)
+            if val is not None:
+                return const(val, pos)
+        except MixError:
+            pass
+    return _node(op, src, pos, arg)
+
+
+def make_checked(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
+    """:func:`make` for what a file writes: an operation on constants must have a finite value (``log(0)``,
+    ``0 / 0``, ``0 ** -0.5``, ``exp(1000)`` are located errors, not a failure when the mixer is called)."""
+    if all(s.op == "const" for s in src) and src:
+        val = _fold(op, [s.arg for s in src], pos)
+        if val is not None:
             return const(val, pos)
+    return _node(op, src, pos, arg)
+
+
+def _node(op: str, src: tuple[Node, ...], pos: Pos | None, arg=None) -> Node:
     idx = canonical(v for s in src for v in s.idx)
     if op in COMPARE or op in ("and", "or", "not"):
         dtype = "bool"
@@ -126,7 +189,7 @@ class Lowerer:
     def __init__(self, module: ast.Module, source: Source, overrides: dict | None = None) -> None:
         self.module = module
         self.source = source
-        self.overrides = dict(overrides or {})
+        self.overrides = {k: _plain_number(v) for k, v in (overrides or {}).items()}
         self.decl_pos: dict[str, Pos | None] = {}
         self.sizes: dict[str, int | None] = {}
         self.size_stmts: dict[str, ast.SizeStmt] = {}
@@ -202,8 +265,13 @@ class Lowerer:
                 continue
             if name in RESERVED:
                 raise self.err(f"'{name}' is a reserved name and cannot be declared", st.pos,
-                               hint="t is the current token, u a key token, head the head index, "
-                                    "pi the constant; the others are built-in functions")
+                               hint="t is the current token, u a key token, head the head index, H the number "
+                                    "of heads (in initialisers), pi the constant; the others are built-in functions")
+            if name in CALL_KEYWORDS and isinstance(st, ast.TensorStmt) and st.kind != "state":
+                raise self.err(f"{st.kind} '{name}' has the name of a call keyword", st.pos,
+                               expected="a name other than " + ", ".join(CALL_KEYWORDS),
+                               hint=f"a mixer is called as m(**inputs, **parameters, {', '.join(CALL_KEYWORDS[:4])}"
+                                    "=...): rename it")
             if name in self.decl_pos:
                 first = self.decl_pos[name]
                 where = f" (first declared on line {first.line})" if first else ""
@@ -248,10 +316,15 @@ class Lowerer:
 
     def bind_constants(self) -> None:
         for name, st in self.size_stmts.items():
+            if st.default is not None and st.default < 1:
+                raise self.err(f"size '{name}' must be a positive integer, got {st.default}", st.pos,
+                               hint="an axis has at least one element")
+            if st.default is not None and st.default > INT64_MAX:
+                raise self.err(f"size '{name}' is too large ({_short(st.default)})", st.pos)
             if name in self.overrides:
                 val = self.overrides[name]
-                if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                    raise self.err(f"size '{name}' must be a positive integer, got {val!r}", st.pos)
+                if not isinstance(val, int) or isinstance(val, bool) or val < 1 or val > INT64_MAX:
+                    raise self.err(f"size '{name}' must be a positive integer, got {_short(val)}", st.pos)
                 self.sizes[name] = val
         for name in self.const_stmts:
             self._const_value(name, set())
@@ -263,7 +336,10 @@ class Lowerer:
         if name in self.overrides:
             val = self.overrides[name]
             if isinstance(val, bool) or not isinstance(val, int | float):
-                raise self.err(f"constant '{name}' must be a number, got {val!r}", st.pos)
+                raise self.err(f"constant '{name}' must be a real number, got {_short(val)}", st.pos)
+            if isinstance(val, int) and abs(val) > INT64_MAX:
+                raise self.err(f"constant '{name}' is too large: {_short(val)} does not fit in 64 bits", st.pos,
+                               hint="pass it as a float")
         else:
             if name in busy:
                 raise self.err(f"constant '{name}' is defined in terms of itself", ref or st.pos)
@@ -274,10 +350,10 @@ class Lowerer:
                 raise self.err(f"constant '{name}' must be a real number known when the file is loaded",
                                st.value.pos, hint="constants may use numbers, other constants and arithmetic")
             val = node.arg
-            if isinstance(val, float) and val.is_integer() and isinstance(st.value, ast.Num):
+            if isinstance(val, float) and val.is_integer() and isinstance(st.value, ast.Num) and abs(val) < 2**53:
                 val = int(val)
         if isinstance(val, float) and not math.isfinite(val):
-            raise self.err(f"constant '{name}' must be a finite number, got {val!r}",
+            raise self.err(f"constant '{name}' must be a finite number, got {_short(val)}",
                            st.pos if name in self.overrides else st.value.pos)
         self.consts[name] = val
         return val
@@ -302,7 +378,7 @@ class Lowerer:
         if isinstance(e, ast.Neg):
             x = self.expr(e.x, ctx, const_busy)
             self.need_number(x, e.x.pos)
-            return make("neg", (x,), pos)
+            return make_checked("neg", (x,), pos)
         if isinstance(e, ast.Bin):
             a = self.expr(e.a, ctx, const_busy)
             b = self.expr(e.b, ctx, const_busy)
@@ -311,22 +387,22 @@ class Lowerer:
                 self.need_number(n, sub.pos)
                 if op in REAL_ONLY:
                     self.need_real(n, sub.pos, f"'{e.op}'")
-            return make(op, (a, b), pos)
+            return make_checked(op, (a, b), pos)
         if isinstance(e, ast.Pow):
             a = self.expr(e.a, ctx, const_busy)
             b = self.expr(e.b, ctx, const_busy)
             self.need_number(a, e.a.pos)
             self.need_number(b, e.b.pos)
-            return make("pow", (a, b), pos)
+            return make_checked("pow", (a, b), pos)
         if isinstance(e, ast.Compare):
             args = [self.expr(x, ctx, const_busy) for x in e.args]
             for n, sub in zip(args, e.args):
                 self.need_number(n, sub.pos)
                 self.need_real(n, sub.pos, "a comparison")
-            links = [make(CMPOPS[op], (args[i], args[i + 1]), pos) for i, op in enumerate(e.ops)]
+            links = [make_checked(CMPOPS[op], (args[i], args[i + 1]), pos) for i, op in enumerate(e.ops)]
             out = links[0]
             for link in links[1:]:
-                out = make("and", (out, link), pos)
+                out = make_checked("and", (out, link), pos)
             return out
         if isinstance(e, ast.BoolOp):
             args = [self.expr(x, ctx, const_busy) for x in e.args]
@@ -334,12 +410,12 @@ class Lowerer:
                 self.need_bool(n, sub.pos, f"'{e.op}'")
             out = args[0]
             for x in args[1:]:
-                out = make(e.op, (out, x), pos)
+                out = make_checked(e.op, (out, x), pos)
             return out
         if isinstance(e, ast.Not):
             x = self.expr(e.x, ctx, const_busy)
             self.need_bool(x, e.x.pos, "'not'")
-            return make("not", (x,), pos)
+            return make_checked("not", (x,), pos)
         if isinstance(e, ast.Reduce):
             return self.reduce(e, ctx)
         raise self.err(f"unsupported expression {type(e).__name__}", pos)  # pragma: no cover
@@ -377,6 +453,12 @@ class Lowerer:
             if ctx.kind != "init":
                 raise self.err("'head' (the head index) can only be used in a param or buffer initialiser", pos)
             return Node("head", pos=pos)
+        if name == "H":
+            if ctx.kind != "init":
+                raise self.err("'H' (the number of heads) can only be used in a param or buffer initialiser", pos,
+                               hint="a mixer's maths is per head; initialisers may depend on the head index "
+                                    "and the number of heads")
+            return Node("dim", arg="H", pos=pos)
         if name in self.const_stmts:
             if ctx.kind == "const":
                 return const(self._const_value(name, const_busy if const_busy is not None else set(), pos), pos)
@@ -580,6 +662,9 @@ class Lowerer:
                 if not isinstance(a, ast.Name) or a.name not in ctx.env:
                     raise self.err("eye takes two index names", a.pos, expected="eye(i, j)")
                 vs.append(ctx.env[a.name])
+            if vs[0] == vs[1]:
+                raise self.err(f"eye({e.args[0].name}, {e.args[1].name}) takes two different indices", pos,
+                               expected="eye(i, j)", hint="eye(i, i) is 1 everywhere: write 1")
             if vs[0].axis != vs[1].axis:
                 raise self.err(f"shape mismatch: eye({e.args[0].name}, {e.args[1].name}) joins axes "
                                f"{vs[0].axis} and {vs[1].axis}", pos, hint="an identity matrix is square")
@@ -602,14 +687,14 @@ class Lowerer:
             self.need_bool(c, e.args[0].pos, "where's first argument")
             self.need_number(a, e.args[1].pos)
             self.need_number(b, e.args[2].pos)
-            return make("where", (c, a, b), pos)
+            return make_checked("where", (c, a, b), pos)
         if name in UNARY_FUNCS:
             self._arity(e, 1, f"{name}(x)")
             x = self.expr(e.args[0], ctx, const_busy)
             self.need_number(x, e.args[0].pos)
             if name in REAL_ONLY:
                 self.need_real(x, e.args[0].pos, f"{name}")
-            return make(name, (x,), pos)
+            return make_checked(name, (x,), pos)
         if name in BINARY_FUNCS:
             self._arity(e, 2, f"{name}(a, b)")
             a, b = (self.expr(x, ctx, const_busy) for x in e.args)
@@ -617,7 +702,7 @@ class Lowerer:
                 self.need_number(n, x.pos)
                 if name in REAL_ONLY or name == "complex":
                     self.need_real(n, x.pos, name)
-            return make(name, (a, b), pos)
+            return make_checked(name, (a, b), pos)
         if name in self.tensors or name in self.lets:
             raise self.err(f"'{name}' is not a function; index it with [ ]", _head(pos, name))
         known = set(self.defs) | BUILTIN_FUNCS
@@ -746,10 +831,11 @@ class Lowerer:
                                or f"declare it: size {a.size}")
             val = self.consts.get(a.size, 1)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                huge = isinstance(val, float) and val.is_integer()  # an integer beyond 64 bits became a float
                 raise self.err(f"constant '{a.size}' is used as a size in the shape of '{st.name}' and must be a "
-                               f"positive integer, got {val!r}", _tail(a.pos, a.size),
+                               f"positive integer{' below 2**63' if huge else ''}, got {val!r}", _tail(a.pos, a.size),
                                hint="write it as an integer ('//' divides integers)"
-                               if isinstance(val, float) else None)
+                               if isinstance(val, float) and not huge else None)
         if st.kind in ("input", "state"):
             return TensorDecl(st.kind, st.name, axes, st.complex, st.sampler, pos=st.pos)
         init_vars = []
@@ -805,6 +891,10 @@ class Lowerer:
             last = len(self.source.text.rstrip().split("\n")) or 1
             raise self.err("the mixer has no output", Pos(last, 1, last, 2),
                            hint="declare one: out o[j] = ...")
+        if not any(d.kind == "input" for d in decls.values()):
+            raise self.err("the mixer has no input", output.pos,
+                           hint="declare the per-token inputs it mixes: input x[K]")
+        self.check_sizes_bound(decls, updates, output, mask)
         prog = Program(
             name=self.name or _stem(self.source.path),
             source=self.source,
@@ -820,6 +910,17 @@ class Lowerer:
             lets=tuple((n, let.node) for n, let in self.lets.items()),
         )
         return prog
+
+    def check_sizes_bound(self, decls: dict, updates: list, output: Equation, mask: Node | None) -> None:
+        """A size without a default must be the extent of some input, parameter, buffer or state: a call
+        binds sizes from tensor shapes, so a size read only as a value would never get one."""
+        shaped = {a for d in decls.values() for a in d.axes}
+        roots = [eq.value for eq in updates] + [output.value] + ([mask] if mask is not None else [])
+        roots += [d.init for d in decls.values() if d.init is not None]
+        for n in toposort(roots):
+            if n.op == "dim" and n.arg in self.sizes and self.sizes[n.arg] is None and n.arg not in shaped:
+                raise self.err(f"size '{n.arg}' is used as a value but no tensor has it, so no call can bind it",
+                               n.pos, hint=f"give it a default (size {n.arg} = ...) or use it in a shape")
 
     def lower_update(self, st: ast.UpdateStmt) -> Equation:
         if st.name not in self.tensors or self.tensors[st.name].kind != "state":
@@ -925,10 +1026,32 @@ def _tail(pos: Pos | None, name: str) -> Pos | None:
 
 
 def _stem(path: str) -> str:
+    """The default mixer name: the file's stem made an ASCII identifier (``my-mixer.mix`` -> ``my_mixer``).
+    It names the generated module, so it never carries quotes, separators or control characters."""
     import os
 
-    base = os.path.basename(path)
-    return base[:-4] if base.endswith(".mix") else (base or "mixer")
+    base = os.path.basename(path.replace("\\", "/"))
+    stem = base[:-4] if base.endswith(".mix") else base
+    if stem.startswith("<") and stem.endswith(">"):  # "<string>": text passed to loads without a path
+        return "mixer"
+    name = re.sub(r"[^A-Za-z0-9_]", "_", stem)[:64]
+    if not name or not name.strip("_"):
+        return "mixer"
+    return "_" + name[:63] if name[0].isdigit() else name
+
+
+def _plain_number(value):
+    """A constant passed to ``load``/``loads`` as a plain int or float (numpy scalars, IntEnum members and other
+    ``numbers`` become Python numbers; anything else is returned unchanged for the checks to reject)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 # ---- renaming ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -90,10 +91,19 @@ def _tok_pos(tok: Token) -> Pos:
     return Pos(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + len(tok))
 
 
-def _number(text: str) -> int | float:
-    if all(c.isdigit() for c in text):
-        return int(text)
-    return float(text)
+def _number(text: str, meta=None) -> int | float:
+    """A number literal's value: an int when written with digits only and within 64 bits, else a float.
+    A literal too large for a double (``1e999``) is a located error, not infinity."""
+    if all(c.isdigit() for c in text) and len(text) <= 19:
+        value = int(text)
+        if value < 2**63:
+            return value
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+        raise MixError(f"the number {shown} is too large", Pos.of(meta) if meta is not None else None,
+                       hint="numbers must be finite in double precision (below about 1.8e308)")
+    return value
 
 
 @v_args(meta=True)
@@ -102,10 +112,10 @@ class _ToAst(Transformer):
 
     # expressions
     def number(self, meta, c):
-        return ast.Num(_number(str(c[0])), pos=Pos.of(meta))
+        return ast.Num(_number(str(c[0]), meta), pos=Pos.of(meta))
 
     def imag(self, meta, c):
-        return ast.Imag(complex(0, float(str(c[0])[:-1])), pos=Pos.of(meta))
+        return ast.Imag(complex(0, float(_number(str(c[0])[:-1], meta))), pos=Pos.of(meta))
 
     def name(self, meta, c):
         return ast.Name(str(c[0]), pos=Pos.of(meta))
@@ -380,9 +390,24 @@ def _check_depth(tree: lark.Tree, source: Source) -> None:
 def parse(text: str, path: str = "<string>") -> ast.Module:
     """Parse `.mix` source. Raises :class:`MixError` (located) on a syntax error."""
     source = Source(path, text)
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        col = bad.start() - text.rfind("\n", 0, bad.start())
+        raise MixError(f"the text contains {ascii(bad.group())}, which is not a character",
+                       Pos(line, col, line, col + 1), source=source,
+                       hint="a lone surrogate is not valid Unicode: the text was decoded wrongly")
     try:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise _syntax_error(err, source) from None
     _check_depth(tree, source)
-    return _ToAst().transform(tree)
+    try:
+        return _ToAst().transform(tree)
+    except lark.exceptions.VisitError as err:  # a located error raised while building the tree
+        if isinstance(err.orig_exc, MixError):
+            raise err.orig_exc.located(source) from None
+        raise
+
+
+_NOT_TEXT = re.compile("[\ud800-\udfff]")

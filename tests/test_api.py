@@ -198,3 +198,71 @@ def test_errors_are_raised_after_a_remembered_signature(mamba2):
     with pytest.raises(ValueError, match="size N disagrees"):
         mamba2(**bad)
     mamba2(**x)
+
+
+# ---- issue 17: hardening -----------------------------------------------------------------------------
+
+
+def test_initial_state_must_be_a_dict(gla):
+    x = gla.random_inputs(1, 3, 2, K=4, V=5)
+    with pytest.raises(ValueError, match=r"initial_state must be a dict .*\(S\).*got Tensor"):
+        gla(**x, initial_state=torch.zeros(1, 2, 4, 5))
+    with pytest.raises(ValueError, match="initial_state must be a dict"):
+        gla.reference(**x, initial_state=[torch.zeros(1, 2, 4, 5)])
+
+
+def test_a_mixer_module_deep_copies_and_saves(tmp_path):
+    import copy
+    import pickle
+
+    m = mixc.load(EX / "mamba2.mix", N=4)
+    layer = m.module(2, P=3)
+    with torch.no_grad():
+        layer.A.add_(0.25)  # a trained value, not the default
+    x = m.random_inputs(1, 5, 2, P=3)
+    want = layer(**x)
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin(**x), want, rtol=0, atol=0)
+    assert twin.A is not layer.A
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    torch.testing.assert_close(loaded(**x), want, rtol=0, atol=0)
+    assert loaded.mixer.program.sizes == m.program.sizes and loaded.mixer.name == "mamba2"
+    again = pickle.loads(pickle.dumps(m))
+    assert again.source_code == m.source_code
+
+
+def test_torch_compile_fullgraph_with_default_parameters():
+    """The file's default parameters are made when the call is traced (a random initialiser's torch.Generator
+    cannot be), with the default inductor backend."""
+    m = mixc.load(EX / "mamba2.mix", N=4)
+    x = m.random_inputs(1, 5, 2, P=3, seed=3)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(**x, form="reference"), m.reference(**x))
+
+
+def test_initialisers_see_the_number_of_heads():
+    """ALiBi's slopes 2 ** (-8 (h + 1) / H)."""
+    src = ("size V = 2\ninput k[], v[V]\nbuffer slope[] = 2 ** (-8 * (head + 1) / H)\n"
+           "out o[j] = sum(u: exp(slope * (u - t)) * v[u, j])\n")
+    m = mixc.loads(src, path="alibi.mix")
+    for H in (1, 4):
+        slope = m.parameters_init(H)["slope"]
+        torch.testing.assert_close(slope, torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)]))
+        x = m.random_inputs(1, 3, H)
+        assert m(**x).shape == (1, 3, H, 2)
+
+
+def test_triton_interpret_set_after_loading(monkeypatch):
+    """Kernels built for a GPU (TRITON_INTERPRET unset when the module was imported) do not run on the CPU even
+    when the variable is set later: form=None runs the reference, an explicit form says why not."""
+    from mixc import emit
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(emit, "_loaded", {})
+    m = mixc.load(EX / "gla.mix")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = m.random_inputs(1, 4, 1, K=4, V=4)
+    torch.testing.assert_close(m(**x), m.reference(**x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set after this mixer's kernels were built"):
+        m(**x, form="chunked")

@@ -170,6 +170,41 @@ CASES = [
     ("mismatched-bracket", REC + "S[i, j] = exp(g[i]] * S[i, j] + k[i] * v[j]\n" + OUT,
      5, 19, "']' does not match the '('", {}),
     ("assign-in-mask", ATT + "mask u = t\n" + ATT_OUT, 4, 8, "unexpected '='", {"hint": "'=='"}),
+    # -- issue 17: internal errors and call-time failures that are now located compile errors --------
+    ("no-input", "size V = 2\nparam w[V] = 1\nout o[j] = w[j]\n", 3, 5, "the mixer has no input", {}),
+    ("log-of-zero", REC + UPDATE + "out o[j] = log(0) * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "log(0) is undefined", {}),
+    ("zero-over-zero", REC + UPDATE + "out o[j] = 0 / 0 * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "0 / 0 is undefined", {}),
+    ("floordiv-by-zero", REC + UPDATE + "out o[j] = 1 // 0 * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "1 // 0 is undefined", {}),
+    ("zero-to-negative-power", REC + UPDATE + "out o[j] = 0 ** -0.5 * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "0 ** -0.5 is undefined", {}),
+    ("overflowing-constant", REC + UPDATE + "out o[j] = exp(1000) * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "exp(1000) overflows", {}),
+    ("4301-digit-literal", REC + UPDATE + "out o[j] = " + "1" * 4301 + " * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "is too large", {}),
+    ("infinite-imaginary-literal", REC + UPDATE + "out o[j] = real(1e999j) * sum(i: q[i] * S[i, j])\n", 6, 17,
+     "the number 1e999 is too large", {}),
+    ("eye-same-index", REC + UPDATE + "out o[j] = sum(i: eye(i, i) * q[i] * S[i, j])\n", 6, 19,
+     "eye(i, i) takes two different indices", {}),
+    ("size-zero", "size K = 0, V\n" + REC.split("\n", 1)[1] + UPDATE + OUT, 1, 6,
+     "size 'K' must be a positive integer, got 0", {}),
+    ("input-named-form", REC.replace("v[V]\n", "v[V], form[K]\n") + UPDATE + OUT, 2, 25,
+     "input 'form' has the name of a call keyword", {}),
+    ("input-named-self", REC.replace("v[V]\n", "v[V], self[K]\n") + UPDATE + OUT, 2, 25,
+     "has the name of a call keyword", {}),
+    ("input-named-initial-state", REC.replace("v[V]\n", "v[V], initial_state[K]\n") + UPDATE + OUT, 2, 25,
+     "has the name of a call keyword", {}),
+    ("param-named-cu-seqlens", REC + "param cu_seqlens[] = 1\n" + UPDATE + OUT, 5, 7,
+     "param 'cu_seqlens' has the name of a call keyword", {}),
+    ("size-only-a-value", REC.replace("size K, V", "size K, V, W") + UPDATE
+     + "out o[j] = W * sum(i: q[i] * S[i, j])\n", 6, 12, "size 'W' is used as a value but no tensor has it",
+     {"hint": "size W = "}),
+    ("size-named-H", "size H\n" + REC + UPDATE + OUT, 1, 6, "'H' is a reserved name", {"hint": "number of heads"}),
+    ("H-outside-initialiser", REC + UPDATE + "out o[j] = H * sum(i: q[i] * S[i, j])\n", 6, 12,
+     "'H' (the number of heads) can only be used in a param or buffer initialiser", {}),
+    ("lone-surrogate", REC + "# \ud800\n" + UPDATE + OUT, 5, 3, "not a character", {}),
     ("too-deep", REC + UPDATE + "out o[j] = sum(i: q[i] * S[i, j]) * (" + "+".join(["v[j]"] * 150) + ")\n",
      6, 1, "nested too deeply", {}),
 ]
@@ -280,4 +315,77 @@ def test_a_huge_lookback_is_a_located_error():
     src = next(p for p in EXAMPLES if p.stem == "h3").read_text().replace("const M = 4", "const M = 10 ** 30")
     with pytest.raises(mixc.MixError) as e:
         mixc.loads(src, "h3big.mix")
-    assert "too many offsets" in e.value.message and e.value.pos is not None
+    # 10 ** 30 does not fit in 64 bits: a float, so not a size (before: an integer, then too many offsets)
+    msg = e.value.message
+    assert ("too many offsets" in msg or "positive integer below 2**63" in msg) and e.value.pos is not None
+
+
+@pytest.mark.parametrize("value", [99999999999999999999999, -(2**63)])
+def test_a_constant_beyond_64_bits_is_a_located_error(value):
+    src = REC + "const W = 2\n" + UPDATE + "out o[j] = W * sum(i: q[i] * S[i, j])\n"
+    err = load_error(src, W=value)
+    assert (err.pos.line, err.pos.col) == (5, 7) and "does not fit in 64 bits" in err.message
+    err = load_error(REC + UPDATE + OUT, K=value)
+    assert (err.pos.line, err.pos.col) == (1, 6) and "must be a positive integer" in err.message
+
+
+def test_number_like_constants_are_plain_numbers():
+    """numpy scalars and IntEnum members passed to load are their numbers (before: NameError 'np' and a
+    SyntaxError in the generated module)."""
+    import enum
+
+    import numpy as np
+    import torch
+
+    class Width(enum.IntEnum):
+        THREE = 3
+
+    src = "size V = 2\nconst W = 1\ninput v[V]\nout o[j] = W * v[j]\n"
+    for value in (np.float64(3), np.int64(3), np.float32(3), Width.THREE):
+        m = mixc.loads(src, W=value)
+        assert type(m.program.consts[0][1]) in (int, float) and m.program.consts[0][1] == 3
+        x = m.random_inputs(1, 2, 1)
+        torch.testing.assert_close(m(**x), 3 * x["v"])
+
+
+def test_finite_constants_that_used_to_fail_at_call_time():
+    """const BIG = 1e30 (was: int too big to convert at call time); where() on sizes (was: KeyError 'where');
+    a literal beyond 64 bits is a float."""
+    import torch
+
+    src = "size V = 2\nconst BIG = 1e30\ninput v[V]\nout o[j] = {} * v[j]\n"
+    for expr, want in [("BIG", 1e30), ("where(V > 0, 0, V)", 0.0), ("where(V > 5, 0, V)", 2.0),
+                       ("where(V > 0 and not V > 5, 7, V)", 7.0), ("99999999999999999999999", 1e23),
+                       ("real(2j + 1)", 1.0), ("imag(2j + 1)", 2.0)]:
+        m = mixc.loads(src.format(expr))
+        x = m.random_inputs(1, 3, 1, dtype=torch.float64)
+        torch.testing.assert_close(m(**x), want * x["v"], msg=expr)
+
+
+def test_a_size_read_only_as_a_value_takes_its_default():
+    import torch
+
+    m = mixc.loads("size K, V = 5\ninput k[K]\nout o[i] = k[i] * V\n")
+    x = m.random_inputs(1, 3, 1, K=2)
+    torch.testing.assert_close(m(**x), 5 * x["k"])
+
+
+def test_a_nonlinear_function_of_a_state_read_in_the_output():
+    """o = q'S + tanh(q'S): was an internal error (KeyError 'S') while emitting the chunked form."""
+    import warnings
+
+    import torch
+
+    src = REC + UPDATE + "out o[j] = sum(i: q[i] * S[i, j]) + tanh(sum(i: q[i] * S[i, j]))\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an emitter that fails is reported, not raised
+        m = mixc.loads(src, K=3, V=2)
+    x = m.random_inputs(1, 4, 1, dtype=torch.float64)
+    S = torch.zeros(3, 2, dtype=torch.float64)
+    want = []
+    for t in range(4):
+        S = torch.exp(x["g"][0, t, 0])[:, None] * S + x["k"][0, t, 0][:, None] * x["v"][0, t, 0][None, :]
+        r = x["q"][0, t, 0] @ S
+        want.append(r + torch.tanh(r))
+    torch.testing.assert_close(m(**x)[0, :, 0], torch.stack(want))
+    torch.testing.assert_close(m.reference(**x)[0, :, 0], torch.stack(want))

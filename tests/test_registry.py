@@ -10,6 +10,11 @@ import mixc
 from mixc.backends.registry import KERNEL_FORMS, backends
 
 
+# names the generated module itself defines (mixc/emit.py)
+RESERVED = ("reference", "forward", "pick_form", "MIXER", "FORMS", "KERNEL_FORMS", "TRITON_FORMS", "TRITON_INTERPRETED",
+            "_os", "init_params")
+
+
 def _top_level_names(mod) -> set[str]:
     names = set()
     for node in ast.parse(inspect.getsource(mod)).body:
@@ -29,7 +34,7 @@ def test_support_modules_define_disjoint_names():
     mods = {m for b in backends() for m in b.support}
     for mod in sorted(mods, key=lambda m: m.__name__):
         for name in _top_level_names(mod):
-            assert name not in KERNEL_FORMS and name not in ("reference", "forward", "pick_form", "MIXER"), \
+            assert name not in KERNEL_FORMS and name not in RESERVED, \
                 f"{mod.__name__} defines {name}, a name the generated module uses"
             assert name not in seen, f"{name} is defined in both {seen[name]} and {mod.__name__}"
             seen[name] = mod.__name__
