@@ -9,7 +9,6 @@ import pytest
 import mixc
 from mixc.backends.registry import KERNEL_FORMS, backends
 
-
 # names the generated module itself defines (mixc/emit.py)
 RESERVED = ("reference", "forward", "pick_form", "MIXER", "FORMS", "KERNEL_FORMS", "TRITON_FORMS", "TRITON_INTERPRETED",
             "_os", "init_params")
