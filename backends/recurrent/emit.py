@@ -23,7 +23,8 @@ from mixc.lower import make, rename
 from ..chunked_emit import _as_btd, _feature_emitter, _is_number
 from ..reference import prologue
 
-SCAN_CLASSES = ("identity", "constant_scalar", "scalar", "diagonal_key", "diagonal_value", "elementwise")
+SCAN_CLASSES = ("identity", "constant_scalar", "scalar", "diagonal_key", "diagonal_value", "elementwise", "delta",
+                "gated_delta")
 
 
 class NoRecurrentKernel(Exception):
@@ -46,6 +47,8 @@ class RecPlan:
     gate: Node | None  # output gate over the value axis (multiplies the readout)
     skip: Node | None  # state-free part of the output (over the value axis)
     normaliser: str | None  # a state carried as one more value column; o = num / den
+    u: Node | None = None  # delta rule: S <- S - u'[key] (w'^T S) before the decay
+    w: Node | None = None
 
     @property
     def transposed(self) -> bool:
@@ -147,8 +150,12 @@ def plan(a: Analysis) -> RecPlan:  # noqa: C901
             vf = [make("neg", (product(vf) or _const(1),), None)]
     v_node = product(vf) or _const(1)
     decay, at, ap = "none", None, None
-    if main.transition != "identity":
-        (lt,) = main.linear
+    u = w = None
+    linear = list(main.linear)
+    if main.transition in ("delta", "gated_delta"):
+        u, w, linear = _delta_parts(main, key, value)
+    if main.transition != "identity" and linear and linear[0].factors:
+        (lt,) = linear
         if lt.sign < 0:
             raise NoRecurrentKernel("a negated state")
         decay, at, ap = _split_decay(list(lt.factors))
@@ -197,7 +204,35 @@ def plan(a: Analysis) -> RecPlan:  # noqa: C901
     if any(n is not None and n.dtype == "complex" for n in (k_node, v_node, at, ap, gate, skip, *qf)):
         raise NoRecurrentKernel("complex-valued factors have no scan kernel yet")
     return RecPlan(main.name, tuple(main.axes), key, value, product(qf), nums, k_node, v_node, decay, at, ap,
-                   gate, skip, normaliser.name if normaliser is not None else None)
+                   gate, skip, normaliser.name if normaliser is not None else None, u, w)
+
+
+def _delta_parts(sf: StateForm, key: Var | None, value: Var) -> tuple[Node, Node, list[Term]]:
+    """(u', w', [the diagonal term]) of a delta-rule transition coef * (S - u' (w'^T S)): the rank-one
+    term's factors less the diagonal term's (its decay), split into those without the summed index (u',
+    with the sign) and those with it (w', renamed onto the key axis)."""
+    diag = [t for t in sf.linear if not t.summed]
+    (r,) = [t for t in sf.linear if t.summed]
+    if key is None or len(diag) != 1:
+        raise NoRecurrentKernel("a delta-rule transition without a key axis or a diagonal term")
+    (l,) = r.summed
+    read = r.state.arg[1]
+    pos = sf.axes.index(key)
+    if read[pos] != l or read[1 - pos] != value:
+        raise NoRecurrentKernel("the rank-one correction does not act along the key axis")
+    rest = list(r.factors)
+    for f in diag[0].factors:
+        if f not in rest:
+            raise NoRecurrentKernel(f"the decay {show(f)} does not scale the rank-one correction too")
+        rest.remove(f)
+    outs = [f for f in rest if l not in f.idx]
+    ins = [rename(f, {l: key}) for f in rest if l in f.idx]
+    if any(value in f.idx for f in outs + ins) or any(l in f.idx for f in outs):
+        raise NoRecurrentKernel("the rank-one correction is not u' w'^T over the key axis")
+    u = product(outs) or _const(1)
+    if r.sign * diag[0].sign > 0:  # coef * (S + u w^T S): u' = -u
+        u = make("neg", (u,), None)
+    return u, product(ins) or _const(1), diag
 
 
 def _rn(terms: list[Term], m: dict) -> list[Term]:
@@ -214,7 +249,7 @@ def _kv_view(lay: tuple[Var, ...], key: Var | None, value: Var) -> str:
 def _emit_common(a: Analysis, rp: RecPlan, lines: list[str]):
     """The prologue: sizes, inputs, q', k', v', at, ap. Returns (emitter, K, V, the call's operands)."""
     p = a.program
-    extra = [n for n in (rp.q, rp.k, rp.v, rp.at, rp.ap, rp.gate, rp.skip, *rp.scale) if n is not None]
+    extra = [n for n in (rp.q, rp.k, rp.v, rp.at, rp.ap, rp.gate, rp.skip, rp.u, rp.w, *rp.scale) if n is not None]
     em = prologue(p, lines, extra)
     fe = _feature_emitter(p, em)
     K = em.sizes_var[rp.key.axis] if rp.key is not None else "1"
@@ -228,6 +263,13 @@ def _emit_common(a: Analysis, rp: RecPlan, lines: list[str]):
     q = _as_btd(fe, rp.q, (rp.key,), f"B, H, T, {K}") if rp.q is not None else "None"
     k = _as_btd(fe, rp.k, (rp.key,), f"B, H, T, {K}") if rp.k is not None else "None"
     v = _as_btd(fe, rp.v, (rp.value,), f"B, H, T, {V}")
+    if rp.u is not None:
+        em.emit(f"# delta rule: {rp.state} <- {rp.state} - u' (w'^T {rp.state}) with u' = {show(rp.u)}, w' = {show(rp.w)}")
+        u = _as_btd(fe, rp.u, (rp.key,), f"B, H, T, {K}")
+        w = _as_btd(fe, rp.w, (rp.key,), f"B, H, T, {K}")
+        scale_delta = f", u={u}, w={w}"
+    else:
+        scale_delta = ""
     if rp.normaliser:
         em.emit(f"# the normaliser {rp.normaliser}: one more value column with v' = 1")
         vn = em.fresh()
@@ -251,7 +293,7 @@ def _emit_common(a: Analysis, rp: RecPlan, lines: list[str]):
             ap = em.fresh()
             em.emit(f"{ap} = ({e}).expand({full})[0]{_kv_view(lay, rp.key, rp.value)}  # [H, K|1, V|1]")
     scale = " * ".join(em._paren(em.val(f, "pre")[0]) for f in rp.scale) or "1.0"
-    return em, K, V, (q, k, v, at, ap, scale)
+    return em, K, V, (q, k, v, at, ap, scale + scale_delta)
 
 
 def _epilogue(em, rp: RecPlan, V: str) -> None:
@@ -306,7 +348,7 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
              '    returns (o [B, T, H, ...], final states or None)."""']
     em, K, V, (q, k, v, at, ap, scale) = _emit_common(a, rp, lines)
     em.emit("h0 = recurrent_pack(states, sizes)")
-    em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, {scale}, {rp.decay == 'exp'})")
+    em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale})")
     _epilogue(em, rp, V)
     em.emit("return o, (recurrent_unpack(ht) if output_final_state else None)")
     lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32):",
@@ -314,7 +356,7 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
               "    updated in place; o32 [B, 1, H, V(+1)] fp32 and out [B, 1, H, ...] preallocated. Returns out."
               '"""']
     em, K, V, (q, k, v, at, ap, scale) = _emit_common(a, rp, lines)
-    em.emit(f"o = rec_step({q}, {k}, {v}, {at}, {ap}, h, o32, {scale}, {rp.decay == 'exp'})")
+    em.emit(f"o = rec_step({q}, {k}, {v}, {at}, {ap}, h, o32, exp_decay={rp.decay == 'exp'}, scale={scale})")
     _epilogue(em, rp, V)
     em.emit("out.copy_(o)")
     em.emit("return out")

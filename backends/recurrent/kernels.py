@@ -4,6 +4,7 @@ Every recurrence the emitter hands over is, per (sequence, head), after a PyTorc
 
     a_t[k, v] = exp(at_t[k, v] * ap[k, v])     (EXP_DECAY)     or   at_t[k, v] * ap[k, v]
     S_t       = a_t * S_{t-1} + k_t v_t^T                      (S: K x V, fp32, in registers)
+    S_t       = a_t * (S_{t-1} - u_t (w_t^T S_{t-1})) + k_t v_t^T    (DELTA: the delta rule, u = beta k, w = k)
     o_t       = scale * q_t^T S_t                              ([V])
 
 ``at`` (a token factor) and ``ap`` (a per-head factor) each vary along the key axis, the value axis,
@@ -13,6 +14,8 @@ transition). ``q`` or ``k`` absent is 1 (a one-axis state is K = 1). One program
 The backward walks the chunks in reverse: it recomputes the chunk's states from its checkpoint into
 a per-program scratch (L2 resident), then runs the adjoint G_t = scale q_t do_t^T + a_{t+1} G_{t+1}:
     dq_t = scale S_t do_t,  dk_t = G_t v_t,  dv_t = G_t^T k_t,  da_t = G_t * S_{t-1},  dS_0 = a_1 G_1
+With DELTA, X = S_{t-1} - u p^T (p = S_{t-1}^T w) stands for S_{t-1} in da_t, and with dX = a_t G_t, r = dX^T u:
+    du_t = -dX p,  dw_t = -S_{t-1} r,  dS_{t-1} = dX - w r^T
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
@@ -33,6 +36,14 @@ def _rec_decay(AT, AP, p_at, ap, m2, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
 
 
 @triton.jit
+def _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k):
+    """S - u_t (w_t^T S): the delta rule's rank-one correction of a [BK, BV] state tile."""
+    u = tl.load(U + i_b * su_b + t * su_t + i_h * su_h + o_k * su_k, mask=m_k, other=0.0).to(tl.float32)
+    w = tl.load(W + i_b * sw_b + t * sw_t + i_h * sw_h + o_k * sw_k, mask=m_k, other=0.0).to(tl.float32)
+    return S - u[:, None] * tl.sum(w[:, None] * S, axis=0)[None, :]
+
+
+@triton.jit
 def _rec_fwd(
     Q, K_, V_,  # q' [B, T, H, K], k' [B, T, H, K], v' [B, T, H, V] (any float dtype, any strides)
     AT, AP,  # decay factors: per token [B, T, H, K|1, V|1], per head [H, K|1, V|1] (strides 0 on broadcast axes)
@@ -41,7 +52,8 @@ def _rec_fwd(
     sq_b, sq_t, sq_h, sq_k, sk_b, sk_t, sk_h, sk_k, sv_b, sv_t, sv_h, sv_v,  # strides of q', k', v'
     sa_b, sa_t, sa_h, sa_k, sa_v, sp_h, sp_k, sp_v,  # strides of at, ap
     so_b, so_t, so_h,  # strides of o [B, T, H, V] (fp32, last stride 1)
-    HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
+    U, W, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k,  # delta rule: u', w' [B, T, H, K] and their strides
+    DELTA: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
     EXP_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CK: tl.constexpr,
     CHUNK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
@@ -67,6 +79,8 @@ def _rec_fwd(
                 tl.store(CK + ((i_b * H + i_h) * NC + t // CHUNK) * KD * VD + o_k[:, None] * VD + o_v[None, :],
                          S, mask=m2)
         a, _ = _rec_decay(AT, AP, p_at + t * sa_t, ap, m2, HAS_AT, HAS_AP, EXP_DECAY)
+        if DELTA:  # S <- S - u (w^T S)
+            S = _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k)
         v = tl.load(V_ + i_b * sv_b + t * sv_t + i_h * sv_h + o_v * sv_v, mask=m_v, other=0.0).to(tl.float32)
         if HAS_K:
             k = tl.load(K_ + i_b * sk_b + t * sk_t + i_h * sk_h + o_k * sk_k, mask=m_k, other=0.0).to(tl.float32)
@@ -93,7 +107,8 @@ def _rec_bwd(
     sa_b, sa_t, sa_h, sa_k, sa_v, sp_h, sp_k, sp_v,
     sda_p, sda_b, sda_t, sda_h, sda_k, sda_v,  # d at: [NV|1, B, T, H, K|1, V|1] (per value tile if at lacks V)
     sdp_p, sdp_b, sdp_h, sdp_k, sdp_v,  # d ap: [B, NV|1, H, K|1, V|1] (summed over B, tiles by the caller)
-    HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
+    U, W, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k, DU, DW,  # delta rule: u', w' and du, dw (as dq)
+    DELTA: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
     AT_K: tl.constexpr, AT_V: tl.constexpr, AP_K: tl.constexpr, AP_V: tl.constexpr,
     EXP_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
     CHUNK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -126,6 +141,8 @@ def _rec_bwd(
         for j in range(L):
             t = t0 + j
             a, _ = _rec_decay(AT, AP, p_at + t * sa_t, ap, m2, HAS_AT, HAS_AP, EXP_DECAY)
+            if DELTA:
+                S = _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k)
             v = tl.load(V_ + i_b * sv_b + t * sv_t + i_h * sv_h + o_v * sv_v, mask=m_v, other=0.0).to(tl.float32)
             if HAS_K:
                 k = tl.load(K_ + i_b * sk_b + t * sk_t + i_h * sk_h + o_k * sk_k, mask=m_k, other=0.0).to(tl.float32)
@@ -158,7 +175,14 @@ def _rec_bwd(
                 dv = tl.sum(G, axis=0)
             tl.store(DV + ((i_b * T + t) * H + i_h) * VD + o_v, dv, mask=m_v)
             a, at = _rec_decay(AT, AP, p_at + t * sa_t, ap, m2, HAS_AT, HAS_AP, EXP_DECAY)
-            ga = tl.where(m2, G * S_p, 0.0)  # dL/da_t
+            if DELTA:  # X = S_p - u p^T, p = S_p^T w
+                u = tl.load(U + i_b * su_b + t * su_t + i_h * su_h + o_k * su_k, mask=m_k, other=0.0).to(tl.float32)
+                w = tl.load(W + i_b * sw_b + t * sw_t + i_h * sw_h + o_k * sw_k, mask=m_k, other=0.0).to(tl.float32)
+                p = tl.sum(w[:, None] * S_p, axis=0)
+                X = S_p - u[:, None] * p[None, :]
+            else:
+                X = S_p
+            ga = tl.where(m2, G * X, 0.0)  # dL/da_t
             if EXP_DECAY:
                 ga = ga * a  # dL/d(at * ap)
             if HAS_AT:
@@ -174,7 +198,12 @@ def _rec_bwd(
                     tl.store(p_d, tl.sum(tl.sum(gat, axis=1), axis=0))
             if HAS_AP:
                 dap += ga * at if HAS_AT else ga
-            G = a * G
+            G = a * G  # dX
+            if DELTA:  # du = -dX p, dw = -S_p r, dS_p = dX - w r^T with r = dX^T u
+                r = tl.sum(u[:, None] * G, axis=0)
+                tl.store(DU + p_qk * KD + o_k, -tl.sum(G * p[None, :], axis=1), mask=m_k)
+                tl.store(DW + p_qk * KD + o_k, -tl.sum(S_p * r[None, :], axis=1), mask=m_k)
+                G = G - w[:, None] * r[None, :]
     tl.store(DH0 + p_s, G, mask=m2)
     if HAS_AP:
         p_d = DAP + i_b * sdp_b + i_v * sdp_p + i_h * sdp_h

@@ -3,7 +3,8 @@
 :func:`rec_scan` runs a whole sequence (forward; backward through :class:`_RecScan` when a gradient
 is needed), :func:`rec_step` one token in place (the decoder's path: no allocation, no host sync).
 Shapes: q', k' [B, T, H, K] (None: 1), v' [B, T, H, V], the decay's token factor at
-[B, T, H, K|1, V|1] and per-head factor ap [H, K|1, V|1] (None: 1), states [B, H, K, V] fp32.
+[B, T, H, K|1, V|1] and per-head factor ap [H, K|1, V|1] (None: 1), states [B, H, K, V] fp32; for the
+delta rule u', w' [B, T, H, K] (S <- S - u' (w'^T S) before the decay).
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
@@ -48,7 +49,14 @@ def _rec_flags(q, k, at, ap, exp_decay):
                 EXP_DECAY=bool(exp_decay))
 
 
-def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck):
+def _rec_delta_operands(u, w, v):
+    """The delta rule's operands (v stands in when there is none) and their strides."""
+    if u is None:
+        return [v, v] + [0] * 8
+    return [u, w] + list(u.stride()) + list(w.stride())
+
+
+def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None, w=None):
     """Launch the forward scan; returns the checkpoints [B, H, NC, K, V] (or None)."""
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
@@ -59,8 +67,8 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck):
     ptrs, st = _rec_operands(q, k, v, at, ap)
     _rec_fwd[(NV, B * H)](
         *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o,
-        T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2),
-        **_rec_flags(q, k, at, ap, exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2), *_rec_delta_operands(u, w, v),
+        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None,
         STORE_CK=store_ck, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
     return ck if store_ck else None
 
@@ -69,19 +77,19 @@ class _RecScan(torch.autograd.Function):
     """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument."""
 
     @staticmethod
-    def forward(ctx, q, k, v, at, ap, h0, scale, exp_decay):
+    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay):
         B, T, H, V = v.shape
         K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
         o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
         ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
-        ck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True)
-        ctx.save_for_backward(q, k, v, at, ap, ck)
+        ck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w)
+        ctx.save_for_backward(q, k, v, at, ap, ck, u, w)
         ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.K = scale, exp_decay, h0 is not None, K
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, at, ap, ck = ctx.saved_tensors
+        q, k, v, at, ap, ck, u, w = ctx.saved_tensors
         B, T, H, V = v.shape
         K = ctx.K
         BK, BV, warps = _rec_tiles(B * H, K, V)
@@ -92,6 +100,8 @@ class _RecScan(torch.autograd.Function):
         scr = torch.empty(B * H * NV * (REC_CHUNK + 1) * BK * BV, dtype=f32, device=dev)
         dq = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if q is not None else do
         dk = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if k is not None else do
+        du = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
+        dw = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
         dv = torch.empty(B, T, H, V, dtype=f32, device=dev)
         dh0 = torch.empty(B, H, K, V, dtype=f32, device=dev)
         at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
@@ -109,35 +119,37 @@ class _RecScan(torch.autograd.Function):
         ptrs, st = _rec_operands(q, k, v, at, ap)
         _rec_bwd[(NV, B * H)](
             *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
-            T, H, K, V, float(ctx.scale), NV, *st, *sda, *sdp,
-            **_rec_flags(q, k, at, ap, ctx.exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
+            T, H, K, V, float(ctx.scale), NV, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
+            DELTA=u is not None, **_rec_flags(q, k, at, ap, ctx.exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
             HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
         gq = dq.sum(0).to(q.dtype) if q is not None else None
         gk = dk.sum(0).to(k.dtype) if k is not None else None
         gat = dat.sum(0).to(at.dtype) if at is not None else None
         gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
-        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), None, None
+        gu = du.sum(0).to(u.dtype) if u is not None else None
+        gw = dw.sum(0).to(w.dtype) if u is not None else None
+        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None
 
 
-def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False):
+def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None):
     """(o [B, T, H, V] fp32, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over a
-    whole sequence; differentiable in q', k', v', at, ap and h0 (a [B, H, K, V] initial state or None)."""
+    whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or None)."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
-    tensors = [x for x in (q, k, v, at, ap, h0) if x is not None]
+    tensors = [x for x in (q, k, v, at, ap, h0, u, w) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return _RecScan.apply(q, k, v, at, ap, h0, scale, exp_decay)
+        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay)
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
     ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
-    _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False)
+    _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w)
     return o, ht
 
 
-def rec_step(q, k, v, at, ap, state, out, scale=1.0, exp_decay=False):
+def rec_step(q, k, v, at, ap, state, out, scale=1.0, exp_decay=False, u=None, w=None):
     """One token (T = 1) in place: ``state`` [B, H, K, V] fp32 (contiguous) becomes S_1, ``out``
     [B, 1, H, V] fp32 receives o_1. Parallel over batch, heads and value tiles; no allocation, so a
     CUDA graph can capture it. Returns ``out``."""
-    _rec_forward(q, k, v, at, ap, state, state, out, scale, exp_decay, False)
+    _rec_forward(q, k, v, at, ap, state, state, out, scale, exp_decay, False, u, w)
     return out
