@@ -264,7 +264,8 @@ def _emit_common(a: Analysis, rp: RecPlan, lines: list[str]):
     k = _as_btd(fe, rp.k, (rp.key,), f"B, H, T, {K}") if rp.k is not None else "None"
     v = _as_btd(fe, rp.v, (rp.value,), f"B, H, T, {V}")
     if rp.u is not None:
-        em.emit(f"# delta rule: {rp.state} <- {rp.state} - u' (w'^T {rp.state}) with u' = {show(rp.u)}, w' = {show(rp.w)}")
+        em.emit(f"# delta rule: {rp.state} <- {rp.state} - u' (w'^T {rp.state}) with u' = {show(rp.u)}, "
+                f"w' = {show(rp.w)}")
         u = _as_btd(fe, rp.u, (rp.key,), f"B, H, T, {K}")
         w = _as_btd(fe, rp.w, (rp.key,), f"B, H, T, {K}")
         scale_delta = f", u={u}, w={w}"
@@ -311,7 +312,8 @@ def _pack_lines(rp: RecPlan) -> list[str]:
     s, z = rp.state, rp.normaliser
     V = f"sizes[{rp.value.axis!r}]"
     out = ["def recurrent_pack(states, sizes):",
-           f'    """The declared states -> the kernels\' state [B, H, K, V{" + 1" if z else ""}] fp32 (None if none given)."""',
+           f'    """The declared states -> the kernels\' state [B, H, K, V{" + 1" if z else ""}] fp32 (None: none '
+           'given)."""',
            f"    s = states.get({s!r})"]
     if z:
         out += [f"    z = states.get({z!r})",
