@@ -223,3 +223,13 @@ def test_decoder_cuda_graph_capture():
         g.replay()
         want = ref.step(**static)
         torch.testing.assert_close(out, want)
+
+
+def test_decoder_half_inputs_fp32_state():
+    """fp16 inputs and output, the state in fp32: the kernel converts the output as it stores it."""
+    m = _load("gla")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(2, 3, 2, K=5, V=6, dtype=torch.float16).items()}
+    dec = m.decoder(2, 2, device=DEV, dtype=torch.float16, K=5, V=6)
+    o = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(3)], 1)
+    assert o.dtype == torch.float16 and dec.state["S"].dtype == torch.float32
+    assert _rel(o, m.reference(**{k: v.float() for k, v in x.items()})) < 2e-3

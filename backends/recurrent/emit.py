@@ -358,9 +358,12 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
               "    updated in place; o32 [B, 1, H, V(+1)] fp32 and out [B, 1, H, ...] preallocated. Returns out."
               '"""']
     em, K, V, (q, k, v, at, ap, scale) = _emit_common(a, rp, lines)
-    em.emit(f"o = rec_step({q}, {k}, {v}, {at}, {ap}, h, o32, exp_decay={rp.decay == 'exp'}, scale={scale})")
-    _epilogue(em, rp, V)
-    em.emit("out.copy_(o)")
+    if rp.normaliser or rp.gate is not None or rp.skip is not None:
+        em.emit(f"o = rec_step({q}, {k}, {v}, {at}, {ap}, h, o32, exp_decay={rp.decay == 'exp'}, scale={scale})")
+        _epilogue(em, rp, V)
+        em.emit("out.copy_(o)")
+    else:  # no epilogue: the kernel writes the output in out's dtype
+        em.emit(f"rec_step({q}, {k}, {v}, {at}, {ap}, h, out, exp_decay={rp.decay == 'exp'}, scale={scale})")
     em.emit("return out")
     lines += ["", "", "def recurrent_state_shape(B, H, sizes):",
               '    """The kernels\' state shape for B sequences and H heads."""',

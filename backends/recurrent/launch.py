@@ -8,6 +8,8 @@ delta rule u', w' [B, T, H, K] (S <- S - u' (w'^T S) before the decay).
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
+import os
+
 import torch
 import triton
 
@@ -17,6 +19,58 @@ except ImportError:  # pasted into a generated module, after the kernels
     pass
 
 REC_CHUNK = 32  # tokens between two checkpoints of the state (the backward recomputes within a chunk)
+# launches through the compiled handle (see _RecLaunch); MIXC_FAST_LAUNCH=0 sends them through Triton
+REC_FAST_LAUNCH = os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("MIXC_FAST_LAUNCH", "1") != "0"
+
+
+def _rec_arg_key(a):
+    """What Triton specialises a runtime argument on (a tensor's dtype and 16-byte alignment; an int's
+    being 1, a multiple of 16 and its width), else its type."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if type(a) is int:
+        return a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000
+    return type(a)
+
+
+class _RecLaunch:
+    """``kernel[grid](*args, **constexprs)``, where a specialisation seen before launches Triton's compiled
+    handle directly (skipping Triton's per-call binding: most of a one-token step's host time). The first
+    launch of each specialisation, the interpreter and Triton versions without compiled handles go through
+    Triton."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.handles = {}
+
+    def __getitem__(self, grid):
+        if not REC_FAST_LAUNCH:
+            return self.fn[grid]
+        return lambda *args, **kwargs: self._run(grid, args, kwargs)
+
+    def _run(self, grid, args, kwargs):
+        key = (torch.cuda.current_device(), tuple(map(_rec_arg_key, args)), tuple(kwargs.items()))
+        hit = self.handles.get(key)
+        if hit is not None:
+            hit[0][(*grid, 1, 1)[:3]](*args, *hit[1])
+            return
+        compiled = self.fn[grid](*args, **kwargs)
+        params = getattr(self.fn, "params", None)
+        if params is None or not hasattr(compiled, "__getitem__"):
+            return
+        params = params[len(args):]
+        if all(p.is_constexpr for p in params):
+            self.handles[key] = (compiled, tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params))
+
+
+_REC_LAUNCH = {}
+
+
+def _rec_kernel(fn):
+    """The :class:`_RecLaunch` of a kernel (made once)."""
+    if fn not in _REC_LAUNCH:
+        _REC_LAUNCH[fn] = _RecLaunch(fn)
+    return _REC_LAUNCH[fn]
 
 
 def _rec_tiles(n_bh, K, V):
@@ -65,7 +119,7 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     ck = torch.empty(B, H, triton.cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
         if store_ck else o
     ptrs, st = _rec_operands(q, k, v, at, ap)
-    _rec_fwd[(NV, B * H)](
+    _rec_kernel(_rec_fwd)[(NV, B * H)](
         *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o,
         T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2), *_rec_delta_operands(u, w, v),
         DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None,
@@ -117,7 +171,7 @@ class _RecScan(torch.autograd.Function):
         else:
             dap, sdp = do, [0] * 5
         ptrs, st = _rec_operands(q, k, v, at, ap)
-        _rec_bwd[(NV, B * H)](
+        _rec_kernel(_rec_bwd)[(NV, B * H)](
             *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
             T, H, K, V, float(ctx.scale), NV, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
             DELTA=u is not None, **_rec_flags(q, k, at, ap, ctx.exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
@@ -149,7 +203,7 @@ def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None):
 
 def rec_step(q, k, v, at, ap, state, out, scale=1.0, exp_decay=False, u=None, w=None):
     """One token (T = 1) in place: ``state`` [B, H, K, V] fp32 (contiguous) becomes S_1, ``out``
-    [B, 1, H, V] fp32 receives o_1. Parallel over batch, heads and value tiles; no allocation, so a
+    [B, 1, H, V] (last stride 1, any float dtype: the kernel converts as it stores) receives o_1. Parallel over batch, heads and value tiles; no allocation, so a
     CUDA graph can capture it. Returns ``out``."""
     _rec_forward(q, k, v, at, ap, state, state, out, scale, exp_decay, False, u, w)
     return out
