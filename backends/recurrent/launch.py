@@ -203,7 +203,8 @@ def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None):
 
 def rec_step(q, k, v, at, ap, state, out, scale=1.0, exp_decay=False, u=None, w=None):
     """One token (T = 1) in place: ``state`` [B, H, K, V] fp32 (contiguous) becomes S_1, ``out``
-    [B, 1, H, V] (last stride 1, any float dtype: the kernel converts as it stores) receives o_1. Parallel over batch, heads and value tiles; no allocation, so a
-    CUDA graph can capture it. Returns ``out``."""
+    [B, 1, H, V] (last stride 1, any float dtype: the kernel converts as it stores) receives o_1.
+    Parallel over batch, heads and value tiles; no allocation, so a CUDA graph can capture it. Returns
+    ``out``."""
     _rec_forward(q, k, v, at, ap, state, state, out, scale, exp_decay, False, u, w)
     return out
