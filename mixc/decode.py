@@ -23,6 +23,9 @@ class Decoder:
         mod = mixer._module
         if not hasattr(mod, "recurrent_step"):
             why = mixer.meta.get("not_emitted", {}).get("recurrent", "the analysis has no recurrent form")
+            if "recurrent" in mixer.forms:
+                why = "its recurrent form reads past tokens (a token history state), which the decoder does not " \
+                      "carry yet"
             raise ValueError(f"mixer '{mixer.name}' has no recurrent step kernel: {why}")
         self.mixer, self._mod = mixer, mod
         self.batch_size, self.num_heads = int(batch_size), int(num_heads)
@@ -49,7 +52,7 @@ class Decoder:
         B, H = self.batch_size, self.num_heads
         shape = mod.recurrent_state_shape(B, H, bound)
         self.h = torch.zeros(shape, dtype=torch.float32, device=device)  # the kernels' state layout, fp32
-        self._o32 = torch.empty(B, 1, H, shape[-1], dtype=torch.float32, device=device)
+        self._o32 = torch.empty(B, 1, H, shape[3], dtype=torch.float32, device=device)  # [B, H, K, V(, 2)]
         self._out = torch.empty(B, 1, H, *[bound[a] for a in meta["output"]["axes"]], dtype=dtype, device=device)
         self._names = list(meta["inputs"])
 
@@ -80,6 +83,8 @@ class Decoder:
         if packed is None:
             self.h.zero_()
         else:
+            if packed.is_complex():  # the decoder keeps a complex state as fp32 pairs
+                packed = torch.view_as_real(packed)
             if tuple(packed.shape) != tuple(self.h.shape):
                 raise ValueError(f"states of shape {tuple(packed.shape)} (packed) do not fit the decoder's "
                                  f"{tuple(self.h.shape)}")

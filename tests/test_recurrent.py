@@ -16,7 +16,7 @@ from mixc.cli import explain_text
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = {"K": 5, "V": 6, "N": 3, "P": 5, "D": 7}
-NAMES = ["mamba", "hgrn", "gla", "retnet", "mamba2", "linear_attention", "deltanet", "gated_deltanet"]
+NAMES = ["mamba", "hgrn", "gla", "retnet", "mamba2", "linear_attention", "deltanet", "gated_deltanet", "s4d", "h3"]
 
 # An element-wise decay that is the exponential of a token vector over the value axis times a parameter
 # over the key axis (formed in the kernel), a negated input, an output gate and a skip
@@ -70,10 +70,17 @@ def _rel(a, b):
 
 def _states(m, n, H, sizes, gen):
     out = {}
+    sizes = {**m.meta["consts_as_sizes"], **sizes}  # (a token history's length is a constant)
     for k, sm in m.meta["states"].items():
-        x = torch.randn(n, H, *[sizes[a] for a in sm["axes"]], generator=gen, dtype=torch.float32)
-        out[k] = (x.abs() + 1) if len(sm["axes"]) == 1 and "z" == k else x  # a normaliser stays positive
+        dt = torch.complex64 if sm["complex"] else torch.float32
+        x = torch.randn(n, H, *[sizes[a] for a in sm["axes"]], generator=gen, dtype=dt)
+        # a normaliser (a one-axis state beside another) stays positive
+        out[k] = (x.abs() + 1) if len(sm["axes"]) == 1 and len(m.meta["states"]) > 1 and not sm["complex"] else x
     return {k: v.to(DEV).requires_grad_() for k, v in out.items()}
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _check(m, B, T, H, cu_seqlens=None, with_state=True, seed=0):
@@ -86,6 +93,7 @@ def _check(m, B, T, H, cu_seqlens=None, with_state=True, seed=0):
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEV)
     o1, f1 = m(**x, **pr, initial_state=st or None, output_final_state=True, cu_seqlens=cu, form="recurrent")
     o2, f2 = m.reference(**x, **pr, initial_state=st or None, output_final_state=True, cu_seqlens=cu)
+    f1, f2 = ({k: _real(v) for k, v in f.items()} for f in (f1, f2))
     assert _rel(o1, o2) < 1e-3
     for k in f2:
         assert _rel(f1[k], f2[k]) < 1e-3, k
@@ -101,7 +109,7 @@ def _check(m, B, T, H, cu_seqlens=None, with_state=True, seed=0):
             assert a is None or a.abs().max() == 0, name
             continue
         assert a is not None, f"no gradient for {name}"
-        assert _rel(a, b) < 1e-3, name
+        assert _rel(_real(a), _real(b)) < 1e-3, name
 
 
 @pytest.mark.parametrize("name", NAMES + list(SYNTHETICS))
@@ -111,7 +119,7 @@ def test_recurrent_matches_reference(name):
     _check(m, 2, 7, 2)
 
 
-@pytest.mark.parametrize("name", ["mamba", "hgrn", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["mamba", "hgrn", "gated_deltanet", "s4d"])
 def test_one_token_without_state(name):
     _check(_load(name), 2, 1, 3, with_state=False)
 
@@ -134,13 +142,29 @@ def test_mamba_default_is_recurrent_and_decay_formed_in_kernel():
     assert "exp(at * ap)" in explain_text(_load("syn_elementwise"))
 
 
+def test_complex_state_and_token_history_continue():
+    """h3 (complex state, reads of past tokens): two calls chained through the final states (h and k@past)
+    equal one call."""
+    m = _load("h3")
+    x = m.random_inputs(2, 9, 2, P=4, N=3)
+    pr = m.parameters_init(2, P=4, N=3)
+    o, st = m(**x, **pr, output_final_state=True, form="recurrent")
+    o1, st1 = m(**{k: v[:, :4] for k, v in x.items()}, **pr, output_final_state=True, form="recurrent")
+    o2, st2 = m(**{k: v[:, 4:] for k, v in x.items()}, **pr, initial_state=st1, output_final_state=True,
+                form="recurrent")
+    assert _rel(torch.cat([o1, o2], 1), o) < 1e-5 and _rel(_real(st2["h"]), _real(st["h"])) < 1e-5
+    assert _rel(o, m.reference(**x, **pr)) < 1e-4
+
+
 def test_explain_and_forms_agree():
     """Every legal recurrent form is emitted or listed with a reason, and explain says which."""
-    for name in NAMES + ["s4d", "h3"]:
+    for name in NAMES + ["softmax_attention", "based"]:
         m = _load(name)
         text = explain_text(m)
         if "recurrent" in m.forms:
             assert "recurrent kernels:" in text and "recurrent" not in m.meta["not_emitted"]
+        elif "recurrent" not in m.analysis.forms:  # not legal: the analysis says why, nothing to emit
+            assert "recurrent" not in m.meta["not_emitted"] and m.analysis.reasons["recurrent"] in text
         else:
             why = m.meta["not_emitted"]["recurrent"]
             assert f"not emitted: recurrent -- {why}" in text and why
@@ -176,13 +200,13 @@ def test_prefill_chunked_then_decode_gla():
     assert dec.state["S"].abs().max() == 0
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "hgrn", "mamba", "gated_deltanet", "syn_transposed"])
+@pytest.mark.parametrize("name", ["linear_attention", "hgrn", "mamba", "gated_deltanet", "syn_transposed", "s4d"])
 def test_decoder_steps_equal_the_sequence(name):
     m = _load(name)
     sizes = _sizes(m)
     x = {k: v.to(DEV) for k, v in m.random_inputs(2, 4, 3, **sizes).items()}
-    o_full, st_full = m.reference(**x, output_final_state=True)
     dec = m.decoder(2, 3, device=DEV, **sizes)
+    o_full, st_full = m.reference(**x, **dec.params, output_final_state=True)
     o = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(4)], 1)
     assert _rel(o, o_full) < 1e-4
     for k in st_full:
@@ -198,6 +222,8 @@ def test_decoder_errors_name_the_argument():
         dec.step(q=torch.zeros(1, 2, 4), k=torch.zeros(1, 2, 4), v=torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="no recurrent step kernel"):
         mixc.load(ROOT / "examples" / "softmax_attention.mix").decoder(1, 1, K=4, V=4)
+    with pytest.raises(ValueError, match="token history"):
+        _load("h3").decoder(1, 1, P=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -108,8 +108,9 @@ def _read_term(terms: list[Term], sf: StateForm, out_var: Var, key: Var | None, 
     return Term([rename(f, m) for f in t.factors], rename(t.state, m), summed, t.sign)
 
 
-def plan(a: Analysis) -> RecPlan:  # noqa: C901
-    """The recurrent plan of an analysed program (raises NoRecurrentKernel with the reason)."""
+def plan(a: Analysis):  # noqa: C901
+    """The recurrent plan of an analysed program: a :class:`RecPlan`, or for a complex state an
+    :class:`~mixc.backends.recurrent.emit_complex.ComplexPlan` (raises NoRecurrentKernel with the reason)."""
     from mixc.history import token_history
 
     p = a.program
@@ -117,11 +118,18 @@ def plan(a: Analysis) -> RecPlan:  # noqa: C901
         raise NoRecurrentKernel(a.reasons.get("recurrent", "not a recurrence"))
     if a.kind != "recurrence":
         raise NoRecurrentKernel(f"no recurrent kernel for a {a.kind} program yet (its state comes from feature maps)")
-    if token_history(p):
-        raise NoRecurrentKernel("reads of past tokens (a token history state) are not covered by the scan kernels yet")
     main: StateForm = max(a.states, key=lambda s: (len(s.axes), s.normaliser_of is None))
+    if len(a.states) > 1 and p.decl(main.name).complex:
+        raise NoRecurrentKernel("more than one state beside a complex state")
     if p.decl(main.name).complex:
-        raise NoRecurrentKernel(f"the state {main.name} is complex: complex diagonal states have no scan kernel yet")
+        from .emit_complex import NoComplexKernel, plan_complex
+
+        try:
+            return plan_complex(a, main)
+        except NoComplexKernel as ex:
+            raise NoRecurrentKernel(str(ex)) from None
+    if token_history(p):
+        raise NoRecurrentKernel("reads of past tokens (a token history state) are covered for complex states only")
     if main.transition not in SCAN_CLASSES:
         raise NoRecurrentKernel(f"the {main.transition} transition has no scan kernel in this backend yet")
     normaliser = next((s for s in a.states if s.normaliser_of == main.name), None)
@@ -375,10 +383,14 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
 
 def describe(a: Analysis) -> list[str]:
     """What the recurrent form hands to the kernels, in words (for ``mixc explain``)."""
+    from .emit_complex import ComplexPlan, describe_complex
+
     try:
         rp = plan(a)
     except NoRecurrentKernel:
         return []
+    if isinstance(rp, ComplexPlan):
+        return describe_complex(rp)
     out = [f"scan kernel: S_t = A_t * S_(t-1) + k' v'^T with k' = {show(rp.k) if rp.k is not None else '1'}, "
            f"v' = {show(rp.v)}, q' = {show(rp.q) if rp.q is not None else '1'} (one program per batch, head and "
            "value tile; fp32 state in registers)"]
@@ -398,17 +410,22 @@ def describe(a: Analysis) -> list[str]:
 
 
 def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
+    from .emit_complex import ComplexPlan, emit_complex
+
     try:
-        return emit_recurrent(a, plan(a)), "recurrent kernel emitted"
+        rp = plan(a)
+        if isinstance(rp, ComplexPlan):
+            return emit_complex(a, rp), "recurrent kernel emitted (complex state as real/imaginary pairs)"
+        return emit_recurrent(a, rp), "recurrent kernel emitted"
     except NoRecurrentKernel as ex:
         return None, str(ex)
 
 
 def _backend():
     from ..registry import FormBackend
-    from . import kernels, launch
+    from . import complex, kernels, launch
 
-    return FormBackend(form="recurrent", emit=emit_any, support=(kernels, launch), native_varlen=False,
+    return FormBackend(form="recurrent", emit=emit_any, support=(kernels, launch, complex), native_varlen=False,
                        describe=describe)
 
 
