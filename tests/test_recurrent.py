@@ -65,6 +65,7 @@ def _sizes(m):
 
 
 def _rel(a, b):
+    a, b = (torch.view_as_real(x) if x.is_complex() else x for x in (a, b))
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
