@@ -30,9 +30,12 @@ RECC_CHUNK = 32  # tokens between two checkpoints of the state
 @triton.jit
 def _recc_pair(P, p, m2, re0, HAS: tl.constexpr):
     """A complex per-head tile as (real, imaginary); (re0, 0) when absent."""
+    re = re0
+    im = re0 * 0.0
     if HAS:
-        return tl.load(P + p, mask=m2, other=0.0), tl.load(P + p + 1, mask=m2, other=0.0)
-    return re0, re0 * 0.0
+        re = tl.load(P + p, mask=m2, other=0.0)
+        im = tl.load(P + p + 1, mask=m2, other=0.0)
+    return re, im
 
 
 @triton.jit

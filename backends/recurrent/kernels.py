@@ -26,12 +26,17 @@ import triton.language as tl
 @triton.jit
 def _rec_decay(AT, AP, p_at, ap, m2, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr, EXP_DECAY: tl.constexpr):
     """(a_t, at_t): the decay of one token over the [BK, BV] tile, and its token factor as loaded."""
-    at = tl.load(AT + p_at, mask=m2, other=0.0).to(tl.float32) if HAS_AT else ap * 0.0
+    at = ap * 0.0
+    x = ap  # at * ap, or whichever of them is present (ap is 1 when absent)
+    if HAS_AT:
+        at = tl.load(AT + p_at, mask=m2, other=0.0).to(tl.float32)
+        if HAS_AP:
+            x = at * ap
+        else:
+            x = at
+    a = x
     if EXP_DECAY:  # a = exp(at * ap)
-        x = at * ap if HAS_AT and HAS_AP else (at if HAS_AT else ap)
         a = tl.exp(x)
-    else:  # a = at * ap
-        a = at * ap if HAS_AT and HAS_AP else (at if HAS_AT else ap)
     return a, at
 
 
@@ -186,7 +191,9 @@ def _rec_bwd(
             if EXP_DECAY:
                 ga = ga * a  # dL/d(at * ap)
             if HAS_AT:
-                gat = ga * ap if HAS_AP else ga
+                gat = ga
+                if HAS_AP:
+                    gat = ga * ap
                 p_d = DAT + i_v * sda_p + i_b * sda_b + t * sda_t + i_h * sda_h
                 if AT_K and AT_V:
                     tl.store(p_d + o_k[:, None] * sda_k + o_v[None, :] * sda_v, gat, mask=m2)
@@ -197,7 +204,10 @@ def _rec_bwd(
                 else:
                     tl.store(p_d, tl.sum(tl.sum(gat, axis=1), axis=0))
             if HAS_AP:
-                dap += ga * at if HAS_AT else ga
+                if HAS_AT:
+                    dap += ga * at
+                else:
+                    dap += ga
             G = a * G  # dX
             if DELTA:  # du = -dX p, dw = -S_p r, dS_p = dX - w r^T with r = dX^T u
                 r = tl.sum(u[:, None] * G, axis=0)

@@ -83,7 +83,7 @@ def _rec_tiles(n_bh, K, V):
     return BK, BV, max(1, min(4, BK * BV // 256))
 
 
-def _bcast_strides(x, dims):
+def _rec_bcast_strides(x, dims):
     """Strides of ``x`` with 0 on every axis of extent 1 (a broadcast axis), or zeros when x is None."""
     if x is None:
         return [0] * dims
@@ -92,8 +92,8 @@ def _bcast_strides(x, dims):
 
 def _rec_operands(q, k, v, at, ap):
     """The kernels' pointer stand-ins (v for an absent tensor) and strides of q', k', v', at, ap."""
-    st = _bcast_strides(q, 4) + _bcast_strides(k, 4) + list(v.stride()) + _bcast_strides(at, 5) + \
-        _bcast_strides(ap, 3)[:3]
+    st = _rec_bcast_strides(q, 4) + _rec_bcast_strides(k, 4) + list(v.stride()) + _rec_bcast_strides(at, 5) + \
+        _rec_bcast_strides(ap, 3)[:3]
     ptrs = [x if x is not None else v for x in (q, k, v, at, ap)]
     return ptrs, st
 
@@ -162,12 +162,12 @@ class _RecScan(torch.autograd.Function):
         ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
         if at is not None:  # per value tile when at does not vary along V (summed below)
             dat = torch.zeros(1 if at_v else NV, *at.shape, dtype=f32, device=dev)
-            sda = [dat.stride(0) if not at_v else 0] + _bcast_strides(dat[0], 5)
+            sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
         else:
             dat, sda = do, [0] * 6
         if ap is not None:
             dap = torch.zeros(B, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
-            sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _bcast_strides(dap[0, 0], 3)
+            sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
         else:
             dap, sdp = do, [0] * 5
         ptrs, st = _rec_operands(q, k, v, at, ap)
