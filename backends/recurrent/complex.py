@@ -62,7 +62,7 @@ def _recc_fwd(
         Sr = tl.zeros([BK, BV], dtype=tl.float32)
         Si = tl.zeros([BK, BV], dtype=tl.float32)
     p_c = i_h * sc_h + o_k[:, None] * sc_k + o_v[None, :] * sc_v
-    one = tl.full([BK, BV], 1.0, tl.float32)
+    one = tl.where(m2, 1.0, 0.0)  # 1 on the entries that exist
     ar, ai = _recc_pair(AC, p_c, m2, one, True)
     br, bi = _recc_pair(BC, p_c, m2, one, HAS_B)
     cr, ci = _recc_pair(CC, p_c, m2, one, HAS_C)
@@ -110,7 +110,7 @@ def _recc_bwd(
         Gr = tl.zeros([BK, BV], dtype=tl.float32)
         Gi = tl.zeros([BK, BV], dtype=tl.float32)
     p_c = i_h * sc_h + o_k[:, None] * sc_k + o_v[None, :] * sc_v
-    one = tl.full([BK, BV], 1.0, tl.float32)
+    one = tl.where(m2, 1.0, 0.0)  # 1 on the entries that exist
     ar, ai = _recc_pair(AC, p_c, m2, one, True)
     br, bi = _recc_pair(BC, p_c, m2, one, HAS_B)
     cr, ci = _recc_pair(CC, p_c, m2, one, HAS_C)

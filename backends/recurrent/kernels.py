@@ -87,16 +87,14 @@ def _rec_fwd(
         if DELTA:  # S <- S - u (w^T S)
             S = _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k)
         v = tl.load(V_ + i_b * sv_b + t * sv_t + i_h * sv_h + o_v * sv_v, mask=m_v, other=0.0).to(tl.float32)
+        k = m_k.to(tl.float32)  # (absent: 1 on the key rows that exist)
         if HAS_K:
             k = tl.load(K_ + i_b * sk_b + t * sk_t + i_h * sk_h + o_k * sk_k, mask=m_k, other=0.0).to(tl.float32)
-            S = a * S + k[:, None] * v[None, :]  # S_t = a_t * S_{t-1} + k_t v_t^T
-        else:
-            S = a * S + v[None, :]
+        S = a * S + k[:, None] * v[None, :]  # S_t = a_t * S_{t-1} + k_t v_t^T
+        q = m_k.to(tl.float32)
         if HAS_Q:
             q = tl.load(Q + i_b * sq_b + t * sq_t + i_h * sq_h + o_k * sq_k, mask=m_k, other=0.0).to(tl.float32)
-            o = tl.sum(q[:, None] * S, axis=0) * scale  # o_t = scale q_t^T S_t
-        else:
-            o = tl.sum(S, axis=0) * scale
+        o = tl.sum(q[:, None] * S, axis=0) * scale  # o_t = scale q_t^T S_t
         tl.store(O + i_b * so_b + t * so_t + i_h * so_h + o_v, o, mask=m_v)
     if STORE_HT:
         tl.store(HT + p_s, S, mask=m2)
@@ -149,11 +147,10 @@ def _rec_bwd(
             if DELTA:
                 S = _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k)
             v = tl.load(V_ + i_b * sv_b + t * sv_t + i_h * sv_h + o_v * sv_v, mask=m_v, other=0.0).to(tl.float32)
+            k = m_k.to(tl.float32)
             if HAS_K:
                 k = tl.load(K_ + i_b * sk_b + t * sk_t + i_h * sk_h + o_k * sk_k, mask=m_k, other=0.0).to(tl.float32)
-                S = a * S + k[:, None] * v[None, :]
-            else:
-                S = a * S + v[None, :]
+            S = a * S + k[:, None] * v[None, :]
             tl.store(SCR + p_scr + (j + 1) * BK * BV, S)
         tl.debug_barrier()
         for jj in range(L):
@@ -163,21 +160,19 @@ def _rec_bwd(
             S_t = tl.load(SCR + p_scr + (j + 1) * BK * BV)
             S_p = tl.load(SCR + p_scr + j * BK * BV)
             p_qk = ((i_v * (tl.num_programs(1) // H) + i_b) * T + t) * H + i_h  # row [i_v, b, t, h] of dq, dk
+            q = m_k.to(tl.float32)
             if HAS_Q:
                 q = tl.load(Q + i_b * sq_b + t * sq_t + i_h * sq_h + o_k * sq_k, mask=m_k, other=0.0).to(tl.float32)
-                G += (scale * q)[:, None] * do[None, :]  # G_t = scale q_t do_t^T + a_{t+1} G_{t+1}
                 dq = tl.sum(S_t * do[None, :], axis=1) * scale
                 tl.store(DQ + p_qk * KD + o_k, dq, mask=m_k)
-            else:
-                G += scale * do[None, :]
+            G += (scale * q)[:, None] * do[None, :]  # G_t = scale q_t do_t^T + a_{t+1} G_{t+1}
             v = tl.load(V_ + i_b * sv_b + t * sv_t + i_h * sv_h + o_v * sv_v, mask=m_v, other=0.0).to(tl.float32)
+            k = m_k.to(tl.float32)
             if HAS_K:
                 k = tl.load(K_ + i_b * sk_b + t * sk_t + i_h * sk_h + o_k * sk_k, mask=m_k, other=0.0).to(tl.float32)
                 dk = tl.sum(G * v[None, :], axis=1)
                 tl.store(DK + p_qk * KD + o_k, dk, mask=m_k)
-                dv = tl.sum(G * k[:, None], axis=0)
-            else:
-                dv = tl.sum(G, axis=0)
+            dv = tl.sum(G * k[:, None], axis=0)
             tl.store(DV + ((i_b * T + t) * H + i_h) * VD + o_v, dv, mask=m_v)
             a, at = _rec_decay(AT, AP, p_at + t * sa_t, ap, m2, HAS_AT, HAS_AP, EXP_DECAY)
             if DELTA:  # X = S_p - u p^T, p = S_p^T w

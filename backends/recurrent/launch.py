@@ -76,7 +76,7 @@ def _rec_kernel(fn):
 def _rec_tiles(n_bh, K, V):
     """(BK, BV, num_warps): the whole key axis in one tile; the value axis cut so that a tile holds at
     most 4096 fp32 entries and, where V allows (tiles of 16 at least), there are 256 programs or more."""
-    BK = triton.next_power_of_2(K)
+    BK = max(2, triton.next_power_of_2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
     BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))
     while BV > 16 and n_bh * triton.cdiv(V, BV) < 256:
         BV //= 2
