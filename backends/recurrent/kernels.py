@@ -56,7 +56,7 @@ def _rec_fwd(
     T, H, KD, VD, scale,  # tokens, heads, key and value widths, the output's number factor
     sq_b, sq_t, sq_h, sq_k, sk_b, sk_t, sk_h, sk_k, sv_b, sv_t, sv_h, sv_v,  # strides of q', k', v'
     sa_b, sa_t, sa_h, sa_k, sa_v, sp_h, sp_k, sp_v,  # strides of at, ap
-    so_b, so_t, so_h,  # strides of o [B, T, H, V] (fp32, last stride 1)
+    so_b, so_t, so_h,  # strides of o [B, T, H, V] (last stride 1; fp32, or the decoder's dtype in a step)
     U, W, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k,  # delta rule: u', w' [B, T, H, K] and their strides
     DELTA: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
     EXP_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CK: tl.constexpr,
