@@ -23,9 +23,6 @@ class Decoder:
         mod = mixer._module
         if not hasattr(mod, "recurrent_step"):
             why = mixer.meta.get("not_emitted", {}).get("recurrent", "the analysis has no recurrent form")
-            if "recurrent" in mixer.forms:
-                why = "its recurrent form reads past tokens (a token history state), which the decoder does not " \
-                      "carry yet"
             raise ValueError(f"mixer '{mixer.name}' has no recurrent step kernel: {why}")
         self.mixer, self._mod = mixer, mod
         self.batch_size, self.num_heads = int(batch_size), int(num_heads)
@@ -55,6 +52,9 @@ class Decoder:
         self._o32 = torch.empty(B, 1, H, shape[3], dtype=torch.float32, device=device)  # [B, H, K, V(, 2)]
         self._out = torch.empty(B, 1, H, *[bound[a] for a in meta["output"]["axes"]], dtype=dtype, device=device)
         self._names = list(meta["inputs"])
+        # token history ("k@past": the last tokens of an input read at t - m), in buffers of its own
+        self.history = {n: torch.zeros(B, H, *[bound[a] for a in m["axes"]], dtype=torch.float32, device=device)
+                        for n, m in meta["states"].items() if "@" in n}
 
     def step(self, **inputs_t: torch.Tensor) -> torch.Tensor:
         """One token: inputs ``[B, H, ...]`` -> output ``[B, H, ...]`` (a view of a reused buffer); the
@@ -66,19 +66,21 @@ class Decoder:
         if len(inputs_t) != len(self._names):
             extra = [k for k in inputs_t if k not in self._names]
             raise ValueError(f"unexpected input '{extra[0]}'; the mixer takes {', '.join(self._names)}")
-        self._mod.recurrent_step(x, self.params, self.h, self.sizes, self._out, self._o32)
+        self._mod.recurrent_step(x, self.params, self.h, self.sizes, self._out, self._o32, self.history)
         return self._out[:, 0]
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
         """The declared states ``{name: [B, H, ...]}`` (fp32 views of the decoder's buffer)."""
-        return self._mod.recurrent_unpack(self.h)
+        return {**self._mod.recurrent_unpack(self.h), **self.history}
 
     def load_state(self, states: dict[str, torch.Tensor]) -> None:
         """Copy states ``{name: [B, H, ...]}`` in (a missing one is zero)."""
         unknown = [k for k in states if k not in self.mixer.meta["states"]]
         if unknown:
             raise ValueError(f"unknown state '{unknown[0]}'; the mixer has {', '.join(self.mixer.meta['states'])}")
+        for n, buf in self.history.items():
+            buf.copy_(states[n]) if n in states else buf.zero_()
         packed = self._mod.recurrent_pack(states, self.sizes)
         if packed is None:
             self.h.zero_()
@@ -93,3 +95,5 @@ class Decoder:
     def reset(self) -> None:
         """Zero the state (start new sequences)."""
         self.h.zero_()
+        for buf in self.history.values():
+            buf.zero_()

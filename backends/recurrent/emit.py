@@ -117,7 +117,8 @@ def plan(a: Analysis):  # noqa: C901
     if "recurrent" not in a.forms:
         raise NoRecurrentKernel(a.reasons.get("recurrent", "not a recurrence"))
     if a.kind != "recurrence":
-        raise NoRecurrentKernel(f"no recurrent kernel for a {a.kind} program yet (its state comes from feature maps)")
+        raise NoRecurrentKernel(f"no recurrent kernel for {a.kind}-form programs yet (their state would come from "
+                                "feature maps)")
     main: StateForm = max(a.states, key=lambda s: (len(s.axes), s.normaliser_of is None))
     if len(a.states) > 1 and p.decl(main.name).complex:
         raise NoRecurrentKernel("more than one state beside a complex state")
@@ -361,7 +362,7 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
     em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale})")
     _epilogue(em, rp, V)
     em.emit("return o, (recurrent_unpack(ht) if output_final_state else None)")
-    lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32):",
+    lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32, states=None):",
               f'    """One token of {p.name} in place: inputs [B, 1, H, ...], h the kernels\' state (recurrent_pack),',
               "    updated in place; o32 [B, 1, H, V(+1)] fp32 and out [B, 1, H, ...] preallocated. Returns out."
               '"""']

@@ -155,7 +155,7 @@ def _epilogue(em, cp: ComplexPlan, V: str) -> None:
 
 
 def emit_complex(a: Analysis, cp: ComplexPlan) -> list[str]:
-    """Lines of ``recurrent``, ``recurrent_step`` (without token history) and the state helpers."""
+    """Lines of ``recurrent``, ``recurrent_step`` and the state helpers."""
     p = a.program
     lines = ["def recurrent(inputs, params, states, sizes, output_final_state=False, cu_seqlens=None):",
              f'    """The recurrent form of {p.name}: the complex diagonal recurrence of {cp.state} as one scan kernel',
@@ -168,15 +168,17 @@ def emit_complex(a: Analysis, cp: ComplexPlan) -> list[str]:
     for name in cp.history:
         em.emit(f"if final is not None:\n        final[{history_name(name)!r}] = ext_{name}[:, :, T:]")
     em.emit("return o, final")
-    if not cp.history:
-        lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32):",
-                  f'    """One token of {p.name} in place: inputs [B, 1, H, ...]; h [B, H, K, V, 2] fp32, the complex '
-                  'state as pairs."""']
-        em, V, (q, k, v, ca, cb, cc, scale) = _body(a, cp, lines)
-        em.emit(f"o = recc_step({q}, {k}, {v}, {ca}, {cb}, {cc}, h, o32, scale={scale})")
-        _epilogue(em, cp, V)
-        em.emit("out.copy_(o.reshape(out.shape))")
-        em.emit("return out")
+    lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32, states=None):",
+              f'    """One token of {p.name} in place: inputs [B, 1, H, ...]; h [B, H, K, V, 2] fp32, the complex '
+              'state as pairs;',
+              '    states: the token history buffers (updated in place)."""']
+    em, V, (q, k, v, ca, cb, cc, scale) = _body(a, cp, lines)
+    em.emit(f"o = recc_step({q}, {k}, {v}, {ca}, {cb}, {cc}, h, o32, scale={scale})")
+    _epilogue(em, cp, V)
+    em.emit("out.copy_(o.reshape(out.shape))")
+    for name in cp.history:
+        em.emit(f"states[{history_name(name)!r}].copy_(ext_{name}[:, :, T:])  # the last tokens of {name}")
+    em.emit("return out")
     Kx = f"sizes[{cp.key.axis!r}]"
     Vx = f"sizes[{cp.value.axis!r}]" if cp.value is not None else "1"
     transposed = cp.value is not None and cp.axes.index(cp.key) == 1
@@ -206,7 +208,8 @@ def describe_complex(cp: ComplexPlan) -> list[str]:
     return [f"complex scan kernel: {cp.state}_t = a {cp.state}_(t-1) + b k' v'^T on real/imaginary pairs, "
             f"a = {show(cp.a)}, b = {show(cp.b) if cp.b is not None else '1'}, c = "
             f"{show(cp.c) if cp.c is not None else '1'} (per head, formed in PyTorch)"] + (
-        [f"token history {', '.join(history_name(n) for n in cp.history)}: read by the prologue; no decoder step"]
+        [f"token history {', '.join(history_name(n) for n in cp.history)}: read by the prologue (the decoder keeps "
+         "it in a buffer)"]
         if cp.history else [])
 
 
