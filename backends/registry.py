@@ -29,6 +29,7 @@ BACKEND_MODULES = (
     "mixc.backends.delta.emit",
     "mixc.backends.chunked_emit",
     "mixc.backends.fft.emit",
+    "mixc.backends.recurrent.emit",
 )
 
 

@@ -73,6 +73,13 @@ class Mixer:
         return self._module.forward(initial_state=initial_state, output_final_state=output_final_state,
                                     cu_seqlens=cu_seqlens, form="reference", **inputs)
 
+    def decoder(self, batch_size: int, num_heads: int, *, device="cpu", dtype=torch.float32, params=None, **sizes):
+        """A :class:`mixc.decode.Decoder`: one-token steps (inputs ``[B, H, ...]``) through the recurrent
+        form's step kernel, the state in a preallocated buffer updated in place (CUDA-graph capturable)."""
+        from .decode import Decoder
+
+        return Decoder(self, batch_size, num_heads, device=device, dtype=dtype, params=params, **sizes)
+
     # -- parameters and inputs ----------------------------------------------------------------
 
     def _sizes(self, given: dict) -> dict:

@@ -26,7 +26,7 @@ def test_call_runs_the_default_form(gla):
     x = gla.random_inputs(2, 7, 3, K=4, V=5, seed=1)
     torch.testing.assert_close(gla(**x, form="reference"), gla.reference(**x), rtol=0, atol=0)
     torch.testing.assert_close(gla(**x), gla.reference(**x), rtol=1e-4, atol=1e-5)
-    assert gla.forms == ["chunked", "reference"] and gla.meta["default_form"] == "chunked"
+    assert gla.forms == ["chunked", "recurrent", "reference"] and gla.meta["default_form"] == "chunked"
 
 
 def test_final_state_and_layouts(gla):

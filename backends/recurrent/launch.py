@@ -1,0 +1,210 @@
+"""Launch table and autograd of the recurrent form's kernels (kernels.py).
+
+:func:`rec_scan` runs a whole sequence (forward; backward through :class:`_RecScan` when a gradient
+is needed), :func:`rec_step` one token in place (the decoder's path: no allocation, no host sync).
+Shapes: q', k' [B, T, H, K] (None: 1), v' [B, T, H, V], the decay's token factor at
+[B, T, H, K|1, V|1] and per-head factor ap [H, K|1, V|1] (None: 1), states [B, H, K, V] fp32; for the
+delta rule u', w' [B, T, H, K] (S <- S - u' (w'^T S) before the decay).
+This file needs only torch and triton; `mixc compile` pastes it into the generated module.
+"""
+
+import os
+
+import torch
+import triton
+
+try:
+    from .kernels import _rec_bwd, _rec_fwd
+except ImportError:  # pasted into a generated module, after the kernels
+    pass
+
+REC_CHUNK = 32  # tokens between two checkpoints of the state (the backward recomputes within a chunk)
+# launches through the compiled handle (see _RecLaunch); MIXC_FAST_LAUNCH=0 sends them through Triton
+REC_FAST_LAUNCH = os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("MIXC_FAST_LAUNCH", "1") != "0"
+
+
+def _rec_arg_key(a):
+    """What Triton specialises a runtime argument on (a tensor's dtype and 16-byte alignment; an int's
+    being 1, a multiple of 16 and its width), else its type."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if type(a) is int:
+        return a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000
+    return type(a)
+
+
+class _RecLaunch:
+    """``kernel[grid](*args, **constexprs)``, where a specialisation seen before launches Triton's compiled
+    handle directly (skipping Triton's per-call binding: most of a one-token step's host time). The first
+    launch of each specialisation, the interpreter and Triton versions without compiled handles go through
+    Triton."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.handles = {}
+
+    def __getitem__(self, grid):
+        if not REC_FAST_LAUNCH:
+            return self.fn[grid]
+        return lambda *args, **kwargs: self._run(grid, args, kwargs)
+
+    def _run(self, grid, args, kwargs):
+        key = (torch.cuda.current_device(), tuple(map(_rec_arg_key, args)), tuple(kwargs.items()))
+        hit = self.handles.get(key)
+        if hit is not None:
+            hit[0][(*grid, 1, 1)[:3]](*args, *hit[1])
+            return
+        compiled = self.fn[grid](*args, **kwargs)
+        params = getattr(self.fn, "params", None)
+        if params is None or not hasattr(compiled, "__getitem__"):
+            return
+        params = params[len(args):]
+        if all(p.is_constexpr for p in params):
+            self.handles[key] = (compiled, tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params))
+
+
+_REC_LAUNCH = {}
+
+
+def _rec_kernel(fn):
+    """The :class:`_RecLaunch` of a kernel (made once)."""
+    if fn not in _REC_LAUNCH:
+        _REC_LAUNCH[fn] = _RecLaunch(fn)
+    return _REC_LAUNCH[fn]
+
+
+def _rec_tiles(n_bh, K, V):
+    """(BK, BV, num_warps): the whole key axis in one tile; the value axis cut so that a tile holds at
+    most 4096 fp32 entries and, where V allows (tiles of 16 at least), there are 256 programs or more."""
+    BK = max(2, triton.next_power_of_2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
+    BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))
+    while BV > 16 and n_bh * triton.cdiv(V, BV) < 256:
+        BV //= 2
+    return BK, BV, max(1, min(4, BK * BV // 256))
+
+
+def _rec_bcast_strides(x, dims):
+    """Strides of ``x`` with 0 on every axis of extent 1 (a broadcast axis), or zeros when x is None."""
+    if x is None:
+        return [0] * dims
+    return [s if n > 1 else 0 for n, s in zip(x.shape, x.stride())]
+
+
+def _rec_operands(q, k, v, at, ap):
+    """The kernels' pointer stand-ins (v for an absent tensor) and strides of q', k', v', at, ap."""
+    st = _rec_bcast_strides(q, 4) + _rec_bcast_strides(k, 4) + list(v.stride()) + _rec_bcast_strides(at, 5) + \
+        _rec_bcast_strides(ap, 3)[:3]
+    ptrs = [x if x is not None else v for x in (q, k, v, at, ap)]
+    return ptrs, st
+
+
+def _rec_flags(q, k, at, ap, exp_decay):
+    return dict(HAS_Q=q is not None, HAS_K=k is not None, HAS_AT=at is not None, HAS_AP=ap is not None,
+                EXP_DECAY=bool(exp_decay))
+
+
+def _rec_delta_operands(u, w, v):
+    """The delta rule's operands (v stands in when there is none) and their strides."""
+    if u is None:
+        return [v, v] + [0] * 8
+    return [u, w] + list(u.stride()) + list(w.stride())
+
+
+def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None, w=None):
+    """Launch the forward scan; returns the checkpoints [B, H, NC, K, V] (or None)."""
+    B, T, H, V = v.shape
+    K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+    BK, BV, warps = _rec_tiles(B * H, K, V)
+    NV = triton.cdiv(V, BV)
+    ck = torch.empty(B, H, triton.cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
+        if store_ck else o
+    ptrs, st = _rec_operands(q, k, v, at, ap)
+    _rec_kernel(_rec_fwd)[(NV, B * H)](
+        *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o,
+        T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2), *_rec_delta_operands(u, w, v),
+        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        STORE_CK=store_ck, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
+    return ck if store_ck else None
+
+
+class _RecScan(torch.autograd.Function):
+    """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay):
+        B, T, H, V = v.shape
+        K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+        o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+        ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
+        ck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w)
+        ctx.save_for_backward(q, k, v, at, ap, ck, u, w)
+        ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.K = scale, exp_decay, h0 is not None, K
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, at, ap, ck, u, w = ctx.saved_tensors
+        B, T, H, V = v.shape
+        K = ctx.K
+        BK, BV, warps = _rec_tiles(B * H, K, V)
+        NV = triton.cdiv(V, BV)
+        f32, dev = torch.float32, v.device
+        do = torch.zeros(B, T, H, V, dtype=f32, device=dev) if do is None else do.to(f32).contiguous()
+        dht = None if dht is None else dht.to(f32).contiguous()
+        scr = torch.empty(B * H * NV * (REC_CHUNK + 1) * BK * BV, dtype=f32, device=dev)
+        dq = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if q is not None else do
+        dk = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if k is not None else do
+        du = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
+        dw = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
+        dv = torch.empty(B, T, H, V, dtype=f32, device=dev)
+        dh0 = torch.empty(B, H, K, V, dtype=f32, device=dev)
+        at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
+        ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
+        if at is not None:  # per value tile when at does not vary along V (summed below)
+            dat = torch.zeros(1 if at_v else NV, *at.shape, dtype=f32, device=dev)
+            sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
+        else:
+            dat, sda = do, [0] * 6
+        if ap is not None:
+            dap = torch.zeros(B, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
+            sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
+        else:
+            dap, sdp = do, [0] * 5
+        ptrs, st = _rec_operands(q, k, v, at, ap)
+        _rec_kernel(_rec_bwd)[(NV, B * H)](
+            *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
+            T, H, K, V, float(ctx.scale), NV, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
+            DELTA=u is not None, **_rec_flags(q, k, at, ap, ctx.exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
+            HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
+        gq = dq.sum(0).to(q.dtype) if q is not None else None
+        gk = dk.sum(0).to(k.dtype) if k is not None else None
+        gat = dat.sum(0).to(at.dtype) if at is not None else None
+        gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
+        gu = du.sum(0).to(u.dtype) if u is not None else None
+        gw = dw.sum(0).to(w.dtype) if u is not None else None
+        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None
+
+
+def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None):
+    """(o [B, T, H, V] fp32, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over a
+    whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or None)."""
+    if h0 is not None:
+        h0 = h0.to(torch.float32).contiguous()
+    tensors = [x for x in (q, k, v, at, ap, h0, u, w) if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay)
+    B, T, H, V = v.shape
+    K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+    ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
+    _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w)
+    return o, ht
+
+
+def rec_step(q, k, v, at, ap, state, out, scale=1.0, exp_decay=False, u=None, w=None):
+    """One token (T = 1) in place: ``state`` [B, H, K, V] fp32 (contiguous) becomes S_1, ``out``
+    [B, 1, H, V] (last stride 1, any float dtype: the kernel converts as it stores) receives o_1.
+    Parallel over batch, heads and value tiles; no allocation, so a CUDA graph can capture it. Returns
+    ``out``."""
+    _rec_forward(q, k, v, at, ap, state, state, out, scale, exp_decay, False, u, w)
+    return out

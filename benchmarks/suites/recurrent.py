@@ -1,0 +1,165 @@
+"""The recurrent form: decode steps, the state bandwidth at a large batch, mamba's training scan and
+hgrn's, each timed against its anchor in the same run and checked against the reference.
+
+(a) one gla decode step, B=1 H=16 K=V=128, through ``m.decoder`` (eager, and a CUDA-graph replay) vs fla's
+    fused_recurrent_gla at T=1 (target <= 20 us);
+(b) gla decode at B=256: the fp32 state read and written per step over the time, vs a torch copy of a
+    tensor of the state's size (ratio = fraction of the copy bandwidth; target >= 0.8);
+(c) mamba recurrent forward+backward at B4 T4096 H16 (P=64, N=16) vs the plain PyTorch token loop (the
+    reference form, which is that loop) in the same run;
+(d) hgrn (H=1, D=2048) at B4 T4096 vs fla's fused_recurrent_hgrn (x and g = log f, [B, T, D]); forward,
+    and forward+backward (target ratio >= 1.0).
+bf16 inputs, fp32 state. ``--smoke``: tiny shapes on the CPU (interpreter), fla rows skipped when absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import mixc
+from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms
+
+EX = Path(__file__).resolve().parents[2] / "examples"
+SUITE = "recurrent"
+
+
+def _fla(name):
+    try:
+        if name == "gla":
+            from fla.ops.gla import fused_recurrent_gla as f
+        else:
+            from fla.ops.hgrn import fused_recurrent_hgrn as f
+        return f
+    except Exception as e:  # fla missing or broken: the row says so
+        return repr(e)
+
+
+def _graph(fn):
+    """A CUDA graph of ``fn()`` (warmed up on a side stream) and its output, or (None, None) off CUDA."""
+    if not on_gpu():
+        return None, None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def _decode_inputs(m, B, H, K, V, dtype, seed=0):
+    x = m.random_inputs(B, 1, H, K=K, V=V, seed=seed, dtype=dtype, device=DEV)
+    st = {"S": 0.1 * torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)}
+    return x, st
+
+
+def decode_step(smoke: bool) -> list[dict]:
+    m = mixc.load(EX / "gla.mix")
+    B, H, K, V = (1, 2, 16, 16) if smoke else (1, 16, 128, 128)
+    dt = torch.float32 if smoke else torch.bfloat16
+    x, st = _decode_inputs(m, B, H, K, V, dt)
+    dec = m.decoder(B, H, device=DEV, dtype=dt, K=K, V=V)
+    step_in = {k: v[:, 0].contiguous() for k, v in x.items()}
+    dec.load_state(st)
+    o = dec.step(**step_in).clone()
+    want = m.reference(**{k: v.float() for k, v in x.items()}, initial_state=st)[:, 0]
+    check = rel(o, want)
+    case = f"gla decode step B{B} H{H} K{K} V{V} ({str(dt)[6:]})"
+    ours = time_ms(lambda: dec.step(**step_in))
+    fla = _fla("gla")
+    if callable(fla):
+        h0 = st["S"].clone()
+        q, k, v, g = (x[n] for n in ("q", "k", "v", "g"))
+        fo, _ = fla(q, k, v, gk=g, initial_state=h0, output_final_state=True)
+        note = f"fla's output vs ours: {rel(fo[:, 0], o):.1e}"
+        anchor_ms = time_ms(lambda: fla(q, k, v, gk=g, initial_state=h0, output_final_state=True))
+        anchor = "fla fused_recurrent_gla T=1"
+    else:
+        anchor, anchor_ms, note = None, None, f"fla missing: {fla}"
+    rows = [row(SUITE, case + " eager", ours, anchor, anchor_ms, check, note + "; target <= 0.020 ms")]
+    g, _ = _graph(lambda: dec.step(**step_in))
+    if g is not None:
+        rows.append(row(SUITE, case + " CUDA graph replay", time_ms(g.replay), anchor, anchor_ms, check,
+                        "the decoder's step captured once, replayed"))
+    return rows
+
+
+def decode_bandwidth(smoke: bool) -> list[dict]:
+    m = mixc.load(EX / "gla.mix")
+    B, H, K, V = (4, 2, 16, 16) if smoke else (256, 16, 128, 128)
+    dt = torch.float32 if smoke else torch.bfloat16
+    x, st = _decode_inputs(m, B, H, K, V, dt)
+    dec = m.decoder(B, H, device=DEV, dtype=dt, K=K, V=V)
+    step_in = {k: v[:, 0].contiguous() for k, v in x.items()}
+    dec.load_state(st)
+    o = dec.step(**step_in).clone()
+    want = m.reference(**{k: v.float() for k, v in x.items()}, initial_state=st)[:, 0]
+    g, _ = _graph(lambda: dec.step(**step_in))
+    ours = time_ms(g.replay if g is not None else (lambda: dec.step(**step_in)))
+    src = torch.randn(B * H * K * V, device=DEV)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    moved = 2 * src.numel() * 4  # the fp32 state read and written
+    note = (f"state traffic {moved / ours / 1e6:.0f} GB/s vs copy {moved / copy_ms / 1e6:.0f} GB/s; ratio = share "
+            "of the copy bandwidth, target >= 0.8" + ("; CUDA graph replay" if g is not None else ""))
+    return [row(SUITE, f"gla decode B{B} H{H} K{K} V{V} state bandwidth", ours, "torch copy of the state's size",
+                copy_ms, rel(o, want), note)]
+
+
+def mamba_train(smoke: bool) -> list[dict]:
+    m = mixc.load(EX / "mamba.mix")
+    B, T, H, P, N = (1, 40, 2, 8, 4) if smoke else (4, 4096, 16, 64, 16)
+    dt = torch.float32 if smoke else torch.bfloat16
+    x = {k: v.requires_grad_() for k, v in m.random_inputs(B, T, H, P=P, N=N, dtype=dt, device=DEV).items()}
+    pr = {k: v.requires_grad_() for k, v in m.parameters_init(H, P=P, N=N, device=DEV).items()}
+    o = m(**x, **pr, form="recurrent")
+    xf = {k: v.detach().float().requires_grad_() for k, v in x.items()}
+    want = m.reference(**xf, **pr)
+    check = rel(o, want)
+    go = torch.randn_like(want)
+    ga = torch.autograd.grad(o, [x["dt"], pr["A"]], go.to(o.dtype))
+    gb = torch.autograd.grad(want, [xf["dt"], pr["A"]], go)
+    note = f"dt grad {rel(ga[0], gb[0]):.1e}, A grad {rel(ga[1], gb[1]):.1e} (vs the fp32 reference)"
+    ours = time_ms(fwd_bwd(lambda **kw: m(**kw, form="recurrent"), {**x, **pr}))
+    anchor = time_ms(fwd_bwd(lambda **kw: m.reference(**kw), {**xf, **pr}), warmup=1, rep=1)
+    return [row(SUITE, f"mamba fwd+bwd B{B} T{T} H{H} P{P} N{N} ({str(dt)[6:]})", ours,
+                "PyTorch token loop (fp32, the reference form)", anchor, check, note)]
+
+
+def hgrn(smoke: bool) -> list[dict]:
+    m = mixc.load(EX / "hgrn.mix")
+    B, T, D = (2, 40, 64) if smoke else (4, 4096, 2048)
+    dt = torch.float32 if smoke else torch.bfloat16
+    x = {k: v.requires_grad_() for k, v in m.random_inputs(B, T, 1, D=D, dtype=dt, device=DEV).items()}
+    o = m(**x, form="recurrent")
+    want = m.reference(**{k: v.detach().float() for k, v in x.items()})
+    check = rel(o, want)
+    fla = _fla("hgrn")
+    with torch.no_grad():
+        ours_f = time_ms(lambda: m(**x, form="recurrent"))
+    ours_fb = time_ms(fwd_bwd(lambda **kw: m(**kw, form="recurrent"), x))
+    if not callable(fla):
+        note = f"fla missing: {fla}"
+        return [row(SUITE, f"hgrn fwd B{B} T{T} D{D}", ours_f, None, None, check, note),
+                row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D}", ours_fb, None, None, check, note)]
+    xf = x["x"].detach()[:, :, 0].contiguous().requires_grad_()
+    gf = torch.log(x["f"].detach()[:, :, 0].float()).to(dt).contiguous().requires_grad_()
+    fo, _ = fla(xf, gf)
+    note = f"fla's output vs the reference {rel(fo, want[:, :, 0]):.1e}; target ratio >= 1.0"
+    with torch.no_grad():
+        anchor_f = time_ms(lambda: fla(xf, gf))
+    anchor_fb = time_ms(fwd_bwd(lambda **kw: fla(kw["x"], kw["g"]), {"x": xf, "g": gf}))
+    return [row(SUITE, f"hgrn fwd B{B} T{T} D{D} ({str(dt)[6:]})", ours_f, "fla fused_recurrent_hgrn", anchor_f,
+                check, note),
+            row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D} ({str(dt)[6:]})", ours_fb, "fla fused_recurrent_hgrn", anchor_fb,
+                check, note)]
+
+
+def run(smoke: bool) -> list[dict]:
+    """Every case above, in order."""
+    return decode_step(smoke) + decode_bandwidth(smoke) + mamba_train(smoke) + hgrn(smoke)

@@ -1,0 +1,99 @@
+"""A low-overhead decoder for serving loops: one token at a time through the recurrent form's step
+kernel, the state kept in a preallocated buffer and updated in place.
+
+``dec = m.decoder(batch_size, num_heads, device=..., dtype=..., **sizes)``, then
+``o_t = dec.step(**inputs_t)`` with every input of one token shaped ``[B, H, ...]`` (the ``[B, T, H, ...]``
+layout without its T axis); ``o_t`` is ``[B, H, ...]``, a view of a buffer the next step overwrites (copy
+it to keep it). ``dec.state`` is the declared states (views of the buffer, ``[B, H, ...]``),
+``dec.load_state(states)`` copies states in (say, a chunked prefill's final state), ``dec.reset()``
+zeroes them. A step allocates nothing that outlives it and never waits on the device, so a CUDA graph
+can capture it (``torch.cuda.graph``) with static input tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Decoder:
+    """One-token steps of a compiled mixer; see the module docstring."""
+
+    def __init__(self, mixer, batch_size: int, num_heads: int, *, device="cpu", dtype=torch.float32,
+                 params: dict | None = None, **sizes) -> None:
+        mod = mixer._module
+        if not hasattr(mod, "recurrent_step"):
+            why = mixer.meta.get("not_emitted", {}).get("recurrent", "the analysis has no recurrent form")
+            raise ValueError(f"mixer '{mixer.name}' has no recurrent step kernel: {why}")
+        self.mixer, self._mod = mixer, mod
+        self.batch_size, self.num_heads = int(batch_size), int(num_heads)
+        bound = mixer._sizes(sizes)
+        meta = mixer.meta
+        for group in ("inputs", "params", "buffers", "states"):
+            for name, m in meta[group].items():
+                for a in m["axes"]:
+                    if a not in bound:
+                        raise ValueError(f"{group[:-1]} '{name}' needs size {a}: pass {a}=... to decoder()")
+        self.sizes = bound
+        p = {} if params is None else dict(params)
+        defaults = mixer.parameters_init(self.num_heads, device=device, **{k: v for k, v in sizes.items()})
+        for name in list(meta["params"]) + list(meta["buffers"]):
+            x = p.get(name)
+            if x is None:
+                p[name] = defaults[name]
+            elif x.shape[0] != self.num_heads:
+                raise ValueError(f"parameter '{name}' has H={x.shape[0]} (dim 0) but the decoder has {self.num_heads}")
+        unknown = [k for k in p if k not in defaults]
+        if unknown:
+            raise ValueError(f"unexpected parameter '{unknown[0]}' for mixer '{mixer.name}'")
+        self.params = {k: v.to(device=device, dtype=torch.float32) for k, v in p.items()}
+        B, H = self.batch_size, self.num_heads
+        shape = mod.recurrent_state_shape(B, H, bound)
+        self.h = torch.zeros(shape, dtype=torch.float32, device=device)  # the kernels' state layout, fp32
+        self._o32 = torch.empty(B, 1, H, shape[3], dtype=torch.float32, device=device)  # [B, H, K, V(, 2)]
+        self._out = torch.empty(B, 1, H, *[bound[a] for a in meta["output"]["axes"]], dtype=dtype, device=device)
+        self._names = list(meta["inputs"])
+        # token history ("k@past": the last tokens of an input read at t - m), in buffers of its own
+        self.history = {n: torch.zeros(B, H, *[bound[a] for a in m["axes"]], dtype=torch.float32, device=device)
+                        for n, m in meta["states"].items() if "@" in n}
+
+    def step(self, **inputs_t: torch.Tensor) -> torch.Tensor:
+        """One token: inputs ``[B, H, ...]`` -> output ``[B, H, ...]`` (a view of a reused buffer); the
+        state advances in place."""
+        try:
+            x = {n: inputs_t[n].unsqueeze(1) for n in self._names}  # [B, 1, H, ...]
+        except KeyError as ex:
+            raise ValueError(f"missing input '{ex.args[0]}' of one token, shaped [B, H, ...]") from None
+        if len(inputs_t) != len(self._names):
+            extra = [k for k in inputs_t if k not in self._names]
+            raise ValueError(f"unexpected input '{extra[0]}'; the mixer takes {', '.join(self._names)}")
+        self._mod.recurrent_step(x, self.params, self.h, self.sizes, self._out, self._o32, self.history)
+        return self._out[:, 0]
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The declared states ``{name: [B, H, ...]}`` (fp32 views of the decoder's buffer)."""
+        return {**self._mod.recurrent_unpack(self.h), **self.history}
+
+    def load_state(self, states: dict[str, torch.Tensor]) -> None:
+        """Copy states ``{name: [B, H, ...]}`` in (a missing one is zero)."""
+        unknown = [k for k in states if k not in self.mixer.meta["states"]]
+        if unknown:
+            raise ValueError(f"unknown state '{unknown[0]}'; the mixer has {', '.join(self.mixer.meta['states'])}")
+        for n, buf in self.history.items():
+            buf.copy_(states[n]) if n in states else buf.zero_()
+        packed = self._mod.recurrent_pack(states, self.sizes)
+        if packed is None:
+            self.h.zero_()
+        else:
+            if packed.is_complex():  # the decoder keeps a complex state as fp32 pairs
+                packed = torch.view_as_real(packed)
+            if tuple(packed.shape) != tuple(self.h.shape):
+                raise ValueError(f"states of shape {tuple(packed.shape)} (packed) do not fit the decoder's "
+                                 f"{tuple(self.h.shape)}")
+            self.h.copy_(packed)
+
+    def reset(self) -> None:
+        """Zero the state (start new sequences)."""
+        self.h.zero_()
+        for buf in self.history.values():
+            buf.zero_()

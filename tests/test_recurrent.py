@@ -1,0 +1,266 @@
+"""The recurrent form (backends/recurrent) against the reference: outputs, final states and every
+gradient (inputs, parameters, initial states) at odd shapes, T = 1, variable-length batches; the
+one-token path and the decoder (prefill with the chunked form, then decode).
+
+Under TRITON_INTERPRET=1 (CPU, conftest.py); on a GPU the same tests run the compiled kernels.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixc
+from mixc.cli import explain_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = {"K": 5, "V": 6, "N": 3, "P": 5, "D": 7}
+NAMES = ["mamba", "hgrn", "gla", "retnet", "mamba2", "linear_attention", "deltanet", "gated_deltanet", "s4d", "h3"]
+
+# An element-wise decay that is the exponential of a token vector over the value axis times a parameter
+# over the key axis (formed in the kernel), a negated input, an output gate and a skip
+SYN_ELEMENTWISE = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input f[Dv] ~ softplus
+param r[Dk] = -0.5
+param w[Dv] = 2
+state M[Dk, Dv]
+M[x, y] = exp(f[y] * r[x]) * M[x, y] - sigmoid(b[x]) * c[y]
+out o[y] = sigmoid(c[y]) * sum(x: a[x] * M[x, y]) + w[y] * c[y]
+"""
+# A one-axis state whose decay is a product (no exponential) of a parameter and a token gate, read
+# through a number and a gate
+SYN_ONE_AXIS = """
+size D
+input x[D]
+input f[D] ~ sigmoid
+param c[D] = 0.9
+state h[D]
+h[d] = c[d] * f[d] * h[d] + x[d]
+out y[d] = 0.5 * tanh(x[d]) * h[d]
+"""
+# A declared [value, key] state with a per-key decay
+SYN_TRANSPOSED = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input g[Dk] ~ logsigmoid
+state M[Dv, Dk]
+M[y, x] = exp(g[x]) * M[y, x] + b[x] * c[y]
+out o[y] = sum(x: a[x] * M[y, x])
+"""
+SYNTHETICS = {"syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED}
+SYN_SIZES = {"Dk": 5, "Dv": 6, "D": 7}
+
+
+def _load(name):
+    if name in SYNTHETICS:
+        return mixc.loads(SYNTHETICS[name], f"<{name}>")
+    return mixc.load(ROOT / "examples" / f"{name}.mix")
+
+
+def _sizes(m):
+    return {a: (SIZES | SYN_SIZES)[a] for a in m.meta["sizes"] if a in SIZES | SYN_SIZES}
+
+
+def _rel(a, b):
+    a, b = (torch.view_as_real(x) if x.is_complex() else x for x in (a, b))
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _states(m, n, H, sizes, gen):
+    out = {}
+    sizes = {**m.meta["consts_as_sizes"], **sizes}  # (a token history's length is a constant)
+    for k, sm in m.meta["states"].items():
+        dt = torch.complex64 if sm["complex"] else torch.float32
+        x = torch.randn(n, H, *[sizes[a] for a in sm["axes"]], generator=gen, dtype=dt)
+        # a normaliser (a one-axis state beside another) stays positive
+        out[k] = (x.abs() + 1) if len(sm["axes"]) == 1 and len(m.meta["states"]) > 1 and not sm["complex"] else x
+    return {k: v.to(DEV).requires_grad_() for k, v in out.items()}
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
+
+
+def _check(m, B, T, H, cu_seqlens=None, with_state=True, seed=0):
+    sizes = _sizes(m)
+    gen = torch.Generator().manual_seed(seed)
+    x = {k: v.to(DEV).requires_grad_() for k, v in m.random_inputs(B, T, H, seed=seed, **sizes).items()}
+    pr = {k: v.to(DEV).requires_grad_() for k, v in m.parameters_init(H, **sizes).items()}
+    n = B if cu_seqlens is None else len(cu_seqlens) - 1
+    st = _states(m, n, H, sizes, gen) if with_state else {}
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEV)
+    o1, f1 = m(**x, **pr, initial_state=st or None, output_final_state=True, cu_seqlens=cu, form="recurrent")
+    o2, f2 = m.reference(**x, **pr, initial_state=st or None, output_final_state=True, cu_seqlens=cu)
+    f1, f2 = ({k: _real(v) for k, v in f.items()} for f in (f1, f2))
+    assert _rel(o1, o2) < 1e-3
+    for k in f2:
+        assert _rel(f1[k], f2[k]) < 1e-3, k
+    leaves = {**x, **pr, **st}
+    w = torch.randn(o2.shape, generator=gen).to(DEV)
+    ws = {k: torch.randn(v.shape, generator=gen).to(DEV) for k, v in f2.items()}
+    g1 = torch.autograd.grad((o1 * w).sum() + sum((f1[k] * ws[k]).sum() for k in f2), list(leaves.values()),
+                             allow_unused=True)
+    g2 = torch.autograd.grad((o2 * w).sum() + sum((f2[k] * ws[k]).sum() for k in f2), list(leaves.values()),
+                             allow_unused=True)
+    for name, a, b in zip(leaves, g1, g2):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+            continue
+        assert a is not None, f"no gradient for {name}"
+        assert _rel(_real(a), _real(b)) < 1e-3, name
+
+
+@pytest.mark.parametrize("name", NAMES + list(SYNTHETICS))
+def test_recurrent_matches_reference(name):
+    m = _load(name)
+    assert "recurrent" in m.forms
+    _check(m, 2, 7, 2)
+
+
+@pytest.mark.parametrize("name", ["mamba", "hgrn", "gated_deltanet", "s4d"])
+def test_one_token_without_state(name):
+    _check(_load(name), 2, 1, 3, with_state=False)
+
+
+@pytest.mark.parametrize("name", ["mamba", "hgrn"])
+def test_variable_length(name):
+    _check(_load(name), 1, 9, 2, cu_seqlens=[0, 4, 5, 9])
+
+
+def test_long_sequence_crosses_checkpoints():
+    """T = 70 > 2 chunks of 32 tokens: the backward restarts from each checkpoint."""
+    _check(_load("hgrn"), 1, 70, 1)
+
+
+def test_mamba_default_is_recurrent_and_decay_formed_in_kernel():
+    m = _load("mamba")
+    assert m.meta["default_form"] == "recurrent" and m.forms == ["recurrent", "reference"]
+    text = explain_text(m)
+    assert "decay A_t = exp(at * ap), at = dt[p] per token, ap = A[n, p] per head" in text
+    assert "exp(at * ap)" in explain_text(_load("syn_elementwise"))
+
+
+def test_complex_state_and_token_history_continue():
+    """h3 (complex state, reads of past tokens): two calls chained through the final states (h and k@past)
+    equal one call."""
+    m = _load("h3")
+    x = m.random_inputs(2, 9, 2, P=4, N=3)
+    pr = m.parameters_init(2, P=4, N=3)
+    o, st = m(**x, **pr, output_final_state=True, form="recurrent")
+    o1, st1 = m(**{k: v[:, :4] for k, v in x.items()}, **pr, output_final_state=True, form="recurrent")
+    o2, st2 = m(**{k: v[:, 4:] for k, v in x.items()}, **pr, initial_state=st1, output_final_state=True,
+                form="recurrent")
+    assert _rel(torch.cat([o1, o2], 1), o) < 1e-5 and _rel(_real(st2["h"]), _real(st["h"])) < 1e-5
+    assert _rel(o, m.reference(**x, **pr)) < 1e-4
+    dec = m.decoder(2, 2, params=pr, P=4, N=3)  # continue the first call token by token (k@past included)
+    dec.load_state(st1)
+    o_dec = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(4, 9)], 1)
+    assert _rel(o_dec, o[:, 4:]) < 1e-5 and _rel(dec.state["k@past"], st["k@past"]) == 0
+
+
+def test_explain_and_forms_agree():
+    """Every legal recurrent form is emitted or listed with a reason, and explain says which."""
+    for name in NAMES + ["softmax_attention", "based"]:
+        m = _load(name)
+        text = explain_text(m)
+        if "recurrent" in m.forms:
+            assert "recurrent kernels:" in text and "recurrent" not in m.meta["not_emitted"]
+        elif "recurrent" not in m.analysis.forms:  # not legal: the analysis says why, nothing to emit
+            assert "recurrent" not in m.meta["not_emitted"] and m.analysis.reasons["recurrent"] in text
+        else:
+            why = m.meta["not_emitted"]["recurrent"]
+            assert f"not emitted: recurrent -- {why}" in text and why
+
+
+def test_one_token_call_takes_the_step_path(monkeypatch):
+    """T = 1 without gradients: one forward launch, no autograd function, no checkpoints."""
+    m = _load("gla")
+    x = m.random_inputs(2, 1, 3, K=5, V=6)
+    st = {"S": torch.randn(2, 3, 5, 6)}
+
+    def refuse(*a, **k):
+        raise AssertionError("the one-token call went through the training scan")
+
+    monkeypatch.setattr(m._module._RecScan, "apply", refuse)
+    with torch.no_grad():
+        o, f = m(**x, initial_state=st, output_final_state=True, form="recurrent")
+    o2, f2 = m.reference(**x, initial_state=st, output_final_state=True)
+    assert _rel(o, o2) < 1e-5 and _rel(f["S"], f2["S"]) < 1e-5
+
+
+def test_prefill_chunked_then_decode_gla():
+    m = _load("gla")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(2, 9, 3, K=5, V=6, seed=3).items()}
+    o_full, st_full = m.reference(**x, output_final_state=True)
+    o_pre, st = m(**{k: v[:, :5] for k, v in x.items()}, output_final_state=True, form="chunked")
+    dec = m.decoder(2, 3, device=DEV, K=5, V=6)
+    dec.load_state(st)
+    outs = [dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(5, 9)]
+    assert _rel(torch.cat([o_pre, torch.stack(outs, 1)], 1), o_full) < 1e-4
+    assert _rel(dec.state["S"], st_full["S"]) < 1e-4
+    dec.reset()
+    assert dec.state["S"].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "hgrn", "mamba", "gated_deltanet", "syn_transposed", "s4d",
+                                  "h3"])
+def test_decoder_steps_equal_the_sequence(name):
+    m = _load(name)
+    sizes = _sizes(m)
+    x = {k: v.to(DEV) for k, v in m.random_inputs(2, 4, 3, **sizes).items()}
+    dec = m.decoder(2, 3, device=DEV, **sizes)
+    o_full, st_full = m.reference(**x, **dec.params, output_final_state=True)
+    o = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(4)], 1)
+    assert _rel(o, o_full) < 1e-4
+    for k in st_full:
+        assert _rel(dec.state[k], st_full[k]) < 1e-4
+
+
+def test_decoder_errors_name_the_argument():
+    m = _load("gla")
+    with pytest.raises(ValueError, match="size K"):
+        m.decoder(1, 2, V=4)
+    dec = m.decoder(1, 2, K=4, V=4)
+    with pytest.raises(ValueError, match="missing input 'g'"):
+        dec.step(q=torch.zeros(1, 2, 4), k=torch.zeros(1, 2, 4), v=torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="no recurrent step kernel"):
+        mixc.load(ROOT / "examples" / "softmax_attention.mix").decoder(1, 1, K=4, V=4)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decoder_cuda_graph_capture():
+    m = _load("gla")
+    dec = m.decoder(2, 4, device="cuda", K=64, V=64)
+    x = {k: v[:, 0].cuda().contiguous() for k, v in m.random_inputs(2, 3, 4, K=64, V=64).items()}
+    static = {k: v.clone() for k, v in x.items()}
+    dec.step(**static)  # compile outside the capture
+    dec.reset()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        dec.step(**static)
+    torch.cuda.current_stream().wait_stream(s)
+    dec.reset()
+    with torch.cuda.graph(g):
+        out = dec.step(**static)
+    dec.reset()
+    ref = m.decoder(2, 4, device="cuda", K=64, V=64)
+    for _ in range(3):
+        g.replay()
+        want = ref.step(**static)
+        torch.testing.assert_close(out, want)
+
+
+def test_decoder_half_inputs_fp32_state():
+    """fp16 inputs and output, the state in fp32: the kernel converts the output as it stores it."""
+    m = _load("gla")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(2, 3, 2, K=5, V=6, dtype=torch.float16).items()}
+    dec = m.decoder(2, 2, device=DEV, dtype=torch.float16, K=5, V=6)
+    o = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(3)], 1)
+    assert o.dtype == torch.float16 and dec.state["S"].dtype == torch.float32
+    assert _rel(o, m.reference(**{k: v.float() for k, v in x.items()})) < 2e-3
