@@ -147,15 +147,15 @@ def test_complex_state_and_token_history_continue():
     """h3 (complex state, reads of past tokens): two calls chained through the final states (h and k@past)
     equal one call."""
     m = _load("h3")
-    x = m.random_inputs(2, 9, 2, P=4, N=3)
-    pr = m.parameters_init(2, P=4, N=3)
+    x = m.random_inputs(2, 9, 2, P=4, N=3, device=DEV)
+    pr = m.parameters_init(2, P=4, N=3, device=DEV)
     o, st = m(**x, **pr, output_final_state=True, form="recurrent")
     o1, st1 = m(**{k: v[:, :4] for k, v in x.items()}, **pr, output_final_state=True, form="recurrent")
     o2, st2 = m(**{k: v[:, 4:] for k, v in x.items()}, **pr, initial_state=st1, output_final_state=True,
                 form="recurrent")
     assert _rel(torch.cat([o1, o2], 1), o) < 1e-5 and _rel(_real(st2["h"]), _real(st["h"])) < 1e-5
     assert _rel(o, m.reference(**x, **pr)) < 1e-4
-    dec = m.decoder(2, 2, params=pr, P=4, N=3)  # continue the first call token by token (k@past included)
+    dec = m.decoder(2, 2, device=DEV, params=pr, P=4, N=3)  # continue the first call token by token (k@past included)
     dec.load_state(st1)
     o_dec = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(4, 9)], 1)
     assert _rel(o_dec, o[:, 4:]) < 1e-5 and _rel(dec.state["k@past"], st["k@past"]) == 0
@@ -178,8 +178,8 @@ def test_explain_and_forms_agree():
 def test_one_token_call_takes_the_step_path(monkeypatch):
     """T = 1 without gradients: one forward launch, no autograd function, no checkpoints."""
     m = _load("gla")
-    x = m.random_inputs(2, 1, 3, K=5, V=6)
-    st = {"S": torch.randn(2, 3, 5, 6)}
+    x = m.random_inputs(2, 1, 3, K=5, V=6, device=DEV)
+    st = {"S": torch.randn(2, 3, 5, 6, device=DEV)}
 
     def refuse(*a, **k):
         raise AssertionError("the one-token call went through the training scan")
