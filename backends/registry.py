@@ -27,6 +27,7 @@ KERNEL_FORMS = ("chunked", "recurrent", "fft", "attention")  # what the analysis
 # Backend modules in the order they are tried; the first that emits a form provides it.
 BACKEND_MODULES = (
     "mixc.backends.chunked_emit",
+    "mixc.backends.attention",
 )
 
 

@@ -1,0 +1,197 @@
+"""Launch code of the attention form (pasted into generated modules: torch and triton only).
+
+The kernels themselves are generated per mixer (score and mask compiled in) and handed in as a
+spec dict: ``fwd``, ``dkdv``, ``dq`` (the jitted kernels), ``classify`` (the mask's interval test over
+tiles, see ``_attn_tables``), ``npl`` (learnable per-head parameters among the score's scalars).
+"""
+
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (the generated kernels use tl)
+
+
+def _attn_floor(x):
+    return torch.floor(x)
+
+
+def _attn_min(a, b):
+    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def _attn_max(a, b):
+    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def _attn_min4(*xs):
+    return torch.stack(torch.broadcast_tensors(*[torch.as_tensor(x) for x in xs])).amin(0)
+
+
+def _attn_max4(*xs):
+    return torch.stack(torch.broadcast_tensors(*[torch.as_tensor(x) for x in xs])).amax(0)
+
+
+def _attn_ranges(full, empty):
+    """Per row of a [rows, cols] tile classification: (lo, flo, fhi, hi) int32 with [lo, hi) covering every
+    non-empty tile and [flo, fhi) a run of full tiles inside it (empty when the full tiles are not one run)."""
+    rows, cols = full.shape
+    idx = torch.arange(cols).view(1, cols)
+    nonempty = ~empty
+    lo = torch.where(nonempty, idx, cols).amin(1)
+    hi = torch.maximum(torch.where(nonempty, idx + 1, 0).amax(1), lo)
+    lo = torch.minimum(lo, hi)
+    flo = torch.where(full, idx, cols).amin(1)
+    fhi = torch.where(full, idx + 1, 0).amax(1)
+    run = (full.sum(1) == fhi - flo) & (fhi > flo)
+    flo = torch.where(run, flo, hi)
+    fhi = torch.where(run, fhi, hi)
+    return torch.stack([lo, flo, fhi, hi], 1).to(torch.int32)
+
+
+_ATTN_TABLES = {}
+
+
+def _attn_tables(classify, T, TK, off, BM, BN, device):
+    """Tile tables of a (T queries at positions off.., TK keys at 0..) problem: ([cdiv(T, BM), 4] key-tile ranges
+    of each query tile, [cdiv(TK, BN), 4] query-tile ranges of each key tile), from ``classify(t_lo, t_hi, u_lo,
+    u_hi) -> (all visible, none visible)`` over tile bounds; a tile cut by T or TK is never full."""
+    key = (classify, T, TK, off, BM, BN, str(device))
+    hit = _ATTN_TABLES.get(key)
+    if hit is not None:
+        return hit
+    nm, nn = triton.cdiv(T, BM), triton.cdiv(TK, BN)
+    i_m = torch.arange(nm, dtype=torch.float64).view(nm, 1)
+    i_n = torch.arange(nn, dtype=torch.float64).view(1, nn)
+    t_lo = off + i_m * BM
+    t_hi = off + torch.clamp((i_m + 1) * BM, max=T) - 1
+    u_lo = i_n * BN
+    u_hi = torch.clamp((i_n + 1) * BN, max=TK) - 1
+    full, empty = classify(t_lo, t_hi, u_lo, u_hi)
+    full = torch.as_tensor(full).expand(nm, nn) & ((i_m + 1) * BM <= T) & ((i_n + 1) * BN <= TK)
+    empty = torch.as_tensor(empty).expand(nm, nn)
+    out = (_attn_ranges(full, empty).to(device), _attn_ranges(full.t(), empty.t()).to(device))
+    if len(_ATTN_TABLES) > 256:
+        _ATTN_TABLES.clear()
+    _ATTN_TABLES[key] = out
+    return out
+
+
+def _attn_config(kind, dk, dv, device):
+    """Launch table: (BM, BN, num_warps, num_stages) for kernel ``kind`` (fwd, dkdv, dq) at widths dk, dv.
+    The interpreter (CPU) gets small tiles; a GPU gets the flash-2 shapes (Hopper: 128-query tiles)."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    wide = max(dk, dv) > 64
+    if kind == "fwd":
+        return (128, 64, 8, 3) if wide else (128, 64, 4, 3)
+    if kind == "dkdv":  # BM queries per step, BN keys per program
+        return (32, 128, 8, 3) if wide else (32, 128, 4, 3)
+    return (128, 32, 8, 3) if wide else (128, 32, 4, 3)  # dq: BM queries per program, BN keys per step
+
+
+def _attn_width(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _attn_splits(T, nn, BH, device, BM):
+    """Key splits of a decode-sized call (T <= BM queries, many key tiles): enough programs to fill the GPU."""
+    if T > BM or nn < 4:
+        return 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(nn // 2, triton.cdiv(2 * sms, BH), 64))
+    return 2
+
+
+def _attn_forward(spec, q, k, v, pars, off, dims, allow_split):
+    """o [B, T, H, DV] (q's dtype) and the base-2 logsumexp [B, H, T] fp32 of softmax attention of q (positions
+    off..off+T-1) over keys k, v (positions 0..TK-1). pars [H, NP] fp32; dims the sizes the score reads."""
+    B, T, H, DK = q.shape
+    TK, DV = k.shape[1], v.shape[3]
+    BM, BN, warps, stages = _attn_config("fwd", DK, DV, q.device)
+    qtab, _ = _attn_tables(spec["classify"], T, TK, off, BM, BN, q.device)
+    nn = triton.cdiv(TK, BN)
+    ns = _attn_splits(T, nn, B * H, q.device, BM) if allow_split else 1
+    if ns == 1:
+        o = torch.empty(1, B, T, H, DV, dtype=q.dtype, device=q.device)
+    else:
+        o = torch.empty(ns, B, T, H, DV, dtype=torch.float32, device=q.device)
+    lse = torch.empty(ns, B, H, T, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T, BM), B * H, ns)
+    spec["fwd"][grid](
+        q, k, v, o, lse, qtab, pars,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+        T, TK, off, H, pars.shape[1], *dims,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=_attn_width(DK), BV=_attn_width(DV), NS=ns, num_warps=warps,
+        num_stages=stages,
+    )
+    if ns == 1:
+        return o[0], lse[0]
+    # merge the splits: lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s
+    m = lse.amax(0)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp2(lse - m)  # [NS, B, H, T]
+    den = w.sum(0)
+    w = w / torch.where(den == 0, torch.ones_like(den), den)
+    out = (o * w.permute(0, 1, 3, 2).unsqueeze(-1)).sum(0)
+    return out.to(q.dtype), m + torch.log2(den)
+
+
+def _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims):
+    """(dq, dk, dv, dpars [H, NP]) of softmax attention, flash-2 style: delta = rowsum(do * o), then one
+    kernel over key tiles (dk, dv, parameter gradients) and one over query tiles (dq)."""
+    B, T, H, DK = q.shape
+    TK, DV = k.shape[1], v.shape[3]
+    BK, BV = _attn_width(DK), _attn_width(DV)
+    delta = (do.float() * o.float()).sum(-1).permute(0, 2, 1).contiguous()  # [B, H, T]
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    npl = spec["npl"]
+    BM, BN, warps, stages = _attn_config("dkdv", DK, DV, q.device)
+    _, ktab = _attn_tables(spec["classify"], T, TK, off, BM, BN, q.device)
+    nn = triton.cdiv(TK, BN)
+    dpar = torch.zeros(max(npl, 1), B * H, nn, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+               v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
+    spec["dkdv"][(nn, B * H)](
+        q, k, v, do, lse, delta, dk, dv, dpar, ktab, pars, *strides, T, TK, off, H, pars.shape[1], nn, *dims,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, NPL=npl, num_warps=warps, num_stages=stages,
+    )
+    BM, BN, warps, stages = _attn_config("dq", DK, DV, q.device)
+    qtab, _ = _attn_tables(spec["classify"], T, TK, off, BM, BN, q.device)
+    spec["dq"][(triton.cdiv(T, BM), B * H)](
+        q, k, v, do, lse, delta, dq, qtab, pars, *strides, T, TK, off, H, pars.shape[1], *dims,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, num_warps=warps, num_stages=stages,
+    )
+    dpars = torch.zeros_like(pars)
+    if npl:
+        dpars[:, :npl] = dpar[:npl].view(npl, B, H, nn).sum((1, 3)).t()
+    return dq, dk, dv, dpars
+
+
+class _AttnFunction(torch.autograd.Function):
+    """Softmax attention with the generated kernels; gradients to q, k, v and the score's parameters."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pars, spec, off, dims):
+        q, k, v = (x if x.is_contiguous() else x.contiguous() for x in (q, k, v))
+        o, lse = _attn_forward(spec, q, k, v, pars, off, dims, allow_split=False)
+        ctx.save_for_backward(q, k, v, o, lse, pars)
+        ctx.spec, ctx.off, ctx.dims = spec, off, dims
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, pars = ctx.saved_tensors
+        dq, dk, dv, dpars = _attn_backward(ctx.spec, q, k, v, o, lse, do.contiguous(), pars, ctx.off, ctx.dims)
+        return dq, dk, dv, dpars, None, None, None
+
+
+def _attn_apply(spec, q, k, v, pars, off, dims):
+    """o [B, T, H, DV] for q [B, T, H, DK] at positions off.. against k [B, TK, H, DK], v [B, TK, H, DV];
+    differentiable when any operand requires grad, else (inference, decode) it may split the keys."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pars)):
+        return _AttnFunction.apply(q, k, v, pars, spec, off, dims)
+    q, k, v = (x if x.is_contiguous() else x.contiguous() for x in (q, k, v))
+    return _attn_forward(spec, q, k, v, pars, off, dims, allow_split=True)[0]
+
