@@ -2,7 +2,7 @@
 
 Holes (``str.format`` fields): ``{CTX}`` the per-head scalars the score reads (``, f_h, p_cap, dim_K``),
 ``{CTX_LOADS}`` the lines loading them, ``{DIM_ARGS}`` the size arguments, ``{DPAR_ACC}`` /
-``{DPAR_INIT}`` / ``{DPAR_STORE}`` the gradient of each learnable per-head parameter. The helpers
+``{DPAR_ACC_MASKED}`` / ``{DPAR_INIT}`` / ``{DPAR_STORE}`` the gradient of each learnable per-head parameter. The helpers
 ``_attn_score``, ``_attn_dscore`` and ``_attn_visible`` are emitted before this text.
 
 Maths (one (batch, head), base-2 online softmax, Dao 2023):
@@ -143,14 +143,18 @@ def _attn_bwd_dkdv_kernel(
         f_t = (OFF + o_m).to(tl.float32)[None, :]
         s = _attn_score(qk, f_t, f_u{CTX}) * 1.4426950408889634
         p = tl.exp2(s - lse[None, :])
-        if (i_m < flo) | (i_m >= fhi):  # a partial tile: mask element by element
-            p = tl.where(m_n[:, None] & m_m[None, :] & _attn_visible(f_t, f_u), p, 0.0)
-        dv += tl.dot(p.to(b_do.dtype), b_do)
         dp = tl.dot(b_v, tl.trans(b_do))  # [BN, BM]: (do v^T)^T
         ds = p * (dp - delta[None, :])
         dqk = ds * _attn_dscore(qk, f_t, f_u{CTX})
-        dk += tl.dot(dqk.to(q_t.dtype), tl.trans(q_t))
+        if (i_m < flo) | (i_m >= fhi):  # a partial tile: mask element by element (after any inf * 0)
+            vis = m_n[:, None] & m_m[None, :] & _attn_visible(f_t, f_u)
+            p = tl.where(vis, p, 0.0)
+            dqk = tl.where(vis, dqk, 0.0)
+{DPAR_ACC_MASKED}
+        else:
 {DPAR_ACC}
+        dv += tl.dot(p.to(b_do.dtype), b_do)
+        dk += tl.dot(dqk.to(q_t.dtype), tl.trans(q_t))
     tl.store(DK_OUT + i_b * skb + i_h * skh + o_n[:, None] * skt + o_k[None, :], dk.to(DK_OUT.dtype.element_ty),
              mask=m_n[:, None] & (o_k[None, :] < DK))
     tl.store(DV_OUT + i_b * svb + i_h * svh + o_n[:, None] * svt + o_v[None, :], dv.to(DV_OUT.dtype.element_ty),
@@ -200,11 +204,11 @@ def _attn_bwd_dq_kernel(
         f_u = o_n.to(tl.float32)[None, :]
         s = _attn_score(qk, f_t, f_u{CTX}) * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
-        if (i_n < flo) | (i_n >= fhi):
-            p = tl.where(m_m[:, None] & m_n[None, :] & _attn_visible(f_t, f_u), p, 0.0)
         dp = tl.dot(b_do, v_t)
         ds = p * (dp - delta[:, None])
         dqk = ds * _attn_dscore(qk, f_t, f_u{CTX})
+        if (i_n < flo) | (i_n >= fhi):  # a partial tile: mask element by element (after any inf * 0)
+            dqk = tl.where(m_m[:, None] & m_n[None, :] & _attn_visible(f_t, f_u), dqk, 0.0)
         dq += tl.dot(dqk.to(k_t.dtype), tl.trans(k_t))
     tl.store(DQ + i_b * sqb + i_h * sqh + o_m[:, None] * sqt + o_k[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_m[:, None] & (o_k[None, :] < DK))
