@@ -450,8 +450,9 @@ def emit_reference(p: Program) -> list[str]:
     lines += ["", ""]
     if cached:
         lines += cached + ["", ""]
+    name = "_reference_tokens" if cached else "reference"
     lines += [
-        f"def {'_reference_tokens' if cached else 'reference'}(inputs, params, states, sizes, output_final_state=False):",
+        f"def {name}(inputs, params, states, sizes, output_final_state=False):",
         '    """The meaning of the .mix file in plain PyTorch: a loop over tokens for the states,',
         '    masked quadratic attention for sums over key tokens. inputs {name: [B, T, H, ...]},',
         '    params {name: [H, ...]}, states {name: [B, H, ...]} (missing = zeros).',

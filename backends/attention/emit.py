@@ -38,10 +38,10 @@ def kernel_source(ap: AttentionPlan) -> list[str]:
     out += _helper("_attn_visible", f"mask(t, u) = {ap.mask_expr}", ap.mask_expr, ["f_t", "f_u"])
     loads = [f"    p_{n} = tl.load(PARAMS + i_h * NP + {i})  # per-head scalar {n}" for i, n in enumerate(ap.params)]
     init = [f"    dpar_{i} = tl.zeros([BN], tl.float32)  # d loss / d {n}, per key" for i, n in enumerate(ap.learnable)]
-    acc = [f"            dpar_{i} += tl.sum(ds * _attn_dpar_{i}(qk, f_t, f_u, {', '.join(ctx)}), 1)"
-           for i, n in enumerate(ap.learnable)]
-    acc_m = [f"            dpar_{i} += tl.sum(tl.where(vis, ds * _attn_dpar_{i}(qk, f_t, f_u, {', '.join(ctx)}), 0.0), 1)"
-             for i, n in enumerate(ap.learnable)]
+    call = f"(qk, f_t, f_u, {', '.join(ctx)})"
+    acc = [f"            dpar_{i} += tl.sum(ds * _attn_dpar_{i}{call}, 1)" for i in range(len(ap.learnable))]
+    acc_m = [f"            dpar_{i} += tl.sum(tl.where(vis, ds * _attn_dpar_{i}{call}, 0.0), 1)"
+             for i in range(len(ap.learnable))]
     store = [f"    tl.store(DPAR + ({i} * tl.num_programs(1) + i_bh) * NN + i_n, tl.sum(dpar_{i}, 0))"
              for i, n in enumerate(ap.learnable)]
     text = TEMPLATE

@@ -1,8 +1,9 @@
 """The tiled attention kernels, as a template with named holes that the emitter fills from the plan.
 
-Holes (``str.format`` fields): ``{CTX}`` the per-head scalars the score reads (``, f_h, p_cap, dim_K``),
+Holes (replaced by the emitter): ``{CTX}`` the per-head scalars the score reads (``, f_h, p_cap, dim_K``),
 ``{CTX_LOADS}`` the lines loading them, ``{DIM_ARGS}`` the size arguments, ``{DPAR_ACC}`` /
-``{DPAR_ACC_MASKED}`` / ``{DPAR_INIT}`` / ``{DPAR_STORE}`` the gradient of each learnable per-head parameter. The helpers
+``{DPAR_ACC_MASKED}`` / ``{DPAR_INIT}`` / ``{DPAR_STORE}`` the gradient of each learnable per-head parameter. The
+helpers
 ``_attn_score``, ``_attn_dscore`` and ``_attn_visible`` are emitted before this text.
 
 Maths (one (batch, head), base-2 online softmax, Dao 2023):
