@@ -134,10 +134,10 @@ def describe(a: Analysis) -> list[str]:
         ap = plan(a.program)
     except NoAttentionForm:
         return []
-    out = [f"attention kernels: score s = {ap.score} with qk = {ap.q}_t . {ap.k}_u, weights softmax over u, "
+    out = [f"score s = {ap.score} with qk = {ap.q}_t . {ap.k}_u, weights softmax over u, "
            f"values {ap.v}_u",
-           f"  mask {ap.mask_expr}: tiles classified empty / full / partial by interval arithmetic (empty tiles "
+           f"mask {ap.mask_expr}: tiles classified empty / full / partial by interval arithmetic (empty tiles "
            "skipped, full ones unmasked)",
-           f"  ds/dqk = {ap.dscore(QK)}" + "".join(f"; ds/d{n} = {ap.dscore(param_symbol(n))}" for n in ap.learnable),
-           "  decode cache: " + (f"the last {ap.window} keys" if ap.window else "every key")]
+           f"ds/dqk = {ap.dscore(QK)}" + "".join(f"; ds/d{n} = {ap.dscore(param_symbol(n))}" for n in ap.learnable),
+           "decode cache (the form's states): " + (f"the last {ap.window} keys" if ap.window else "every key")]
     return out

@@ -56,7 +56,7 @@ def _attn_fwd_kernel(
     NS: tl.constexpr,  # key splits (split-KV decode); 1 in training
 ):
     i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
     o_m = i_m * BM + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -112,7 +112,7 @@ def _attn_bwd_dkdv_kernel(
     NPL: tl.constexpr,  # learnable parameters (the first NPL columns of PARAMS)
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
     o_n = i_n * BN + tl.arange(0, BN)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -175,7 +175,7 @@ def _attn_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
     o_m = i_m * BM + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)

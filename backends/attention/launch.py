@@ -75,12 +75,15 @@ def _attn_tables(classify, T, TK, off, BM, BN, device):
     return out
 
 
-def _attn_config(kind, dk, dv, device):
-    """Launch table: (BM, BN, num_warps, num_stages) for kernel ``kind`` (fwd, dkdv, dq) at widths dk, dv.
-    The interpreter (CPU) gets small tiles; a GPU gets the flash-2 shapes (Hopper: 128-query tiles)."""
+def _attn_config(kind, dk, dv, device, T=None):
+    """Launch table: (BM, BN, num_warps, num_stages) for kernel ``kind`` (fwd, dkdv, dq) at widths dk, dv and
+    T queries. The interpreter (CPU) gets small tiles; a GPU gets the flash-2 shapes (Hopper: 128-query tiles),
+    and a decode-sized call (T <= 16) 16-query tiles (tl.dot's smallest)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
     wide = max(dk, dv) > 64
+    if kind == "fwd" and T is not None and T <= 16:
+        return 16, 64, 4, 3
     if kind == "fwd":
         return (128, 64, 8, 3) if wide else (128, 64, 4, 3)
     if kind == "dkdv":  # BM queries per step, BN keys per program
@@ -107,7 +110,7 @@ def _attn_forward(spec, q, k, v, pars, off, dims, allow_split):
     off..off+T-1) over keys k, v (positions 0..TK-1). pars [H, NP] fp32; dims the sizes the score reads."""
     B, T, H, DK = q.shape
     TK, DV = k.shape[1], v.shape[3]
-    BM, BN, warps, stages = _attn_config("fwd", DK, DV, q.device)
+    BM, BN, warps, stages = _attn_config("fwd", DK, DV, q.device, T)
     qtab, _ = _attn_tables(spec["classify"], T, TK, off, BM, BN, q.device)
     nn = triton.cdiv(TK, BN)
     ns = _attn_splits(T, nn, B * H, q.device, BM) if allow_split else 1
