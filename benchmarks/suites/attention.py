@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms
 
 import mixc
+from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "attention"
