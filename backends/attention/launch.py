@@ -95,12 +95,17 @@ def _attn_width(d):
     return max(16, triton.next_power_of_2(d))
 
 
+_ATTN_SMS = {}  # device index -> multiprocessors
+
+
 def _attn_splits(T, nn, BH, device, BM):
     """Key splits of a decode-sized call (T <= BM queries, many key tiles): enough programs to fill the GPU."""
     if T > BM or nn < 4:
         return 1
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _ATTN_SMS.get(device.index)
+        if sms is None:
+            sms = _ATTN_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(nn // 2, triton.cdiv(2 * sms, BH), 64))
     return 2
 
