@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import mixc
+from mixc.backends.attention.emit import classifier_source
 from mixc.backends.attention.intervals import interval_bool
+from mixc.backends.attention.launch import _attn_tables
 from mixc.backends.attention.plan import T_SYM, U_SYM, plan
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,14 +154,30 @@ def test_decode_after_prefill_equals_full_run(name):
     assert _rel(o, full[:, 60:]) < 1e-5
 
 
-def test_varlen_matches_per_sequence():
-    m = _mixer("segment_attention")
-    x = _inputs(1, 29, 2, 16, 16, seed=5)
+@pytest.mark.parametrize("name", ["segment_attention", "softcap"])
+def test_varlen_matches_per_sequence(name):
+    """Packed sequences in one launch (native varlen: one work row per sequence and tile), an empty one
+    included: outputs and gradients equal each sequence run on its own; with a cache, one at a time."""
+    m = _mixer(name)
+    x = {k: t.requires_grad_() for k, t in _inputs(1, 29, 2, 16, 16, seed=5).items()}
+    p = {n: t.clone().requires_grad_() for n, t in m.parameters_init(2, device=DEV).items()}
     cu = torch.tensor([0, 11, 11, 29], device=DEV)
-    o = m(**x, cu_seqlens=cu, form="attention")
-    for a, b in ((0, 11), (11, 29)):
-        r = m.reference(**{k: v[:, a:b] for k, v in x.items()})
-        assert _rel(o[:, a:b], r) < 1e-5
+    o = m(**x, **p, cu_seqlens=cu, form="attention")
+    r = torch.cat([m.reference(**{k: v[:, a:b] for k, v in x.items()}, **p) for a, b in ((0, 11), (11, 29))], 1)
+    assert _rel(o, r) < 1e-5
+    g = torch.randn_like(r)
+    wrt = [*x.values(), *p.values()]
+    for a, b in zip(torch.autograd.grad(o, wrt, g), torch.autograd.grad(r, wrt, g)):
+        assert _rel(a, b) < 1e-5
+    # with a final cache: per sequence; equal lengths stack, ragged ones are refused by name
+    cu2 = torch.tensor([0, 14, 28], device=DEV)
+    x2 = {k: v[:, :28] for k, v in x.items()}
+    with torch.no_grad():
+        o2, fin = m(**x2, **p, cu_seqlens=cu2, output_final_state=True, form="attention")
+        r2, rfin = m.reference(**x2, **p, cu_seqlens=cu2, output_final_state=True)
+    assert _rel(o2, r2) < 1e-5 and torch.equal(fin["k"], rfin["k"]) and fin["k"].shape[0] == 2
+    with pytest.raises(ValueError, match="final state 'k'"):
+        m(**x, **p, cu_seqlens=cu, output_final_state=True, form="attention")
 
 
 def test_tile_classes_skip_empty_and_unmask_full():
@@ -174,16 +192,10 @@ def test_tile_classes_skip_empty_and_unmask_full():
     seg = plan(mixc.load("examples/segment_attention.mix", L=16).program).mask_expr
     assert interval_bool(seg, {T_SYM: (32, 47), U_SYM: (16, 31)}) == "full"
     assert interval_bool(seg, {T_SYM: (32, 47), U_SYM: (0, 15)}) == "empty"
-    mod = m.module_source if hasattr(m, "module_source") else None
-    del mod
-    from mixc.backends.attention.launch import _attn_tables
-
     ns = {}
-    from mixc.backends.attention.emit import classifier_source
-
     exec("import torch\nfrom mixc.backends.attention.launch import *\n"
          + "\n".join(classifier_source(plan(m.program))), ns)
-    qtab, ktab = _attn_tables(ns["_attention_tile_class"], 256, 256, 0, 16, 16, torch.device("cpu"))
+    qtab, ktab = _attn_tables(ns["_attention_tile_class"], 256, 256, 0, 16, 16)
     lo, flo, fhi, hi = qtab.long().unbind(1)
     assert int((hi - lo).max()) == 3 and int((fhi - flo).max()) == 1  # 2 partial + 1 full tile, not 16
     assert lo[10] == 8 and hi[10] == 11

@@ -7,7 +7,7 @@ def _backend():
 
     from . import emit, launch
 
-    return FormBackend(form="attention", emit=emit.emit, support=(launch,), native_varlen=False,
+    return FormBackend(form="attention", emit=emit.emit, support=(launch,), native_varlen=True,
                        describe=emit.describe)
 
 

@@ -42,7 +42,7 @@ def kernel_source(ap: AttentionPlan) -> list[str]:
     acc = [f"            dpar_{i} += tl.sum(ds * _attn_dpar_{i}{call}, 1)" for i in range(len(ap.learnable))]
     acc_m = [f"            dpar_{i} += tl.sum(tl.where(vis, ds * _attn_dpar_{i}{call}, 0.0), 1)"
              for i in range(len(ap.learnable))]
-    store = [f"    tl.store(DPAR + ({i} * tl.num_programs(1) + i_bh) * NN + i_n, tl.sum(dpar_{i}, 0))"
+    store = [f"    tl.store(DPAR + ({i} * tl.num_programs(1) + i_bh) * tl.num_programs(0) + i_n, tl.sum(dpar_{i}, 0))"
              for i, n in enumerate(ap.learnable)]
     text = TEMPLATE
     for hole, fill in (("{CTX_LOADS}", "\n".join(loads) or "    # (the score reads no per-head parameter)"),
@@ -105,7 +105,12 @@ def form_source(ap: AttentionPlan, p) -> list[str]:
     else:
         lines.append("    pars = torch.zeros(H, 1, dtype=torch.float32, device=q_cur.device)  # (no per-head scalar)")
     dims = "".join(f"float(sizes[{s!r}]), " for s in ap.sizes)
-    lines.append(f"    o = _attn_apply(_ATTN_SPEC, q_cur, k_all, v_all, pars, off, ({dims}))")
+    lines += ["    cu = None",
+              "    if cu_seqlens is not None:  # packed sequences, each attending within itself",
+              "        cu = [int(c) for c in cu_seqlens.tolist()]",
+              "        if cached or output_final_state:  # each sequence has its own cache length",
+              "            return _attn_per_sequence(attention, inputs, params, states, sizes, output_final_state, cu)",
+              f"    o = _attn_apply(_ATTN_SPEC, q_cur, k_all, v_all, pars, off, ({dims}), cu)"]
     lines.append("    if not output_final_state:")
     lines.append("        return o, None")
     keep_from = f"max(0, x_{{n}}.shape[1] - {ap.window})" if ap.window else "0"

@@ -12,7 +12,9 @@ Maths (one (batch, head), base-2 online softmax, Dao 2023):
 backward, with delta_t = sum_j do_tj o_tj:
     p = 2^(s2 - lse2),  dv = p^T do,  dp = do v^T,  ds = p (dp - delta),
     dq = (ds * ds/dqk) k,  dk = (ds * ds/dqk)^T q,  dparam = sum ds * ds/dparam
-Key tiles of one query tile come from TABLE as [lo, flo, fhi, hi): [flo, fhi) are full (no mask
+Each program reads its work row from TABLE: (q_start, q_len, k_start, k_len, off, tile, lo, flo, fhi, hi), its
+sequence's first query and key in the packed tensors (cu_seqlens) and their counts, the position of the first
+query (the cache length), its tile, and the tiles of the other side it visits: [flo, fhi) full (no mask
 arithmetic), [lo, flo) and [fhi, hi) partial (masked), the rest empty (never visited).
 """
 
@@ -46,18 +48,27 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t,
 def _attn_fwd_kernel(
     Q, K, V,  # [B, T, H, DK], [B, TK, H, DK], [B, TK, H, DV]; unit stride along the width
     O, LSE,  # out [NS, B, T, H, DV]; base-2 logsumexp [NS, B, H, T] fp32 (NS: key splits)
-    TABLE,  # [cdiv(T, BM), 4] int32 key tiles (lo, flo, fhi, hi) of each query tile
+    TABLE,  # [programs, 10] int32 work rows, one per (sequence, query tile)
     PARAMS,  # [H, NP] fp32 per-head scalars the score reads
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,  # strides of Q, K, V
     sos, sob, sot, soh, sls, slb, slh,  # strides of O and LSE
-    T, TK, OFF, H, NP,{DIM_ARGS}  # queries, keys, position of the first query (cache length), heads, params, sizes
+    H, NP,{DIM_ARGS}  # heads, per-head scalars, sizes
     DK: tl.constexpr, DV: tl.constexpr,  # q/k and v widths
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,  # tile sizes (BK >= DK, BV >= DV)
     NS: tl.constexpr,  # key splits (split-KV decode); 1 in training
 ):
     i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
-    o_m = i_m * BM + tl.arange(0, BM)
+    w = TABLE + i_m * 10  # this program's work row
+    q0, T, k0, TK = tl.load(w).to(tl.int64), tl.load(w + 1), tl.load(w + 2).to(tl.int64), tl.load(w + 3)
+    OFF, i_t = tl.load(w + 4), tl.load(w + 5)  # first query position, this program's tile in its sequence
+    lo, flo, fhi, hi = tl.load(w + 6), tl.load(w + 7), tl.load(w + 8), tl.load(w + 9)
+    Q += q0 * sqt  # the sequence's first query and key
+    K += k0 * skt
+    V += k0 * svt
+    O += q0 * sot
+    LSE += q0
+    o_m = i_t * BM + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_m = o_m < T
@@ -70,10 +81,6 @@ def _attn_fwd_kernel(
     f_t = (OFF + o_m).to(tl.float32)[:, None]
     f_h = i_h.to(tl.float32)
 {CTX_LOADS}
-    lo = tl.load(TABLE + i_m * 4)
-    flo = tl.load(TABLE + i_m * 4 + 1)
-    fhi = tl.load(TABLE + i_m * 4 + 2)
-    hi = tl.load(TABLE + i_m * 4 + 3)
     if NS > 1:  # this program's share of the key tiles
         per = tl.cdiv(hi - lo, NS)
         s_lo = lo + i_s * per
@@ -102,18 +109,30 @@ def _attn_fwd_kernel(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,  # [B, T, H, DK], [B, TK, H, DK], [B, TK, H, DV], [B, T, H, DV], [B, H, T] x2 fp32
     DK_OUT, DV_OUT,  # gradients of K and V, laid out as K and V
-    DPAR,  # [NPL, B * H, cdiv(TK, BN)] fp32 partial sums of the learnable parameters' gradients
-    TABLE,  # [cdiv(TK, BN), 4] int32 query tiles (lo, flo, fhi, hi) of each key tile
+    DPAR,  # [NPL, B * H, programs] fp32 partial sums of the learnable parameters' gradients
+    TABLE,  # [programs, 10] int32 work rows, one per (sequence, key tile)
     PARAMS,  # [H, NP] fp32 per-head scalars the score reads
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,  # strides of Q, K (and DK_OUT), V (and DV_OUT), DO
     slb, slh,  # strides of LSE and DELTA
-    T, TK, OFF, H, NP, NN,{DIM_ARGS}  # queries, keys, first query position, heads, params, key tiles, sizes
+    H, NP,{DIM_ARGS}  # heads, per-head scalars, sizes
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NPL: tl.constexpr,  # learnable parameters (the first NPL columns of PARAMS)
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
-    o_n = i_n * BN + tl.arange(0, BN)
+    w = TABLE + i_n * 10  # this program's work row
+    q0, T, k0, TK = tl.load(w).to(tl.int64), tl.load(w + 1), tl.load(w + 2).to(tl.int64), tl.load(w + 3)
+    OFF, i_t = tl.load(w + 4), tl.load(w + 5)  # first query position, this program's tile in its sequence
+    lo, flo, fhi, hi = tl.load(w + 6), tl.load(w + 7), tl.load(w + 8), tl.load(w + 9)
+    Q += q0 * sqt  # the sequence's first query and key
+    DO += q0 * sdt
+    LSE += q0
+    DELTA += q0
+    K += k0 * skt
+    V += k0 * svt
+    DK_OUT += k0 * skt
+    DV_OUT += k0 * svt
+    o_n = i_t * BN + tl.arange(0, BN)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_n = o_n < TK
@@ -127,10 +146,6 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BN, BK], tl.float32)
     dv = tl.zeros([BN, BV], tl.float32)
 {DPAR_INIT}
-    lo = tl.load(TABLE + i_n * 4)
-    flo = tl.load(TABLE + i_n * 4 + 1)
-    fhi = tl.load(TABLE + i_n * 4 + 2)
-    hi = tl.load(TABLE + i_n * 4 + 3)
     for i_m in range(lo, hi):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < T
@@ -167,16 +182,27 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA,  # as in _attn_bwd_dkdv_kernel
     DQ,  # gradient of Q, laid out as Q
-    TABLE,  # [cdiv(T, BM), 4] int32 key tiles (lo, flo, fhi, hi) of each query tile
+    TABLE,  # [programs, 10] int32 work rows, one per (sequence, query tile)
     PARAMS,  # [H, NP] fp32 per-head scalars the score reads
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,  # strides of Q (and DQ), K, V, DO
     slb, slh,  # strides of LSE and DELTA
-    T, TK, OFF, H, NP,{DIM_ARGS}  # queries, keys, first query position, heads, params, sizes
+    H, NP,{DIM_ARGS}  # heads, per-head scalars, sizes
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
-    o_m = i_m * BM + tl.arange(0, BM)
+    w = TABLE + i_m * 10  # this program's work row
+    q0, T, k0, TK = tl.load(w).to(tl.int64), tl.load(w + 1), tl.load(w + 2).to(tl.int64), tl.load(w + 3)
+    OFF, i_t = tl.load(w + 4), tl.load(w + 5)  # first query position, this program's tile in its sequence
+    lo, flo, fhi, hi = tl.load(w + 6), tl.load(w + 7), tl.load(w + 8), tl.load(w + 9)
+    Q += q0 * sqt  # the sequence's first query and key
+    DQ += q0 * sqt
+    DO += q0 * sdt
+    LSE += q0
+    DELTA += q0
+    K += k0 * skt
+    V += k0 * svt
+    o_m = i_t * BM + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_m = o_m < T
@@ -190,10 +216,6 @@ def _attn_bwd_dq_kernel(
     f_h = i_h.to(tl.float32)
 {CTX_LOADS}
     dq = tl.zeros([BM, BK], tl.float32)
-    lo = tl.load(TABLE + i_m * 4)
-    flo = tl.load(TABLE + i_m * 4 + 1)
-    fhi = tl.load(TABLE + i_m * 4 + 2)
-    hi = tl.load(TABLE + i_m * 4 + 3)
     for i_n in range(lo, hi):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < TK
