@@ -21,13 +21,13 @@ arithmetic), [lo, flo) and [fhi, hi) partial (masked), the rest empty (never vis
 TEMPLATE = '''
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, start, end, TK{CTX},
-                    BN: tl.constexpr, MASKED: tl.constexpr):
+                    BN: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr):
     """Online softmax over key tiles [start, end) of one query tile (acc [BM, BV], m_i, l_i [BM])."""
     for i_n in range(start, end):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < TK
         b_k = tl.load(k_ptrs + i_n * BN * skt, mask=m_n[None, :] & m_kd, other=0.0)  # [BK, BN]
-        qk = tl.dot(q, b_k)  # q_t . k_u, fp32 [BM, BN]
+        qk = tl.dot(q, b_k, input_precision=DOT)  # q_t . k_u, fp32 [BM, BN]
         f_u = o_n.to(tl.float32)[None, :]
         s = _attn_score(qk, f_t, f_u{CTX}) * 1.4426950408889634  # log2 units
         if MASKED:
@@ -39,7 +39,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         b_v = tl.load(v_ptrs + i_n * BN * svt, mask=m_n[:, None] & m_vd, other=0.0)  # [BN, BV]
-        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -56,6 +56,7 @@ def _attn_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr,  # q/k and v widths
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,  # tile sizes (BK >= DK, BV >= DV)
     NS: tl.constexpr,  # key splits (split-KV decode); 1 in training
+    DOT: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs (exact), else "tf32" (16-bit: unused)
 ):
     i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
@@ -92,11 +93,11 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, s_lo,
-                                    tl.minimum(flo, s_hi), TK{CTX}, BN, True)
+                                    tl.minimum(flo, s_hi), TK{CTX}, BN, True, DOT)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, tl.maximum(flo, s_lo),
-                                    tl.minimum(fhi, s_hi), TK{CTX}, BN, False)
+                                    tl.minimum(fhi, s_hi), TK{CTX}, BN, False, DOT)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, tl.maximum(fhi, s_lo),
-                                    s_hi, TK{CTX}, BN, True)
+                                    s_hi, TK{CTX}, BN, True, DOT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
@@ -117,6 +118,7 @@ def _attn_bwd_dkdv_kernel(
     H, NP,{DIM_ARGS}  # heads, per-head scalars, sizes
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NPL: tl.constexpr,  # learnable parameters (the first NPL columns of PARAMS)
+    DOT: tl.constexpr,  # tl.dot input precision
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
@@ -155,11 +157,11 @@ def _attn_bwd_dkdv_kernel(
                        mask=m_m[:, None] & (o_v[None, :] < DV), other=0.0)  # [BM, BV]
         lse = tl.load(LSE + i_b * slb + i_h * slh + o_m, mask=m_m, other=float("inf"))
         delta = tl.load(DELTA + i_b * slb + i_h * slh + o_m, mask=m_m, other=0.0)
-        qk = tl.dot(b_k, q_t)  # [BN, BM]: s^T
+        qk = tl.dot(b_k, q_t, input_precision=DOT)  # [BN, BM]: s^T
         f_t = (OFF + o_m).to(tl.float32)[None, :]
         s = _attn_score(qk, f_t, f_u{CTX}) * 1.4426950408889634
         p = tl.exp2(s - lse[None, :])
-        dp = tl.dot(b_v, tl.trans(b_do))  # [BN, BM]: (do v^T)^T
+        dp = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)  # [BN, BM]: (do v^T)^T
         ds = p * (dp - delta[None, :])
         dqk = ds * _attn_dscore(qk, f_t, f_u{CTX})
         if (i_m < flo) | (i_m >= fhi):  # a partial tile: mask element by element (after any inf * 0)
@@ -169,8 +171,8 @@ def _attn_bwd_dkdv_kernel(
 {DPAR_ACC_MASKED}
         else:
 {DPAR_ACC}
-        dv += tl.dot(p.to(b_do.dtype), b_do)
-        dk += tl.dot(dqk.to(q_t.dtype), tl.trans(q_t))
+        dv += tl.dot(p.to(b_do.dtype), b_do, input_precision=DOT)
+        dk += tl.dot(dqk.to(q_t.dtype), tl.trans(q_t), input_precision=DOT)
     tl.store(DK_OUT + i_b * skb + i_h * skh + o_n[:, None] * skt + o_k[None, :], dk.to(DK_OUT.dtype.element_ty),
              mask=m_n[:, None] & (o_k[None, :] < DK))
     tl.store(DV_OUT + i_b * svb + i_h * svh + o_n[:, None] * svt + o_v[None, :], dv.to(DV_OUT.dtype.element_ty),
@@ -188,6 +190,7 @@ def _attn_bwd_dq_kernel(
     slb, slh,  # strides of LSE and DELTA
     H, NP,{DIM_ARGS}  # heads, per-head scalars, sizes
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT: tl.constexpr,  # tl.dot input precision
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
@@ -223,16 +226,16 @@ def _attn_bwd_dq_kernel(
                       mask=m_n[None, :] & (o_k[:, None] < DK), other=0.0)  # [BK, BN] k^T
         v_t = tl.load(V + i_b * svb + i_h * svh + o_n[None, :] * svt + o_v[:, None],
                       mask=m_n[None, :] & (o_v[:, None] < DV), other=0.0)  # [BV, BN] v^T
-        qk = tl.dot(b_q, k_t)  # [BM, BN]
+        qk = tl.dot(b_q, k_t, input_precision=DOT)  # [BM, BN]
         f_u = o_n.to(tl.float32)[None, :]
         s = _attn_score(qk, f_t, f_u{CTX}) * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(b_do, v_t)
+        dp = tl.dot(b_do, v_t, input_precision=DOT)
         ds = p * (dp - delta[:, None])
         dqk = ds * _attn_dscore(qk, f_t, f_u{CTX})
         if (i_n < flo) | (i_n >= fhi):  # a partial tile: mask element by element (after any inf * 0)
             dqk = tl.where(m_m[:, None] & m_n[None, :] & _attn_visible(f_t, f_u), dqk, 0.0)
-        dq += tl.dot(dqk.to(k_t.dtype), tl.trans(k_t))
+        dq += tl.dot(dqk.to(k_t.dtype), tl.trans(k_t), input_precision=DOT)
     tl.store(DQ + i_b * sqb + i_h * sqh + o_m[:, None] * sqt + o_k[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_m[:, None] & (o_k[None, :] < DK))
 '''

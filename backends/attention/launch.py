@@ -118,6 +118,12 @@ def _attn_config(kind, dk, dv, device, T=None):
     return (128, 32, 8, 3) if wide else (128, 32, 4, 3)  # dq: BM queries per program, BN keys per step
 
 
+def _attn_dot(dtype):
+    """tl.dot's input precision: exact products for fp32 (and fp64) inputs, as the reference computes; 16-bit
+    inputs multiply exactly anyway (the default, tf32, applies to fp32 operands only)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
 def _attn_width(d):
     return max(16, triton.next_power_of_2(d))
 
@@ -159,8 +165,8 @@ def _attn_forward(spec, q, k, v, pars, off, dims, allow_split, seqs=None):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         H, pars.shape[1], *dims,
-        DK=DK, DV=DV, BM=BM, BN=BN, BK=_attn_width(DK), BV=_attn_width(DV), NS=ns, num_warps=warps,
-        num_stages=stages,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=_attn_width(DK), BV=_attn_width(DV), NS=ns, DOT=_attn_dot(q.dtype),
+        num_warps=warps, num_stages=stages,
     )
     if ns == 1:
         return o[0], lse[0]
@@ -193,13 +199,13 @@ def _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims, seqs=None):
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
     spec["dkdv"][(nn, B * H)](
         q, k, v, do, lse, delta, dk, dv, dpar, work, pars, *strides, H, pars.shape[1], *dims,
-        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, NPL=npl, num_warps=warps, num_stages=stages,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, NPL=npl, DOT=_attn_dot(q.dtype), num_warps=warps, num_stages=stages,
     )
     BM, BN, warps, stages = _attn_config("dq", DK, DV, q.device)
     work = _attn_work(spec["classify"], seqs, off, BM, BN, "q", q.device)
     spec["dq"][(work.shape[0], B * H)](
         q, k, v, do, lse, delta, dq, work, pars, *strides, H, pars.shape[1], *dims,
-        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, num_warps=warps, num_stages=stages,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, DOT=_attn_dot(q.dtype), num_warps=warps, num_stages=stages,
     )
     dpars = torch.zeros_like(pars)
     if npl:

@@ -50,7 +50,10 @@ def triton_expr(e: sympy.Basic, names: dict[sympy.Symbol, str] | None = None) ->
         top = " * ".join(p(a) for a in num) if num else "1.0"
         if not den:
             return f"({top})"
-        return f"({top} / ({' * '.join(p(a) for a in den)}))"
+        bottom = " * ".join(p(a) for a in den)
+        if not any(x.free_symbols & {QK, T_SYM, U_SYM} for x in den):  # a per-head scalar: one reciprocal, then
+            return f"({top} * (1.0 / ({bottom})))"  # a product per element (a division costs several)
+        return f"({top} / ({bottom}))"
     if isinstance(e, sympy.Pow):
         b, x = e.base, e.exp
         xv = float(x) if x.is_Number else None
