@@ -166,6 +166,7 @@ def _attn_forward(spec, q, k, v, pars, off, dims, allow_split, seqs=None):
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         H, pars.shape[1], *dims,
         DK=DK, DV=DV, BM=BM, BN=BN, BK=_attn_width(DK), BV=_attn_width(DV), NS=ns, DOT=_attn_dot(q.dtype),
+        EVEN=DK == _attn_width(DK) and DV == _attn_width(DV),
         num_warps=warps, num_stages=stages,
     )
     if ns == 1:
