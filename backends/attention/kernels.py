@@ -21,12 +21,16 @@ arithmetic), [lo, flo) and [fhi, hi) partial (masked), the rest empty (never vis
 TEMPLATE = '''
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, start, end, TK{CTX},
-                    BN: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr):
-    """Online softmax over key tiles [start, end) of one query tile (acc [BM, BV], m_i, l_i [BM])."""
+                    BN: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr, BARE: tl.constexpr):
+    """Online softmax over key tiles [start, end) of one query tile (acc [BM, BV], m_i, l_i [BM]). BARE: full
+    tiles (never cut by TK) of unpadded widths, loaded without masks."""
     for i_n in range(start, end):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < TK
-        b_k = tl.load(k_ptrs + i_n * BN * skt, mask=m_n[None, :] & m_kd, other=0.0)  # [BK, BN]
+        if BARE:
+            b_k = tl.load(k_ptrs + i_n * BN * skt)  # [BK, BN]
+        else:
+            b_k = tl.load(k_ptrs + i_n * BN * skt, mask=m_n[None, :] & m_kd, other=0.0)  # [BK, BN]
         qk = tl.dot(q, b_k, input_precision=DOT)  # q_t . k_u, fp32 [BM, BN]
         f_u = o_n.to(tl.float32)[None, :]
         s = _attn_score(qk, f_t, f_u{CTX}) * 1.4426950408889634  # log2 units
@@ -38,7 +42,10 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t,
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        b_v = tl.load(v_ptrs + i_n * BN * svt, mask=m_n[:, None] & m_vd, other=0.0)  # [BN, BV]
+        if BARE:
+            b_v = tl.load(v_ptrs + i_n * BN * svt)  # [BN, BV]
+        else:
+            b_v = tl.load(v_ptrs + i_n * BN * svt, mask=m_n[:, None] & m_vd, other=0.0)  # [BN, BV]
         acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT)
         m_i = m_new
     return acc, m_i, l_i
@@ -57,6 +64,7 @@ def _attn_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,  # tile sizes (BK >= DK, BV >= DV)
     NS: tl.constexpr,  # key splits (split-KV decode); 1 in training
     DOT: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs (exact), else "tf32" (16-bit: unused)
+    EVEN: tl.constexpr,  # DK == BK and DV == BV: full key tiles load without masks
 ):
     i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
@@ -93,11 +101,11 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, s_lo,
-                                    tl.minimum(flo, s_hi), TK{CTX}, BN, True, DOT)
+                                    tl.minimum(flo, s_hi), TK{CTX}, BN, True, DOT, False)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, tl.maximum(flo, s_lo),
-                                    tl.minimum(fhi, s_hi), TK{CTX}, BN, False, DOT)
+                                    tl.minimum(fhi, s_hi), TK{CTX}, BN, False, DOT, EVEN)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t, tl.maximum(fhi, s_lo),
-                                    s_hi, TK{CTX}, BN, True, DOT)
+                                    s_hi, TK{CTX}, BN, True, DOT, False)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))

@@ -12,6 +12,8 @@ Every row checks our output (or gradients) against the reference, or SDPA, in th
 
 from __future__ import annotations
 
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "attention"
+FLEX_BUDGET_S = 75  # seconds into the suite after which the FlexAttention anchors (torch.compile) are skipped
 
 
 def _inputs(B, T, H, D, dtype, seed=0):
@@ -42,6 +45,29 @@ def _check_ref(m, x, o, heads=1, batch=1):
     masked T x T product: a slice keeps it small)."""
     sl = {n: t[:batch, :, :heads].float() for n, t in x.items()}
     return rel(o[:batch, :, :heads], m.reference(**sl))
+
+
+class _Rows(list):
+    """The suite's rows, each printed (flushed) as soon as it is measured, with the seconds since the start."""
+
+    def __init__(self):
+        super().__init__()
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, case, ours, anchor=None, anchor_ms=None, check=None, note=""):
+        r = row(SUITE, case, ours, anchor, anchor_ms, check, note)
+        self.append(r)
+        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        print(f"[attention {self.elapsed():.0f}s] {case}: ours {fmt(ours, '.4f')} ms, {anchor or '-'} "
+              f"{fmt(anchor_ms, '.4f')} ms, ratio {fmt(r['ratio'], '.2f')}, check {fmt(check, '.1e')}; {note}",
+              flush=True)
+
+    def failed(self, case, e):
+        traceback.print_exc()
+        self.add(case, None, note=f"failed: {e!r}"[:200])
 
 
 def _flex(mask_mod):
@@ -69,60 +95,92 @@ def run(smoke: bool) -> list[dict]:
     Tc = 80 if smoke else 16384
     causal = mixc.load(ROOT / "examples" / "softmax_attention.mix")
     window = mixc.load(ROOT / "examples" / "sliding_window_attention.mix", W=W)
-    rows = []
+    rows = _Rows()
     label = "fp32 smoke" if smoke else "bf16"
+    x = _inputs(B, T, H, D, dtype)
+    xw = _inputs(Bw, Tw, H, D, dtype, seed=1)
 
     # causal forward / forward+backward vs SDPA
-    x = _inputs(B, T, H, D, dtype)
-    with torch.no_grad():
-        o = causal(**x, form="attention")
-        ours = time_ms(lambda: causal(**x, form="attention"))
-        sdpa = time_ms(lambda: _sdpa(**x, is_causal=True))
-        check = _check_ref(causal, x, o)
-    rows.append(row(SUITE, f"causal fwd B{B} T{T} H{H} D{D} {label}", ours, "torch SDPA", sdpa, check,
-                    "target >= 0.8x"))
-    xg = {n: t.clone().requires_grad_() for n, t in x.items()}
-    g = torch.randn_like(o)
-    ours = time_ms(fwd_bwd(lambda **a: causal(**a, form="attention"), xg, g))
-    sdpa = time_ms(fwd_bwd(lambda **a: _sdpa(**a, is_causal=True), xg, g))
-    ga = torch.autograd.grad(causal(**xg, form="attention"), list(xg.values()), g)
-    gs = torch.autograd.grad(_sdpa(**xg, is_causal=True), list(xg.values()), g)
-    check = max(rel(a, b) for a, b in zip(ga, gs))
-    rows.append(row(SUITE, f"causal fwd+bwd B{B} T{T} H{H} D{D} {label}", ours, "torch SDPA", sdpa, check,
-                    "target >= 0.7x; check: dq, dk, dv vs SDPA's"))
+    case = f"causal fwd B{B} T{T} H{H} D{D} {label}"
+    try:
+        with torch.no_grad():
+            o = causal(**x, form="attention")
+            ours = time_ms(lambda: causal(**x, form="attention"))
+            sdpa = time_ms(lambda: _sdpa(**x, is_causal=True))
+            check = _check_ref(causal, x, o)
+        rows.add(case, ours, "torch SDPA", sdpa, check, "target >= 0.8x")
+    except Exception as e:  # noqa: BLE001 (a failing case is reported; the others still run)
+        rows.failed(case, e)
+    case = f"causal fwd+bwd B{B} T{T} H{H} D{D} {label}"
+    try:
+        xg = {n: t.clone().requires_grad_() for n, t in x.items()}
+        g = torch.randn_like(x["v"])
+        ours = time_ms(fwd_bwd(lambda **a: causal(**a, form="attention"), xg, g))
+        sdpa = time_ms(fwd_bwd(lambda **a: _sdpa(**a, is_causal=True), xg, g))
+        ga = torch.autograd.grad(causal(**xg, form="attention"), list(xg.values()), g)
+        gs = torch.autograd.grad(_sdpa(**xg, is_causal=True), list(xg.values()), g)
+        check = max(rel(a, b) for a, b in zip(ga, gs))
+        rows.add(case, ours, "torch SDPA", sdpa, check, "target >= 0.7x; check: dq, dk, dv vs SDPA's")
+    except Exception as e:  # noqa: BLE001
+        rows.failed(case, e)
 
     # sliding window vs our own dense causal kernel
-    xw = _inputs(Bw, Tw, H, D, dtype, seed=1)
-    with torch.no_grad():
-        ow = window(**xw, form="attention")
-        ours = time_ms(lambda: window(**xw, form="attention"))
-        dense = time_ms(lambda: causal(**xw, form="attention"))
-        check = _check_ref(window, xw, ow)
-    rows.append(row(SUITE, f"sliding W{W} fwd B{Bw} T{Tw} H{H} D{D} {label}", ours, "ours dense causal", dense,
-                    check, "target >= 4x"))
-    xwg = {n: t.clone().requires_grad_() for n, t in xw.items()}
-    gw = torch.randn_like(ow)
-    ours = time_ms(fwd_bwd(lambda **a: window(**a, form="attention"), xwg, gw))
-    dense = time_ms(fwd_bwd(lambda **a: causal(**a, form="attention"), xwg, gw))
-    tt = torch.arange(Tw, device=DEV)
-    band = (tt[None, :] <= tt[:, None]) & (tt[None, :] > tt[:, None] - W)
-    sl = {n: t[:, :, :1].detach().clone().requires_grad_() for n, t in xw.items()}
-    ga = torch.autograd.grad(window(**sl, form="attention"), list(sl.values()), gw[:, :, :1])
-    gs = torch.autograd.grad(_sdpa(**sl, attn_mask=band), list(sl.values()), gw[:, :, :1])
-    check = max(rel(a, b) for a, b in zip(ga, gs))
-    rows.append(row(SUITE, f"sliding W{W} fwd+bwd B{Bw} T{Tw} H{H} D{D} {label}", ours, "ours dense causal", dense,
-                    check, "target >= 4x; check: grads of head 0 vs SDPA with the band mask"))
+    case = f"sliding W{W} fwd B{Bw} T{Tw} H{H} D{D} {label}"
+    try:
+        with torch.no_grad():
+            ow = window(**xw, form="attention")
+            ours = time_ms(lambda: window(**xw, form="attention"))
+            dense = time_ms(lambda: causal(**xw, form="attention"))
+            check = _check_ref(window, xw, ow)
+        rows.add(case, ours, "ours dense causal", dense, check, "target >= 4x")
+    except Exception as e:  # noqa: BLE001
+        rows.failed(case, e)
+    case = f"sliding W{W} fwd+bwd B{Bw} T{Tw} H{H} D{D} {label}"
+    try:
+        xwg = {n: t.clone().requires_grad_() for n, t in xw.items()}
+        gw = torch.randn_like(xw["v"])
+        ours = time_ms(fwd_bwd(lambda **a: window(**a, form="attention"), xwg, gw))
+        dense = time_ms(fwd_bwd(lambda **a: causal(**a, form="attention"), xwg, gw))
+        tt = torch.arange(Tw, device=DEV)
+        band = (tt[None, :] <= tt[:, None]) & (tt[None, :] > tt[:, None] - W)
+        sl = {n: t[:, :, :1].detach().clone().requires_grad_() for n, t in xw.items()}
+        ga = torch.autograd.grad(window(**sl, form="attention"), list(sl.values()), gw[:, :, :1])
+        gs = torch.autograd.grad(_sdpa(**sl, attn_mask=band), list(sl.values()), gw[:, :, :1])
+        check = max(rel(a, b) for a, b in zip(ga, gs))
+        rows.add(case, ours, "ours dense causal", dense, check,
+                 "target >= 4x; check: grads of head 0 vs SDPA with the band mask")
+    except Exception as e:  # noqa: BLE001
+        rows.failed(case, e)
 
-    # FlexAttention with the same masks (GPU only: compiled)
-    for name, m, xs, mask_mod in (
+    # decode: one token against a long cache (split-KV) vs SDPA over the whole cache
+    case = f"decode 1 token, cache {Tc}, B{B} H{H} D{D} {label}"
+    try:
+        xc = _inputs(B, Tc + 1, H, D, dtype, seed=2)
+        cache = {"k": xc["k"][:, :Tc].transpose(1, 2).contiguous(),
+                 "v": xc["v"][:, :Tc].transpose(1, 2).contiguous()}
+        step = {n: t[:, Tc:] for n, t in xc.items()}
+        with torch.no_grad():
+            od = causal(**step, initial_state=cache, form="attention")
+            ours = time_ms(lambda: causal(**step, initial_state=cache, form="attention"))
+            sdpa = time_ms(lambda: _sdpa(step["q"], xc["k"], xc["v"]))
+            check = rel(od, _sdpa(step["q"].float(), xc["k"].float(), xc["v"].float()))
+        rows.add(case, ours, "torch SDPA", sdpa, check, "ours includes appending the token to the cache (torch.cat)")
+    except Exception as e:  # noqa: BLE001
+        rows.failed(case, e)
+
+    # FlexAttention with the same masks (GPU only: compiled; last, and skipped past the suite's time budget)
+    for name, m, xb, mask_mod in (
         ("causal", causal, x, lambda b, h, q, k: k <= q),
         (f"sliding W{W}", window, xw, lambda b, h, q, k: (k <= q) & (k > q - W)),
     ):
-        xb = xs
         Bx, Tx = xb["q"].shape[0], xb["q"].shape[1]
+        case = f"{name} fwd B{Bx} T{Tx} H{H} D{D} {label}"
         if not on_gpu():
-            rows.append(row(SUITE, f"{name} fwd vs FlexAttention", None, "flex_attention", None, None,
-                            "skipped: compiled FlexAttention needs a GPU"))
+            rows.add(case, None, "flex_attention", None, None, "skipped: compiled FlexAttention needs a GPU")
+            continue
+        if rows.elapsed() > FLEX_BUDGET_S:
+            rows.add(case, None, "flex_attention", None, None,
+                     f"skipped: the suite had run {rows.elapsed():.0f} s (budget {FLEX_BUDGET_S} s before Flex)")
             continue
         call, block_for, why = _flex(mask_mod)
         try:
@@ -132,21 +190,7 @@ def run(smoke: bool) -> list[dict]:
                 ours = time_ms(lambda m=m, xb=xb: m(**xb, form="attention"))
                 flex = time_ms(lambda xb=xb, block=block: call(**xb, block=block))
                 check = rel(m(**xb, form="attention"), of)
-            rows.append(row(SUITE, f"{name} fwd B{Bx} T{Tx} H{H} D{D} {label}", ours, "flex_attention", flex, check,
-                            "check: vs FlexAttention"))
+            rows.add(case, ours, "flex_attention", flex, check, "check: vs FlexAttention")
         except Exception as e:  # noqa: BLE001
-            rows.append(row(SUITE, f"{name} fwd vs FlexAttention", None, "flex_attention", None, None,
-                            (why or f"flex_attention failed: {e!r}")[:160]))
-
-    # decode: one token against a long cache (split-KV) vs SDPA over the whole cache
-    xc = _inputs(B, Tc + 1, H, D, dtype, seed=2)
-    cache = {"k": xc["k"][:, :Tc].transpose(1, 2).contiguous(), "v": xc["v"][:, :Tc].transpose(1, 2).contiguous()}
-    step = {n: t[:, Tc:] for n, t in xc.items()}
-    with torch.no_grad():
-        od = causal(**step, initial_state=cache, form="attention")
-        ours = time_ms(lambda: causal(**step, initial_state=cache, form="attention"))
-        sdpa = time_ms(lambda: _sdpa(step["q"], xc["k"], xc["v"]))
-        check = rel(od, _sdpa(step["q"].float(), xc["k"].float(), xc["v"].float()))
-    rows.append(row(SUITE, f"decode 1 token, cache {Tc}, B{B} H{H} D{D} {label}", ours, "torch SDPA", sdpa, check,
-                    "ours includes appending the token to the cache (torch.cat)"))
-    return rows
+            rows.add(case, None, "flex_attention", None, None, (why or f"flex_attention failed: {e!r}")[:160])
+    return list(rows)
