@@ -102,12 +102,18 @@ def _attn_work(classify, seqs, off, BM, BN, side, device):
     return out
 
 
-def _attn_config(kind, dk, dv, device, T=None):
-    """Launch table: (BM, BN, num_warps, num_stages) for kernel ``kind`` (fwd, dkdv, dq) at widths dk, dv and
-    T queries. The interpreter (CPU) gets small tiles; a GPU gets the flash-2 shapes (Hopper: 128-query tiles),
-    and a decode-sized call (T <= 16) 16-query tiles (tl.dot's smallest)."""
+def _attn_config(kind, dk, dv, device, T=None, esize=2):
+    """Launch table: (BM, BN, num_warps, num_stages) for kernel ``kind`` (fwd, dkdv, dq) at widths dk, dv,
+    T queries and ``esize``-byte inputs. The interpreter (CPU) gets small tiles; a GPU gets the flash-2 shapes
+    (Hopper: 128-query tiles), and a decode-sized call (T <= 16) 16-query tiles (tl.dot's smallest). fp32 inputs
+    (exact products: no tensor-core path) wider than 32 get half-size tiles: at 128 the 16-bit shapes need
+    ~230 KB of shared memory (the limit is 232448 bytes) and spill 12 KB a thread."""
     if device.type != "cuda":
         return 16, 16, 4, 1
+    if esize >= 4 and max(dk, dv) > 32:
+        if kind == "fwd":
+            return (16, 32, 4, 2) if T is not None and T <= 16 else (64, 32, 4, 2)
+        return (32, 64, 4, 2) if kind == "dkdv" else (64, 32, 4, 2)
     wide = max(dk, dv) > 64
     if kind == "fwd" and T is not None and T <= 16:
         return 16, 64, 4, 3
@@ -150,7 +156,7 @@ def _attn_forward(spec, q, k, v, pars, off, dims, allow_split, seqs=None):
     reads."""
     B, T, H, DK = q.shape
     TK, DV = k.shape[1], v.shape[3]
-    BM, BN, warps, stages = _attn_config("fwd", DK, DV, q.device, T if seqs is None else None)
+    BM, BN, warps, stages = _attn_config("fwd", DK, DV, q.device, T if seqs is None else None, q.element_size())
     work = _attn_work(spec["classify"], seqs or ((0, T, 0, TK),), off, BM, BN, "q", q.device)
     nn = triton.cdiv(TK, BN)
     ns = _attn_splits(T, nn, B * H, q.device, BM) if allow_split and seqs is None else 1
@@ -191,7 +197,7 @@ def _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims, seqs=None):
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     npl = spec["npl"]
-    BM, BN, warps, stages = _attn_config("dkdv", DK, DV, q.device)
+    BM, BN, warps, stages = _attn_config("dkdv", DK, DV, q.device, None, q.element_size())
     seqs = seqs or ((0, T, 0, TK),)
     work = _attn_work(spec["classify"], seqs, off, BM, BN, "k", q.device)
     nn = work.shape[0]
@@ -202,7 +208,7 @@ def _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims, seqs=None):
         q, k, v, do, lse, delta, dk, dv, dpar, work, pars, *strides, H, pars.shape[1], *dims,
         DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, NPL=npl, DOT=_attn_dot(q.dtype), num_warps=warps, num_stages=stages,
     )
-    BM, BN, warps, stages = _attn_config("dq", DK, DV, q.device)
+    BM, BN, warps, stages = _attn_config("dq", DK, DV, q.device, None, q.element_size())
     work = _attn_work(spec["classify"], seqs, off, BM, BN, "q", q.device)
     spec["dq"][(work.shape[0], B * H)](
         q, k, v, do, lse, delta, dq, work, pars, *strides, H, pars.shape[1], *dims,
