@@ -106,17 +106,15 @@ def _attn_config(kind, dk, dv, device, T=None, esize=2):
     """Launch table: (BM, BN, num_warps, num_stages) for kernel ``kind`` (fwd, dkdv, dq) at widths dk, dv,
     T queries and ``esize``-byte inputs. The interpreter (CPU) gets small tiles; a GPU gets the flash-2 shapes
     (Hopper: 128-query tiles), and a decode-sized call (T <= 16) 16-query tiles (tl.dot's smallest). fp32 inputs
-    (exact products: no tensor-core path) wider than 32 get half-size tiles: at 128 the 16-bit shapes need
-    ~230 KB of shared memory (the limit is 232448 bytes) and spill 12 KB a thread."""
+    (exact products: no tensor-core path) wider than 32 get half-size tiles outside decode: at 128 the 16-bit
+    shapes need ~230 KB of shared memory (the limit is 232448 bytes) and spill 12 KB a thread."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    if esize >= 4 and max(dk, dv) > 32:
-        if kind == "fwd":
-            return (16, 32, 4, 2) if T is not None and T <= 16 else (64, 32, 4, 2)
-        return (32, 64, 4, 2) if kind == "dkdv" else (64, 32, 4, 2)
-    wide = max(dk, dv) > 64
     if kind == "fwd" and T is not None and T <= 16:
         return 16, 64, 4, 3
+    if esize >= 4 and max(dk, dv) > 32:
+        return (32, 64, 4, 2) if kind == "dkdv" else (64, 32, 4, 2)
+    wide = max(dk, dv) > 64
     if kind == "fwd":
         return (128, 64, 8, 3) if wide else (128, 64, 4, 3)
     if kind == "dkdv":  # BM queries per step, BN keys per program
