@@ -455,10 +455,16 @@ def input_dtype_emitter(p: Program, em: Emitter, dtype_var: str, prefix: str) ->
 
 def emit_reference(p: Program) -> list[str]:
     """Lines of ``init_params`` and ``reference(inputs, params, states, sizes, output_final_state)``."""
+    from .attention.plan import reference_cache_lines
+
+    cached = reference_cache_lines(p)  # attention form with a key/value cache: a wrapper over the full run
     lines = _init_lines(p)
     lines += ["", ""]
+    if cached:
+        lines += cached + ["", ""]
+    name = "_reference_tokens" if cached else "reference"
     lines += [
-        "def reference(inputs, params, states, sizes, output_final_state=False):",
+        f"def {name}(inputs, params, states, sizes, output_final_state=False):",
         '    """The meaning of the .mix file in plain PyTorch: a loop over tokens for the states,',
         '    masked quadratic attention for sums over key tokens. inputs {name: [B, T, H, ...]},',
         '    params {name: [H, ...]}, states {name: [B, H, ...]} (missing = zeros).',

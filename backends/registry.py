@@ -30,6 +30,7 @@ BACKEND_MODULES = (
     "mixc.backends.chunked_emit",
     "mixc.backends.fft.emit",
     "mixc.backends.recurrent.emit",
+    "mixc.backends.attention",
 )
 
 

@@ -306,6 +306,14 @@ def run_call(meta, form_fn, kwargs, initial_state, output_final_state, cu_seqlen
             outs.append(o_i)
             finals.append(f_i)
         o = torch.cat(outs, dim=1)
-        final = {k: torch.cat([f[k] for f in finals], dim=0) for k in finals[0]} if output_final_state else None
+        final = None
+        if output_final_state:
+            for k in finals[0]:
+                shapes = sorted({tuple(f[k].shape[1:]) for f in finals})
+                if len(shapes) > 1:  # a key/value cache holds each sequence's own tokens
+                    raise MixerCallError(
+                        f"final state '{k}' has a different shape in each packed sequence ({shapes}), so it cannot "
+                        "be stacked [N, H, ...]: pass output_final_state=False, or run the sequences separately")
+            final = {k: torch.cat([f[k] for f in finals], dim=0) for k in finals[0]}
     o = as_dtype(o, dtype)
     return (o, final) if output_final_state else o

@@ -50,17 +50,20 @@ def metadata(p: Program) -> dict:
     history = token_history(p)
     decls = {d.name: d for d in p.inputs}
     hidden = {history_name(n): {"axes": [history_name(n), *decls[n].axes], "complex": False} for n in history}
+    from .backends.attention.plan import CACHE_AXIS, cache_meta
+
+    cache = cache_meta(p)  # attention form: the key/value cache is the state ({} otherwise)
     return {
         "name": p.name,
         "source": p.source.path,
-        "sizes": {n: d for n, d in p.sizes},
+        "sizes": {n: d for n, d in p.sizes} | ({CACHE_AXIS: 0} if cache else {}),
         "consts": consts,
         "consts_as_sizes": {**{n: int(v) for n, v in consts.items() if n in all_axes},
                             **{history_name(n): L for n, L in history.items()}},
         "inputs": {d.name: {**axes(d), "sampler": d.sampler} for d in p.inputs},
         "params": {d.name: axes(d) for d in p.params},
         "buffers": {d.name: axes(d) for d in p.buffers},
-        "states": {**{d.name: {**axes(d), "complex": d.complex} for d in p.states}, **hidden},
+        "states": {**{d.name: {**axes(d), "complex": d.complex} for d in p.states}, **hidden, **cache},
         "output": {"name": p.output.target, "axes": [v.axis for v in p.output.vars]},
         "forms": ["reference"],
     }

@@ -1,0 +1,212 @@
+"""The attention form against the reference (and torch SDPA where it applies): outputs and every gradient
+(inputs and learnable score parameters), at odd T, T = 1, widths not a power of two, varlen, and decoding
+from a key/value cache after a prefill (the split-KV path included).
+
+Under TRITON_INTERPRET=1 (CPU, conftest.py) in fp32 (and one fp16 forward); tiny shapes.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixc
+from mixc.backends.attention.emit import classifier_source
+from mixc.backends.attention.intervals import interval_bool
+from mixc.backends.attention.launch import _attn_tables
+from mixc.backends.attention.plan import T_SYM, U_SYM, plan
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+CAUSAL = {"softmax_attention": {}, "sliding_window_attention": {"W": 7}, "segment_attention": {"L": 5}}
+
+# ALiBi: a per-head slope (a buffer, not learned) times the distance t - u
+ALIBI = """
+size K, V
+input q[K], k[K], v[V]
+buffer slope[] = 2 ** (-(head + 1))
+let s = K ** -0.5 * sum(i: q[t, i] * k[u, i]) - slope * (t - u)
+mask u <= t
+out o[j] = sum(u: softmax(u: s) * v[u, j])
+"""
+# a learnable per-head slope on a log-distance bias, no mask line (causal by default)
+LOGBIAS = """
+size K, V
+input q[K], k[K], v[V]
+param slope[] = 0.5 + head
+let s = K ** -0.5 * sum(i: q[t, i] * k[u, i]) - slope * log(1 + abs(t - u))
+out o[j] = sum(u: softmax(u: s) * v[u, j])
+"""
+# a soft cap with a learnable per-head cap and window (gets a gradient through tanh)
+SOFTCAP = """
+size K, V
+const W = 6
+input q[K], k[K], v[V]
+param cap[] = 2 + head
+let s = cap * tanh(K ** -0.5 * sum(i: q[t, i] * k[u, i]) / cap)
+mask t - W < u and u <= t
+out o[j] = sum(u: softmax(u: s) * v[u, j])
+"""
+SYNTHETIC = {"alibi": ALIBI, "logbias": LOGBIAS, "softcap": SOFTCAP}
+
+
+def _mixer(name):
+    if name in SYNTHETIC:
+        return mixc.loads(SYNTHETIC[name], f"<{name}>")
+    return mixc.load(f"examples/{name}.mix", **CAUSAL[name])
+
+
+def _inputs(B, T, H, K, V, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda d: torch.randn(B, T, H, d, generator=g, dtype=torch.float64).to(DEV, dtype)  # noqa: E731
+    return {"q": mk(K), "k": mk(K), "v": mk(V)}
+
+
+def _rel(a, b):
+    """Relative RMS error (against at least 1: a gradient that is exactly zero, T = 1's dq, compares absolutely)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1.0))
+
+
+@pytest.mark.parametrize("name", [*CAUSAL, *SYNTHETIC])
+@pytest.mark.parametrize("shape", [(2, 37, 1, 16, 16), (1, 1, 1, 12, 20), (1, 21, 2, 12, 7)],
+                         ids=lambda s: "B{}-T{}-H{}-K{}-V{}".format(*s))
+def test_matches_reference_with_gradients(name, shape):
+    m = _mixer(name)
+    assert m.meta["default_form"] == "attention"
+    B, T, H, K, V = shape
+    x = {k: t.requires_grad_() for k, t in _inputs(B, T, H, K, V).items()}
+    params = {n: t.clone().requires_grad_() for n, t in m.parameters_init(H, device=DEV).items()}
+    learn = {n: t for n, t in params.items() if n in m.meta["params"]}
+    o = m(**x, **params, form="attention")
+    r = m.reference(**x, **params)
+    assert o.shape == (B, T, H, V)
+    assert _rel(o, r) < 1e-5
+    g = torch.randn_like(r)
+    wrt = [*x.values(), *learn.values()]
+    ga = torch.autograd.grad(o, wrt, g)
+    gr = torch.autograd.grad(r, wrt, g)
+    for what, a, b in zip([*x, *learn], ga, gr):
+        assert _rel(a, b) < 1e-5, what
+
+
+def _sdpa(q, k, v, mask=None, causal=False):
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    return t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, is_causal=causal))
+
+
+@pytest.mark.parametrize("name", ["softmax_attention", "sliding_window_attention", "alibi"])
+def test_matches_sdpa(name):
+    m = _mixer(name)
+    B, T, H, D = 2, 33, 2, 16
+    x = {k: t.requires_grad_() for k, t in _inputs(B, T, H, D, D).items()}
+    tt, uu = torch.arange(T).view(T, 1), torch.arange(T).view(1, T)
+    if name == "softmax_attention":
+        ref = _sdpa(**x, causal=True)
+    elif name == "sliding_window_attention":
+        ref = _sdpa(**x, mask=((uu <= tt) & (uu > tt - 7)).to(DEV))
+    else:
+        slope = 2.0 ** -(torch.arange(H) + 1.0)
+        bias = (-slope.view(H, 1, 1) * (tt - uu)).masked_fill(uu > tt, float("-inf"))
+        ref = _sdpa(**x, mask=bias.to(DEV))
+    o = m(**x, form="attention")
+    assert _rel(o, ref) < 1e-5
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(o, list(x.values()), g), torch.autograd.grad(ref, list(x.values()), g)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_fp16_forward():
+    m = _mixer("softmax_attention")
+    x = _inputs(1, 40, 2, 16, 16, dtype=torch.float16)
+    o = m(**x, form="attention")
+    assert o.dtype == torch.float16
+    assert _rel(o, m.reference(**{k: t.double() for k, t in x.items()})) < 2e-3
+
+
+@pytest.mark.parametrize("name", ["softmax_attention", "sliding_window_attention", "segment_attention", "softcap"])
+def test_decode_after_prefill_equals_full_run(name):
+    """Prefill T0 tokens, then decode one token at a time from the returned cache: each output equals the full
+    run's; the sliding window's cache keeps its last W keys. A 70-token cache takes the split-KV path."""
+    m = _mixer(name)
+    B, T, H, K, V = 1, 74, 2, 16, 8
+    if DEV == "cpu":  # the 70-key cache (5 key tiles of 16) is split over 2 programs in the interpreter
+        from mixc.backends.attention.launch import _attn_splits
+
+        assert _attn_splits(1, 5, 2, torch.device("cpu"), 16) == 2
+    x = _inputs(B, T, H, K, V, seed=3)
+    full = m.reference(**x)
+    T0 = 70
+    o, cache = m(**{k: t[:, :T0] for k, t in x.items()}, output_final_state=True, form="attention")
+    assert _rel(o, full[:, :T0]) < 1e-5
+    window = plan(m.program).window
+    assert cache["k"].shape == (B, H, min(T0, window or T0), K) and cache["v"].shape[-1] == V
+    for t in range(T0, T):
+        step = {k: v[:, t:t + 1] for k, v in x.items()}
+        o, new = m(**step, initial_state=cache, output_final_state=True, form="attention")
+        r, rc = m.reference(**step, initial_state=cache, output_final_state=True)
+        assert _rel(o, full[:, t:t + 1]) < 1e-5 and _rel(r, full[:, t:t + 1]) < 1e-6
+        assert torch.equal(new["k"], rc["k"]) and torch.equal(new["v"], rc["v"])
+        cache = new
+    # a chunk of several tokens from the cache too
+    o, _ = m(**{k: v[:, 60:] for k, v in x.items()},
+             initial_state=m(**{k: v[:, :60] for k, v in x.items()}, output_final_state=True)[1],
+             output_final_state=True, form="attention")
+    assert _rel(o, full[:, 60:]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["segment_attention", "softcap"])
+def test_varlen_matches_per_sequence(name):
+    """Packed sequences in one launch (native varlen: one work row per sequence and tile), an empty one
+    included: outputs and gradients equal each sequence run on its own; with a cache, one at a time."""
+    m = _mixer(name)
+    x = {k: t.requires_grad_() for k, t in _inputs(1, 29, 2, 16, 16, seed=5).items()}
+    p = {n: t.clone().requires_grad_() for n, t in m.parameters_init(2, device=DEV).items()}
+    cu = torch.tensor([0, 11, 11, 29], device=DEV)
+    o = m(**x, **p, cu_seqlens=cu, form="attention")
+    r = torch.cat([m.reference(**{k: v[:, a:b] for k, v in x.items()}, **p) for a, b in ((0, 11), (11, 29))], 1)
+    assert _rel(o, r) < 1e-5
+    g = torch.randn_like(r)
+    wrt = [*x.values(), *p.values()]
+    for a, b in zip(torch.autograd.grad(o, wrt, g), torch.autograd.grad(r, wrt, g)):
+        assert _rel(a, b) < 1e-5
+    # with a final cache: per sequence; equal lengths stack, ragged ones are refused by name
+    cu2 = torch.tensor([0, 14, 28], device=DEV)
+    x2 = {k: v[:, :28] for k, v in x.items()}
+    with torch.no_grad():
+        o2, fin = m(**x2, **p, cu_seqlens=cu2, output_final_state=True, form="attention")
+        r2, rfin = m.reference(**x2, **p, cu_seqlens=cu2, output_final_state=True)
+    assert _rel(o2, r2) < 1e-5 and torch.equal(fin["k"], rfin["k"]) and fin["k"].shape[0] == 2
+    with pytest.raises(ValueError, match="final state 'k'"):
+        m(**x, **p, cu_seqlens=cu, output_final_state=True, form="attention")
+
+
+def test_tile_classes_skip_empty_and_unmask_full():
+    """Interval reasoning on the mask: a sliding window visits O(W) key tiles per query tile, the diagonal tile
+    is partial, the tiles inside the window full; the segment mask's floor is handled exactly."""
+    m = mixc.load("examples/sliding_window_attention.mix", W=32)
+    mask = plan(m.program).mask_expr
+    assert interval_bool(mask, {T_SYM: (64, 79), U_SYM: (48, 63)}) == "full"
+    assert interval_bool(mask, {T_SYM: (64, 79), U_SYM: (64, 79)}) == "partial"
+    assert interval_bool(mask, {T_SYM: (64, 79), U_SYM: (16, 31)}) == "empty"
+    assert interval_bool(mask, {T_SYM: (64, 79), U_SYM: (32, 47)}) == "partial"
+    seg = plan(mixc.load("examples/segment_attention.mix", L=16).program).mask_expr
+    assert interval_bool(seg, {T_SYM: (32, 47), U_SYM: (16, 31)}) == "full"
+    assert interval_bool(seg, {T_SYM: (32, 47), U_SYM: (0, 15)}) == "empty"
+    ns = {}
+    exec("import torch\nfrom mixc.backends.attention.launch import *\n"
+         + "\n".join(classifier_source(plan(m.program))), ns)
+    qtab, ktab = _attn_tables(ns["_attention_tile_class"], 256, 256, 0, 16, 16)
+    lo, flo, fhi, hi = qtab.long().unbind(1)
+    assert int((hi - lo).max()) == 3 and int((fhi - flo).max()) == 1  # 2 partial + 1 full tile, not 16
+    assert lo[10] == 8 and hi[10] == 11
+    lo, flo, fhi, hi = ktab.long().unbind(1)
+    assert int((hi - lo).max()) == 3
+
+
+def test_explain_and_emitted_source():
+    m = _mixer("softcap")
+    src = m.source if isinstance(getattr(m, "source", None), str) else None
+    text = mixc.emit.module_source(m.program) if src is None else src
+    assert "def _attn_score(qk, f_t, f_u, f_h, p_cap, dim_K):" in text
+    assert "tl.sigmoid" in text and "_attn_dpar_0" in text
+    assert text == mixc.emit.module_source(m.program)  # deterministic bytes
