@@ -160,8 +160,10 @@ def hgrn(smoke: bool) -> list[dict]:
         note = f"fla missing: {fla}"
         return [row(SUITE, f"hgrn fwd B{B} T{T} D{D}", ours_f, None, None, check, note),
                 row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D}", ours_fb, None, None, check, note)]
-    xf = x["x"].detach()[:, :, 0].contiguous().requires_grad_()
-    gf = torch.log(x["f"].detach()[:, :, 0].float()).to(dt).contiguous().requires_grad_()
+    # fla's hgrn is h = exp(g) h + x: the same function as the file's with x' = (1 - f) x and g = log f
+    f0 = x["f"].detach()[:, :, 0].float()
+    xf = ((1 - f0) * x["x"].detach()[:, :, 0].float()).to(dt).contiguous().requires_grad_()
+    gf = torch.log(f0).to(dt).contiguous().requires_grad_()
     fo, _ = fla(xf, gf)
     note = f"fla's output vs the reference {rel(fo, want[:, :, 0]):.1e}; target ratio >= 1.0"
     with torch.no_grad():
