@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 KERNEL_FORMS = ("chunked", "recurrent", "fft", "attention")  # what the analysis can call legal
+# Up to this many tokens a call with no form runs the recurrent form instead of the fft form: the fft form
+# builds K from the parameters and runs its transforms on every call, a scan is one launch (decoding: T = 1).
+# The crossover has not been measured on a GPU yet; 32 is the fft form's own switch to a Toeplitz product.
+SHORT_T = 32
 
 # Backend modules in the order they are tried; the first that emits a form provides it.
 BACKEND_MODULES = (
@@ -52,6 +56,8 @@ class FormPlan:
     not_emitted: dict[str, str] = field(default_factory=dict)  # legal form -> why no backend emitted it
     default: str = "reference"
     default_reason: str = ""
+    short_form: str | None = None  # the form a call with no form runs at T <= SHORT_T, when not the default
+    short_reason: str = ""
 
     @property
     def forms(self) -> list[str]:
@@ -98,4 +104,8 @@ def plan_forms(a) -> FormPlan:
         plan.default = chosen
         plan.default_reason = "; ".join(f"{f} is legal but not emitted ({plan.not_emitted[f]})" for f in skipped)
         plan.default_reason += f"; so {chosen}" + ("" if chosen != "reference" else " (the plain-PyTorch meaning)")
+    if plan.default == "fft" and "recurrent" in plan.emitted:
+        plan.short_form = "recurrent"
+        plan.short_reason = (f"recurrent at T <= {SHORT_T} (one scan launch; the fft form builds K and runs its "
+                             "transforms on every call), fft above (crossover not yet measured on a GPU)")
     return plan

@@ -170,6 +170,8 @@ def explain_text(mixer) -> str:
     out += [f"  not emitted: {f} -- {why}" for f, why in plan.not_emitted.items()]
     if plan.default != mixer.analysis.default_form:
         out.append(f"  runs by default: {plan.default} -- {plan.default_reason}")
+    if plan.short_form:
+        out.append(f"  short sequences: {plan.short_reason}")
     out += _plan_lines(mixer)
     return "\n".join(out)
 
@@ -182,7 +184,8 @@ def explain_json(mixer) -> dict:
              for form, (backend, _) in plan.emitted.items()}
     return {**mixer.analysis.to_json(), "emitted_forms": mixer.forms, "default_form": plan.default,
             "analysis_default_form": mixer.analysis.default_form, "default_reason": plan.default_reason,
-            "not_emitted": dict(plan.not_emitted), "chunked_plan": [], **plans}
+            "not_emitted": dict(plan.not_emitted), "short_sequences": mixer.meta.get("short_sequences"),
+            "chunked_plan": [], **plans}
 
 
 def cmd_explain(args) -> int:

@@ -23,6 +23,7 @@ from types import ModuleType
 
 from . import __version__
 from .backends import reference, runtime
+from .backends.registry import SHORT_T
 from .history import history_name, token_history
 from .ir import Program
 
@@ -137,6 +138,7 @@ def module_source(p: Program, analysis=None, plan=None) -> str:
     meta["default_form"] = default
     meta["default_reason"] = plan.default_reason
     meta["not_emitted"] = dict(plan.not_emitted)
+    meta["short_sequences"] = {"form": plan.short_form, "max_T": SHORT_T} if plan.short_form else None
     needs = "torch and triton" if any(b.triton for b, _ in plan.emitted.values()) else "only torch"
     doc = "\n".join(about) if about else f"Mixer '{p.name}'."
     doc += "\n\n" + (
@@ -200,6 +202,11 @@ def module_source(p: Program, analysis=None, plan=None) -> str:
         '    interpreter is on) and not float64 (the kernels compute in float32), else the reference. A form of',
         '    plain PyTorch (not in TRITON_FORMS) runs anywhere."""',
         "    name = form or MIXER['default_form']",
+        "    short = MIXER['short_sequences']",
+        "    if form is None and short is not None and inputs:",
+        "        x = next(iter(inputs.values()))",
+        "        if getattr(x, 'ndim', 0) >= 2 and x.shape[1] <= short['max_T']:",
+        "            name = short['form']  # a short sequence (decoding): see 'short sequences' in mixc explain",
         "    if name not in FORMS:",
         "        raise MixerCallError(f\"form {name!r} is not available for mixer {MIXER['name']!r}; \"",
         "                             f\"available: {', '.join(FORMS)}\")",

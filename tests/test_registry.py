@@ -5,9 +5,12 @@ import ast
 import inspect
 
 import pytest
+import torch
 
 import mixc
-from mixc.backends.registry import KERNEL_FORMS, backends
+from mixc.backends.registry import KERNEL_FORMS, SHORT_T, backends
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # names the generated module itself defines (mixc/emit.py)
 RESERVED = ("reference", "forward", "pick_form", "MIXER", "FORMS", "KERNEL_FORMS", "TRITON_FORMS", "TRITON_INTERPRETED",
@@ -51,3 +54,14 @@ def test_default_is_emitted_and_explained(name):
     if m.meta["default_form"] != m.analysis.default_form:
         assert m.analysis.default_form in m.meta["not_emitted"]
         assert "not emitted" in m.meta["default_reason"]
+
+
+def test_short_sequences_run_the_recurrent_form_where_fft_is_the_default():
+    """A time-invariant file with both forms: a call with no form scans short sequences (decoding) and
+    convolves long ones; explain and the metadata say so."""
+    m = mixc.load("examples/s4d.mix", N=4)
+    assert m.meta["default_form"] == "fft" and m.meta["short_sequences"] == {"form": "recurrent", "max_T": SHORT_T}
+    for T, form in ((1, "recurrent"), (SHORT_T, "recurrent"), (SHORT_T + 5, "fft")):
+        x = m.random_inputs(1, T, 2, device=DEV)
+        assert torch.equal(m(**x), m(**x, form=form)), (T, form)
+    assert mixc.load("examples/gla.mix").meta["short_sequences"] is None

@@ -327,8 +327,8 @@ def describe(a: Analysis) -> list[str]:
            "choice by length: T <= 32 tokens (_FFT_DIRECT_MAX_T): a T x T Toeplitz product of the same K (exact; "
            "no FFT launches); longer: real FFTs (rfft/irfft) of length n = 2m >= 2T (m 7-smooth: no wrap-around), "
            "rfft(K) once per call and shared across the batch, fp32 transforms for bf16/fp16; backward: rfft(dy), "
-           "then irfft for dx and for dK summed over the batch in frequency. No recurrent form is emitted, so "
-           "the fft form runs every T, decoding included"]
+           "then irfft for dx and for dK summed over the batch in frequency. When a recurrent form is emitted "
+           "too, a call with no form runs it for short sequences instead (mixc explain: 'short sequences')"]
     if fp.skip_in_k is not None:
         out.append(f"skip {show(fp.skip)}: {show(fp.skip_in_k)} added to K_0 (the convolution carries it)")
     elif fp.skip is not None:
