@@ -346,11 +346,6 @@ class Readout:
     den_fn: tuple[Node, Node] | None = None
 
 
-def _linear(r: Readout | None) -> bool:
-    """Whether a readout is linear in the states (its state-free terms read no state)."""
-    return r is not None and all(state_free(f) for t in r.skip for f in t.factors)
-
-
 def _function_of_one_readout(n: Node) -> Node | None:
     """The one linear readout X (a sum over a state read) that ``n`` is an elementwise function of, or None:
     every state read in ``n`` lies inside X, and X's readout is linear with no state-free term."""
@@ -360,7 +355,7 @@ def _function_of_one_readout(n: Node) -> Node | None:
         return None
     X = outer[0]
     r = readout(X)
-    if not _linear(r) or r.skip or not r.terms:
+    if r is None or r.skip or not r.terms:
         return None
 
     def free_outside(y: Node) -> bool:
@@ -372,9 +367,9 @@ def _function_of_one_readout(n: Node) -> Node | None:
 def readout(n: Node) -> Readout | None:
     if n.op == "div" and not state_free(n.src[0]) and not state_free(n.src[1]):
         a, b = readout(n.src[0]), readout(n.src[1])
-        if a is None or b is None:
+        if a is None:
             return None
-        if not _linear(b):  # o = num / f(den), f an elementwise function (an mLSTM-like max(|q'n|, 1))
+        if b is None:  # o = num / f(den), f an elementwise function (an mLSTM-like max(|q'n|, 1))
             X = _function_of_one_readout(n.src[1])
             if X is None:
                 return None
@@ -400,6 +395,8 @@ def readout(n: Node) -> Readout | None:
         return None
     lin = [t for t in terms if t.state is not None]
     skip = [t for t in terms if t.state is None]
+    if any(not state_free(f) for t in skip + lin for f in t.factors):
+        return None  # a state read inside a non-linear function (tanh(q'S)): not a linear readout
     return Readout(lin, skip)
 
 
@@ -857,7 +854,7 @@ def analyse(p: Program) -> Analysis:
     others = [s for s in states if s is not main and s.normaliser_of is None]
     bad_decay = _decay_problem(main, p) if main.transition in chunkable else None
     if (len(main.axes) == 2 and main.transition in chunkable and main.k is not None and main.v is not None
-            and not others and bad_decay is None):
+            and not others and bad_decay is None and rd is not None):
         forms.insert(0, "chunked")
         how = {"delta": "the WY representation of products of (I - b k k^T)",
                "gated_delta": "the WY representation with cumulative scalar gates"}.get(
@@ -876,6 +873,8 @@ def analyse(p: Program) -> Analysis:
             why = f"several independent states ({', '.join(s.name for s in [main] + others)})"
         elif bad_decay is not None:
             why = bad_decay
+        elif rd is None:
+            why = "the output is not linear in the states (a state read inside a non-linear function)"
         else:
             why = f"the {main.transition} transition has no chunked algorithm"
         reasons["chunked"] = f"not available: {why}"

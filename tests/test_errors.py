@@ -371,15 +371,17 @@ def test_a_size_read_only_as_a_value_takes_its_default():
 
 
 def test_a_nonlinear_function_of_a_state_read_in_the_output():
-    """o = q'S + tanh(q'S): was an internal error (KeyError 'S') while emitting the chunked form."""
+    """o = q'S + tanh(q'S): was an internal error (KeyError 'S') while emitting the chunked form. The readout
+    is not linear in the state, so the analysis offers no chunked form (and says why) and no emitter fails."""
     import warnings
 
     import torch
 
     src = REC + UPDATE + "out o[j] = sum(i: q[i] * S[i, j]) + tanh(sum(i: q[i] * S[i, j]))\n"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an emitter that fails is reported, not raised
+        warnings.simplefilter("error", RuntimeWarning)  # an emitter that fails warns: none may here
         m = mixc.loads(src, K=3, V=2)
+    assert "chunked" not in m.analysis.forms and "not linear in the states" in m.analysis.reasons["chunked"]
     x = m.random_inputs(1, 4, 1, dtype=torch.float64)
     S = torch.zeros(3, 2, dtype=torch.float64)
     want = []
