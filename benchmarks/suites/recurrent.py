@@ -52,23 +52,24 @@ def _graph(fn):
     return g, out
 
 
-def _decode_inputs(m, B, H, K, V, dtype, seed=0):
+def _gla_decoder(B, H, K, V, dtype, seed=0):
+    """gla's decoder loaded with a random state, one token's inputs, and the check of one step against the
+    reference: (x [B, 1, H, ...], state, decoder, step inputs [B, H, ...], our step's output, its rel error)."""
+    m = mixc.load(EX / "gla.mix")
     x = m.random_inputs(B, 1, H, K=K, V=V, seed=seed, dtype=dtype, device=DEV)
     st = {"S": 0.1 * torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)}
-    return x, st
-
-
-def decode_step(smoke: bool) -> list[dict]:
-    m = mixc.load(EX / "gla.mix")
-    B, H, K, V = (1, 2, 16, 16) if smoke else (1, 16, 128, 128)
-    dt = torch.float32 if smoke else torch.bfloat16
-    x, st = _decode_inputs(m, B, H, K, V, dt)
-    dec = m.decoder(B, H, device=DEV, dtype=dt, K=K, V=V)
+    dec = m.decoder(B, H, device=DEV, dtype=dtype, K=K, V=V)
     step_in = {k: v[:, 0].contiguous() for k, v in x.items()}
     dec.load_state(st)
     o = dec.step(**step_in).clone()
     want = m.reference(**{k: v.float() for k, v in x.items()}, initial_state=st)[:, 0]
-    check = rel(o, want)
+    return x, st, dec, step_in, o, rel(o, want)
+
+
+def decode_step(smoke: bool) -> list[dict]:
+    B, H, K, V = (1, 2, 16, 16) if smoke else (1, 16, 128, 128)
+    dt = torch.float32 if smoke else torch.bfloat16
+    x, st, dec, step_in, o, check = _gla_decoder(B, H, K, V, dt)
     case = f"gla decode step B{B} H{H} K{K} V{V} ({str(dt)[6:]})"
     ours = time_ms(lambda: dec.step(**step_in))
     fla = _fla("gla")
@@ -90,15 +91,9 @@ def decode_step(smoke: bool) -> list[dict]:
 
 
 def decode_bandwidth(smoke: bool) -> list[dict]:
-    m = mixc.load(EX / "gla.mix")
     B, H, K, V = (4, 2, 16, 16) if smoke else (256, 16, 128, 128)
     dt = torch.float32 if smoke else torch.bfloat16
-    x, st = _decode_inputs(m, B, H, K, V, dt)
-    dec = m.decoder(B, H, device=DEV, dtype=dt, K=K, V=V)
-    step_in = {k: v[:, 0].contiguous() for k, v in x.items()}
-    dec.load_state(st)
-    o = dec.step(**step_in).clone()
-    want = m.reference(**{k: v.float() for k, v in x.items()}, initial_state=st)[:, 0]
+    _, _, dec, step_in, _, check = _gla_decoder(B, H, K, V, dt)
     g, _ = _graph(lambda: dec.step(**step_in))
     ours = time_ms(g.replay if g is not None else (lambda: dec.step(**step_in)))
     src = torch.randn(B * H * K * V, device=DEV)
@@ -108,7 +103,7 @@ def decode_bandwidth(smoke: bool) -> list[dict]:
     note = (f"state traffic {moved / ours / 1e6:.0f} GB/s vs copy {moved / copy_ms / 1e6:.0f} GB/s; ratio = share "
             "of the copy bandwidth, target >= 0.8" + ("; CUDA graph replay" if g is not None else ""))
     return [row(SUITE, f"gla decode B{B} H{H} K{K} V{V} state bandwidth", ours, "torch copy of the state's size",
-                copy_ms, rel(o, want), note)]
+                copy_ms, check, note)]
 
 
 def _once_ms(fn) -> float:
