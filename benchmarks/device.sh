@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one device script: on the GPU machine (device tool), from the repository root,
 #   bash benchmarks/device.sh [--tests "PYTEST ARGS"] [--suites chunked,recurrent,fft,attention,delta] [--limit S]
+#                             [--bench "MORE bench.py ARGS"]  (e.g. --bench "--profile --only fwd")
 # 1. installs the wheels carried in .whl/ (fla 0.6.0, pytest-xdist, ...: README "Performance") into /tmp/site;
 # 2. --tests: runs pytest with those arguments on the GPU (8 processes when pytest-xdist is there), at most
 #    --limit seconds (default 300; SIGINT at the limit, so pytest still reports what passed), log in $OUT/gpu_tests.txt;
@@ -10,12 +11,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
-tests=""; suites=""; limit=300
+tests=""; suites=""; limit=300; bench=""
 while [ $# -gt 0 ]; do
   case $1 in
     --tests) tests=$2; shift ;;
     --suites) suites=$2; shift ;;
     --limit) limit=$2; shift ;;
+    --bench) bench=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -29,5 +31,6 @@ if [ -n "$tests" ]; then
   tail -15 "$OUT/gpu_tests.txt"
 fi
 if [ -n "$suites" ]; then
-  python3 benchmarks/bench.py "$suites" --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt" | grep -v "^{" 
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench.py "$suites" --out "$OUT" $bench 2>&1 | tee "$OUT/bench_log.txt" | grep -v "^{" 
 fi

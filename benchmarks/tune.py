@@ -1,0 +1,104 @@
+"""Sweep a form's launch table on the GPU: time one call per candidate tile configuration, side by side.
+
+    python benchmarks/tune.py attention [--shape B,T,H,D] [--out DIR]
+
+A form's launch table is a function pasted into the generated module (``_attn_config(kind, ...)`` for the
+attention form). The sweep replaces it, for one kernel kind at a time, by each candidate (the others keep the
+table's own choice), checks the output against the table's own result, and times the call that kind serves
+(forward for ``fwd``; forward+backward for ``dkdv`` and ``dq``, whose difference is the kernel's share). A
+candidate that does not compile or run (shared memory) is reported, not fatal. The best of each kind is what
+the launch table should say; the table is edited by hand, with the figure in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from suites.common import DEV, rel, time_ms  # noqa: E402
+
+# candidate (BM, BN, num_warps, num_stages) per kernel kind of the attention form
+ATTN = {
+    "fwd": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3))),
+    "dkdv": list(itertools.product((32, 64), (64, 128), (4, 8), (2, 3))),
+    "dq": list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3))),
+}
+
+
+def tune_attention(shape: tuple[int, int, int, int]) -> list[dict]:
+    import mixc
+
+    B, T, H, D = shape
+    m = mixc.load(ROOT / "examples" / "softmax_attention.mix")
+    mod = m._module
+    own = mod._attn_config
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = {n: torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_() for n in "qkv"}
+    do = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16, generator=g)
+
+    def fwd():
+        with torch.no_grad():
+            return m(**x, form="attention")
+
+    def fwd_bwd():
+        return torch.autograd.grad(m(**x, form="attention"), list(x.values()), do)
+
+    want_o, want_g = fwd(), fwd_bwd()
+    rows = []
+    for kind, cands in ATTN.items():
+        base = own(kind, D, D, x["q"].device, T, 2)
+        for cfg in [base] + [c for c in cands if c != base]:
+            def table(k, dk, dv, device, T=None, esize=2, kind=kind, cfg=cfg):
+                return cfg if k == kind else own(k, dk, dv, device, T, esize)
+
+            mod._attn_config = table
+            try:
+                if kind == "fwd":
+                    check = rel(fwd(), want_o)
+                    ms = time_ms(fwd)
+                else:
+                    check = max(rel(a, b) for a, b in zip(fwd_bwd(), want_g))
+                    ms = time_ms(fwd_bwd)
+                r = {"kind": kind, "cfg": cfg, "ms": ms, "check": check, "table": cfg == base}
+            except Exception as e:  # noqa: BLE001 (a configuration that does not fit is a row, not an end)
+                r = {"kind": kind, "cfg": cfg, "ms": None, "check": None, "table": cfg == base,
+                     "error": f"{type(e).__name__}: {e}"[:120]}
+            finally:
+                mod._attn_config = own
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("form", choices=["attention"])
+    ap.add_argument("--shape", default="4,4096,16,128", help="B,T,H,D")
+    ap.add_argument("--out", help="folder for tune_<form>.json")
+    args = ap.parse_args(argv)
+    if DEV != "cuda":
+        print("tune.py times tile configurations: it needs a GPU", file=sys.stderr)
+        return 2
+    rows = tune_attention(tuple(int(s) for s in args.shape.split(",")))
+    for kind in ATTN:
+        ok = sorted((r for r in rows if r["kind"] == kind and r["ms"] is not None and r["check"] < 1e-2),
+                    key=lambda r: r["ms"])
+        base = next((r for r in rows if r["kind"] == kind and r["table"]), None)
+        print(f"{kind}: table {base and base['cfg']} {base and base['ms']} ms; best "
+              + ", ".join(f"{r['cfg']} {r['ms']:.3f}" for r in ok[:4]), flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"tune_{args.form}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
