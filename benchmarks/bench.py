@@ -1,13 +1,11 @@
 """The one benchmark harness: run suites (one per form) and print/write their rows.
 
-    python benchmarks/bench.py SUITE[,SUITE...] [--smoke] [--out DIR] [--only REGEX] [--profile]
+    python benchmarks/bench.py SUITE[,SUITE...] [--smoke] [--out DIR] [--only REGEX]
 
 Each suite (``benchmarks/suites/<name>.py``) times our form against its anchor in the same run (fla 0.6.0,
 torch SDPA, torch.fft, ...) and checks our result against the reference in that run. ``--smoke`` runs tiny
 shapes (CPU, under TRITON_INTERPRET=1) to show the suite works, not to time anything. Writes
 ``bench_<suite>.json`` and a markdown table ``bench_<suite>.md`` under ``--out`` (default: print only).
-``--profile`` (GPU) also runs each timed call once under torch.profiler and prints, after each table, the
-costliest kernels of every row's calls (ours first, then the anchor's); the json rows carry them as ``profile``.
 """
 
 from __future__ import annotations
@@ -60,12 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the suite runs (CPU is fine)")
     ap.add_argument("--out", help="folder for bench_<suite>.json and .md")
     ap.add_argument("--only", help="a regular expression: run only the cases it matches (suites that check it)")
-    ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of every timed call")
     args = ap.parse_args(argv)
     from suites import common
 
     common.ONLY = args.only
-    common.PROFILE = args.profile
     env = environment()
     print("env", json.dumps(env), flush=True)
     status = 0
@@ -83,11 +79,6 @@ def main(argv=None) -> int:
         md = f"### {name} ({env['date']}, {env['device']}, torch {env['torch']}, triton {env['triton']}, " \
              f"fla {env['fla']})\n\n{table(rows)}\n"
         print(md, flush=True)
-        for r in rows:
-            for i, calls in enumerate(r.get("profile", ())):
-                print(f"profile {r['case']} [call {i}]:", flush=True)
-                for k in calls:
-                    print(f"    {k['us']:10.1f} us  x{k['calls']:<4d} {k['kernel']}", flush=True)
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one device script: on the GPU machine (device tool), from the repository root,
 #   bash benchmarks/device.sh [--tests "PYTEST ARGS"] [--suites chunked,recurrent,fft,attention,delta] [--limit S]
-#                             [--bench "MORE bench.py ARGS"]  (e.g. --bench "--profile --only fwd")
+#                             [--bench "MORE bench.py ARGS"]  (e.g. --bench "--only T4096")
 # 1. installs the wheels carried in .whl/ (fla 0.6.0, pytest-xdist, ...: README "Performance") into /tmp/site;
 # 2. --tests: runs pytest with those arguments on the GPU (8 processes when pytest-xdist is there), at most
 #    --limit seconds (default 300; SIGINT at the limit, so pytest still reports what passed), log in $OUT/gpu_tests.txt;

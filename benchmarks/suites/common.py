@@ -18,21 +18,6 @@ def on_gpu() -> bool:
 
 DEV = "cuda" if on_gpu() else "cpu"
 ONLY: str | None = None  # bench.py --only: a regular expression a case must match to run (None: every case)
-PROFILE = False  # bench.py --profile: each timed call is also run once under torch.profiler (GPU kernels)
-_PROFILES: list[list[dict]] = []  # kernel tables of the calls timed since the last row (row() takes them)
-
-
-def _profile(fn) -> list[dict]:
-    """GPU kernels of one call of ``fn``: [{"kernel", "us", "calls"}], the 10 costliest, by total device time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    evs = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
-    evs.sort(key=lambda e: -e.device_time_total)
-    return [{"kernel": e.key[:70], "us": round(e.device_time_total, 1), "calls": e.count} for e in evs[:10]]
 
 
 def wanted(case: str) -> bool:
@@ -53,10 +38,7 @@ def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     if on_gpu():
         from triton.testing import do_bench
 
-        ms = float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-        if PROFILE:
-            _PROFILES.append(_profile(fn))
-        return ms
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     fn()
     ts = []
     for _ in range(3):
@@ -69,9 +51,6 @@ def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
 def row(suite: str, case: str, ours_ms: float | None, anchor: str | None = None, anchor_ms: float | None = None,
         check: float | None = None, note: str = "", **extra) -> dict:
     ratio = anchor_ms / ours_ms if (ours_ms and anchor_ms) else None
-    if _PROFILES:  # --profile: the kernels of this row's timed calls (ours first, then the anchor's)
-        extra = {**extra, "profile": list(_PROFILES)}
-        _PROFILES.clear()
     return {"suite": suite, "case": case, "ours_ms": ours_ms, "anchor": anchor, "anchor_ms": anchor_ms,
             "ratio": ratio, "check": check, "note": note, **extra}
 
