@@ -31,7 +31,7 @@ SHORT_T = 32
 # Backend modules in the order they are tried; the first that emits a form provides it.
 BACKEND_MODULES = (
     "mixc.backends.delta.emit",
-    "mixc.backends.chunked_emit",
+    "mixc.backends.chunked.emit",
     "mixc.backends.fft.emit",
     "mixc.backends.recurrent.emit",
     "mixc.backends.attention",

@@ -30,7 +30,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mixc.backends import chunked as C
+from mixc.backends.chunked import kernels_bwd, kernels_fwd
+from mixc.backends.chunked import launch as C
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -123,7 +124,8 @@ def main():
         for name, (ptrs, extra, warps) in kernels.items():
             if args.only and name.split("/")[0] not in args.only.split(","):
                 continue
-            fn = getattr(C, name.split('/')[0])
+            kname = name.split('/')[0]
+            fn = getattr(kernels_fwd, kname, None) or getattr(kernels_bwd, kname)
             fn = getattr(fn, "fn", fn)  # the jit function under a _Launch
             consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
             for prm in inspect.signature(fn.fn).parameters.values():  # constexprs left at their defaults

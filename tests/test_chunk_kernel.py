@@ -115,7 +115,7 @@ def test_factored_and_exact_chunks_side_by_side(cu, gdt):
     chunks alternate here (both kinds are checked to occur); outputs and every gradient match the loop.
     A half-precision decay of 64 keys is summed within the chunk by the forward's kernels themselves
     (_raw_gate)."""
-    from mixc.backends.chunked import _factor_bound, key_spans
+    from mixc.backends.chunked.launch import _factor_bound, key_spans
 
     gen = torch.Generator().manual_seed(21)
     B, T, H, K, V = (1, 200, 2, 9 if gdt == torch.float32 else 64, 12)
@@ -147,7 +147,7 @@ def test_factored_chunk_at_the_bound_stays_finite(dtype):
     under the bound, a masked score (a row before the middle row R against a key after it) multiplies two
     factors near e^49 and overflows fp32 in its own entry. The causal select must drop it: the output,
     the final state and every gradient stay finite and match the loop."""
-    from mixc.backends.chunked import _factor_bound, key_spans
+    from mixc.backends.chunked.launch import _factor_bound, key_spans
 
     gen = torch.Generator().manual_seed(23)
     B, T, H, K, V = (1, 64, 1, 16, 16)
@@ -177,7 +177,7 @@ def test_forward_without_backward_equals_the_training_forward(cu, gdt):
     backward will read them (chunk_fwd(backward=False) does not, and writes no cumulative gate G: its kernels
     sum the decay themselves). Both forwards give the output and final state of the loop, with mild
     (factored) and sharp (exact kernels) chunks side by side, and a skip term."""
-    from mixc.backends.chunked import _factor_bound, _raw_gate, chunk_fwd, key_spans
+    from mixc.backends.chunked.launch import _factor_bound, _raw_gate, chunk_fwd, key_spans
 
     gen = torch.Generator().manual_seed(22)
     B, T, H, K, V = (1, 200, 2, 9 if gdt == torch.float32 else 64, 12)
@@ -243,7 +243,7 @@ def _opcheck_args(gate):
 def test_custom_operator_passes_opcheck(gate):
     """The chunk-parallel form is a torch.library custom operator: schema, fake (meta) shapes, autograd
     registration and AOT tracing agree with eager execution."""
-    from mixc.backends.chunked import _CHUNK_FWD_OP
+    from mixc.backends.chunked.ops import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(gate)
     torch.library.opcheck(_CHUNK_FWD_OP, (q, k, v, g, h0, None, 0.5, None, None, False, None, None))
@@ -253,7 +253,7 @@ def test_custom_operator_passes_opcheck(gate):
 
 @pytest.mark.parametrize("gate", [0, 1])
 def test_custom_operator_passes_opcheck_normalised(gate):
-    from mixc.backends.chunked import _CHUNK_FWD_OP
+    from mixc.backends.chunked.ops import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(gate)
     q, k = (F.elu(x.detach()).add(1).requires_grad_() for x in (q, k))
@@ -442,7 +442,7 @@ def test_skip_term_matches_the_loop(use, cu):
 
 
 def test_custom_operator_passes_opcheck_with_skip():
-    from mixc.backends.chunked import _CHUNK_FWD_OP
+    from mixc.backends.chunked.ops import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(1)
     skip = torch.randn(2).to(DEV).requires_grad_()
@@ -527,7 +527,7 @@ def test_key_scale_matches_the_loop(use, cu, norm):
 
 def test_key_scale_in_half_precision_and_under_opcheck():
     """fp16 keys with an fp32 scale; the custom operator's schema, fake shapes and autograd with kscale."""
-    from mixc.backends.chunked import _CHUNK_FWD_OP
+    from mixc.backends.chunked.ops import _CHUNK_FWD_OP
 
     q, k, v, g, h0 = _opcheck_args(1)
     ks = torch.rand(1, 70, 2).to(DEV).requires_grad_()
@@ -559,7 +559,7 @@ def test_normaliser_and_skip_together_are_refused():
 def test_power_features_kernels_match_the_matrix_form(e, K, dtype):
     """power_features through its two kernels (forward; gradient of x) against the one-hot matrix form,
     rows not a multiple of the kernels' blocks; the dot-product identity it exists for."""
-    from mixc.backends.chunked import PowerFeatures, _power_features_torch
+    from mixc.backends.chunked.power import PowerFeatures, _power_features_torch
 
     gen = torch.Generator().manual_seed(e * 10 + K)
     c = (1.0, 0.5, -0.25, 0.125)[:e + 1]
@@ -584,7 +584,7 @@ def test_power_features_kernels_match_the_matrix_form(e, K, dtype):
 def test_padded_power_features_add_only_zero_features(K, pad):
     """power_features(pad=p): the width rounded up to a multiple of p; the first features are the unpadded
     map's (both the kernels' path and the matrix form), the rest are 0 and get no gradient into x."""
-    from mixc.backends.chunked import PowerFeatures, _power_features_torch, power_features
+    from mixc.backends.chunked.power import PowerFeatures, _power_features_torch, power_features
 
     gen = torch.Generator().manual_seed(K + pad)
     c = (1.0, 0.7, 0.3)
@@ -606,7 +606,7 @@ def test_any_launch_value_block_gives_the_same_result(bv, monkeypatch):
     """The launch table (value block, warps per kernel) is a tuning knob only: every kernel's value
     block set to 16, 32 or 128 gives the loop's outputs and gradients (scalar decay with a skip and a key
     scale, a normaliser, and a per-key decay, with several value blocks)."""
-    from mixc.backends import chunked as C
+    from mixc.backends.chunked import launch as C
 
     for name in C.LAUNCH:
         monkeypatch.setitem(C.LAUNCH, name, (bv, 4))
@@ -674,7 +674,7 @@ def test_time_invariant_decay_is_read_once_per_head(norm):
     lg = F.logsigmoid(torch.randn(H, generator=gen) + 2).to(DEV)
     h0 = torch.randn(B, H, K, V, generator=gen).to(DEV)
     do = torch.randn(B, T, H, V, generator=gen).to(DEV)
-    from mixc.backends.chunked import _flat_gate, _gate_stride
+    from mixc.backends.chunked.launch import _flat_gate, _gate_stride
 
     per_head = lg[None, None, :].expand(B, T, H)
     assert _flat_gate(per_head) is per_head and _gate_stride(per_head, H) == 0  # no copy, token stride 0
@@ -734,7 +734,7 @@ def test_raw_half_decay_edge_shapes(B, T, H, K, V, cu, gdt):
     T = 1, key widths that are not powers of two, a partial last chunk and variable lengths with an empty
     sequence: the inference output and final state, the training ones and every gradient, against the
     loop on the same rounded decay (the decay's gradient comes back rounded to its dtype)."""
-    from mixc.backends.chunked import _raw_gate
+    from mixc.backends.chunked.launch import _raw_gate
 
     gen = torch.Generator().manual_seed(T + K)
     q, k, v = (torch.randn(B, T, H, d, generator=gen) * (K ** -0.25 if d == K else 1) for d in (K, K, V))

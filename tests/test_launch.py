@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mixc.backends import chunked as C
+from mixc.backends.chunked import kernels_bwd, kernels_fwd, power, sequential
+from mixc.backends.chunked import launcher as C
 
 
 class FakeJit:
@@ -113,5 +114,6 @@ def test_without_the_fast_path_every_launch_goes_through_triton(monkeypatch):
 
 
 def test_every_kernel_of_the_backend_is_launched_through_it():
-    names = [n for n in dir(C) if n.endswith("_kernel")]
-    assert names and all(isinstance(getattr(C, n), C._Launch) for n in names)
+    for mod in (kernels_fwd, kernels_bwd, sequential, power):
+        names = [n for n in vars(mod) if n.endswith("_kernel")]
+        assert names and all(isinstance(getattr(mod, n), C._Launch) for n in names), mod.__name__

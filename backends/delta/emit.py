@@ -10,7 +10,7 @@ input). :func:`plan` reads those terms, never a mechanism's name:
   ``u = v - c b^T S`` is one rank-one update); its other factors form the kernels' value;
 * ``log c_t`` is the gate g (none when c = 1).
 
-The readout (q', an output gate, a skip) is read as :mod:`mixc.backends.chunked_emit` reads it. The
+The readout (q', an output gate, a skip) is read as :mod:`mixc.backends.chunked.plan` reads it. The
 form calls :func:`mixc.backends.delta.kernels.delta_chunk` (a torch operator).
 """
 
@@ -18,23 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixc.analysis import Analysis, StateForm, Term, product, show
+from mixc.analysis import Analysis, StateForm, Term, _flatten_mul, product, show
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
-from ..chunked_emit import (
-    NoChunkedForm,
-    _as_btd,
-    _const,
-    _feature_emitter,
-    _flatten_mul,
-    _is_number,
-    _log_decay,
-    _readout_of,
-    _readout_parts,
-    _rename_terms,
-    _signed,
-)
+from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
+from ..chunked.plan import NoChunkedForm, _const, _log_decay, _readout_of, _readout_parts, _rename_terms, _signed
 from ..reference import prologue
 from . import kernels
 

@@ -20,7 +20,7 @@ from mixc.analysis import Analysis, StateForm, Term, _flatten_mul, product, read
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
-from ..chunked_emit import _as_btd, _feature_emitter, _is_number
+from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..reference import prologue
 
 SCAN_CLASSES = ("identity", "constant_scalar", "scalar", "diagonal_key", "diagonal_value", "elementwise", "delta",

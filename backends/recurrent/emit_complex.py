@@ -16,7 +16,7 @@ from mixc.history import history_name, token_history
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import rename
 
-from ..chunked_emit import _as_btd, _feature_emitter, _is_number
+from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..reference import prologue
 
 
