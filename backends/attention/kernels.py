@@ -52,7 +52,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t,
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v, input_precision=DOT)
+        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT)  # accumulates in place
         m_i = m_new
     return acc, m_i, l_i
 
@@ -153,8 +153,8 @@ def _attn_dkdv_inner(dk, dv{DPAR}, b_k, b_v, q_ptrs, do_ptrs, LSE, DELTA, sqt, s
 {DPAR_ACC_MASKED}
         else:
 {DPAR_ACC}
-        dv += tl.dot(p.to(b_do.dtype), b_do, input_precision=DOT)
-        dk += tl.dot(dqk.to(q_t.dtype), tl.trans(q_t), input_precision=DOT)
+        dv = tl.dot(p.to(b_do.dtype), b_do, dv, input_precision=DOT)  # dv += p^T do
+        dk = tl.dot(dqk.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT)  # dk += ds^T q
     return dk, dv{DPAR}
 
 
@@ -240,7 +240,7 @@ def _attn_dq_inner(dq, b_q, b_do, lse, delta, k_ptrs, v_ptrs, skt, svt, m_m, m_k
         dqk = _attn_dqk(ds, qk, f_t, f_u{CTX})
         if MASKED:  # mask element by element (after any inf * 0)
             dqk = tl.where(m_m[:, None] & (o_n < TK)[None, :] & _attn_visible(f_t, f_u), dqk, 0.0)
-        dq += tl.dot(dqk.to(k_t.dtype), tl.trans(k_t), input_precision=DOT)
+        dq = tl.dot(dqk.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT)  # dq += ds k
     return dq
 
 
@@ -275,7 +275,8 @@ def _attn_bwd_dq_kernel(
     o_v = tl.arange(0, BV)
     m_m = o_m < T
     b_q = tl.load(Q + o_m[:, None] * sqt + o_k[None, :], mask=m_m[:, None] & (o_k[None, :] < DK), other=0.0)  # [BM, BK]
-    b_do = tl.load(DO + o_m[:, None] * sdt + o_v[None, :], mask=m_m[:, None] & (o_v[None, :] < DV), other=0.0)  # [BM, BV]
+    b_do = tl.load(DO + o_m[:, None] * sdt + o_v[None, :], mask=m_m[:, None] & (o_v[None, :] < DV),
+                   other=0.0)  # [BM, BV]
     lse = tl.load(LSE + o_m, mask=m_m, other=float("inf"))
     delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
     k_ptrs = K + tl.arange(0, BN)[None, :] * skt + o_k[:, None]  # [BK, BN] k^T
@@ -294,7 +295,8 @@ def _attn_bwd_dq_kernel(
     dq = _attn_dq_inner(dq, b_q, b_do, lse, delta, k_ptrs, v_ptrs, skt, svt, m_m, m_kd, m_vd, f_t, TK, fhi, hi,
                         qk_scale{CTX}, BN, True, DOT, False)
     dq = dq * _attn_dscale(f_h{CTX_NOH})  # ds/dqk when it is one number per head, else 1
-    tl.store(DQ + o_m[:, None] * sqt + o_k[None, :], dq.to(DQ.dtype.element_ty), mask=m_m[:, None] & (o_k[None, :] < DK))
+    tl.store(DQ + o_m[:, None] * sqt + o_k[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_m[:, None] & (o_k[None, :] < DK))
 
 
 @triton.jit

@@ -95,7 +95,10 @@ def _attn_work(classify, seqs, off, BM, BN, side, device):
         if n:
             head = torch.tensor([qs, ql, ks, kl, off], dtype=torch.int32).expand(n, 5)
             rows.append(torch.cat([head, torch.arange(n, dtype=torch.int32).view(n, 1), tab], 1))
-    out = (torch.cat(rows) if rows else torch.zeros(0, 10, dtype=torch.int32)).to(device)
+    out = torch.cat(rows) if rows else torch.zeros(0, 10, dtype=torch.int32)
+    # longest first: the programs that visit the most tiles (the last query tiles of a causal mask) start first,
+    # so the launch does not end on a tail of long programs (the row order is free: each row names its tile)
+    out = out[torch.argsort(out[:, 6] - out[:, 9], stable=True)].to(device)
     if len(_ATTN_WORK) > 256:
         _ATTN_WORK.clear()
     _ATTN_WORK[key] = out
