@@ -336,7 +336,7 @@ def _attn_decode_merge_kernel(
 
 def _attn_decode_plan(cap, BH, device):
     """(BN, NS, num_warps) of the decode kernel for a cache of ``cap`` slots and BH (batch, head) pairs: enough
-    key splits to give every multiprocessor a few programs (the kernel streams the cache once)."""
+    key splits to give every multiprocessor ~8 programs (the kernel streams the cache once: memory-bound)."""
     if device.type != "cuda":
         return 16, (2 if cap > 32 else 1), 4
     BN = 64
@@ -344,7 +344,7 @@ def _attn_decode_plan(cap, BH, device):
     if sms is None:
         sms = _ATTN_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     nn = triton.cdiv(cap, BN)
-    return BN, max(1, min(nn, triton.cdiv(4 * sms, BH), 128)), 4
+    return BN, max(1, min(nn, triton.cdiv(8 * sms, BH), 128)), 4
 
 
 def _attn_decode(spec, q, kc, vc, pos, pars, dims, out, op, lp, ring):
