@@ -53,25 +53,26 @@ def compile_one(fn, sig: dict, consts: dict, warps: int, stages: int | None = No
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mix", default="softmax_attention", help="an examples/ file (no .mix)")
+    ap.add_argument("--mix", default="softmax_attention", help="an examples/ file (no .mix), or a .mix path")
     ap.add_argument("--d", type=int, default=128, help="q/k and v width")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--cfg", action="append", default=[], help="kind:BM,BN,warps,stages (default: the table's)")
     args = ap.parse_args()
-    m = mixc.load(ROOT / "examples" / f"{args.mix}.mix")
+    m = mixc.load(args.mix if args.mix.endswith(".mix") else ROOT / "examples" / f"{args.mix}.mix")
     mod = m._module
     D, x = args.d, f"*{args.dtype}"
     esize = 4 if args.dtype == "fp32" else 2
     dev = torch.device("cuda", 0)
     BW = mod._attn_width(D)
+    even = D == BW
     dot = "ieee" if esize == 4 else "tf32"
     given = {k: tuple(int(v) for v in c.split(",")) for k, c in (s.split(":") for s in args.cfg)}
     floats = {f"dim_{s}" for s in mod._ATTN_SPEC["sizes"]}
     ptrs = dict(Q=x, K=x, V=x, O=x, DO=x, DQ=x, DK_OUT=x, DV_OUT=x, TABLE="*i32", POS="*i32", KC=x, VC=x)
     kinds = {
-        "fwd": (mod._attn_fwd_kernel, dict(NS=1, EVEN=True)),
-        "dkdv": (mod._attn_bwd_dkdv_kernel, dict(NPL=mod._ATTN_SPEC["npl"], EVEN=True)),
-        "dq": (mod._attn_bwd_dq_kernel, dict(EVEN=True)),
+        "fwd": (mod._attn_fwd_kernel, dict(NS=1, EVEN=even)),
+        "dkdv": (mod._attn_bwd_dkdv_kernel, dict(NPL=mod._ATTN_SPEC["npl"], EVEN=even)),
+        "dq": (mod._attn_bwd_dq_kernel, dict(EVEN=even)),
     }
     print(f"{'kernel':<34} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'REG':>5} {'STACK':>6} {'SHARED':>7}")
     for kind, (fn, extra) in kinds.items():
@@ -81,7 +82,8 @@ def main() -> None:
         regs, stack, shared = compile_one(fn, sig, consts, warps, stages)
         print(f"{fn.__name__:<34} {BM:>4} {BN:>4} {warps:>5} {stages:>6} {regs:>5} {stack:>6} {shared:>7}")
     BN, ns, warps = mod._attn_decode_plan(16384, 64, dev) if torch.cuda.is_available() else (64, 9, 4)
-    consts = dict(DK=D, DV=D, BN=BN, BK=BW, BV=BW, NS=ns, CAP=16384, RING=False)
+    window = mod._ATTN_SPEC["window"]
+    consts = dict(DK=D, DV=D, BN=BN, BK=BW, BV=BW, NS=ns, CAP=window or 16384, RING=window is not None)
     fn = mod._ATTN_SPEC["decode"]
     regs, stack, shared = compile_one(fn, sig_of(fn, ptrs, INTS, floats, consts), consts, warps)
     print(f"{fn.__name__:<34} {1:>4} {BN:>4} {warps:>5} {'-':>6} {regs:>5} {stack:>6} {shared:>7}")

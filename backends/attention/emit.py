@@ -137,7 +137,7 @@ def form_source(ap: AttentionPlan, p) -> list[str]:
         cols = ", ".join(f"params[{n!r}].to(torch.float32)" for n in ap.params)
         lines.append(f"    pars = torch.stack([{cols}], 1)  # [H, {len(ap.params)}]: {', '.join(ap.params)}")
     else:
-        lines.append("    pars = torch.zeros(H, 1, dtype=torch.float32, device=q_cur.device)  # (no per-head scalar)")
+        lines.append("    pars = _attn_nopars(H, q_cur.device)  # (no per-head scalar: never read)")
     dims = "".join(f"float(sizes[{s!r}]), " for s in ap.sizes)
     lines += ["    cu = None",
               "    if cu_seqlens is not None:  # packed sequences, each attending within itself",

@@ -118,11 +118,27 @@ def _attn_config(kind, dk, dv, device, T=None, esize=2):
     if esize >= 4 and max(dk, dv) > 32:
         return (32, 64, 4, 2) if kind == "dkdv" else (64, 32, 4, 2)
     wide = max(dk, dv) > 64
+    if max(dk, dv) > 128:  # 256-wide tiles: the 128-wide shapes need 256 KB of shared memory (limit 232448 B)
+        return {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2)}.get(kind, (128, 32, 8, 3))
     if kind == "fwd":
         return (128, 64, 8, 3) if wide else (128, 64, 4, 3)
     if kind == "dkdv":  # BM queries per step, BN keys per program
         return (32, 128, 8, 3) if wide else (32, 128, 4, 3)
-    return (128, 32, 8, 3) if wide else (128, 32, 4, 3)  # dq: BM queries per program, BN keys per step
+    # dq: BM queries per program, BN keys per step. (The H200 sweep at D128 bf16 put 128x64 3% ahead, within its
+    # noise; with the generated kernels it spills for some scores (ptxas_attention.py), 128x32 nowhere.)
+    return (128, 32, 8, 3) if wide else (128, 32, 4, 3)
+
+
+_ATTN_NOPARS = {}
+
+
+def _attn_nopars(H, device):
+    """The PARAMS operand of a score that reads no per-head scalar: [H, 1] zeros, made once per (H, device)."""
+    key = (H, str(device))
+    hit = _ATTN_NOPARS.get(key)
+    if hit is None:
+        hit = _ATTN_NOPARS[key] = torch.zeros(H, 1, dtype=torch.float32, device=device)
+    return hit
 
 
 def _attn_dot(dtype):
