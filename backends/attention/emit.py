@@ -44,6 +44,7 @@ def kernel_source(ap: AttentionPlan) -> list[str]:
     args = ["qk", "f_t", "f_u", *ctx]
     out = _helper("_attn_score", f"s = {ap.score} (qk = q_t . k_u; t, u positions; head)", ap.score, args)
     a = _slope(ap)
+    scaled = a is not None and sympy.expand(ap.score - a * QK) == 0 and bool(a.is_positive)
     if a is not None:
         rest = sympy.expand(ap.score - a * QK)
         out += _helper("_attn_qk_scale", f"the score's slope ds/dqk = {a}, times log2(e)", a * LOG2E, ctx)
@@ -82,6 +83,7 @@ def kernel_source(ap: AttentionPlan) -> list[str]:
                        ("{DPAR_ACC_MASKED}", "\n".join(acc_m) or "            pass  # (no learnable parameter)"),
                        ("{DPAR_ACC}", "\n".join(acc) or "            pass  # (no learnable parameter in the score)"),
                        ("{DPAR_STORE}", "\n".join(store) or "    # (no learnable parameter in the score)"),
+                       ("{SCALED}", str(scaled)),
                        ("{DPAR}", "".join(f", dpar_{i}" for i in range(len(ap.learnable)))),
                        ("{CTX_NOH}", "".join(f", {c}" for c in ctx[1:])),
                        ("{CTX}", "".join(f", {c}" for c in ctx)),

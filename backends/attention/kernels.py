@@ -3,7 +3,9 @@
 Holes (replaced by the emitter): ``{CTX}`` the per-head scalars the score reads (``, f_h, p_cap, dim_K``),
 ``{CTX_LOADS}`` the lines loading them, ``{DIM_ARGS}`` the size arguments, ``{DPAR}`` the learnable per-head
 parameters' gradient accumulators threaded through the backward loop (``, dpar_0``), ``{DPAR_ACC}`` /
-``{DPAR_ACC_MASKED}`` / ``{DPAR_INIT}`` / ``{DPAR_STORE}`` their updates, initial values and stores. The helpers
+``{DPAR_ACC_MASKED}`` / ``{DPAR_INIT}`` / ``{DPAR_STORE}`` their updates, initial values and stores, ``{SCALED}``
+whether the score is qk times a positive per-head slope and nothing else (the forward then takes the row maximum
+on qk and forms qk * qk_scale - m as one FMA). The helpers
 ``_attn_score2`` (the score in log2 units), ``_attn_qk_scale``, ``_attn_dqk``, ``_attn_dscale`` and
 ``_attn_visible`` are emitted before this text.
 
@@ -30,6 +32,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t,
                     BN: tl.constexpr, MASKED: tl.constexpr, DOT: tl.constexpr, BARE: tl.constexpr):
     """Online softmax over key tiles [start, end) of one query tile (acc [BM, BV], m_i, l_i [BM]). MASKED: partial
     tiles (mask and bounds element by element); BARE: full tiles of unpadded widths, loaded without masks."""
+    SCALED: tl.constexpr = {SCALED}  # the score is qk times a positive per-head slope (emitted from the plan)
     for i_n in range(start, end):
         o_n = i_n * BN + tl.arange(0, BN)
         if BARE:
@@ -41,15 +44,24 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, m_kd, m_vd, skt, svt, f_t,
             b_v = tl.load(v_ptrs + i_n * BN * svt, mask=m_n[:, None] & m_vd, other=0.0)  # [BN, BV]
         qk = tl.dot(q, b_k, input_precision=DOT)  # q_t . k_u, fp32 [BM, BN]
         f_u = o_n.to(tl.float32)[None, :]
-        s = _attn_score2(qk, f_t, f_u, qk_scale{CTX})  # score * log2(e)
+        if SCALED:  # s2 = qk * qk_scale, qk_scale > 0: the maximum taken on qk, then one FMA per element
+            s = qk
+        else:
+            s = _attn_score2(qk, f_t, f_u, qk_scale{CTX})  # score * log2(e)
         if MASKED:
             s = tl.where((o_n < TK)[None, :] & _attn_visible(f_t, f_u), s, float("-inf"))
+        if SCALED:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         else:  # every element visible: the new maximum is finite
-            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
+        if SCALED:
+            p = tl.exp2(s * qk_scale - m_use[:, None])
+        else:
+            p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=DOT)  # accumulates in place
