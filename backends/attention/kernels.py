@@ -351,6 +351,8 @@ def _attn_decode_kernel(
         m_n = o_n < n
         b_k = tl.load(KC + o_n[:, None] * skt + o_k[None, :], mask=m_n[:, None] & (o_k[None, :] < DK),
                       other=0.0).to(tl.float32)  # [BN, BK]
+        b_v = tl.load(VC + o_n[:, None] * svt + o_v[None, :], mask=m_n[:, None] & (o_v[None, :] < DV),
+                      other=0.0).to(tl.float32)  # [BN, BV] (issued with the keys: both loads in flight)
         qk = tl.sum(b_k * q[None, :], 1)  # [BN]
         if RING:  # the position a slot holds: pos - ((pos - slot) mod CAP)
             f_u = (pos - (pos - o_n) % CAP).to(tl.float32)
@@ -363,8 +365,6 @@ def _attn_decode_kernel(
         p = tl.exp2(s - m_use)  # [BN]
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 0)
-        b_v = tl.load(VC + o_n[:, None] * svt + o_v[None, :], mask=m_n[:, None] & (o_v[None, :] < DV),
-                      other=0.0).to(tl.float32)  # [BN, BV]
         acc = acc * alpha + tl.sum(p[:, None] * b_v, 0)
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
