@@ -73,11 +73,23 @@ class Mixer:
         return self._module.forward(initial_state=initial_state, output_final_state=output_final_state,
                                     cu_seqlens=cu_seqlens, form="reference", **inputs)
 
-    def decoder(self, batch_size: int, num_heads: int, *, device="cpu", dtype=torch.float32, params=None, **sizes):
+    def decoder(self, batch_size: int, num_heads: int, *, device="cpu", dtype=torch.float32, params=None,
+                max_len: int | None = None, **sizes):
         """A :class:`mixc.decode.Decoder`: one-token steps (inputs ``[B, H, ...]``) through the recurrent
-        form's step kernel, the state in a preallocated buffer updated in place (CUDA-graph capturable)."""
+        form's step kernel, the state in a preallocated buffer updated in place (CUDA-graph capturable). A
+        mixer with no recurrent form but an attention form, given ``max_len``, gets a
+        :class:`mixc.backends.attention.decode.AttentionDecoder` (a preallocated key/value cache of max_len
+        tokens, or a ring buffer of the mask's window)."""
         from .decode import Decoder
 
+        if not hasattr(self._module, "recurrent_step") and "attention" in self.forms:
+            if max_len is None:
+                raise ValueError(f"mixer '{self.name}' has no recurrent step kernel; its attention form decodes from "
+                                 "a key/value cache: pass max_len=... (the most tokens the cache holds)")
+            from .backends.attention.decode import AttentionDecoder
+
+            return AttentionDecoder(self, batch_size, num_heads, max_len=max_len, device=device, dtype=dtype,
+                                    params=params, **sizes)
         return Decoder(self, batch_size, num_heads, device=device, dtype=dtype, params=params, **sizes)
 
     # -- parameters and inputs ----------------------------------------------------------------

@@ -210,3 +210,112 @@ def test_explain_and_emitted_source():
     assert "def _attn_score(qk, f_t, f_u, f_h, p_cap, dim_K):" in text
     assert "tl.sigmoid" in text and "_attn_dpar_0" in text
     assert text == mixc.emit.module_source(m.program)  # deterministic bytes
+
+
+def test_backward_preprocess_delta():
+    """delta = rowsum(do * o) in fp32 [B, H, T] by the preprocess kernel: odd T, a width that is not a power of
+    two, a gradient with strides of its own (a transposed view)."""
+    from mixc.backends.attention.launch import _attn_bwd_preprocess_kernel
+
+    B, T, H, V = 2, 37, 3, 20
+    g = torch.Generator().manual_seed(7)
+    o = torch.randn(B, T, H, V, generator=g).to(DEV)
+    do = torch.randn(B, H, T, V, generator=g).to(DEV).transpose(1, 2)  # [B, T, H, V], not contiguous
+    delta = torch.full((B, H, T), float("nan"), device=DEV)
+    _attn_bwd_preprocess_kernel[(3, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, DV=V, BM=16, BV=32)
+    want = (do.double() * o.double()).sum(-1).permute(0, 2, 1)
+    assert _rel(delta, want) < 1e-6
+
+
+def test_gradients_with_strided_output_gradient():
+    """The backward takes the output gradient's strides as they come (here a transposed view): equal to the
+    reference's gradients."""
+    m = _mixer("alibi")
+    x = {k: t.requires_grad_() for k, t in _inputs(1, 19, 2, 16, 16, seed=4).items()}
+    g = torch.randn(1, 2, 19, 16, device=DEV).transpose(1, 2)
+    ga = torch.autograd.grad(m(**x, form="attention"), list(x.values()), g)
+    gr = torch.autograd.grad(m.reference(**x), list(x.values()), g)
+    for a, b in zip(ga, gr):
+        assert _rel(a, b) < 1e-5
+
+
+def test_score_slope_folded_into_one_multiply():
+    """A score linear in qk with a per-head slope (softmax, ALiBi) compiles to qk * qk_scale (slope * log2(e),
+    computed once per program) and scales dq, dk once; a non-linear one (soft cap) keeps the score per element."""
+    lin = mixc.emit.module_source(_mixer("alibi").program)
+    assert "return qk * qk_scale + " in lin and "    return ds\n" in lin
+    assert "def _attn_dscale(f_h, p_slope, dim_K):\n" in lin
+    cap = mixc.emit.module_source(_mixer("softcap").program)
+    assert "return _attn_score(qk, f_t, f_u, f_h, p_cap, dim_K) * 1.4426950408889634" in cap
+    assert "return ds * (" in cap
+
+
+def test_work_rows_longest_first():
+    """Work rows are ordered by the tiles each program visits, most first (causal: the last query tile)."""
+    m = _mixer("softmax_attention")
+    mod = m._module
+    work = mod._attn_work(mod._ATTN_SPEC["classify"], ((0, 64, 0, 64),), 0, 16, 16, "q", torch.device("cpu"))
+    visits = (work[:, 9] - work[:, 6]).tolist()
+    assert visits == sorted(visits, reverse=True) and work[0, 5] == 3 and visits[0] == 4
+
+
+@pytest.mark.parametrize("name", ["sliding_window_attention", "segment_attention", "softcap", "alibi"])
+def test_decoder_equals_full_run(name):
+    """m.decoder(B, H, max_len=...): a prefill then one token at a time from the preallocated cache equals the
+    full run (a window's cache is a ring buffer of W slots, wrapped several times here); the cache reads back as
+    the functional form's final state, and loads from it."""
+    m = _mixer(name)
+    B, T, H, K, V = 2, 30, 2, 12, 7
+    x = _inputs(B, T, H, K, V, seed=1)
+    params = m.parameters_init(H, device=DEV)
+    full = m.reference(**x, **params)
+    dec = m.decoder(B, H, max_len=34, device=DEV, params=params, K=K, V=V)
+    window = plan(m.program).window
+    assert dec.ring == (window is not None) and dec.capacity == (window or 34)
+    if window is None:  # the 34-slot cache is split over 2 programs in the interpreter
+        assert dec._op.shape[0] == 2
+    T0 = 21
+    o = dec.prefill(**{k: t[:, :T0] for k, t in x.items()})
+    assert o.shape == (B, T0, H, V) and _rel(o, full[:, :T0]) < 1e-5
+    for t in range(T0, T):
+        o_t = dec.step(**{k: v[:, t] for k, v in x.items()})
+        assert o_t.shape == (B, H, V) and _rel(o_t, full[:, t]) < 1e-5, t
+    assert dec.length == T
+    _, fin = m(**x, **params, output_final_state=True, form="attention")
+    for n in ("k", "v"):
+        assert torch.equal(dec.state[n], fin[n])
+    # a second decoder from the functional cache (a ring buffer: the last W keys, renumbered) continues equally
+    y = _inputs(B, 3, H, K, V, seed=2)
+    ref = m.reference(**{k: torch.cat([x[k], y[k]], 1) for k in x}, **params)[:, T:]
+    dec2 = m.decoder(B, H, max_len=34, device=DEV, params=params, K=K, V=V)
+    dec2.load_state(fin)
+    for t in range(3):
+        assert _rel(dec2.step(**{k: v[:, t] for k, v in y.items()}), ref[:, t]) < 1e-5
+
+
+def test_decoder_truncate_reset_and_errors():
+    m = _mixer("softmax_attention")
+    B, H, D = 1, 2, 16
+    x = _inputs(B, 6, H, D, D, seed=6)
+    full = m.reference(**x)
+    dec = m.decoder(B, H, max_len=6, device=DEV, K=D, V=D)
+    dec.prefill(**{k: t[:, :5] for k, t in x.items()})
+    step = {k: v[:, 5] for k, v in x.items()}
+    first = dec.step(**step).clone()
+    dec.truncate(5)  # roll back one token and redo it: the same output
+    assert torch.equal(dec.step(**step), first) and _rel(first, full[:, 5]) < 1e-5
+    with pytest.raises(ValueError, match="max_len=6"):
+        dec.step(**step)
+    dec.reset()
+    assert _rel(dec.step(**{k: v[:, 0] for k, v in x.items()}), full[:, 0]) < 1e-5
+    with pytest.raises(ValueError, match="missing input 'v'"):
+        dec.step(q=step["q"], k=step["k"])
+    with pytest.raises(ValueError, match="input 'q' has shape"):
+        dec.step(q=x["q"], k=step["k"], v=step["v"])
+    with pytest.raises(ValueError, match="pass max_len"):
+        m.decoder(B, H, K=D, V=D)
+    with pytest.raises(ValueError, match="exceeds max_len=6"):
+        m.decoder(B, H, max_len=6, K=D, V=D).prefill(**{k: torch.cat([t, t], 1) for k, t in x.items()})
+    ring = _mixer("sliding_window_attention").decoder(B, H, max_len=64, K=D, V=D)
+    with pytest.raises(ValueError, match="ring buffer"):
+        ring.truncate(0)

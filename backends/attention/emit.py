@@ -26,12 +26,45 @@ def _helper(name: str, doc: str, expr: sympy.Basic, args: list[str]) -> list[str
             "", ""]
 
 
+LOG2E = 1.4426950408889634
+
+
+def _slope(ap: AttentionPlan) -> sympy.Expr | None:
+    """a when the score is s = a qk + b(t, u) with a depending on neither qk nor the positions (one number per
+    head: the kernels fold a log2(e) into one multiply and scale dq, dk by a once), else None."""
+    a = ap.dscore(QK)
+    if a.free_symbols & {QK, T_SYM, U_SYM}:
+        return None
+    return a
+
+
 def kernel_source(ap: AttentionPlan) -> list[str]:
-    """The jitted helpers (score, its derivatives, the mask) and the three kernels, as source lines."""
+    """The jitted helpers (score, its derivatives, the mask) and the kernels, as source lines."""
     ctx = _ctx(ap)
     args = ["qk", "f_t", "f_u", *ctx]
     out = _helper("_attn_score", f"s = {ap.score} (qk = q_t . k_u; t, u positions; head)", ap.score, args)
-    out += _helper("_attn_dscore", f"ds/dqk = {ap.dscore(QK)}", ap.dscore(QK), args)
+    a = _slope(ap)
+    scaled = a is not None and sympy.expand(ap.score - a * QK) == 0 and bool(a.is_positive)
+    if a is not None:
+        rest = sympy.expand(ap.score - a * QK)
+        out += _helper("_attn_qk_scale", f"the score's slope ds/dqk = {a}, times log2(e)", a * LOG2E, ctx)
+        body = "qk * qk_scale" if rest == 0 else f"qk * qk_scale + {triton_expr(rest * LOG2E)}"
+        out += ["@triton.jit", f"def _attn_score2({', '.join(['qk', 'f_t', 'f_u', 'qk_scale', *ctx])}):",
+                f'    """s * log2(e) = qk * qk_scale + ({rest}) * log2(e) (qk_scale from _attn_qk_scale)"""',
+                f"    return {body}", "", ""]
+        out += ["@triton.jit", f"def _attn_dqk({', '.join(['ds', 'qk', 'f_t', 'f_u', *ctx])}):",
+                f'    """ds/dqk = {a} is one number per head: applied once to dq, dk (_attn_dscale)"""',
+                "    return ds", "", ""]
+        out += _helper("_attn_dscale", f"ds/dqk = {a}", a, ctx)
+    else:
+        out += _helper("_attn_qk_scale", "(the score is not linear in qk with a per-head slope: unused)",
+                       sympy.Float(LOG2E), ctx)
+        out += ["@triton.jit", f"def _attn_score2({', '.join(['qk', 'f_t', 'f_u', 'qk_scale', *ctx])}):",
+                '    """s * log2(e)"""', f"    return _attn_score(qk, f_t, f_u, {', '.join(ctx)}) * {LOG2E!r}", "", ""]
+        d = ap.dscore(QK)
+        out += ["@triton.jit", f"def _attn_dqk({', '.join(['ds', 'qk', 'f_t', 'f_u', *ctx])}):",
+                f'    """ds * ds/dqk, ds/dqk = {d}"""', f"    return ds * {triton_expr(d)}", "", ""]
+        out += _helper("_attn_dscale", "(ds/dqk is applied per element: _attn_dqk)", sympy.Float(1.0), ctx)
     for i, n in enumerate(ap.learnable):
         d = ap.dscore(param_symbol(n))
         out += _helper(f"_attn_dpar_{i}", f"ds/d{n} = {d}", d, args)
@@ -50,6 +83,9 @@ def kernel_source(ap: AttentionPlan) -> list[str]:
                        ("{DPAR_ACC_MASKED}", "\n".join(acc_m) or "            pass  # (no learnable parameter)"),
                        ("{DPAR_ACC}", "\n".join(acc) or "            pass  # (no learnable parameter in the score)"),
                        ("{DPAR_STORE}", "\n".join(store) or "    # (no learnable parameter in the score)"),
+                       ("{SCALED}", str(scaled)),
+                       ("{DPAR}", "".join(f", dpar_{i}" for i in range(len(ap.learnable)))),
+                       ("{CTX_NOH}", "".join(f", {c}" for c in ctx[1:])),
                        ("{CTX}", "".join(f", {c}" for c in ctx)),
                        ("{DIM_ARGS}", "".join(f" dim_{s}," for s in ap.sizes))):
         text = text.replace(hole, fill)
@@ -103,7 +139,7 @@ def form_source(ap: AttentionPlan, p) -> list[str]:
         cols = ", ".join(f"params[{n!r}].to(torch.float32)" for n in ap.params)
         lines.append(f"    pars = torch.stack([{cols}], 1)  # [H, {len(ap.params)}]: {', '.join(ap.params)}")
     else:
-        lines.append("    pars = torch.zeros(H, 1, dtype=torch.float32, device=q_cur.device)  # (no per-head scalar)")
+        lines.append("    pars = _attn_nopars(H, q_cur.device)  # (no per-head scalar: never read)")
     dims = "".join(f"float(sizes[{s!r}]), " for s in ap.sizes)
     lines += ["    cu = None",
               "    if cu_seqlens is not None:  # packed sequences, each attending within itself",
@@ -128,7 +164,9 @@ def emit(a: Analysis) -> tuple[list[str] | None, str]:
         return None, str(e)
     lines = kernels + ["", ""] + classifier_source(ap) + ["", ""]
     lines += ["_ATTN_SPEC = {'fwd': _attn_fwd_kernel, 'dkdv': _attn_bwd_dkdv_kernel, 'dq': _attn_bwd_dq_kernel,",
-              f"              'classify': _attention_tile_class, 'npl': {len(ap.learnable)}}}", "", ""]
+              "              'decode': _attn_decode_kernel, 'classify': _attention_tile_class,",
+              f"              'npl': {len(ap.learnable)}, 'q': {ap.q!r}, 'k': {ap.k!r}, 'v': {ap.v!r},",
+              f"              'params': {ap.params!r}, 'sizes': {ap.sizes!r}, 'window': {ap.window!r}}}", "", ""]
     lines += form_source(ap, a.program)
     return lines, ""
 

@@ -95,7 +95,10 @@ def _attn_work(classify, seqs, off, BM, BN, side, device):
         if n:
             head = torch.tensor([qs, ql, ks, kl, off], dtype=torch.int32).expand(n, 5)
             rows.append(torch.cat([head, torch.arange(n, dtype=torch.int32).view(n, 1), tab], 1))
-    out = (torch.cat(rows) if rows else torch.zeros(0, 10, dtype=torch.int32)).to(device)
+    out = torch.cat(rows) if rows else torch.zeros(0, 10, dtype=torch.int32)
+    # longest first: the programs that visit the most tiles (the last query tiles of a causal mask) start first,
+    # so the launch does not end on a tail of long programs (the row order is free: each row names its tile)
+    out = out[torch.argsort(out[:, 6] - out[:, 9], stable=True)].to(device)
     if len(_ATTN_WORK) > 256:
         _ATTN_WORK.clear()
     _ATTN_WORK[key] = out
@@ -115,11 +118,27 @@ def _attn_config(kind, dk, dv, device, T=None, esize=2):
     if esize >= 4 and max(dk, dv) > 32:
         return (32, 64, 4, 2) if kind == "dkdv" else (64, 32, 4, 2)
     wide = max(dk, dv) > 64
+    if max(dk, dv) > 128:  # 256-wide tiles: the 128-wide shapes need 256 KB of shared memory (limit 232448 B)
+        return {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2)}.get(kind, (128, 32, 8, 3))
     if kind == "fwd":
         return (128, 64, 8, 3) if wide else (128, 64, 4, 3)
     if kind == "dkdv":  # BM queries per step, BN keys per program
         return (32, 128, 8, 3) if wide else (32, 128, 4, 3)
-    return (128, 32, 8, 3) if wide else (128, 32, 4, 3)  # dq: BM queries per program, BN keys per step
+    # dq: BM queries per program, BN keys per step. (The H200 sweep at D128 bf16 put 128x64 3% ahead, within its
+    # noise; with the generated kernels it spills for some scores (ptxas_attention.py), 128x32 nowhere.)
+    return (128, 32, 8, 3) if wide else (128, 32, 4, 3)
+
+
+_ATTN_NOPARS = {}
+
+
+def _attn_nopars(H, device):
+    """The PARAMS operand of a score that reads no per-head scalar: [H, 1] zeros, made once per (H, device)."""
+    key = (H, str(device))
+    hit = _ATTN_NOPARS.get(key)
+    if hit is None:
+        hit = _ATTN_NOPARS[key] = torch.zeros(H, 1, dtype=torch.float32, device=device)
+    return hit
 
 
 def _attn_dot(dtype):
@@ -185,36 +204,65 @@ def _attn_forward(spec, q, k, v, pars, off, dims, allow_split, seqs=None):
     return out.to(q.dtype), m + torch.log2(den)
 
 
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # out and its gradient [B, T, H, DV] (unit stride along the width)
+    DELTA,  # [B, H, T] fp32: delta_t = sum_j do_tj o_tj
+    soB, soT, soH, sdB, sdT, sdH,  # strides of O and DO
+    T, H,  # tokens, heads
+    DV: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,  # value width, token and width tiles (BV >= DV)
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # (64-bit batch offsets)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_v = tl.arange(0, BV)
+    mask = (o_m < T)[:, None] & (o_v < DV)[None, :]
+    b_o = tl.load(O + i_b * soB + i_h * soH + o_m[:, None] * soT + o_v[None, :], mask=mask, other=0.0)
+    b_do = tl.load(DO + i_b * sdB + i_h * sdH + o_m[:, None] * sdT + o_v[None, :], mask=mask, other=0.0)
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BM], fp32 products
+    tl.store(DELTA + i_bh.to(tl.int64) * T + o_m, delta, mask=o_m < T)
+
+
 def _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims, seqs=None):
-    """(dq, dk, dv, dpars [H, NP]) of softmax attention, flash-2 style: delta = rowsum(do * o), then one
-    kernel over key tiles (dk, dv, parameter gradients) and one over query tiles (dq)."""
+    """(dq, dk, dv, dpars [H, NP]) of softmax attention, flash-2 style: delta = rowsum(do * o) (a small kernel,
+    fp32 [B, H, T]), then one kernel over key tiles (dk, dv, parameter gradients) and one over query tiles (dq).
+    lse [B, H, T] fp32 contiguous (the forward's)."""
     B, T, H, DK = q.shape
     TK, DV = k.shape[1], v.shape[3]
     BK, BV = _attn_width(DK), _attn_width(DV)
-    delta = (do.float() * o.float()).sum(-1).permute(0, 2, 1).contiguous()  # [B, H, T]
-    lse = lse.contiguous()
+    even = DK == BK and DV == BV
+    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    BMp = 16 if q.device.type != "cuda" else max(16, min(128, 8192 // BV))
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, BMp), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, H,
+        DV=DV, BM=BMp, BV=BV, num_warps=4,
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     npl = spec["npl"]
     BM, BN, warps, stages = _attn_config("dkdv", DK, DV, q.device, None, q.element_size())
     seqs = seqs or ((0, T, 0, TK),)
     work = _attn_work(spec["classify"], seqs, off, BM, BN, "k", q.device)
     nn = work.shape[0]
-    dpar = torch.zeros(max(npl, 1), B * H, nn, dtype=torch.float32, device=q.device)
+    # every program stores its partial sums (no zeroing); with no learnable parameter the kernel never reads it
+    dpar = torch.empty(npl, B * H, nn, dtype=torch.float32, device=q.device) if npl else pars
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1))
     spec["dkdv"][(nn, B * H)](
         q, k, v, do, lse, delta, dk, dv, dpar, work, pars, *strides, H, pars.shape[1], *dims,
-        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, NPL=npl, DOT=_attn_dot(q.dtype), num_warps=warps, num_stages=stages,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, NPL=npl, DOT=_attn_dot(q.dtype), EVEN=even,
+        num_warps=warps, num_stages=stages,
     )
     BM, BN, warps, stages = _attn_config("dq", DK, DV, q.device, None, q.element_size())
     work = _attn_work(spec["classify"], seqs, off, BM, BN, "q", q.device)
     spec["dq"][(work.shape[0], B * H)](
         q, k, v, do, lse, delta, dq, work, pars, *strides, H, pars.shape[1], *dims,
-        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, DOT=_attn_dot(q.dtype), num_warps=warps, num_stages=stages,
+        DK=DK, DV=DV, BM=BM, BN=BN, BK=BK, BV=BV, DOT=_attn_dot(q.dtype), EVEN=even,
+        num_warps=warps, num_stages=stages,
     )
+    if not npl:
+        return dq, dk, dv, None
     dpars = torch.zeros_like(pars)
-    if npl:
-        dpars[:, :npl] = dpar[:npl].view(npl, B, H, nn).sum((1, 3)).t()
+    dpars[:, :npl] = dpar.view(npl, B, H, nn).sum((1, 3)).t()
     return dq, dk, dv, dpars
 
 
@@ -232,8 +280,8 @@ class _AttnFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, pars = ctx.saved_tensors
-        dq, dk, dv, dpars = _attn_backward(ctx.spec, q, k, v, o, lse, do.contiguous(), pars, ctx.off, ctx.dims,
-                                           ctx.seqs)
+        do = do if do.stride(-1) == 1 else do.contiguous()  # the kernels take any strides but the width's
+        dq, dk, dv, dpars = _attn_backward(ctx.spec, q, k, v, o, lse, do, pars, ctx.off, ctx.dims, ctx.seqs)
         return dq, dk, dv, dpars, None, None, None, None
 
 
@@ -275,3 +323,61 @@ def _attn_per_sequence(form, inputs, params, states, sizes, output_final_state, 
                 "cannot be stacked [N, H, ...]: pass output_final_state=False, or run the sequences separately")
     return o, {n: torch.cat([f[n] for f in finals], 0) for n in full[0]}
 
+
+
+@triton.jit
+def _attn_decode_merge_kernel(
+    OP, LP,  # partial outputs [NS, B * H, BV] fp32 and their base-2 logsumexp [NS, B * H] fp32
+    O,  # out [B, H, DV] (any float dtype, unit stride along the width)
+    sob, soh,  # strides of O
+    H,  # heads
+    DV: tl.constexpr, BV: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,  # width, its tile, splits (BS >= NS)
+):
+    """lse = log2 sum_s 2^lse_s,  o = sum_s 2^(lse_s - lse) o_s  (a split with no visible key has lse_s = -inf)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    o_s = tl.arange(0, BS)
+    o_v = tl.arange(0, BV)
+    lse = tl.load(LP + o_s * tl.num_programs(0) + i_bh, mask=o_s < NS, other=float("-inf"))  # [BS]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # [BS]
+    den = tl.sum(w, 0)
+    w = w / tl.where(den == 0.0, 1.0, den)
+    part = tl.load(OP + (o_s[:, None] * tl.num_programs(0) + i_bh) * BV + o_v[None, :], mask=(o_s < NS)[:, None],
+                   other=0.0)  # [BS, BV]
+    out = tl.sum(w[:, None] * part, 0)
+    tl.store(O + i_b * sob + i_h * soh + o_v, out.to(O.dtype.element_ty), mask=o_v < DV)
+
+
+def _attn_decode_plan(cap, BH, device):
+    """(BN, NS, num_warps) of the decode kernel for a cache of ``cap`` slots and BH (batch, head) pairs: enough
+    key splits to give every multiprocessor ~8 programs (the kernel streams the cache once: memory-bound)."""
+    if device.type != "cuda":
+        return 16, (2 if cap > 32 else 1), 4
+    BN = 64
+    sms = _ATTN_SMS.get(device.index)
+    if sms is None:
+        sms = _ATTN_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    nn = triton.cdiv(cap, BN)
+    return BN, max(1, min(nn, triton.cdiv(8 * sms, BH), 128)), 4
+
+
+def _attn_decode(spec, q, kc, vc, pos, pars, dims, out, op, lp, ring):
+    """One decode step's attention: q [B, H, DK] at position ``pos`` ([1] int32 on the device) against the caches
+    kc [B, H, CAP, DK], vc [B, H, CAP, DV] (slot u, or u % CAP with ``ring``), into out [B, H, DV]. op [NS, B * H,
+    BV] and lp [NS, B * H] fp32 are preallocated scratch (NS from _attn_decode_plan). Allocates nothing."""
+    B, H, CAP, DK = kc.shape
+    DV = vc.shape[3]
+    BN, ns, warps = _attn_decode_plan(CAP, B * H, q.device)
+    BK, BV = _attn_width(DK), _attn_width(DV)
+    spec["decode"][(B * H, ns)](
+        q, kc, vc, op, lp, pos, pars, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), H, pars.shape[1], *dims,
+        DK=DK, DV=DV, BN=BN, BK=BK, BV=BV, NS=ns, CAP=CAP, RING=ring, num_warps=warps,
+    )
+    _attn_decode_merge_kernel[(B * H,)](
+        op, lp, out, out.stride(0), out.stride(1), H, DV=DV, BV=BV, NS=ns, BS=max(2, triton.next_power_of_2(ns)),
+        num_warps=4,
+    )
+    return out

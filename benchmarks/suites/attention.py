@@ -6,7 +6,9 @@ Cases (GPU, bf16; ``--smoke`` runs tiny fp32 shapes on the CPU interpreter):
 - sliding window W=512 at B1 T16384 H16 D128, forward and forward+backward vs our own dense causal kernel
   at the same shape (target >= 4x: the empty tiles are skipped);
 - the same two masks vs FlexAttention (torch.compile'd flex_attention with the same mask) where it runs;
-- decode: one query token against a 16384-token key/value cache (split-KV) vs SDPA.
+- decode: one query token against a 16384-token key/value cache (split-KV) vs SDPA: through the functional API
+  (the cache torch.cat'ed each call) and through ``m.decoder`` (a preallocated cache written in place; on a GPU
+  also captured in a CUDA graph).
 Every row checks our output (or gradients) against the reference, or SDPA, in the same run.
 """
 
@@ -164,7 +166,44 @@ def run(smoke: bool) -> list[dict]:
             ours = time_ms(lambda: causal(**step, initial_state=cache, form="attention"))
             sdpa = time_ms(lambda: _sdpa(step["q"], xc["k"], xc["v"]))
             check = rel(od, _sdpa(step["q"].float(), xc["k"].float(), xc["v"].float()))
-        rows.add(case, ours, "torch SDPA", sdpa, check, "ours includes appending the token to the cache (torch.cat)")
+        rows.add(case, ours, "torch SDPA", sdpa, check, "functional API: ours includes torch.cat of the cache")
+    except Exception as e:  # noqa: BLE001
+        rows.failed(case, e)
+
+    # decode through the decoder: a preallocated cache written in place, the length on the device
+    case = f"decoder step, cache {Tc}, B{B} H{H} D{D} {label}"
+    try:
+        xc = _inputs(B, Tc + 1, H, D, dtype, seed=2)
+        dec = causal.decoder(B, H, max_len=Tc + 1, device=DEV, dtype=dtype, K=D, V=D)
+        dec.load_state({"k": xc["k"][:, :Tc].transpose(1, 2), "v": xc["v"][:, :Tc].transpose(1, 2)})
+        tok = {n: t[:, Tc].contiguous() for n, t in xc.items()}  # [B, H, D]
+
+        def step():
+            dec.truncate(Tc)  # back to Tc cached tokens (a fill_ on the device), then the step proper
+            return dec.step(**tok)
+
+        with torch.no_grad():
+            od = step().clone()
+            ours = time_ms(step)
+            sdpa = time_ms(lambda: _sdpa(xc["q"][:, Tc:], xc["k"], xc["v"]))
+            check = rel(od, _sdpa(xc["q"][:, Tc:].float(), xc["k"].float(), xc["v"].float())[:, 0])
+        rows.add(case, ours, "torch SDPA", sdpa, check, "m.decoder: the step writes k, v in place (split-KV)")
+        if on_gpu():  # the same step captured in a CUDA graph (static inputs, the length read on the device)
+            case = f"decoder step (CUDA graph), cache {Tc}, B{B} H{H} D{D} {label}"
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad():
+                s_ = torch.cuda.Stream()
+                s_.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s_):
+                    step()
+                torch.cuda.current_stream().wait_stream(s_)
+                with torch.cuda.graph(graph):
+                    step()
+                graph.replay()
+                torch.cuda.synchronize()
+                check = rel(dec._out, _sdpa(xc["q"][:, Tc:].float(), xc["k"].float(), xc["v"].float())[:, 0])
+                ours = time_ms(graph.replay)
+            rows.add(case, ours, "torch SDPA", sdpa, check, "graph replay of truncate + step")
     except Exception as e:  # noqa: BLE001
         rows.failed(case, e)
 
