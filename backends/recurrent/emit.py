@@ -374,7 +374,10 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
     else:  # no epilogue: the kernel writes the output in out's dtype
         em.emit(f"rec_step({q}, {k}, {v}, {at}, {ap}, h, out, exp_decay={rp.decay == 'exp'}, scale={scale})")
     em.emit("return out")
-    lines += ["", "", "def recurrent_state_shape(B, H, sizes):",
+    replay = not (rp.normaliser or rp.gate is not None or rp.skip is not None)
+    lines += ["", "", f"RECURRENT_STEP_REPLAY = {replay}  # recurrent_step is its launch alone (nothing after it): "
+              "the decoder may record and replay it", "", "",
+              "def recurrent_state_shape(B, H, sizes):",
               '    """The kernels\' state shape for B sequences and H heads."""',
               f"    return (B, H, {'1' if rp.key is None else f'sizes[{rp.key.axis!r}]'}, "
               f"sizes[{rp.value.axis!r}]{' + 1' if rp.normaliser else ''})", "", ""]
