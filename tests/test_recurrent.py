@@ -50,7 +50,29 @@ state M[Dv, Dk]
 M[y, x] = exp(g[x]) * M[y, x] + b[x] * c[y]
 out o[y] = sum(x: a[x] * M[y, x])
 """
-SYNTHETICS = {"syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED}
+# One-axis states (the element-wise kernels): the exponential of a per-token number times a per-channel
+# parameter, read through a per-token gate; a product of a per-head number and a token gate, a negated
+# input, read as is (the kernel stores the output's dtype)
+SYN_EW_EXP = """
+size D
+input x[D], s[]
+input g[] ~ logsigmoid
+param A[D] = -0.5
+state h[D]
+h[d] = exp(g * A[d]) * h[d] + x[d]
+out o[d] = s * h[d]
+"""
+SYN_EW_PRODUCT = """
+size D
+input x[D]
+input f[D] ~ sigmoid
+param c[] = 0.9
+state h[D]
+h[d] = c * f[d] * h[d] - x[d]
+out o[d] = h[d]
+"""
+SYNTHETICS = {"syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED,
+              "syn_ew_exp": SYN_EW_EXP, "syn_ew_product": SYN_EW_PRODUCT}
 SYN_SIZES = {"Dk": 5, "Dv": 6, "D": 7}
 
 
@@ -133,6 +155,22 @@ def test_variable_length(name):
 def test_long_sequence_crosses_checkpoints():
     """T = 70 > 2 chunks of 32 tokens: the backward restarts from each checkpoint."""
     _check(_load("hgrn"), 1, 70, 1)
+
+
+@pytest.mark.parametrize("name", ["hgrn", "syn_one_axis", "syn_ew_exp", "syn_ew_product"])
+def test_one_axis_state_takes_the_elementwise_kernels(name, monkeypatch):
+    """A one-axis state (chosen from the state's shape, not a name) runs the element-wise kernels, never
+    the matrix-state scan: two chunks of tokens (T = 70 > 64) with states and gradients, and T = 5."""
+    m = _load(name)
+
+    def refuse(*a, **k):
+        raise AssertionError("a one-axis state went through the matrix-state scan")
+
+    monkeypatch.setattr(m._module, "rec_scan", refuse)
+    monkeypatch.setattr(m._module, "rec_step", refuse)
+    assert "rec_ew_scan" in m._module.recurrent.__code__.co_names
+    _check(m, 1, 70, 2, seed=1)
+    _check(m, 2, 5, 1, with_state=False, seed=2)
 
 
 def test_mamba_default_is_recurrent_and_decay_formed_in_kernel():

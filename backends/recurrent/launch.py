@@ -226,10 +226,10 @@ class _RecScan(torch.autograd.Function):
     """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument."""
 
     @staticmethod
-    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay):
+    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype=torch.float32):
         B, T, H, V = v.shape
         K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-        o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+        o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
         ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
         ck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w)
         ctx.save_for_backward(q, k, v, at, ap, ck, u, w)
@@ -277,20 +277,21 @@ class _RecScan(torch.autograd.Function):
         gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
         gu = du.sum(0).to(u.dtype) if u is not None else None
         gw = dw.sum(0).to(w.dtype) if u is not None else None
-        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None
+        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None
 
 
-def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None):
-    """(o [B, T, H, V] fp32, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over a
-    whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or None)."""
+def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None, o_dtype=torch.float32):
+    """(o [B, T, H, V] in ``o_dtype``, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over
+    a whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or
+    None)."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
     tensors = [x for x in (q, k, v, at, ap, h0, u, w) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay)
+        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype)
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+    o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
     ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
     _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w)
     return o, ht
