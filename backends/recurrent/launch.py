@@ -168,10 +168,16 @@ def _rec_pow2(n):
 
 
 @functools.lru_cache(maxsize=256)
-def _rec_tiles(n_bh, K, V):
+def _rec_tiles(n_bh, K, V, step=False):
     """(BK, BV, num_warps): the whole key axis in one tile; the value axis cut so that a tile holds at
-    most 4096 fp32 entries and, where V allows (tiles of 16 at least), there are 256 programs or more."""
+    most 4096 fp32 entries and, where V allows (tiles of 16 at least), there are 256 programs or more.
+    A one-token step (``step``: a pass over the state, bound by its bandwidth) takes tiles of at most 2048
+    entries, 16 a thread: more programs resident per SM, so more of the state in flight (sm_90, Triton 3.6,
+    K = V = 128: 80 registers at BV 16 and 4 warps, against 168 and a spill-prone 128 x 32 tile)."""
     BK = max(2, _rec_pow2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
+    if step:
+        BV = min(_rec_pow2(V), max(16, 2048 // BK))
+        return BK, BV, max(1, min(8, BK * BV // 512))
     BV = min(_rec_pow2(V), max(16, 4096 // BK))
     while BV > 16 and n_bh * -(-V // BV) < 256:
         BV //= 2
@@ -198,6 +204,13 @@ def _rec_flags(q, k, at, ap, exp_decay):
                 EXP_DECAY=bool(exp_decay))
 
 
+def _rec_axes(at, ap):
+    """Along which state axes the decay's factors vary: AT_K, AT_V, AP_K, AP_V."""
+    at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
+    ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
+    return dict(AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v)
+
+
 def _rec_delta_operands(u, w, v):
     """The delta rule's operands (v stands in when there is none) and their strides."""
     if u is None:
@@ -209,7 +222,7 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     """Launch the forward scan; returns the checkpoints [B, H, NC, K, V] (or None)."""
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-    BK, BV, warps = _rec_tiles(B * H, K, V)
+    BK, BV, warps = _rec_tiles(B * H, K, V, T == 1)
     NV = triton.cdiv(V, BV)
     ck = torch.empty(B, H, triton.cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
         if store_ck else o
@@ -217,7 +230,8 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     _rec_kernel(_rec_fwd)[(NV, B * H)](
         *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o,
         T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2), *_rec_delta_operands(u, w, v),
-        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), **_rec_axes(at, ap), HAS_H0=h0 is not None,
+        STORE_HT=ht is not None,
         STORE_CK=store_ck, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
     return ck if store_ck else None
 
