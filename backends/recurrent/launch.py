@@ -77,10 +77,12 @@ class _RecLaunch:
 _REC_RECORDING = []  # while rec_step_record runs a step: a list receiving its launches
 
 
+_REC_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton's launch hooks live here
+
+
 def _rec_hooks_off():
     """Whether no Triton launch hook is set (the replay's direct launch skips them)."""
-    knobs = getattr(triton, "knobs", None)
-    rt = getattr(knobs, "runtime", None)
+    rt = _REC_RUNTIME
     return rt is None or (rt.launch_enter_hook is None and rt.launch_exit_hook is None)
 
 
