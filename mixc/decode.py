@@ -8,6 +8,11 @@ it to keep it). ``dec.state`` is the declared states (views of the buffer, ``[B,
 ``dec.load_state(states)`` copies states in (say, a chunked prefill's final state), ``dec.reset()``
 zeroes them. A step allocates nothing that outlives it and never waits on the device, so a CUDA graph
 can capture it (``torch.cuda.graph``) with static input tensors.
+
+Host path: the first step of each input layout (shapes, strides, dtypes, alignment, device) is recorded;
+when it is the kernel launch alone on views of the inputs and the decoder's buffers, later steps of that
+layout replay the launch with the new inputs' pointers (nothing else runs on the host). ``dec.params`` are
+the decoder's own fp32 copies, fixed at construction (update them in place, never rebind them).
 """
 
 from __future__ import annotations
