@@ -7,8 +7,8 @@ hgrn's, each timed against its anchor in the same run and checked against the re
     tensor of the state's size (ratio = fraction of the copy bandwidth; target >= 0.8);
 (c) mamba recurrent forward+backward at B4 T4096 H16 (P=64, N=16) vs the plain PyTorch token loop (the
     reference form, which is that loop) in the same run;
-(d) hgrn (H=1, D=2048) at B4 T4096 vs fla's fused_recurrent_hgrn (x and g = log f, [B, T, D]); forward,
-    and forward+backward (target ratio >= 1.0).
+(d) hgrn (H=1, D=2048) at B4 T4096 vs fla's fused_recurrent_hgrn (x' = (1 - f) x and g = log f, [B, T, D]:
+    the same function); forward, and forward+backward (target ratio >= 1.0); our gradients checked too.
 bf16 inputs, fp32 state. ``--smoke``: tiny shapes on the CPU (interpreter), fla rows skipped when absent.
 """
 
@@ -154,8 +154,14 @@ def hgrn(smoke: bool) -> list[dict]:
     dt = torch.float32 if smoke else torch.bfloat16
     x = {k: v.requires_grad_() for k, v in m.random_inputs(B, T, 1, D=D, dtype=dt, device=DEV).items()}
     o = m(**x, form="recurrent")
-    want = m.reference(**{k: v.detach().float() for k, v in x.items()})
+    xf = {k: v.detach().float().requires_grad_() for k, v in x.items()}
+    want = m.reference(**xf)
     check = rel(o, want)
+    go = torch.randn_like(want)  # the element-wise backward kernel, checked in the same run
+    ga = torch.autograd.grad(o, [x["x"], x["f"]], go.to(o.dtype))
+    gb = torch.autograd.grad(want, [xf["x"], xf["f"]], go)
+    grads = f"x grad {rel(ga[0], gb[0]):.1e}, f grad {rel(ga[1], gb[1]):.1e} (vs the fp32 reference)"
+    want = want.detach()
     fla = _fla("hgrn")
     with torch.no_grad():
         ours_f = time_ms(lambda: m(**x, form="recurrent"))
@@ -163,7 +169,7 @@ def hgrn(smoke: bool) -> list[dict]:
     if not callable(fla):
         note = f"fla missing: {fla}"
         return [row(SUITE, f"hgrn fwd B{B} T{T} D{D}", ours_f, None, None, check, note),
-                row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D}", ours_fb, None, None, check, note)]
+                row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D}", ours_fb, None, None, check, f"{note}; {grads}")]
     # fla's hgrn is h = exp(g) h + x: the same function as the file's with x' = (1 - f) x and g = log f
     f0 = x["f"].detach()[:, :, 0].float()
     xf = ((1 - f0) * x["x"].detach()[:, :, 0].float()).to(dt).contiguous().requires_grad_()
@@ -176,7 +182,7 @@ def hgrn(smoke: bool) -> list[dict]:
     return [row(SUITE, f"hgrn fwd B{B} T{T} D{D} ({str(dt)[6:]})", ours_f, "fla fused_recurrent_hgrn", anchor_f,
                 check, note),
             row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D} ({str(dt)[6:]})", ours_fb, "fla fused_recurrent_hgrn", anchor_fb,
-                check, note)]
+                check, f"{note}; {grads}")]
 
 
 def run(smoke: bool) -> list[dict]:
