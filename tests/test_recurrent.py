@@ -71,7 +71,18 @@ state h[D]
 h[d] = c * f[d] * h[d] - x[d]
 out o[d] = h[d]
 """
-SYNTHETICS = {"syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED,
+# A token decay over both state axes (the kernel's [BK, BV] factor load) times a per-head number
+SYN_FULL_DECAY = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input f[Dk, Dv] ~ logsigmoid
+param r[] = 0.5
+state M[Dk, Dv]
+M[x, y] = exp(r * f[x, y]) * M[x, y] + b[x] * c[y]
+out o[y] = sum(x: a[x] * M[x, y])
+"""
+SYNTHETICS = {"syn_full_decay": SYN_FULL_DECAY,
+              "syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED,
               "syn_ew_exp": SYN_EW_EXP, "syn_ew_product": SYN_EW_PRODUCT}
 SYN_SIZES = {"Dk": 5, "Dv": 6, "D": 7}
 
