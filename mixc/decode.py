@@ -8,6 +8,11 @@ it to keep it). ``dec.state`` is the declared states (views of the buffer, ``[B,
 ``dec.load_state(states)`` copies states in (say, a chunked prefill's final state), ``dec.reset()``
 zeroes them. A step allocates nothing that outlives it and never waits on the device, so a CUDA graph
 can capture it (``torch.cuda.graph``) with static input tensors.
+
+Host path: the first step of each input layout (shapes, strides, dtypes, alignment, device) is recorded;
+when it is the kernel launch alone on views of the inputs and the decoder's buffers, later steps of that
+layout replay the launch with the new inputs' pointers (nothing else runs on the host). ``dec.params`` are
+the decoder's own fp32 copies, fixed at construction (update them in place, never rebind them).
 """
 
 from __future__ import annotations
@@ -52,22 +57,45 @@ class Decoder:
         self._o32 = torch.empty(B, 1, H, shape[3], dtype=torch.float32, device=device)  # [B, H, K, V(, 2)]
         self._out = torch.empty(B, 1, H, *[bound[a] for a in meta["output"]["axes"]], dtype=dtype, device=device)
         self._names = list(meta["inputs"])
+        self._shapes = {n: (B, H, *[bound[a] for a in m["axes"]]) for n, m in meta["inputs"].items()}
         # token history ("k@past": the last tokens of an input read at t - m), in buffers of its own
         self.history = {n: torch.zeros(B, H, *[bound[a] for a in m["axes"]], dtype=torch.float32, device=device)
                         for n, m in meta["states"].items() if "@" in n}
+        self._o_view = self._out[:, 0]  # what step returns
+        # a step that is one launch on views of its inputs is recorded once per input layout and replayed
+        self._replay = getattr(mod, "RECURRENT_STEP_REPLAY", False) and hasattr(mod, "rec_step_record")
+        self._replays: dict = {}  # input layout -> the recorded step (None: not replayable)
+        self._fixed = [self.h, self._out, self._o32, *self.params.values(), *self.history.values()]
 
     def step(self, **inputs_t: torch.Tensor) -> torch.Tensor:
         """One token: inputs ``[B, H, ...]`` -> output ``[B, H, ...]`` (a view of a reused buffer); the
         state advances in place."""
         try:
-            x = {n: inputs_t[n].unsqueeze(1) for n in self._names}  # [B, 1, H, ...]
+            xs = [inputs_t[n] for n in self._names]
         except KeyError as ex:
             raise ValueError(f"missing input '{ex.args[0]}' of one token, shaped [B, H, ...]") from None
-        if len(inputs_t) != len(self._names):
+        if len(inputs_t) != len(xs):
             extra = [k for k in inputs_t if k not in self._names]
             raise ValueError(f"unexpected input '{extra[0]}'; the mixer takes {', '.join(self._names)}")
-        self._mod.recurrent_step(x, self.params, self.h, self.sizes, self._out, self._o32, self.history)
-        return self._out[:, 0]
+        ptrs = [x.data_ptr() for x in xs]
+        layout = tuple([(x.shape, x.stride(), x.dtype, x.get_device(), p & 15) for x, p in zip(xs, ptrs)])
+        rp = self._replays.get(layout)
+        if rp is not None:  # the same layout as a recorded step: its launch again, nothing else
+            rp(xs, ptrs)
+            return self._o_view
+        for n, x in zip(self._names, xs):
+            if tuple(x.shape) != self._shapes[n]:
+                raise ValueError(f"input '{n}' has shape {tuple(x.shape)}; one token is {self._shapes[n]}")
+        x = {n: t.unsqueeze(1) for n, t in zip(self._names, xs)}  # [B, 1, H, ...]
+
+        def run():
+            self._mod.recurrent_step(x, self.params, self.h, self.sizes, self._out, self._o32, self.history)
+
+        if self._replay and layout not in self._replays:
+            self._replays[layout] = self._mod.rec_step_record(run, xs, self._fixed)
+        else:
+            run()
+        return self._o_view
 
     @property
     def state(self) -> dict[str, torch.Tensor]:

@@ -272,7 +272,7 @@ def test_decoder_equals_full_run(name):
     dec = m.decoder(B, H, max_len=34, device=DEV, params=params, K=K, V=V)
     window = plan(m.program).window
     assert dec.ring == (window is not None) and dec.capacity == (window or 34)
-    if window is None:  # the 34-slot cache is split over 2 programs in the interpreter
+    if window is None and DEV == "cpu":  # the interpreter splits the 34-slot cache over 2 programs (a GPU: 1)
         assert dec._op.shape[0] == 2
     T0 = 21
     o = dec.prefill(**{k: t[:, :T0] for k, t in x.items()})

@@ -50,7 +50,40 @@ state M[Dv, Dk]
 M[y, x] = exp(g[x]) * M[y, x] + b[x] * c[y]
 out o[y] = sum(x: a[x] * M[y, x])
 """
-SYNTHETICS = {"syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED}
+# One-axis states (the element-wise kernels): the exponential of a per-token number times a per-channel
+# parameter, read through a per-token gate; a product of a per-head number and a token gate, a negated
+# input, read as is (the kernel stores the output's dtype)
+SYN_EW_EXP = """
+size D
+input x[D], s[]
+input g[] ~ logsigmoid
+param A[D] = -0.5
+state h[D]
+h[d] = exp(g * A[d]) * h[d] + x[d]
+out o[d] = s * h[d]
+"""
+SYN_EW_PRODUCT = """
+size D
+input x[D]
+input f[D] ~ sigmoid
+param c[] = 0.9
+state h[D]
+h[d] = c * f[d] * h[d] - x[d]
+out o[d] = h[d]
+"""
+# A token decay over both state axes (the kernel's [BK, BV] factor load) times a per-head number
+SYN_FULL_DECAY = """
+size Dk, Dv
+input a[Dk], b[Dk], c[Dv]
+input f[Dk, Dv] ~ logsigmoid
+param r[] = 0.5
+state M[Dk, Dv]
+M[x, y] = exp(r * f[x, y]) * M[x, y] + b[x] * c[y]
+out o[y] = sum(x: a[x] * M[x, y])
+"""
+SYNTHETICS = {"syn_full_decay": SYN_FULL_DECAY,
+              "syn_elementwise": SYN_ELEMENTWISE, "syn_one_axis": SYN_ONE_AXIS, "syn_transposed": SYN_TRANSPOSED,
+              "syn_ew_exp": SYN_EW_EXP, "syn_ew_product": SYN_EW_PRODUCT}
 SYN_SIZES = {"Dk": 5, "Dv": 6, "D": 7}
 
 
@@ -133,6 +166,22 @@ def test_variable_length(name):
 def test_long_sequence_crosses_checkpoints():
     """T = 70 > 2 chunks of 32 tokens: the backward restarts from each checkpoint."""
     _check(_load("hgrn"), 1, 70, 1)
+
+
+@pytest.mark.parametrize("name", ["hgrn", "syn_one_axis", "syn_ew_exp", "syn_ew_product"])
+def test_one_axis_state_takes_the_elementwise_kernels(name, monkeypatch):
+    """A one-axis state (chosen from the state's shape, not a name) runs the element-wise kernels, never
+    the matrix-state scan: two chunks of tokens (T = 70 > 64) with states and gradients, and T = 5."""
+    m = _load(name)
+
+    def refuse(*a, **k):
+        raise AssertionError("a one-axis state went through the matrix-state scan")
+
+    monkeypatch.setattr(m._module, "rec_scan", refuse)
+    monkeypatch.setattr(m._module, "rec_step", refuse)
+    assert "rec_ew_scan" in m._module.recurrent.__code__.co_names
+    _check(m, 1, 70, 2, seed=1)
+    _check(m, 2, 5, 1, with_state=False, seed=2)
 
 
 def test_mamba_default_is_recurrent_and_decay_formed_in_kernel():
@@ -264,3 +313,38 @@ def test_decoder_half_inputs_fp32_state():
     o = torch.stack([dec.step(**{k: v[:, t] for k, v in x.items()}).clone() for t in range(3)], 1)
     assert o.dtype == torch.float16 and dec.state["S"].dtype == torch.float32
     assert _rel(o, m.reference(**{k: v.float() for k, v in x.items()})) < 2e-3
+
+
+def test_decoder_replays_a_recorded_step():
+    """A step that is one launch on views of its inputs is recorded once per input layout and replayed with
+    the new inputs' pointers (the host fast path); a step with a temporary (hgrn's (1 - f) x), an epilogue
+    (a gate, a skip) or aliased inputs is never replayed; every step equals the reference."""
+    m = _load("gla")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(2, 5, 3, K=5, V=6, seed=4).items()}
+    want = m.reference(**x)
+    static = {k: v[:, 0].clone() for k, v in x.items()}
+    dec = m.decoder(2, 3, device=DEV, K=5, V=6)
+    outs = []
+    for t in range(5):
+        for k in static:
+            static[k].copy_(x[k][:, t])
+        outs.append(dec.step(**static).clone())
+    assert len(dec._replays) == 1 and None not in dec._replays.values()
+    assert _rel(torch.stack(outs, 1), want) < 1e-5
+    dec.reset()  # new tensors of the same layout every step
+    outs = [dec.step(**{k: v[:, t].clone() for k, v in x.items()}).clone() for t in range(5)]
+    assert len(dec._replays) == 1 and _rel(torch.stack(outs, 1), want) < 1e-5
+    dec = m.decoder(2, 3, device=DEV, K=5, V=6)  # q and k one tensor at the first step: not replayable
+    xa = {**x, "k": x["q"]}
+    outs = []
+    for t in range(5):
+        qt = xa["q"][:, t].clone()
+        outs.append(dec.step(q=qt, k=qt, v=xa["v"][:, t].clone(), g=xa["g"][:, t].clone()).clone())
+    assert _rel(torch.stack(outs, 1), m.reference(**xa)) < 1e-5
+    assert list(dec._replays.values()) == [None]
+    for name, sizes in (("hgrn", {"D": 7}), ("syn_elementwise", {"Dk": 5, "Dv": 6})):
+        mm = _load(name)
+        xx = {k: v.to(DEV) for k, v in mm.random_inputs(2, 3, 2, **sizes).items()}
+        d = mm.decoder(2, 2, device=DEV, **sizes)
+        o = torch.stack([d.step(**{k: v[:, t].clone() for k, v in xx.items()}).clone() for t in range(3)], 1)
+        assert not any(d._replays.values()) and _rel(o, mm.reference(**xx, **d.params)) < 1e-4

@@ -210,6 +210,8 @@ def plan(a: Analysis):  # noqa: C901
             skip = parts[0]
             for x in parts[1:]:
                 skip = make("add", (skip, x), None)
+    if key is None and (qf or k_node is not None):  # (a one-axis readout has no key: its factors are gates)
+        raise NoRecurrentKernel("a one-axis state read or written through a key factor")
     if any(n is not None and n.dtype == "complex" for n in (k_node, v_node, at, ap, gate, skip, *qf)):
         raise NoRecurrentKernel("complex-valued factors have no scan kernel yet")
     return RecPlan(main.name, tuple(main.axes), key, value, product(qf), nums, k_node, v_node, decay, at, ap,
@@ -359,7 +361,14 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
              '    returns (o [B, T, H, ...], final states or None)."""']
     em, K, V, (q, k, v, at, ap, scale) = _emit_common(a, rp, lines)
     em.emit("h0 = recurrent_pack(states, sizes)")
-    em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale})")
+    epilogue = bool(rp.normaliser or rp.gate is not None or rp.skip is not None)
+    odt = "torch.float32" if epilogue else "x0.dtype"  # (no epilogue: the kernel stores the output's dtype)
+    if rp.key is None:  # a one-axis state: the element-wise kernels ([BV] vector state, chunked scans)
+        em.emit(f"o, ht = rec_ew_scan({v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale}, "
+                f"o_dtype={odt})")
+    else:
+        em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale}, "
+                f"o_dtype={odt})")
     _epilogue(em, rp, V)
     em.emit("return o, (recurrent_unpack(ht) if output_final_state else None)")
     lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32, states=None):",
@@ -367,14 +376,18 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
               "    updated in place; o32 [B, 1, H, V(+1)] fp32 and out [B, 1, H, ...] preallocated. Returns out."
               '"""']
     em, K, V, (q, k, v, at, ap, scale) = _emit_common(a, rp, lines)
+    call = f"rec_ew_step({v}, " if rp.key is None else f"rec_step({q}, {k}, {v}, "
     if rp.normaliser or rp.gate is not None or rp.skip is not None:
-        em.emit(f"o = rec_step({q}, {k}, {v}, {at}, {ap}, h, o32, exp_decay={rp.decay == 'exp'}, scale={scale})")
+        em.emit(f"o = {call}{at}, {ap}, h, o32, exp_decay={rp.decay == 'exp'}, scale={scale})")
         _epilogue(em, rp, V)
         em.emit("out.copy_(o)")
     else:  # no epilogue: the kernel writes the output in out's dtype
-        em.emit(f"rec_step({q}, {k}, {v}, {at}, {ap}, h, out, exp_decay={rp.decay == 'exp'}, scale={scale})")
+        em.emit(f"{call}{at}, {ap}, h, out, exp_decay={rp.decay == 'exp'}, scale={scale})")
     em.emit("return out")
-    lines += ["", "", "def recurrent_state_shape(B, H, sizes):",
+    replay = not (rp.normaliser or rp.gate is not None or rp.skip is not None)
+    lines += ["", "", f"RECURRENT_STEP_REPLAY = {replay}  # recurrent_step is its launch alone (nothing after it): "
+              "the decoder may record and replay it", "", "",
+              "def recurrent_state_shape(B, H, sizes):",
               '    """The kernels\' state shape for B sequences and H heads."""',
               f"    return (B, H, {'1' if rp.key is None else f'sizes[{rp.key.axis!r}]'}, "
               f"sizes[{rp.value.axis!r}]{' + 1' if rp.normaliser else ''})", "", ""]
@@ -424,9 +437,10 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 
 def _backend():
     from ..registry import FormBackend
-    from . import complex, kernels, launch
+    from . import complex, elementwise, kernels, launch
 
-    return FormBackend(form="recurrent", emit=emit_any, support=(kernels, launch, complex), native_varlen=False,
+    return FormBackend(form="recurrent", emit=emit_any, support=(kernels, launch, elementwise, complex),
+                       native_varlen=False,
                        describe=describe)
 
 

@@ -41,6 +41,21 @@ def _rec_decay(AT, AP, p_at, ap, m2, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
 
 
 @triton.jit
+def _rec_factor(X, base, o_k, o_v, m_k, m_v, s_k, s_v, ALONG_K: tl.constexpr, ALONG_V: tl.constexpr):
+    """A decay factor over the [BK, BV] tile at ``X + base`` in the smallest shape that broadcasts to it:
+    [BK, BV], [BK, 1], [1, BV] or a number (fp32; 0 where masked)."""
+    if ALONG_K and ALONG_V:
+        x = tl.load(X + base + o_k[:, None] * s_k + o_v[None, :] * s_v, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    elif ALONG_K:
+        x = tl.load(X + base + o_k * s_k, mask=m_k, other=0.0)[:, None]
+    elif ALONG_V:
+        x = tl.load(X + base + o_v * s_v, mask=m_v, other=0.0)[None, :]
+    else:
+        x = tl.load(X + base)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k):
     """S - u_t (w_t^T S): the delta rule's rank-one correction of a [BK, BV] state tile."""
     u = tl.load(U + i_b * su_b + t * su_t + i_h * su_h + o_k * su_k, mask=m_k, other=0.0).to(tl.float32)
@@ -59,6 +74,7 @@ def _rec_fwd(
     so_b, so_t, so_h,  # strides of o [B, T, H, V] (last stride 1; fp32, or the decoder's dtype in a step)
     U, W, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k,  # delta rule: u', w' [B, T, H, K] and their strides
     DELTA: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr,
+    AT_K: tl.constexpr, AT_V: tl.constexpr, AP_K: tl.constexpr, AP_V: tl.constexpr,  # the factors' axes
     EXP_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CK: tl.constexpr,
     CHUNK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
@@ -68,36 +84,44 @@ def _rec_fwd(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < KD, o_v < VD
     m2 = m_k[:, None] & m_v[None, :]
-    p_s = (i_b * H + i_h) * KD * VD + o_k[:, None] * VD + o_v[None, :]  # a [B, H, K, V] tile
+    s_bh = (i_b * H + i_h) * KD * VD  # the (batch, head) state in [B, H, K, V]
     if HAS_H0:
-        S = tl.load(H0 + p_s, mask=m2, other=0.0).to(tl.float32)
+        S = tl.load(H0 + s_bh + o_k[:, None] * VD + o_v[None, :], mask=m2, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    ap = tl.full([BK, BV], 1.0, tl.float32)
-    if HAS_AP:
-        ap = tl.load(AP + i_h * sp_h + o_k[:, None] * sp_k + o_v[None, :] * sp_v, mask=m2, other=0.0).to(tl.float32)
-    p_at = i_b * sa_b + i_h * sa_h + o_k[:, None] * sa_k + o_v[None, :] * sa_v
+    if HAS_AP:  # (in the smallest shape that broadcasts: a per-key factor is [BK, 1])
+        ap = _rec_factor(AP, i_h * sp_h, o_k, o_v, m_k, m_v, sp_k, sp_v, AP_K, AP_V)
     NC = tl.cdiv(T, CHUNK)
     for t in range(T):
         if STORE_CK:
             if t % CHUNK == 0:  # the state before token t, for the backward
                 tl.store(CK + ((i_b * H + i_h) * NC + t // CHUNK) * KD * VD + o_k[:, None] * VD + o_v[None, :],
                          S, mask=m2)
-        a, _ = _rec_decay(AT, AP, p_at + t * sa_t, ap, m2, HAS_AT, HAS_AP, EXP_DECAY)
         if DELTA:  # S <- S - u (w^T S)
             S = _rec_delta(S, U, W, i_b, t, i_h, o_k, m_k, su_b, su_t, su_h, su_k, sw_b, sw_t, sw_h, sw_k)
         v = tl.load(V_ + i_b * sv_b + t * sv_t + i_h * sv_h + o_v * sv_v, mask=m_v, other=0.0).to(tl.float32)
         k = m_k.to(tl.float32)  # (absent: 1 on the key rows that exist)
         if HAS_K:
             k = tl.load(K_ + i_b * sk_b + t * sk_t + i_h * sk_h + o_k * sk_k, mask=m_k, other=0.0).to(tl.float32)
-        S = a * S + k[:, None] * v[None, :]  # S_t = a_t * S_{t-1} + k_t v_t^T
+        if HAS_AT or HAS_AP:  # a_t = exp(at_t * ap) or at_t * ap, formed in its own (broadcast) shape
+            if HAS_AT:
+                x = _rec_factor(AT, i_b * sa_b + t * sa_t + i_h * sa_h, o_k, o_v, m_k, m_v, sa_k, sa_v, AT_K, AT_V)
+                if HAS_AP:
+                    x = x * ap
+            else:
+                x = ap
+            if EXP_DECAY:
+                x = tl.exp(x)
+            S = x * S + k[:, None] * v[None, :]  # S_t = a_t * S_{t-1} + k_t v_t^T
+        else:
+            S = S + k[:, None] * v[None, :]
         q = m_k.to(tl.float32)
         if HAS_Q:
             q = tl.load(Q + i_b * sq_b + t * sq_t + i_h * sq_h + o_k * sq_k, mask=m_k, other=0.0).to(tl.float32)
         o = tl.sum(q[:, None] * S, axis=0) * scale  # o_t = scale q_t^T S_t
         tl.store(O + i_b * so_b + t * so_t + i_h * so_h + o_v, o, mask=m_v)
     if STORE_HT:
-        tl.store(HT + p_s, S, mask=m2)
+        tl.store(HT + s_bh + o_k[:, None] * VD + o_v[None, :], S, mask=m2)
 
 
 @triton.jit

@@ -8,6 +8,7 @@ delta rule u', w' [B, T, H, K] (S <- S - u' (w'^T S) before the decay).
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
+import functools
 import os
 
 import torch
@@ -37,30 +38,120 @@ class _RecLaunch:
     """``kernel[grid](*args, **constexprs)``, where a specialisation seen before launches Triton's compiled
     handle directly (skipping Triton's per-call binding: most of a one-token step's host time). The first
     launch of each specialisation, the interpreter and Triton versions without compiled handles go through
-    Triton."""
+    Triton. While a decoder records a step (:func:`rec_step_record`), each launch is recorded too."""
 
     def __init__(self, fn):
         self.fn = fn
         self.handles = {}
 
     def __getitem__(self, grid):
-        if not REC_FAST_LAUNCH:
-            return self.fn[grid]
-        return lambda *args, **kwargs: self._run(grid, args, kwargs)
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        handle = None
+        if REC_FAST_LAUNCH:
+            handle = self._run(grid, args, kwargs)
+        else:
+            self.fn[grid](*args, **kwargs)
+        if _REC_RECORDING:
+            _REC_RECORDING[-1].append((self, grid, args, kwargs, handle))
 
     def _run(self, grid, args, kwargs):
+        """Launch; returns (compiled kernel, its constexpr values) when the fast path knows it, else None."""
         key = (torch.cuda.current_device(), tuple(map(_rec_arg_key, args)), tuple(kwargs.items()))
         hit = self.handles.get(key)
         if hit is not None:
             hit[0][(*grid, 1, 1)[:3]](*args, *hit[1])
-            return
+            return hit
         compiled = self.fn[grid](*args, **kwargs)
         params = getattr(self.fn, "params", None)
-        if params is None or not hasattr(compiled, "__getitem__"):
-            return
+        if params is None or not hasattr(compiled, "__getitem__") or not hasattr(compiled, "packed_metadata"):
+            return None
         params = params[len(args):]
         if all(p.is_constexpr for p in params):
             self.handles[key] = (compiled, tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params))
+            return self.handles[key]
+        return None
+
+
+_REC_RECORDING = []  # while rec_step_record runs a step: a list receiving its launches
+
+
+_REC_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton's launch hooks live here
+
+
+def _rec_hooks_off():
+    """Whether no Triton launch hook is set (the replay's direct launch skips them)."""
+    rt = _REC_RUNTIME
+    return rt is None or (rt.launch_enter_hook is None and rt.launch_exit_hook is None)
+
+
+class _RecReplay:
+    """One recorded decode step (a single kernel launch) launched again on new inputs of the same layout
+    (shapes, strides, dtypes, alignment, device): every tensor argument of the launch is either one of the
+    decoder's own buffers (state, output, parameters: kept) or a view, at offset 0, of input ``i`` (its
+    pointer is replaced by the new input's). On a GPU the compiled kernel is launched directly, with the
+    pointers as integers and everything else computed at record time: no torch op, no allocation."""
+
+    def __init__(self, launch, grid, args, kwargs, handle, slots):
+        self.launch, self.grid, self.kwargs = launch, grid, kwargs
+        self.slots = slots  # [(position in args, input index, shape, strides)]
+        self.args = list(args)
+        self.run = None
+        if handle is not None and REC_FAST_LAUNCH:
+            compiled, consts = handle
+            self.compiled = compiled
+            self.args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(consts)
+            self.run, self.function, self.meta = compiled.run, compiled.function, compiled.packed_metadata
+            self.g = (*grid, 1, 1)[:3]
+            self.device = torch.cuda.current_device()
+            self.stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+                (lambda d: torch.cuda.current_stream(d).cuda_stream)
+            self.slots = [s[:2] for s in slots]
+
+    def __call__(self, inputs, ptrs):
+        """Launch the step on ``inputs`` (the tensors, in the recorded order; ``ptrs`` their data_ptr())."""
+        args = self.args
+        if self.run is not None:
+            for j, i in self.slots:
+                args[j] = ptrs[i]
+            if _rec_hooks_off():
+                g = self.g
+                self.run(g[0], g[1], g[2], self.stream(self.device), self.function, self.meta, None, None, None,
+                         *args)
+            else:  # a launch hook is set: through the compiled kernel's own runner, which calls it
+                self.compiled[self.g](*args)
+            return
+        for j, i, shape, stride in self.slots:  # (the interpreter needs tensors)
+            x = inputs[i]
+            args[j] = x.as_strided(shape, stride, x.storage_offset())
+        self.launch.fn[self.grid](*args, **self.kwargs)
+
+
+def rec_step_record(step, inputs, fixed):
+    """Run ``step()`` (one decode step) once while recording its launches. Returns a :class:`_RecReplay` of
+    it, or None when the step is not one launch whose tensor arguments are all views (offset 0) of exactly
+    one of ``inputs`` or share storage with one of ``fixed`` (the decoder's buffers)."""
+    _REC_RECORDING.append([])
+    try:
+        step()
+    finally:
+        launches = _REC_RECORDING.pop()
+    if len(launches) != 1:
+        return None
+    launch, grid, args, kwargs, handle = launches[0]
+    kept = {f.untyped_storage().data_ptr() for f in fixed}
+    ptrs = [x.data_ptr() for x in inputs]
+    slots = []
+    for j, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        src = [i for i, p in enumerate(ptrs) if p == a.data_ptr()]
+        if len(src) == 1 and a.untyped_storage().data_ptr() == inputs[src[0]].untyped_storage().data_ptr():
+            slots.append((j, src[0], tuple(a.shape), tuple(a.stride())))
+        elif src or a.untyped_storage().data_ptr() not in kept:
+            return None  # an aliased input, or a temporary made by the step (it would not be remade)
+    return _RecReplay(launch, grid, args, kwargs, handle, slots)
 
 
 _REC_LAUNCH = {}
@@ -73,12 +164,24 @@ def _rec_kernel(fn):
     return _REC_LAUNCH[fn]
 
 
-def _rec_tiles(n_bh, K, V):
+def _rec_pow2(n):
+    """The least power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
+def _rec_tiles(n_bh, K, V, step=False):
     """(BK, BV, num_warps): the whole key axis in one tile; the value axis cut so that a tile holds at
-    most 4096 fp32 entries and, where V allows (tiles of 16 at least), there are 256 programs or more."""
-    BK = max(2, triton.next_power_of_2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
-    BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))
-    while BV > 16 and n_bh * triton.cdiv(V, BV) < 256:
+    most 4096 fp32 entries and, where V allows (tiles of 16 at least), there are 256 programs or more.
+    A one-token step (``step``: a pass over the state, bound by its bandwidth) takes tiles of at most 2048
+    entries, 16 a thread: more programs resident per SM, so more of the state in flight (sm_90, Triton 3.6,
+    K = V = 128: 80 registers at BV 16 and 4 warps, against 168 and a spill-prone 128 x 32 tile)."""
+    BK = max(2, _rec_pow2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
+    if step:
+        BV = min(_rec_pow2(V), max(16, 2048 // BK))
+        return BK, BV, max(1, min(8, BK * BV // 512))
+    BV = min(_rec_pow2(V), max(16, 4096 // BK))
+    while BV > 16 and n_bh * -(-V // BV) < 256:
         BV //= 2
     return BK, BV, max(1, min(4, BK * BV // 256))
 
@@ -103,6 +206,13 @@ def _rec_flags(q, k, at, ap, exp_decay):
                 EXP_DECAY=bool(exp_decay))
 
 
+def _rec_axes(at, ap):
+    """Along which state axes the decay's factors vary: AT_K, AT_V, AP_K, AP_V."""
+    at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
+    ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
+    return dict(AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v)
+
+
 def _rec_delta_operands(u, w, v):
     """The delta rule's operands (v stands in when there is none) and their strides."""
     if u is None:
@@ -114,7 +224,7 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     """Launch the forward scan; returns the checkpoints [B, H, NC, K, V] (or None)."""
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-    BK, BV, warps = _rec_tiles(B * H, K, V)
+    BK, BV, warps = _rec_tiles(B * H, K, V, T == 1)
     NV = triton.cdiv(V, BV)
     ck = torch.empty(B, H, triton.cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
         if store_ck else o
@@ -122,7 +232,8 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     _rec_kernel(_rec_fwd)[(NV, B * H)](
         *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o,
         T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2), *_rec_delta_operands(u, w, v),
-        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), **_rec_axes(at, ap), HAS_H0=h0 is not None,
+        STORE_HT=ht is not None,
         STORE_CK=store_ck, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
     return ck if store_ck else None
 
@@ -131,10 +242,10 @@ class _RecScan(torch.autograd.Function):
     """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument."""
 
     @staticmethod
-    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay):
+    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype=torch.float32):
         B, T, H, V = v.shape
         K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-        o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+        o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
         ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
         ck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w)
         ctx.save_for_backward(q, k, v, at, ap, ck, u, w)
@@ -182,20 +293,21 @@ class _RecScan(torch.autograd.Function):
         gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
         gu = du.sum(0).to(u.dtype) if u is not None else None
         gw = dw.sum(0).to(w.dtype) if u is not None else None
-        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None
+        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None
 
 
-def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None):
-    """(o [B, T, H, V] fp32, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over a
-    whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or None)."""
+def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None, o_dtype=torch.float32):
+    """(o [B, T, H, V] in ``o_dtype``, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over
+    a whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or
+    None)."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
     tensors = [x for x in (q, k, v, at, ap, h0, u, w) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay)
+        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype)
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+    o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
     ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
     _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w)
     return o, ht

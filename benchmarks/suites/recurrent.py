@@ -7,8 +7,8 @@ hgrn's, each timed against its anchor in the same run and checked against the re
     tensor of the state's size (ratio = fraction of the copy bandwidth; target >= 0.8);
 (c) mamba recurrent forward+backward at B4 T4096 H16 (P=64, N=16) vs the plain PyTorch token loop (the
     reference form, which is that loop) in the same run;
-(d) hgrn (H=1, D=2048) at B4 T4096 vs fla's fused_recurrent_hgrn (x and g = log f, [B, T, D]); forward,
-    and forward+backward (target ratio >= 1.0).
+(d) hgrn (H=1, D=2048) at B4 T4096 vs fla's fused_recurrent_hgrn (x' = (1 - f) x and g = log f, [B, T, D]:
+    the same function); forward, and forward+backward (target ratio >= 1.0); our gradients checked too.
 bf16 inputs, fp32 state. ``--smoke``: tiny shapes on the CPU (interpreter), fla rows skipped when absent.
 """
 
@@ -53,23 +53,32 @@ def _graph(fn):
 
 
 def _gla_decoder(B, H, K, V, dtype, seed=0):
-    """gla's decoder loaded with a random state, one token's inputs, and the check of one step against the
-    reference: (x [B, 1, H, ...], state, decoder, step inputs [B, H, ...], our step's output, its rel error)."""
+    """gla's decoder loaded with a random state, one token's inputs, and the check of two steps against the
+    reference: the first (recorded) and the second (replayed: the host fast path the timing runs) through the
+    same static input buffers. Returns (x [B, 1, H, ...], state, decoder, step inputs [B, H, ...] holding the
+    first token again, the first step's output, the worse rel error, how the steps ran)."""
     m = mixc.load(EX / "gla.mix")
-    x = m.random_inputs(B, 1, H, K=K, V=V, seed=seed, dtype=dtype, device=DEV)
+    x = m.random_inputs(B, 2, H, K=K, V=V, seed=seed, dtype=dtype, device=DEV)
     st = {"S": 0.1 * torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)}
     dec = m.decoder(B, H, device=DEV, dtype=dtype, K=K, V=V)
-    step_in = {k: v[:, 0].contiguous() for k, v in x.items()}
+    step_in = {k: v[:, 0].clone(memory_format=torch.contiguous_format) for k, v in x.items()}  # (own buffers)
     dec.load_state(st)
     o = dec.step(**step_in).clone()
-    want = m.reference(**{k: v.float() for k, v in x.items()}, initial_state=st)[:, 0]
-    return x, st, dec, step_in, o, rel(o, want)
+    for k, v in step_in.items():
+        v.copy_(x[k][:, 1])
+    o2 = dec.step(**step_in).clone()
+    want = m.reference(**{k: v.float() for k, v in x.items()}, initial_state=st)
+    check = max(rel(o, want[:, 0]), rel(o2, want[:, 1]))
+    for k, v in step_in.items():
+        v.copy_(x[k][:, 0])
+    path = "steps replayed" if any(dec._replays.values()) else "generic step path"
+    return {k: v[:, :1] for k, v in x.items()}, st, dec, step_in, o, check, path
 
 
 def decode_step(smoke: bool) -> list[dict]:
     B, H, K, V = (1, 2, 16, 16) if smoke else (1, 16, 128, 128)
     dt = torch.float32 if smoke else torch.bfloat16
-    x, st, dec, step_in, o, check = _gla_decoder(B, H, K, V, dt)
+    x, st, dec, step_in, o, check, path = _gla_decoder(B, H, K, V, dt)
     case = f"gla decode step B{B} H{H} K{K} V{V} ({str(dt)[6:]})"
     ours = time_ms(lambda: dec.step(**step_in))
     fla = _fla("gla")
@@ -82,7 +91,7 @@ def decode_step(smoke: bool) -> list[dict]:
         anchor = "fla fused_recurrent_gla T=1"
     else:
         anchor, anchor_ms, note = None, None, f"fla missing: {fla}"
-    rows = [row(SUITE, case + " eager", ours, anchor, anchor_ms, check, note + "; target <= 0.020 ms")]
+    rows = [row(SUITE, case + " eager", ours, anchor, anchor_ms, check, f"{note}; {path}; target <= 0.020 ms")]
     g, _ = _graph(lambda: dec.step(**step_in))
     if g is not None:
         rows.append(row(SUITE, case + " CUDA graph replay", time_ms(g.replay), anchor, anchor_ms, check,
@@ -93,7 +102,7 @@ def decode_step(smoke: bool) -> list[dict]:
 def decode_bandwidth(smoke: bool) -> list[dict]:
     B, H, K, V = (4, 2, 16, 16) if smoke else (256, 16, 128, 128)
     dt = torch.float32 if smoke else torch.bfloat16
-    _, _, dec, step_in, _, check = _gla_decoder(B, H, K, V, dt)
+    _, _, dec, step_in, _, check, path = _gla_decoder(B, H, K, V, dt)
     g, _ = _graph(lambda: dec.step(**step_in))
     ours = time_ms(g.replay if g is not None else (lambda: dec.step(**step_in)))
     src = torch.randn(B * H * K * V, device=DEV)
@@ -101,7 +110,7 @@ def decode_bandwidth(smoke: bool) -> list[dict]:
     copy_ms = time_ms(lambda: dst.copy_(src))
     moved = 2 * src.numel() * 4  # the fp32 state read and written
     note = (f"state traffic {moved / ours / 1e6:.0f} GB/s vs copy {moved / copy_ms / 1e6:.0f} GB/s; ratio = share "
-            "of the copy bandwidth, target >= 0.8" + ("; CUDA graph replay" if g is not None else ""))
+            f"of the copy bandwidth, target >= 0.8; {path}" + ("; CUDA graph replay" if g is not None else ""))
     return [row(SUITE, f"gla decode B{B} H{H} K{K} V{V} state bandwidth", ours, "torch copy of the state's size",
                 copy_ms, check, note)]
 
@@ -145,8 +154,14 @@ def hgrn(smoke: bool) -> list[dict]:
     dt = torch.float32 if smoke else torch.bfloat16
     x = {k: v.requires_grad_() for k, v in m.random_inputs(B, T, 1, D=D, dtype=dt, device=DEV).items()}
     o = m(**x, form="recurrent")
-    want = m.reference(**{k: v.detach().float() for k, v in x.items()})
+    xf = {k: v.detach().float().requires_grad_() for k, v in x.items()}
+    want = m.reference(**xf)
     check = rel(o, want)
+    go = torch.randn_like(want)  # the element-wise backward kernel, checked in the same run
+    ga = torch.autograd.grad(o, [x["x"], x["f"]], go.to(o.dtype))
+    gb = torch.autograd.grad(want, [xf["x"], xf["f"]], go)
+    grads = f"x grad {rel(ga[0], gb[0]):.1e}, f grad {rel(ga[1], gb[1]):.1e} (vs the fp32 reference)"
+    want = want.detach()
     fla = _fla("hgrn")
     with torch.no_grad():
         ours_f = time_ms(lambda: m(**x, form="recurrent"))
@@ -154,7 +169,7 @@ def hgrn(smoke: bool) -> list[dict]:
     if not callable(fla):
         note = f"fla missing: {fla}"
         return [row(SUITE, f"hgrn fwd B{B} T{T} D{D}", ours_f, None, None, check, note),
-                row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D}", ours_fb, None, None, check, note)]
+                row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D}", ours_fb, None, None, check, f"{note}; {grads}")]
     # fla's hgrn is h = exp(g) h + x: the same function as the file's with x' = (1 - f) x and g = log f
     f0 = x["f"].detach()[:, :, 0].float()
     xf = ((1 - f0) * x["x"].detach()[:, :, 0].float()).to(dt).contiguous().requires_grad_()
@@ -167,7 +182,7 @@ def hgrn(smoke: bool) -> list[dict]:
     return [row(SUITE, f"hgrn fwd B{B} T{T} D{D} ({str(dt)[6:]})", ours_f, "fla fused_recurrent_hgrn", anchor_f,
                 check, note),
             row(SUITE, f"hgrn fwd+bwd B{B} T{T} D{D} ({str(dt)[6:]})", ours_fb, "fla fused_recurrent_hgrn", anchor_fb,
-                check, note)]
+                check, f"{note}; {grads}")]
 
 
 def run(smoke: bool) -> list[dict]:
