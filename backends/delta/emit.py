@@ -36,7 +36,7 @@ from ..chunked_emit import (
     _signed,
 )
 from ..reference import prologue
-from . import kernels
+from . import bwd, fwd, kernels
 
 
 @dataclass
@@ -236,7 +236,8 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 def _backend():
     from ..registry import FormBackend
 
-    return FormBackend(form="chunked", emit=emit_any, support=(kernels,), native_varlen=False, describe=describe)
+    return FormBackend(form="chunked", emit=emit_any, support=(fwd, bwd, kernels), native_varlen=False,
+                       describe=describe)
 
 
 BACKEND = _backend()
