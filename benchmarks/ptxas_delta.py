@@ -44,8 +44,8 @@ def main():
         "_dl_out_kernel": (dict(q=x, a=x, o=x, U=x, hs=x), {}),
         "_dl_bwd_local_kernel": (dict(q=x, a=x, do=x), {}),
         "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x, W=x), dict(HAS_DHT=True, STORE_DH0=True)),
-        "_dl_bwd_chunk_kernel": (dict(q=x, a=x, b=x, v=x, do=x, dq=x, da=x, db=x, dv=x, U=x, hs=x),
-                                 dict(HAS_G=True, HAS_BS=True, HAS_VS=True)),
+        "_dl_bwd_vloop_kernel": (dict(q=x, a=x, v=x, do=x, dq=x, dv=x, U=x, hs=x), dict(HAS_G=True, HAS_VS=True)),
+        "_dl_bwd_wy_kernel": (dict(a=x, b=x, da=x, db=x), dict(HAS_G=True, HAS_BS=True)),
     }
     for name, (ptrs, extra) in kernels.items():
         if args.only and name not in args.only.split(","):

@@ -24,10 +24,13 @@ Gates enter only as e^(G_t - G_s) with s <= t (<= 1 for g <= 0), never as e^ of 
                                    (and T itself when a backward will follow)
               _dl_walk_kernel      per head and value block, sequential over chunks: U and every chunk's S_0
               _dl_out_kernel       per chunk and value block, in parallel: O
-    backward  _dl_bwd_walk_kernel  the adjoint walk, sequential over chunks in reverse: dU and every
+    backward  _dl_bwd_local_kernel per chunk and value block, in parallel: dU's in-chunk part scale M^T dO
+              _dl_bwd_walk_kernel  the adjoint walk, sequential over chunks in reverse: dU and every
                                    chunk's dS_C (dS_0 = scale (Q e^G)^T dO + e^(G_C) dS_C - W^T dU)
-              _dl_bwd_chunk_kernel per chunk, in parallel: dq, da, db, dv and the log gate's dg through
-                                   dT and dL = -T^T dT T^T (the derivative of the inverse)
+              _dl_bwd_vloop_kernel per chunk, in parallel, what sums over values: dq, dv, dW, dU V^T, part of
+                                   da and of the log gate's dG
+              _dl_bwd_wy_kernel    per chunk, in parallel, through W and T: dT, dL = -T^T dT T^T (the
+                                   derivative of the inverse), da, db, dg
 
 :func:`mixc.backends.delta.chunked_torch.dl_chunked_torch` is the same algorithm in PyTorch (differentiable;
 not pasted into generated modules): the tests check the kernels, forward and backward, against it and against
@@ -41,7 +44,7 @@ import torch
 import triton
 
 try:
-    from .bwd import _dl_bwd_chunk_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel
+    from .bwd import _dl_bwd_local_kernel, _dl_bwd_vloop_kernel, _dl_bwd_walk_kernel, _dl_bwd_wy_kernel
     from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_walk_kernel
 except ImportError:  # pasted into a generated module, after the kernels
     pass
@@ -59,11 +62,14 @@ def _dl_pow2(n):
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
 # (benchmarks/ptxas_delta.py; BV 32 for the walks, 64 for the output and local kernels). Registers / spill bytes /
-# shared KB: prep 255/0/64, walk 182/0/73 (2 stages; 3 stages 111 KB), out 155/0/56, bwd local 94/0/40,
-# adjoint walk (8 warps, 2 stages) 202/0/101, backward chunk kernel 255/3696/220 (spills: to be split).
-# Before the blockwise inverse and 16-bit work tensors: prep 186/0/48 (63 row steps), adjoint walk 255/200/104.
+# shared KB: prep 255/0/64, walk 182/0/73 (2 stages; 3 stages 109 KB), out 155/0/56, bwd local 94/0/40,
+# adjoint walk (8 warps, 2 stages) 202/0/101, bwd vloop (8 warps) 255/80/64 (4 warps: 1232 spilled),
+# bwd wy (8 warps) 254/0/128 (4 warps: 136 spilled).
+# Before (one backward chunk kernel, fp32 work tensors, 63-step inverse): prep 186/0/48, adjoint walk 255/200/104,
+# backward chunk kernel 255/3624/220.
 _DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (4, 2), "_dl_out_kernel": (4, 1),
-              "_dl_bwd_local_kernel": (4, 1), "_dl_bwd_walk_kernel": (8, 2), "_dl_bwd_chunk_kernel": (4, 1)}
+              "_dl_bwd_local_kernel": (4, 1), "_dl_bwd_walk_kernel": (8, 2),
+              "_dl_bwd_vloop_kernel": (8, 1), "_dl_bwd_wy_kernel": (8, 1)}
 
 
 def _dl_cfg(name):
@@ -152,10 +158,15 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
     dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
-    _dl_bwd_chunk_kernel[(NT, B * H)](q, a, b, v, bsf, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, da, db, dv,
-                                      *(x if x is not None else Gc for x in (dg, dbs, dvs)), float(scale), T, NT,
-                                      H, K, V, BT, BK, BV, NV, g is not None, bs is not None, vs is not None, prec,
-                                      **_dl_cfg("_dl_bwd_chunk_kernel"))
+    dW, dA1 = (torch.empty(B, H, NT * BT, BK, device=q.device, dtype=f32) for _ in range(2))
+    dT = torch.empty(B, H, NT * BT, BT, device=q.device, dtype=f32)
+    dG1 = torch.empty(B, H, NT * BT, device=q.device, dtype=f32) if g is not None else Gc
+    _dl_bwd_vloop_kernel[(NT, B * H)](q, a, v, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, dv, dvs if dvs is not None else Gc,
+                                      dW, dT, dA1, dG1, float(scale), T, NT, H, K, V, BT, BK, BV, NV, g is not None,
+                                      vs is not None, prec, **_dl_cfg("_dl_bwd_vloop_kernel"))
+    _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, db, dg if dg is not None else Gc,
+                                   dbs if dbs is not None else Gc, T, NT, H, K, BT, BK, g is not None, bs is not None,
+                                   prec, **_dl_cfg("_dl_bwd_wy_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
 
@@ -170,7 +181,7 @@ def _dl_tag():
     import inspect
 
     fns = (_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel,
-           _dl_bwd_chunk_kernel, _dl_geometry,
+           _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_geometry,
            _dl_work_dtype, _dl_out_block, dl_chunk_fwd, dl_chunk_bwd)
     src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
