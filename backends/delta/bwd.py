@@ -1,7 +1,8 @@
 """The chunked delta rule's backward kernels (Triton): the adjoint walk and the per-chunk gradients.
 
 The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header). The forward's work tensors
-W, U and hs arrive in the work dtype (16-bit for 16-bit inputs) and are read in fp32; dU and dhs are fp32.
+W, U and hs arrive in the work dtype (16-bit for 16-bit inputs); dU and dhs are stored in it too (as fla stores
+its dv and dh); sums are fp32.
 This file needs only triton; `mixc compile` pastes it into the generated module.
 """
 
@@ -15,7 +16,7 @@ def _dl_bwd_local_kernel(
     a,  # [B, T, H, K] keys a_t
     Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
     do,  # [B, T, H, V] the output's cotangent
-    dU,  # [B, H, NT * BT, BU * NU] fp32 out: the in-chunk part of dU, scale M^T dO
+    dU,  # [B, H, NT * BT, BU * NU] work dtype out: the in-chunk part of dU, scale M^T dO
     scale,  # the readout's number factor
     T,  # tokens per sequence
     NT,  # chunks per sequence
@@ -45,7 +46,7 @@ def _dl_bwd_local_kernel(
     b_Mt = tl.dot(b_a, tl.trans(b_q), input_precision=PREC)
     b_Mt = tl.where(incl, b_Mt * tl.exp(tl.where(incl, b_G[None, :] - b_G[:, None], 0.)), 0.)
     b_du = tl.dot(b_Mt.to(DT), b_do.to(DT), input_precision=PREC) * scale
-    tl.store(dU + base[:, None] * (BU * NU) + o_v[None, :], b_du)
+    tl.store(dU + base[:, None] * (BU * NU) + o_v[None, :], b_du.to(dU.dtype.element_ty))
 
 
 @triton.jit
@@ -57,8 +58,8 @@ def _dl_bwd_walk_kernel(
     do,  # [B, T, H, V] the output's cotangent
     dht,  # [B, H, K, V] fp32 the final state's cotangent (unused without HAS_DHT)
     dh0,  # [B, H, K, V] fp32 out: the initial state's cotangent (unused without STORE_DH0)
-    dU,  # [B, H, NT * BT, BV * NV] fp32 in: scale M^T dO (_dl_bwd_local_kernel); out: dU
-    dhs,  # [B, H, NT, BK, BV * NV] fp32 out: dS_C, the cotangent of every chunk's end state
+    dU,  # [B, H, NT * BT, BV * NV] work dtype in: scale M^T dO (_dl_bwd_local_kernel); out: dU
+    dhs,  # [B, H, NT, BK, BV * NV] work dtype out: dS_C, the cotangent of every chunk's end state
     scale,  # the readout's number factor
     T,  # tokens per sequence
     NT,  # chunks per sequence
@@ -90,7 +91,8 @@ def _dl_bwd_walk_kernel(
         rows = (i_b * T + o_t) * H + i_h
         base = i_bh * NT * BT + o_t
         m_tk = m_t[:, None] & m_k[None, :]
-        tl.store(dhs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_dS)
+        b_dSd = b_dS.to(DT)
+        tl.store(dhs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_dSd)
         b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_W = tl.load(W + base[:, None] * BK + o_k[None, :])
@@ -98,13 +100,12 @@ def _dl_bwd_walk_kernel(
         b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)
         b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         p_u = dU + base[:, None] * (BV * NV) + o_v[None, :]
-        b_dSd = b_dS.to(DT)
         b_ad = (b_a.to(tl.float32) * tl.exp(b_GL - b_G)[:, None]).to(DT)
-        b_du = tl.load(p_u) + tl.dot(b_ad, b_dSd, input_precision=PREC)
+        b_du = (tl.load(p_u).to(tl.float32) + tl.dot(b_ad, b_dSd, input_precision=PREC)).to(DT)
         tl.store(p_u, b_du)
         b_qg = (b_q.to(tl.float32) * (tl.exp(b_G) * scale)[:, None]).to(DT)
         b_dS = b_dS * tl.exp(b_GL) + tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
-        b_dS -= tl.dot(tl.trans(b_W), b_du.to(DT), input_precision=PREC)
+        b_dS -= tl.dot(tl.trans(b_W), b_du, input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0 + p_s, b_dS, mask=m_kv)
 
@@ -118,8 +119,8 @@ def _dl_bwd_vloop_kernel(
     Tm,  # [B, H, NT * BT, BT] fp32 T = (I + L)^-1 of the forward
     hs,  # [B, H, NT, BK, BV * NV] work dtype: the state at every chunk start
     U,  # [B, H, NT * BT, BV * NV] work dtype: the pseudo-values
-    dU,  # [B, H, NT * BT, BV * NV] fp32 their cotangent (from _dl_bwd_walk_kernel)
-    dhs,  # [B, H, NT, BK, BV * NV] fp32 dS_C of every chunk
+    dU,  # [B, H, NT * BT, BV * NV] work dtype: their cotangent (from _dl_bwd_walk_kernel)
+    dhs,  # [B, H, NT, BK, BV * NV] work dtype: dS_C of every chunk
     Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
     do,  # [B, T, H, V] the output's cotangent
     dq,  # [B, T, H, K] out: cotangent of q (its dtype)
@@ -171,12 +172,11 @@ def _dl_bwd_vloop_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_s = ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :]
         b_S = tl.load(hs + p_s).to(DT)
-        b_dS = tl.load(dhs + p_s)
+        b_dS = tl.load(dhs + p_s).to(DT)
         b_u = tl.load(U + base[:, None] * (BV * NV) + o_v[None, :]).to(DT)
-        b_du = tl.load(dU + base[:, None] * (BV * NV) + o_v[None, :])
+        b_dud = tl.load(dU + base[:, None] * (BV * NV) + o_v[None, :]).to(DT)
         b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(DT)
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        b_dud = b_du.to(DT)
         b_dv = tl.dot(tl.trans(b_T), b_dud, input_precision=PREC)  # the cotangent of vs v
         if HAS_VS:
             b_dvs += tl.sum(b_dv * b_v.to(tl.float32), 1)
@@ -185,11 +185,11 @@ def _dl_bwd_vloop_kernel(
         tl.store(dv + rows[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_dW -= tl.dot(b_dud, tl.trans(b_S), input_precision=PREC)
         b_dQ1 += tl.dot(b_do, tl.trans(b_S), input_precision=PREC)
-        b_dAd += tl.dot(b_u, tl.trans(b_dS.to(DT)), input_precision=PREC)
+        b_dAd += tl.dot(b_u, tl.trans(b_dS), input_precision=PREC)
         b_dM += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
         b_dT += tl.dot(b_dud, tl.trans(b_v.to(DT)), input_precision=PREC)
         if HAS_G:
-            b_dGC += tl.sum(b_dS * b_S.to(tl.float32), 1)
+            b_dGC += tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), 1)
     p_k = rows[:, None] * K + o_k[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.)
     b_a = tl.load(a + p_k, mask=m_tk, other=0.)

@@ -63,7 +63,7 @@ def _dl_pow2(n):
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
 # (benchmarks/ptxas_delta.py; BV 32 for the walks, 64 for the output and local kernels). Registers / spill bytes /
 # shared KB: prep 255/0/64, walk 182/0/73 (2 stages; 3 stages 109 KB), out 155/0/56, bwd local 94/0/40,
-# adjoint walk (8 warps, 2 stages) 202/0/101, bwd vloop (8 warps) 255/80/64 (4 warps: 1232 spilled),
+# adjoint walk (8 warps, 2 stages) 192/0/101, bwd vloop (8 warps) 255/80/64 (4 warps: 1232 spilled),
 # bwd wy (8 warps) 254/0/128 (4 warps: 136 spilled).
 # Before (one backward chunk kernel, fp32 work tensors, 63-step inverse): prep 186/0/48, adjoint walk 255/200/104,
 # backward chunk kernel 255/3624/220.
@@ -72,9 +72,12 @@ _DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (4, 2), "_dl_out_ker
               "_dl_bwd_vloop_kernel": (8, 1), "_dl_bwd_wy_kernel": (8, 1)}
 
 
-def _dl_cfg(name):
-    """Launch options of a kernel: ``num_warps`` and ``num_stages``."""
+def _dl_cfg(name, q=None, BK=0):
+    """Launch options of a kernel: ``num_warps`` and ``num_stages``; one stage for fp32 inputs with keys above
+    128 (two would not fit: the adjoint walk's 2 stages take 279 KB of shared memory at K = V = 256, fp32)."""
     warps, stages = _DL_LAUNCH[name]
+    if q is not None and q.dtype == torch.float32 and BK > 128:
+        stages = 1
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -129,7 +132,7 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     s0 = h0.to(f32).contiguous() if h0 is not None else None
     _dl_walk_kernel[(NV, B * H)](a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc,
                                  T, NT, H, K, V, BT, BK, BV, NV, h0 is not None, ht is not None, prec,
-                                 **_dl_cfg("_dl_walk_kernel"))
+                                 **_dl_cfg("_dl_walk_kernel", q, BK))
     o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
     BVO = _dl_out_block(BV, NV)
     _dl_out_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H, K, V, BT, BK, BVO,
@@ -145,8 +148,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     W, U, Gc, Tm, hs = saved
     q, a, b, v, do = (x.contiguous() for x in (q, a, b, v, do))
     f32 = torch.float32
-    dU = torch.empty(U.shape, device=U.device, dtype=f32)
-    dhs = torch.empty(hs.shape, device=hs.device, dtype=f32)
+    dU, dhs = torch.empty_like(U), torch.empty_like(hs)  # in the work dtype
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
     BVO = _dl_out_block(BV, NV)
@@ -154,7 +156,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
                                                            BVO, BV, NV, prec, **_dl_cfg("_dl_bwd_local_kernel"))
     _dl_bwd_walk_kernel[(NV, B * H)](q, a, W, Gc, do, dht if dht is not None else Gc, dh0 if dh0 is not None else Gc,
                                      dU, dhs, float(scale), T, NT, H, K, V, BT, BK, BV, NV, dht is not None,
-                                     dh0 is not None, prec, **_dl_cfg("_dl_bwd_walk_kernel"))
+                                     dh0 is not None, prec, **_dl_cfg("_dl_bwd_walk_kernel", q, BK))
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
     dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
