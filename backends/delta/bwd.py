@@ -126,9 +126,9 @@ def _dl_bwd_vloop_kernel(
     dq,  # [B, T, H, K] out: cotangent of q (its dtype)
     dv,  # [B, T, H, V] out: cotangent of v (its dtype)
     dvs,  # [B, T, H] fp32 out: cotangent of vs (unused without HAS_VS)
-    dW,  # [B, H, NT * BT, BK] fp32 out: dW = -dU S_0^T
+    dW,  # [B, H, NT * BT, BK] work dtype out: dW = -dU S_0^T
     dT,  # [B, H, NT * BT, BT] fp32 out: the part dU V^T of dT
-    dA1,  # [B, H, NT * BT, BK] fp32 out: the part (dM * Gamma)^T Q + e^(G_C - G) (U dS_C^T) of dA
+    dA1,  # [B, H, NT * BT, BK] work dtype out: the part (dM * Gamma)^T Q + e^(G_C - G) (U dS_C^T) of dA
     dG1,  # [B, H, NT * BT] fp32 out: the log gate's dG but for what W and L give (unused without HAS_G)
     scale,  # the readout's number factor
     T,  # tokens per sequence
@@ -202,8 +202,8 @@ def _dl_bwd_vloop_kernel(
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     b_da = tl.dot(tl.trans(b_dMd), b_q, input_precision=PREC) + b_dAd * b_del[:, None]
     p_w = base[:, None] * BK + o_k[None, :]
-    tl.store(dA1 + p_w, b_da)
-    tl.store(dW + p_w, b_dW)
+    tl.store(dA1 + p_w, b_da.to(dA1.dtype.element_ty))
+    tl.store(dW + p_w, b_dW.to(dW.dtype.element_ty))
     tl.store(dT + base[:, None] * BT + o_r[None, :], b_dT)
     if HAS_VS:
         tl.store(dvs + rows, b_dvs, mask=m_t)
@@ -224,9 +224,9 @@ def _dl_bwd_wy_kernel(
     bs,  # [B, T, H] fp32 per-token scale of b (unused without HAS_BS)
     Tm,  # [B, H, NT * BT, BT] fp32 T = (I + L)^-1 of the forward
     Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
-    dW,  # [B, H, NT * BT, BK] fp32 dW (from _dl_bwd_vloop_kernel)
+    dW,  # [B, H, NT * BT, BK] work dtype: dW (from _dl_bwd_vloop_kernel)
     dT,  # [B, H, NT * BT, BT] fp32 the part dU V^T of dT
-    dA1,  # [B, H, NT * BT, BK] fp32 dA but for what L gives
+    dA1,  # [B, H, NT * BT, BK] work dtype: dA but for what L gives
     dG1,  # [B, H, NT * BT] fp32 dG but for what W and L give (unused without HAS_G)
     da, db,  # [B, T, H, K] out: cotangents of a, b (their dtype)
     dg,  # [B, T, H] fp32 out: cotangent of the log gate (unused without HAS_G)
@@ -264,7 +264,7 @@ def _dl_bwd_wy_kernel(
     b_G = tl.load(Gc + base)
     b_bgs = b_bs * tl.exp(b_G)  # B e^G = braw * bs e^G (per row)
     lower = o_r[:, None] > o_r[None, :]
-    b_dW = tl.load(dW + p_w)
+    b_dW = tl.load(dW + p_w).to(tl.float32)
     b_dbg = tl.dot(tl.trans(b_T), b_dW, input_precision=PREC)  # the cotangent of B e^G
     b_dT = tl.dot(b_dW.to(DT), tl.trans(b_braw), input_precision=PREC) * b_bgs[None, :]
     b_dT += tl.load(dT + base[:, None] * BT + o_r[None, :])
@@ -279,7 +279,8 @@ def _dl_bwd_wy_kernel(
         b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
         tl.store(dg + rows, b_dg, mask=m_t)
     # dA = dA1 + (dL * Gamma)^T (bs braw)
-    b_da = tl.load(dA1 + p_w) + tl.dot(tl.trans((b_dL * b_bs[:, None]).to(DT)), b_braw, input_precision=PREC)
+    b_da = tl.dot(tl.trans((b_dL * b_bs[:, None]).to(DT)), b_braw, input_precision=PREC)
+    b_da += tl.load(dA1 + p_w).to(tl.float32)
     tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)
     # the cotangent of bs b: e^G (T^T dW) + (dL * Gamma) A
     b_db = b_dbg * tl.exp(b_G)[:, None] + tl.dot(b_dL.to(DT), b_a, input_precision=PREC)

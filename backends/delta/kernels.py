@@ -160,7 +160,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
     dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
-    dW, dA1 = (torch.empty(B, H, NT * BT, BK, device=q.device, dtype=f32) for _ in range(2))
+    dW, dA1 = (torch.empty(B, H, NT * BT, BK, device=q.device, dtype=W.dtype) for _ in range(2))  # work dtype
     dT = torch.empty(B, H, NT * BT, BT, device=q.device, dtype=f32)
     dG1 = torch.empty(B, H, NT * BT, device=q.device, dtype=f32) if g is not None else Gc
     _dl_bwd_vloop_kernel[(NT, B * H)](q, a, v, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, dv, dvs if dvs is not None else Gc,
