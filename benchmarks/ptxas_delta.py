@@ -35,25 +35,31 @@ def main():
     NV = -(-V // BV)
     x = f"*{args.dtype}"
     prec = "ieee" if args.dtype == "fp32" else "tf32"
-    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec)
+    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BC=D.DL_BC, BU=BV,
+                NU=NV, PREC_T="ieee" if prec == "ieee" else "tf32x3")
+    bvo = D._dl_out_block(BV, NV)
     kernels = {
-        "_dl_prep_kernel": (dict(a=x, b=x, v=x), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
-        "_dl_walk_kernel": (dict(a=x), dict(HAS_H0=True, STORE_HT=True)),
-        "_dl_out_kernel": (dict(q=x, a=x, o=x), {}),
-        "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x), dict(HAS_DHT=True, STORE_DH0=True)),
-        "_dl_bwd_chunk_kernel": (dict(q=x, a=x, b=x, v=x, do=x, dq=x, da=x, db=x, dv=x),
-                                 dict(HAS_G=True, HAS_BS=True, HAS_VS=True)),
+        "_dl_prep_kernel": (dict(a=x, b=x, v=x, W=x, U=x), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
+        "_dl_walk_kernel": (dict(a=x, W=x, U=x, hs=x), dict(HAS_H0=True, STORE_HT=True)),
+        "_dl_out_kernel": (dict(q=x, a=x, o=x, U=x, hs=x), {}),
+        "_dl_bwd_local_kernel": (dict(q=x, a=x, do=x), {}),
+        "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x, W=x), dict(HAS_DHT=True, STORE_DH0=True)),
+        "_dl_bwd_vloop_kernel": (dict(q=x, a=x, v=x, do=x, dq=x, dv=x, U=x, hs=x), dict(HAS_G=True, HAS_VS=True)),
+        "_dl_bwd_wy_kernel": (dict(a=x, b=x, da=x, db=x), dict(HAS_G=True, HAS_BS=True)),
     }
     for name, (ptrs, extra) in kernels.items():
         if args.only and name not in args.only.split(","):
             continue
         fn = getattr(D, name)
         consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
+        if name in ("_dl_out_kernel", "_dl_bwd_local_kernel"):
+            consts["BV"] = bvo
         sig = sig_of(fn, ptrs, {"T", "NT"}, {"scale"}, consts)
         for w in (list(map(int, args.warps.split(","))) if args.warps else [D._DL_LAUNCH[name][0]]):
             for st in (list(map(int, args.stages.split(","))) if args.stages else [D._DL_LAUNCH[name][1]]):
                 regs, spill, shared = compile_one(fn, sig, consts, w, st)
-                print(f"{name:<22} K {K} V {V} BV {BV} warps {w} stages {st}: {regs} registers, stack {spill} bytes, "
+                bv = consts.get("BV", BV)
+                print(f"{name:<22} K {K} V {V} BV {bv} warps {w} stages {st}: {regs} registers, stack {spill} bytes, "
                       f"shared {shared} bytes", flush=True)
 
 

@@ -214,3 +214,38 @@ def test_delta_mixer_compiles_without_graph_breaks():
 
     got = torch.compile(f, fullgraph=True, backend="eager")(**x)
     assert rel(got, f(**x)) < 1e-6
+
+
+@pytest.mark.parametrize("g", [(-21.0, -19.0), (-1e-3, 0.0), None], ids=["g-near-minus-20", "g-near-0", "ungated"])
+@pytest.mark.parametrize("aligned", [False, True], ids=["random-keys", "aligned-keys"])
+def test_the_blockwise_inverse(g, aligned):
+    """The prep kernel's T = (I + L)^-1 (forward substitution inside the 16 x 16 diagonal blocks, products
+    across them) against a float64 triangular solve, per chunk, with beta in (0.9, 1) and log gates near -20
+    (the blocks off the diagonal underflow), near 0 (every block is full), or none; with keys all near one
+    direction (the solve chains near-cancellations). T = 100: the second chunk is padded."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, K, V, BT = 1, 100, 2, 20, 16, kernels.DL_CHUNK
+    kk = torch.randn(B, T, H, K, generator=gen)
+    if aligned:
+        kk = kk[:, :1] + 0.01 * kk
+    kk = kk / kk.norm(dim=-1, keepdim=True)
+    beta = 0.9 + 0.1 * torch.rand(B, T, H, generator=gen)
+    gg = None if g is None else g[0] + (g[1] - g[0]) * torch.rand(B, T, H, generator=gen)
+    q, v = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, V, generator=gen)
+    _, _, saved = kernels.dl_chunk_fwd(*(x.to(DEV) for x in (q, kk, kk, v)), None if gg is None else gg.to(DEV),
+                                       None, 1.0, False, None, True, bs=beta.to(DEV))
+    got = saved[3].cpu().double().reshape(B, H, -1, BT, BT)
+    NT = got.shape[2]
+    pad = NT * BT - T
+    kc = torch.nn.functional.pad(kk.double(), (0, 0, 0, 0, 0, pad)).reshape(B, NT, BT, H, K).permute(0, 3, 1, 2, 4)
+    bc = kc * torch.nn.functional.pad(beta.double(), (0, 0, 0, pad)).reshape(B, NT, BT, H).permute(0, 3, 1, 2)[
+        ..., None]
+    G = torch.zeros(B, H, NT, BT, dtype=torch.float64)
+    if gg is not None:
+        G = torch.nn.functional.pad(gg.double(), (0, 0, 0, pad)).reshape(B, NT, BT, H).permute(0, 3, 1, 2).cumsum(-1)
+    lower = torch.ones(BT, BT, dtype=torch.bool).tril(-1)
+    L = (bc @ kc.transpose(-1, -2)) * torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~lower, 0)) * lower
+    eye = torch.eye(BT, dtype=torch.float64)
+    want = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
+    assert rel(got, want) < 1e-6
+    assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())

@@ -25,7 +25,7 @@ from mixc.lower import make, rename
 from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..chunked.plan import NoChunkedForm, _const, _log_decay, _readout_of, _readout_parts, _rename_terms, _signed
 from ..reference import prologue
-from . import kernels
+from . import bwd, fwd, kernels
 
 
 @dataclass
@@ -211,8 +211,9 @@ def describe(a: Analysis) -> list[str]:
     return [f"delta rule: a = {show(dp.a)}, b = {_scaled(dp.b, dp.bs)}, v = {_scaled(dp.v, dp.vs)}, q' = {show(dp.q)} "
             "(PyTorch prologue; per-token scales applied by the kernels as they load b and v)",
             "log gate: " + (show(dp.g) if dp.g is not None else "none") + "; per 64-token chunk the UT transform "
-            "(I + L)^-1 by forward substitution in fp32, then a sequential walk over chunks (Triton)",
-            "backward: an adjoint walk over chunks in reverse, then every chunk in parallel (Triton)"]
+            "(I + L)^-1 blockwise in fp32 (forward substitution in 16 x 16 diagonal blocks, products across), then a "
+            "sequential walk over chunks (Triton)",
+            "backward: an adjoint walk over chunks in reverse, then every chunk in parallel in two kernels (Triton)"]
 
 
 def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
@@ -225,7 +226,8 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 def _backend():
     from ..registry import FormBackend
 
-    return FormBackend(form="chunked", emit=emit_any, support=(kernels,), native_varlen=False, describe=describe)
+    return FormBackend(form="chunked", emit=emit_any, support=(fwd, bwd, kernels), native_varlen=False,
+                       describe=describe)
 
 
 BACKEND = _backend()

@@ -5,7 +5,9 @@ gated_deltanet, forward and forward + backward, at B4 T4096 H16 D128 and B8 T102
 its targets: fwd+bwd vs chunk_delta_rule >= 1.0 and forward vs chunk_gated_delta_rule >= 1.0 at the first,
 >= 2.0 at the second). Inputs as fla's users pass them: k L2-normalised (q too), beta = sigmoid, g = logsigmoid,
 [B, T, H, D], scale D^-1/2 (``use_qk_l2norm_in_kernel=False``). Each row's check is our output's relative RMS
-error against the reference in fp32 in the same run (the note gives fla's); rows without fla say so.
+error against the reference in fp32 in the same run (the note gives fla's); a fwd+bwd row's check is the
+larger of that and the gradients' (every input's, ours in the row's dtype against the reference's in fp32, on
+the first sequence's first 256 tokens: the reference is a loop over tokens); rows without fla say so.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def _inputs(B, T, H, D, dtype, gated, seed=0):
     if gated:
         x["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen) + 3)
     return {n: t.to(DEV, dtype) for n, t in x.items()}
+
+
+def _grad_check(m, ours, x, n_tokens=256):
+    """The largest relative RMS error of our gradients (every input, the row's dtype) against the reference's
+    (fp32), on x's first sequence and first ``n_tokens`` tokens, with a fixed random output cotangent."""
+    xs = {n: t[:1, :n_tokens].detach().clone().requires_grad_() for n, t in x.items()}
+    xr = {n: t[:1, :n_tokens].detach().float().requires_grad_() for n, t in x.items()}
+    ref = m.reference(**xr)
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref.device)
+    ref.backward(do)
+    ours(**xs).backward(do.to(xs["q"].dtype))
+    return max(rel(xs[n].grad.float(), xr[n].grad) for n in x)
 
 
 def run(smoke: bool) -> list[dict]:
@@ -83,7 +97,10 @@ def run(smoke: bool) -> list[dict]:
                 t_fla = time_ms(fwd_bwd(theirs, xg, do)) if fla else None
             except RuntimeError as e:  # fla refuses gated backwards on Triton 3.4-3.7.0 + Hopper
                 t_fla, fla_note = None, f"fla refused: {str(e)[:60]}"
-            rows.append(row("delta", f"{name} fwd+bwd {shape}", t_ours, anchor, t_fla, check,
-                            fla_note + "; check: the forward output (gradients: tests/test_delta.py)"))
+            g_check = _grad_check(m, ours, x)
+            rows.append(row("delta", f"{name} fwd+bwd {shape}", t_ours, anchor, t_fla, max(check, g_check),
+                            fla_note + f"; check: max(forward {check:.1e}, gradients {g_check:.1e} "
+                            f"on B1 T{min(T, 256)})",
+                            grad_check=g_check))
             print(rows[-1], flush=True)
     return rows

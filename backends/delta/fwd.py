@@ -1,0 +1,197 @@
+"""The chunked delta rule's forward kernels (Triton): the UT transform per chunk, the state walk, the output.
+
+The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header). Work tensors (W, U and the
+per-chunk states hs) are stored in the *work dtype*: fp32 (products in tf32 for 16-bit inputs, ieee for fp32
+ones), or, with ``DL_WORK16`` (kernels.py; off until it passes on a GPU), the inputs' dtype for 16-bit inputs
+(every tl.dot then takes 16-bit operands and accumulates in fp32, as fla does).
+Kernels read the work dtype off the pointer of W (``W.dtype.element_ty``).
+This file needs only triton; `mixc compile` pastes it into the generated module.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dl_prep_kernel(
+    a,  # [B, T, H, K] the key a_t (the rank-one correction's left factor and the input's key)
+    b,  # [B, T, H, K] b_t: the correction is a_t b_t^T
+    v,  # [B, T, H, V] the values
+    g,  # [B, T, H] fp32 log gate (unused without HAS_G)
+    bs,  # [B, T, H] fp32 per-token scale of b (deltanet's beta; unused without HAS_BS)
+    vs,  # [B, T, H] fp32 per-token scale of v (unused without HAS_VS)
+    W,  # [B, H, NT * BT, BK] work dtype out: W = T diag(e^G) B
+    U,  # [B, H, NT * BT, BV * NV] work dtype out: U0 = T V
+    Gc,  # [B, H, NT * BT] fp32 out: G, the in-chunk cumulative log gate
+    Tm,  # [B, H, NT * BT, BT] fp32 out: T = (I + L)^-1 (for the backward; unused without SAVE)
+    T,  # tokens per sequence
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_BS: tl.constexpr, HAS_VS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+    PREC_T: tl.constexpr,
+):
+    """Per chunk, in parallel: G, L, T = (I + L)^-1 blockwise, W and U0.
+
+    The inverse: with D the BC x BC diagonal blocks of I + L and E its strictly block-lower part,
+    I + L = D (I + F) with F = D^-1 E, strictly block-lower, so F^(BT/BC) = 0 and for BT = 4 BC
+    T = (I + F)^-1 D^-1 = (I - F)(I + F^2) D^-1. D^-1 by forward substitution (BC - 1 row steps, all
+    diagonal blocks at once: their columns are disjoint), then four [BT, BT] products in PREC_T
+    (ieee for fp32 inputs, tf32x3 otherwise): exact maths, fp32 throughout."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DT = W.dtype.element_ty  # the work dtype: the tl.dot operands
+    NTP = tl.num_programs(0) * BT  # padded tokens per (batch, head)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_r = tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    rows = (i_b * T + o_t) * H + i_h  # token rows in [B * T * H]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+    b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+    if HAS_BS:
+        b_bs = tl.load(bs + rows, mask=m_t, other=0.)
+    else:
+        b_bs = tl.full([BT], 1., dtype=tl.float32)
+    if HAS_VS:
+        b_vs = tl.load(vs + rows, mask=m_t, other=0.)
+    if HAS_G:
+        b_g = tl.load(g + rows, mask=m_t, other=0.).to(tl.float32)
+        b_G = tl.cumsum(b_g, 0)  # padded rows add 0: they keep the last row's G
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+    # L[t, s] = bs_t e^(G_t - G_s) b_t . a_s for s < t: the exponent is <= 0 there, 0 elsewhere
+    lower = o_r[:, None] > o_r[None, :]
+    b_L = tl.dot(b_b, tl.trans(b_a), input_precision=PREC) * b_bs[:, None]
+    b_L = tl.where(lower, b_L * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.)), 0.)
+    # D^-1 = I + N by forward substitution in every diagonal block at once: row i of each block,
+    # N[i, :] = -L[i, :] - sum_j L[i, j] N[j, :] (j < i in the block; the blocks' columns are disjoint,
+    # so the selected rows add up to one vector whose block c holds block c's row)
+    same = (o_r // BC)[:, None] == (o_r // BC)[None, :]
+    b_Ld = tl.where(same, b_L, 0.)
+    b_N = tl.zeros([BT, BT], dtype=tl.float32)
+    for i in range(1, BC):
+        sel = (o_r % BC)[:, None] == i
+        row = -tl.sum(tl.where(sel, b_Ld, 0.), 0)
+        row = row + tl.sum(row[:, None] * b_N, 0)  # rows j < i of each block are final
+        b_N = tl.where(sel & same, row[None, :], b_N)
+    eye = o_r[:, None] == o_r[None, :]
+    b_Di = b_N + tl.where(eye, 1., 0.)
+    # F = D^-1 E; T = (I - F)(I + F^2) D^-1 = X - F X with X = D^-1 + F^2 D^-1
+    b_F = tl.dot(b_Di, tl.where(same, 0., b_L), input_precision=PREC_T)
+    b_F2 = tl.dot(b_F, b_F, input_precision=PREC_T)
+    b_X = b_Di + tl.dot(b_F2, b_Di, input_precision=PREC_T)
+    b_T = b_X - tl.dot(b_F, b_X, input_precision=PREC_T)
+    b_Td = b_T.to(DT)
+    b_bg = (b_b.to(tl.float32) * (b_bs * tl.exp(b_G))[:, None]).to(DT)
+    b_W = tl.dot(b_Td, b_bg, input_precision=PREC)
+    base = i_bh * NTP + o_t  # rows of the padded [B, H, NT * BT] buffers
+    tl.store(W + base[:, None] * BK + o_k[None, :], b_W.to(DT))
+    tl.store(Gc + base, b_G)
+    if SAVE:
+        tl.store(Tm + base[:, None] * BT + o_r[None, :], b_T)
+    for i_v in range(NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        if HAS_VS:
+            b_v = b_v.to(tl.float32) * b_vs[:, None]
+        b_u = tl.dot(b_Td, b_v.to(DT), input_precision=PREC)
+        tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u.to(DT))
+
+
+@triton.jit
+def _dl_walk_kernel(
+    a,  # [B, T, H, K] keys a_t
+    W,  # [B, H, NT * BT, BK] work dtype, from _dl_prep_kernel
+    U,  # [B, H, NT * BT, BV * NV] work dtype: U0 from _dl_prep_kernel, overwritten by the pseudo-values U
+    Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
+    hs,  # [B, H, NT, BK, BV * NV] work dtype out: the state S_0 at every chunk start
+    h0,  # [B, H, K, V] fp32 initial state (unused without HAS_H0)
+    ht,  # [B, H, K, V] fp32 out: final state (unused without STORE_HT)
+    T,  # tokens per sequence
+    NT,  # chunks per sequence
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+):
+    """The state walk, per head and value block, sequential over chunks (the state S [BK, BV] stays fp32 in
+    registers; its products take it in the work dtype): U = U0 - W S_0,  S_C = e^(G_C) S_0 + (A e^(G_C - G))^T U."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    DT = W.dtype.element_ty
+    o_r = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    if HAS_H0:
+        b_S = tl.load(h0 + p_s, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(NT):
+        o_t = i_t * BT + o_r
+        m_t = o_t < T
+        rows = (i_b * T + o_t) * H + i_h
+        base = i_bh * NT * BT + o_t
+        b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_W = tl.load(W + base[:, None] * BK + o_k[None, :])
+        b_U = tl.load(U + base[:, None] * (BV * NV) + o_v[None, :])
+        b_G = tl.load(Gc + base)
+        b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)  # G at the chunk's end (padding adds 0)
+        b_Sd = b_S.to(DT)
+        tl.store(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_Sd)
+        # U = U0 - W S_0 (rows past T are 0: their W and U0 rows are)
+        b_u = (b_U.to(tl.float32) - tl.dot(b_W, b_Sd, input_precision=PREC)).to(DT)
+        tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
+        b_ad = (b_a.to(tl.float32) * tl.exp(b_GL - b_G)[:, None]).to(DT)
+        b_S = b_S * tl.exp(b_GL) + tl.dot(tl.trans(b_ad), b_u, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + p_s, b_S, mask=m_kv)
+
+
+@triton.jit
+def _dl_out_kernel(
+    q,  # [B, T, H, K] queries (the readout's q', without the number factor `scale`)
+    a,  # [B, T, H, K] keys a_t
+    U,  # [B, H, NT * BT, BU * NU] work dtype: the pseudo-values
+    Gc,  # [B, H, NT * BT] fp32 in-chunk cumulative log gate
+    hs,  # [B, H, NT, BK, BU * NU] work dtype: the state at every chunk start
+    o,  # [B, T, H, V] out: the output
+    scale,  # the readout's number factor
+    T,  # tokens per sequence
+    NT,  # chunks per sequence
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BU: tl.constexpr, NU: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The output, per chunk and value block BV (a divisor of the walk's padded width BU * NU) in parallel:
+    O = scale ((Q e^G) S_0 + (Q A^T * Gamma) U), Gamma[t, s] = e^(G_t - G_s) for s <= t, else 0."""
+    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    DT = U.dtype.element_ty
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    rows = (i_b * T + o_t) * H + i_h
+    base = i_bh * NT * BT + o_t
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+    b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+    b_G = tl.load(Gc + base)
+    b_S = tl.load(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BU * NU) + o_v[None, :])
+    b_u = tl.load(U + base[:, None] * (BU * NU) + o_v[None, :])
+    incl = o_r[:, None] >= o_r[None, :]
+    b_A = tl.dot(b_q, tl.trans(b_a), input_precision=PREC)
+    b_A = tl.where(incl, b_A * tl.exp(tl.where(incl, b_G[:, None] - b_G[None, :], 0.)), 0.)
+    b_qg = (b_q.to(tl.float32) * tl.exp(b_G)[:, None]).to(DT)
+    b_o = tl.dot(b_qg, b_S, input_precision=PREC)
+    b_o = (b_o + tl.dot(b_A.to(DT), b_u, input_precision=PREC)) * scale
+    tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
