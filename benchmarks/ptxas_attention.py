@@ -20,10 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from ptxas_check import CUOBJDUMP, sig_of  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from ptxas_check import compile_one as _compile_one  # noqa: E402
+from ptxas_check import sig_of  # noqa: E402
 
 import mixc  # noqa: E402
 
@@ -34,21 +32,7 @@ INTS = {"sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "sos", "s
 def compile_one(fn, sig: dict, consts: dict, warps: int, stages: int | None = None) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of ``fn`` compiled for sm_90, specialised as a real launch at
     D = 128 is: every pointer 16-byte aligned and every stride (and T) a multiple of 16."""
-    import re
-    import subprocess
-    import tempfile
-
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
-             if ty.startswith("*") or (name in INTS and name not in ("H", "NP"))}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    regs, stack = re.findall(r"REG:(\d+)", out), re.findall(r"STACK:(\d+)", out)
-    return int(regs[-1]) if regs else -1, int(stack[-1]) if stack else -1, k.metadata.shared
+    return _compile_one(fn, sig, consts, warps, stages, aligned=INTS - {"H", "NP"})
 
 
 def main() -> None:

@@ -36,11 +36,12 @@ from mixc.backends.chunked import launch as C
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_one(fn, sig, consts, warps, stages=None):
-    # as a launch specialises: every pointer 16-byte aligned and the token counts multiples of 16 (these
-    # let Triton vectorise loads and pipeline them through shared memory, which changes its footprint)
+def compile_one(fn, sig, consts, warps, stages=None, aligned=("T", "NTOT")):
+    # as a launch specialises: every pointer 16-byte aligned and the integers named in ``aligned`` (the token
+    # counts by default) multiples of 16 (these let Triton vectorise loads and pipeline them through shared
+    # memory, which changes its footprint)
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
-             if ty.startswith("*") or name in ("T", "NTOT")}
+             if ty.startswith("*") or name in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)

@@ -8,6 +8,7 @@ This file needs only torch and triton; `mixc compile` pastes it into the generat
 import torch
 
 try:
+    from ..custom_op import _op_empty, _op_tag
     from .kernels_bwd import (
         _dden_kernel,
         _dg_key_kernel,
@@ -65,25 +66,12 @@ except ImportError:  # pasted into a generated module, after the modules named h
 
 
 def _ops_tag():
-    import hashlib
-    import inspect
-
     kernels = (_state_walk_kernel, _intra_key_kernel, _intra_diag_kernel, _out_kernel, _dv_kernel, _dqk_kernel,
                _dqk_key_off_kernel, _dqk_key_diag_kernel, _dg_key_kernel, _local_cumsum_kernel, _dden_kernel,
                # and the helpers they call:
                _dot, _seq_bounds, _first_state, _chunk_of, _state_rows, _state_tile, _suffix_sum, _row, _mid_row,
                _span_of, _dqk_key_off_blocks, _fdot, _chunk_cumsum, _tile_row, _exact_scores)
-    fns = (f.fn if isinstance(f, _Launch) else f for f in kernels)
-    src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)  # jit or interpreted function
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
-def _empty(x):
-    return x.new_empty(0, dtype=torch.float32)
-
-
-def _none_if_empty(x):
-    return None if x is None or x.numel() == 0 else x
+    return _op_tag(f.fn if isinstance(f, _Launch) else f for f in kernels)
 
 
 def _define_ops():
@@ -105,8 +93,8 @@ def _define_ops():
         o, ht, hs, gf, A, zt, zs, den, span = chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip,
                                                         kscale=kscale)
         # outputs may not alias inputs: the flattened scalar decay is not returned (backward re-reads g)
-        return (o, ht, hs, gf if _gate_of(g) == 2 else _empty(q), _or(A, _empty(q)), _or(zt, _empty(q)),
-                _or(zs, _empty(q)), _or(den, _empty(q)), _or(span, _empty(q)))
+        return (o, ht, hs, gf if _gate_of(g) == 2 else _op_empty(q), _or(A, _op_empty(q)), _or(zt, _op_empty(q)),
+                _or(zs, _op_empty(q)), _or(den, _op_empty(q)), _or(span, _op_empty(q)))
 
     @fwd.register_fake
     def _(q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale):
@@ -124,12 +112,12 @@ def _define_ops():
         f32 = torch.float32
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), q.new_empty(N, H, K, V, dtype=f32),
                 q.new_empty(NS, H, K, V, dtype=sdt),
-                q.new_empty(B * T, H, K, dtype=f32) if gate == 2 else _empty(q),
-                q.new_empty(B * T, H, BT, dtype=_score_dtype(q.dtype)) if gate == 2 else _empty(q),
-                q.new_empty(N, H, K, dtype=f32) if norm else _empty(q),
-                q.new_empty(NS, H, K, dtype=f32) if norm else _empty(q),
-                q.new_empty(B * T, H, dtype=f32) if norm else _empty(q),
-                q.new_empty(NC, H, _cdiv(K, _blocks(K, V, gate)[2]), dtype=f32) if gate == 2 else _empty(q))
+                q.new_empty(B * T, H, K, dtype=f32) if gate == 2 else _op_empty(q),
+                q.new_empty(B * T, H, BT, dtype=_score_dtype(q.dtype)) if gate == 2 else _op_empty(q),
+                q.new_empty(N, H, K, dtype=f32) if norm else _op_empty(q),
+                q.new_empty(NS, H, K, dtype=f32) if norm else _op_empty(q),
+                q.new_empty(B * T, H, dtype=f32) if norm else _op_empty(q),
+                q.new_empty(NC, H, _cdiv(K, _blocks(K, V, gate)[2]), dtype=f32) if gate == 2 else _op_empty(q))
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],  # noqa: UP045
@@ -143,8 +131,8 @@ def _define_ops():
         dq, dk, dv, dg, dh0, dz0, dskip, dks = chunk_bwd(do, dht, q, k, v, gate, gf, h0, cu_seqlens, hs,
                                                          A if gate == 2 else None, scale, norm, skip, kscale=kscale,
                                                          span=span if gate == 2 else None)
-        return (dq, dk, dv, _or(dg, _empty(q)), _or(dh0, _empty(q)), _or(dz0, _empty(q)),
-                _or(dskip, _empty(q)), _or(dks, _empty(q)))
+        return (dq, dk, dv, _or(dg, _op_empty(q)), _or(dh0, _op_empty(q)), _or(dz0, _op_empty(q)),
+                _or(dskip, _op_empty(q)), _or(dks, _op_empty(q)))
 
     @bwd.register_fake
     def _(do, dht, q, k, v, g, G, A, h0, cu_seqlens, hs, scale, o, den, zs, z0, dzt, skip, kscale, span):
@@ -154,11 +142,11 @@ def _define_ops():
         state0 = h0 is not None or (norm and z0 is not None)
         N = (h0 if h0 is not None else z0).shape[0] if state0 else 0
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-                g.new_empty(g.shape, dtype=f32) if g is not None else _empty(q),
-                q.new_empty(N, H, K, v.shape[-1], dtype=f32) if state0 else _empty(q),
-                q.new_empty(N, H, K, dtype=f32) if state0 and norm else _empty(q),
-                skip.new_empty(skip.shape, dtype=f32) if skip is not None else _empty(q),
-                q.new_empty(q.shape[:3], dtype=f32) if kscale is not None else _empty(q))
+                g.new_empty(g.shape, dtype=f32) if g is not None else _op_empty(q),
+                q.new_empty(N, H, K, v.shape[-1], dtype=f32) if state0 else _op_empty(q),
+                q.new_empty(N, H, K, dtype=f32) if state0 and norm else _op_empty(q),
+                skip.new_empty(skip.shape, dtype=f32) if skip is not None else _op_empty(q),
+                q.new_empty(q.shape[:3], dtype=f32) if kscale is not None else _op_empty(q))
 
     def setup_context(ctx, inputs, output):
         q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale = inputs

@@ -44,6 +44,7 @@ import torch
 import triton
 
 try:
+    from ..custom_op import _op_empty, _op_or_none, _op_tag
     from .bwd import _dl_bwd_local_kernel, _dl_bwd_vloop_kernel, _dl_bwd_walk_kernel, _dl_bwd_wy_kernel
     from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_walk_kernel
 except ImportError:  # pasted into a generated module, after the kernels
@@ -186,22 +187,9 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
 
 
 def _dl_tag():
-    import hashlib
-    import inspect
-
-    fns = (_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel,
-           _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_geometry,
-           _dl_work_dtype, _dl_out_block, dl_chunk_fwd, dl_chunk_bwd)
-    src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns)
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
-def _dl_empty(x):
-    return x.new_empty(0, dtype=torch.float32)
-
-
-def _dl_or_none(x):
-    return None if x is None or x.numel() == 0 else x
+    return _op_tag((_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel,
+                    _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_geometry, _dl_work_dtype, _dl_out_block,
+                    dl_chunk_fwd, dl_chunk_bwd), DL_WORK16)
 
 
 def _dl_define_ops():
@@ -221,17 +209,17 @@ def _dl_define_ops():
             out_dtype: Optional[torch.dtype], save: bool  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs)
-        saved = saved if saved is not None else tuple(_dl_empty(q) for _ in range(5))  # (distinct tensors)
-        return (o, ht if ht is not None else _dl_empty(q), *saved)
+        saved = saved if saved is not None else tuple(_op_empty(q) for _ in range(5))  # (distinct tensors)
+        return (o, ht if ht is not None else _op_empty(q), *saved)
 
     @fwd.register_fake
     def _(q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save):
         B, T, H, K, V, BT, NT, BK, BV, NV, _ = _dl_geometry(q, v)
         f32, wdt = torch.float32, _dl_work_dtype(q)
-        ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else _dl_empty(q)
+        ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else _op_empty(q)
         saved = ((q.new_empty(B, H, NT * BT, BK, dtype=wdt), q.new_empty(B, H, NT * BT, BV * NV, dtype=wdt),
                   q.new_empty(B, H, NT * BT, dtype=f32), q.new_empty(B, H, NT * BT, BT, dtype=f32),
-                  q.new_empty(B, H, NT, BK, BV * NV, dtype=wdt)) if save else tuple(_dl_empty(q) for _ in range(5)))
+                  q.new_empty(B, H, NT, BK, BV * NV, dtype=wdt)) if save else tuple(_op_empty(q) for _ in range(5)))
         return (q.new_empty(B, T, H, V, dtype=out_dtype or q.dtype), ht, *saved)
 
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
@@ -240,13 +228,13 @@ def _dl_define_ops():
             W: Tensor, U: Tensor, G: Tensor, Tm: Tensor, hs: Tensor, scale: float
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs)
-        return tuple(x if x is not None else _dl_empty(q) for x in grads)
+        return tuple(x if x is not None else _op_empty(q) for x in grads)
 
     @bwd.register_fake
     def _(do, dht, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs, scale):
         f32 = torch.float32
         return (torch.empty_like(q), torch.empty_like(a), torch.empty_like(b), torch.empty_like(v),
-                *(q.new_empty(x.shape, dtype=f32) if x is not None else _dl_empty(q) for x in (g, bs, vs, h0)))
+                *(q.new_empty(x.shape, dtype=f32) if x is not None else _op_empty(q) for x in (g, bs, vs, h0)))
 
     def setup_context(ctx, inputs, output):
         q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save = inputs
@@ -262,7 +250,7 @@ def _dl_define_ops():
             do = q.new_zeros(*q.shape[:3], v.shape[-1])
         dq, da, db, dv, *rest = bwd(do, dht if ctx.final else None, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs,
                                     ctx.scale)
-        dg, dbs, dvs, dh0 = (_dl_or_none(d).to(x.dtype) if x is not None else None
+        dg, dbs, dvs, dh0 = (_op_or_none(d).to(x.dtype) if x is not None else None
                              for d, x in zip(rest, (g, bs, vs, h0)))
         return dq, da, db, dv, dg, dbs, dvs, dh0, None, None, None, None
 
