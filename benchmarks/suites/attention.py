@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import mixc
-from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms
+from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms, wanted
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "attention"
@@ -68,8 +68,19 @@ class _Rows(list):
               flush=True)
 
     def failed(self, case, e):
+        if isinstance(e, _NotWanted):
+            return
         traceback.print_exc()
         self.add(case, None, note=f"failed: {e!r}"[:200])
+
+
+class _NotWanted(Exception):
+    """A case bench.py --only does not select (raised before it runs; not a row)."""
+
+
+def _want(case: str) -> None:
+    if not wanted(case):
+        raise _NotWanted(case)
 
 
 def _flex(mask_mod):
@@ -105,6 +116,7 @@ def run(smoke: bool) -> list[dict]:
     # causal forward / forward+backward vs SDPA
     case = f"causal fwd B{B} T{T} H{H} D{D} {label}"
     try:
+        _want(case)
         with torch.no_grad():
             o = causal(**x, form="attention")
             ours = time_ms(lambda: causal(**x, form="attention"))
@@ -115,6 +127,7 @@ def run(smoke: bool) -> list[dict]:
         rows.failed(case, e)
     case = f"causal fwd+bwd B{B} T{T} H{H} D{D} {label}"
     try:
+        _want(case)
         xg = {n: t.clone().requires_grad_() for n, t in x.items()}
         g = torch.randn_like(x["v"])
         ours = time_ms(fwd_bwd(lambda **a: causal(**a, form="attention"), xg, g))
@@ -129,6 +142,7 @@ def run(smoke: bool) -> list[dict]:
     # sliding window vs our own dense causal kernel
     case = f"sliding W{W} fwd B{Bw} T{Tw} H{H} D{D} {label}"
     try:
+        _want(case)
         with torch.no_grad():
             ow = window(**xw, form="attention")
             ours = time_ms(lambda: window(**xw, form="attention"))
@@ -139,6 +153,7 @@ def run(smoke: bool) -> list[dict]:
         rows.failed(case, e)
     case = f"sliding W{W} fwd+bwd B{Bw} T{Tw} H{H} D{D} {label}"
     try:
+        _want(case)
         xwg = {n: t.clone().requires_grad_() for n, t in xw.items()}
         gw = torch.randn_like(xw["v"])
         ours = time_ms(fwd_bwd(lambda **a: window(**a, form="attention"), xwg, gw))
@@ -157,6 +172,7 @@ def run(smoke: bool) -> list[dict]:
     # decode: one token against a long cache (split-KV) vs SDPA over the whole cache
     case = f"decode 1 token, cache {Tc}, B{B} H{H} D{D} {label}"
     try:
+        _want(case)
         xc = _inputs(B, Tc + 1, H, D, dtype, seed=2)
         cache = {"k": xc["k"][:, :Tc].transpose(1, 2).contiguous(),
                  "v": xc["v"][:, :Tc].transpose(1, 2).contiguous()}
@@ -173,6 +189,7 @@ def run(smoke: bool) -> list[dict]:
     # decode through the decoder: a preallocated cache written in place, the length on the device
     case = f"decoder step, cache {Tc}, B{B} H{H} D{D} {label}"
     try:
+        _want(case)
         xc = _inputs(B, Tc + 1, H, D, dtype, seed=2)
         dec = causal.decoder(B, H, max_len=Tc + 1, device=DEV, dtype=dtype, K=D, V=D)
         dec.load_state({"k": xc["k"][:, :Tc].transpose(1, 2), "v": xc["v"][:, :Tc].transpose(1, 2)})
@@ -213,7 +230,9 @@ def run(smoke: bool) -> list[dict]:
         (f"sliding W{W}", window, xw, lambda b, h, q, k: (k <= q) & (k > q - W)),
     ):
         Bx, Tx = xb["q"].shape[0], xb["q"].shape[1]
-        case = f"{name} fwd B{Bx} T{Tx} H{H} D{D} {label}"
+        case = f"{name} fwd B{Bx} T{Tx} H{H} D{D} {label} vs flex_attention"
+        if not wanted(case):
+            continue
         if not on_gpu():
             rows.add(case, None, "flex_attention", None, None, "skipped: compiled FlexAttention needs a GPU")
             continue

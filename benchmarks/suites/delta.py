@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import DEV, fwd_bwd, rel, row, time_ms
+from .common import DEV, fwd_bwd, rel, row, time_ms, wanted
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(4, 4096, 16, 128), (8, 1024, 16, 64)]
@@ -66,6 +66,8 @@ def run(smoke: bool) -> list[dict]:
     for name, gated in (("deltanet", False), ("gated_deltanet", True)):
         m = mixc.load(ROOT / "examples" / f"{name}.mix")
         for B, T, H, D in SMOKE_SHAPES if smoke else SHAPES:
+            if not wanted(f"{name} B{B} T{T}"):
+                continue
             x = _inputs(B, T, H, D, dtype, gated)
             scale = D ** -0.5
 

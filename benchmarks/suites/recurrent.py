@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import mixc
-from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms
+from suites.common import DEV, fwd_bwd, on_gpu, rel, row, time_ms, wanted
 
 EX = Path(__file__).resolve().parents[2] / "examples"
 SUITE = "recurrent"
@@ -186,5 +186,8 @@ def hgrn(smoke: bool) -> list[dict]:
 
 
 def run(smoke: bool) -> list[dict]:
-    """Every case above, in order."""
-    return decode_step(smoke) + decode_bandwidth(smoke) + mamba_train(smoke) + hgrn(smoke)
+    """Every case above, in order (with bench.py --only, the groups whose name it matches: "gla decode step",
+    "gla decode bandwidth", "mamba fwd+bwd", "hgrn fwd")."""
+    groups = (("gla decode step", decode_step), ("gla decode bandwidth", decode_bandwidth),
+              ("mamba fwd+bwd", mamba_train), ("hgrn fwd", hgrn))
+    return [r for name, case in groups if wanted(name) for r in case(smoke)]
