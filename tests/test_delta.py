@@ -142,6 +142,32 @@ def test_delta_low_precision_inputs(name, dtype, tol):
         assert xs[k].grad.dtype == dtype and rel(xs[k].grad.cpu(), xr[k].grad) < 5 * tol, k
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("name", NAMES)
+def test_delta_16bit_work_tensors(name, dtype):
+    """The path behind DL_WORK16 (off: W, U and the chunk states in the inputs' 16-bit dtype, 16-bit products):
+    three chunks, outputs, final state and every gradient within the low-precision tolerance. On the H200 it was
+    wrong with tf32x3 inverse products (session 13); this test on a GPU is what may turn it on."""
+    m = load(name)
+    mod = m._module
+    assert mod.DL_WORK16 is False  # what ships, until this test has passed on a GPU
+    x = inputs(m, 1, 150, 2, {"K": 16, "V": 16}, seed=8)
+    ref, ref_state = m.reference(**x, output_final_state=True)
+    xr = {k: v.clone().requires_grad_() for k, v in x.items()}
+    m.reference(**xr).square().sum().backward()
+    xs = {k: v.to(DEV, dtype).requires_grad_() for k, v in x.items()}
+    mod.DL_WORK16 = True  # read at each call (the generated module's global)
+    try:
+        assert mod._dl_work_dtype(xs["q"]) == dtype
+        o, fin = m(**xs, output_final_state=True, form="chunked")
+        o.float().square().sum().backward()
+    finally:
+        mod.DL_WORK16 = False
+    assert rel(o.cpu(), ref) < 2e-2 and rel(fin["S"].cpu(), ref_state["S"]) < 2e-2
+    for k in x:
+        assert rel(xs[k].grad.cpu(), xr[k].grad) < 1e-1, k
+
+
 def test_the_plan_comes_from_the_terms():
     """a, b and v are read off the correction and the input (never the mechanism's name); an input whose
     key is not the correction's left factor has no delta-rule chunked form, and says why."""
