@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 try:
+    from .kernels import _rec_decay
     from .launch import _rec_bcast_strides, _rec_kernel, _rec_pow2
-except ImportError:  # pasted into a generated module, after launch.py
+except ImportError:  # pasted into a generated module, after kernels.py and launch.py
     pass
 
 
@@ -37,17 +38,7 @@ def _rec_ew_combine(a1, b1, a2, b2):
 @triton.jit
 def _rec_ew_decay(AT, ap, p_at, m2, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr, EXP_DECAY: tl.constexpr):
     """(a, at): the decay of a [BT, BV] block (1 where ``m2`` is off) and its token factor as loaded."""
-    at = ap * 0.0
-    x = ap  # at * ap, or whichever of them is present (ap is 1 when absent)
-    if HAS_AT:
-        at = tl.load(AT + p_at, mask=m2, other=0.0).to(tl.float32)
-        if HAS_AP:
-            x = at * ap
-        else:
-            x = at
-    a = x
-    if EXP_DECAY:  # a = exp(at * ap)
-        a = tl.exp(x)
+    a, at = _rec_decay(AT, AT, p_at, ap, m2, HAS_AT, HAS_AP, EXP_DECAY)
     return tl.where(m2, a, 1.0), at
 
 
