@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The one device script: on the GPU machine (device tool), from the repository root,
 #   bash benchmarks/device.sh [--tests "PYTEST ARGS"] [--suites chunked,recurrent,fft,attention,delta] [--limit S]
-#                             [--bench "MORE bench.py ARGS"]  (e.g. --bench "--only T4096")
+#                             [--bench "MORE bench.py ARGS"] [--suite-limit S]  (e.g. --bench "--only T4096"; the
+#                             arguments are split at spaces: write a space in an --only pattern as .)
 # 1. installs the wheels carried in .whl/ (fla 0.6.0, pytest-xdist, ...: README "Performance") into /tmp/site;
 # 2. --tests: runs pytest with those arguments on the GPU (8 processes when pytest-xdist is there), at most
 #    --limit seconds (default 300; SIGINT at the limit, so pytest still reports what passed), log in $OUT/gpu_tests.txt;
-# 3. --suites: runs benchmarks/bench.py on those suites, rows and tables in $OUT/bench_<suite>.{json,md}.
+# 3. --suites: runs benchmarks/bench.py on each of those suites in turn, at most --suite-limit seconds each (default
+#    240; SIGINT at the limit: a slow suite cannot eat the others' time; rows printed so far stay in the log), rows
+#    and tables in $OUT/bench_<suite>.{json,md}, the log in $OUT/bench_log.txt.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=$PWD/.tcache PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
-tests=""; suites=""; limit=300; bench=""
+tests=""; suites=""; limit=300; bench=""; suite_limit=240
 while [ $# -gt 0 ]; do
   case $1 in
     --tests) tests=$2; shift ;;
     --suites) suites=$2; shift ;;
     --limit) limit=$2; shift ;;
     --bench) bench=$2; shift ;;
+    --suite-limit) suite_limit=$2; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -31,6 +35,9 @@ if [ -n "$tests" ]; then
   tail -15 "$OUT/gpu_tests.txt"
 fi
 if [ -n "$suites" ]; then
-  # shellcheck disable=SC2086
-  python3 benchmarks/bench.py "$suites" --out "$OUT" $bench 2>&1 | tee "$OUT/bench_log.txt" | grep -v "^{" 
+  for suite in ${suites//,/ }; do
+    # shellcheck disable=SC2086
+    timeout -s INT -k 20 "$suite_limit" python3 benchmarks/bench.py "$suite" --out "$OUT" $bench 2>&1 \
+      | tee -a "$OUT/bench_log.txt" | grep -v "^{"
+  done
 fi
