@@ -312,6 +312,11 @@ def test_decoder_truncate_reset_and_errors():
         dec.step(q=step["q"], k=step["k"])
     with pytest.raises(ValueError, match="input 'q' has shape"):
         dec.step(q=x["q"], k=step["k"], v=step["v"])
+    with pytest.raises(ValueError, match=r"input 'v' has shape \(1, 2, 15\).*width = 16"):
+        dec.step(q=step["q"], k=step["k"], v=step["v"][..., :15])
+    if DEV != "cpu":
+        with pytest.raises(ValueError, match="input 'k' is on cpu"):
+            dec.step(q=step["q"], k=step["k"].cpu(), v=step["v"])
     with pytest.raises(ValueError, match="pass max_len"):
         m.decoder(B, H, K=D, V=D)
     with pytest.raises(ValueError, match="exceeds max_len=6"):

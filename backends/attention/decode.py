@@ -60,11 +60,13 @@ class AttentionDecoder:
         self.ring = window is not None and window < max_len
         self.capacity = window if self.ring else max_len
         self._names = list(meta["inputs"])
+        self._widths = {n: tuple(bound[a] for a in meta["inputs"][n]["axes"]) for n in self._names}
         self._cached = list(dict.fromkeys([spec["k"], spec["v"]]))
         B = self.batch_size
         self.cache = {n: torch.zeros(B, H, self.capacity, *[bound[a] for a in meta["inputs"][n]["axes"]],
                                      dtype=dtype, device=device) for n in self._cached}
         dv = self.cache[spec["v"]].shape[3]
+        self._cache_device = self.cache[spec["v"]].device  # concrete (cuda:0 where device was "cuda")
         bn, ns, _ = mod._attn_decode_plan(self.capacity, B * H, self.device)
         self._op = torch.empty(ns, B * H, mod._attn_width(dv), dtype=torch.float32, device=device)
         self._lp = torch.empty(ns, B * H, dtype=torch.float32, device=device)
@@ -142,10 +144,14 @@ class AttentionDecoder:
         if extra:
             raise ValueError(f"unexpected input '{extra[0]}'; the mixer takes {', '.join(self._names)}")
         for n, x in inputs.items():
-            if x.dim() != rank or x.shape[0] != self.batch_size or x.shape[rank - 2] != self.num_heads:
+            if x.dim() != rank or x.shape[0] != self.batch_size or x.shape[rank - 2] != self.num_heads or \
+                    tuple(x.shape[rank - 1:]) != self._widths[n]:
                 raise ValueError(f"input '{n}' has shape {tuple(x.shape)}; {what} is "
                                  f"{'[B, H, width]' if rank == 3 else '[B, T, H, width]'} with B = "
-                                 f"{self.batch_size}, H = {self.num_heads}")
+                                 f"{self.batch_size}, H = {self.num_heads}, width = "
+                                 f"{', '.join(map(str, self._widths[n])) or '(none)'}")
+            if x.device != self._cache_device:
+                raise ValueError(f"input '{n}' is on {x.device}; the decoder's cache is on {self._cache_device}")
 
     def prefill(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Run T tokens (inputs ``[B, T, H, ...]``) after the cached ones through the attention form and keep
