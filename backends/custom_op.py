@@ -20,6 +20,15 @@ def _op_tag(fns, *settings) -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
+def _op_defined(name: str):
+    """The operator ``mixc::<name>`` when it is already defined (by another module pasting the same source: the
+    name carries the tag of its source), else None."""
+    try:
+        return getattr(torch.ops.mixc, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _op_empty(x: torch.Tensor) -> torch.Tensor:
     """The stand-in for an absent optional output: an empty fp32 tensor on ``x``'s device."""
     return x.new_empty(0, dtype=torch.float32)

@@ -8,7 +8,7 @@ This file needs only torch and triton; `mixc compile` pastes it into the generat
 import torch
 
 try:
-    from ..custom_op import _op_empty, _op_tag
+    from ..custom_op import _op_defined, _op_empty, _op_tag
     from .kernels_bwd import (
         _dden_kernel,
         _dg_key_kernel,
@@ -79,10 +79,9 @@ def _define_ops():
 
     tag = _ops_tag()
     fwd_name, bwd_name = f"chunk_fwd_{tag}", f"chunk_bwd_{tag}"
-    try:  # already defined by another module pasting the same source
-        return getattr(torch.ops.mixc, fwd_name)
-    except (AttributeError, RuntimeError):
-        pass
+    defined = _op_defined(fwd_name)
+    if defined is not None:
+        return defined
     Tensor = torch.Tensor
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())

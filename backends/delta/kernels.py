@@ -44,7 +44,7 @@ import torch
 import triton
 
 try:
-    from ..custom_op import _op_empty, _op_or_none, _op_tag
+    from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
     from .bwd import _dl_bwd_local_kernel, _dl_bwd_vloop_kernel, _dl_bwd_walk_kernel, _dl_bwd_wy_kernel
     from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_walk_kernel
 except ImportError:  # pasted into a generated module, after the kernels
@@ -197,10 +197,9 @@ def _dl_define_ops():
 
     tag = _dl_tag()
     fwd_name, bwd_name = f"delta_fwd_{tag}", f"delta_bwd_{tag}"
-    try:  # already defined by another module pasting the same source
-        return getattr(torch.ops.mixc, fwd_name)
-    except (AttributeError, RuntimeError):
-        pass
+    defined = _op_defined(fwd_name)
+    if defined is not None:
+        return defined
     Tensor = torch.Tensor
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
