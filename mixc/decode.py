@@ -20,6 +20,28 @@ from __future__ import annotations
 import torch
 
 
+def bind_decoder(mixer, num_heads: int, device, params: dict | None, sizes: dict,
+                 groups: tuple[str, ...]) -> tuple[dict, dict]:
+    """What every decoder checks and binds first: (the sizes, bound; ``{name: tensor}``, the given parameters
+    and buffers over the mixer's initialisers). Every axis of the ``groups`` of the mixer's metadata must be
+    bound, every given parameter known and shaped [H, ...] with the decoder's H."""
+    bound = mixer._sizes(sizes)
+    for group in groups:
+        for name, m in mixer.meta[group].items():
+            for a in m["axes"]:
+                if a not in bound:
+                    raise ValueError(f"{group[:-1]} '{name}' needs size {a}: pass {a}=... to decoder()")
+    p = {} if params is None else dict(params)
+    defaults = mixer.parameters_init(num_heads, device=device, **sizes)
+    unknown = [k for k in p if k not in defaults]
+    if unknown:
+        raise ValueError(f"unexpected parameter '{unknown[0]}' for mixer '{mixer.name}'")
+    for name, x in p.items():
+        if x.shape[0] != num_heads:
+            raise ValueError(f"parameter '{name}' has H={x.shape[0]} (dim 0) but the decoder has {num_heads}")
+    return bound, {k: p.get(k, v) for k, v in defaults.items()}
+
+
 class Decoder:
     """One-token steps of a compiled mixer; see the module docstring."""
 
@@ -31,25 +53,9 @@ class Decoder:
             raise ValueError(f"mixer '{mixer.name}' has no recurrent step kernel: {why}")
         self.mixer, self._mod = mixer, mod
         self.batch_size, self.num_heads = int(batch_size), int(num_heads)
-        bound = mixer._sizes(sizes)
+        bound, p = bind_decoder(mixer, self.num_heads, device, params, sizes, ("inputs", "params", "buffers", "states"))
         meta = mixer.meta
-        for group in ("inputs", "params", "buffers", "states"):
-            for name, m in meta[group].items():
-                for a in m["axes"]:
-                    if a not in bound:
-                        raise ValueError(f"{group[:-1]} '{name}' needs size {a}: pass {a}=... to decoder()")
         self.sizes = bound
-        p = {} if params is None else dict(params)
-        defaults = mixer.parameters_init(self.num_heads, device=device, **{k: v for k, v in sizes.items()})
-        for name in list(meta["params"]) + list(meta["buffers"]):
-            x = p.get(name)
-            if x is None:
-                p[name] = defaults[name]
-            elif x.shape[0] != self.num_heads:
-                raise ValueError(f"parameter '{name}' has H={x.shape[0]} (dim 0) but the decoder has {self.num_heads}")
-        unknown = [k for k in p if k not in defaults]
-        if unknown:
-            raise ValueError(f"unexpected parameter '{unknown[0]}' for mixer '{mixer.name}'")
         self.params = {k: v.to(device=device, dtype=torch.float32) for k, v in p.items()}
         B, H = self.batch_size, self.num_heads
         shape = mod.recurrent_state_shape(B, H, bound)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from mixc.decode import bind_decoder
+
 
 class AttentionDecoder:
     """One-token steps of a compiled attention-form mixer over a key/value cache; see the module docstring."""
@@ -34,23 +36,10 @@ class AttentionDecoder:
         self.batch_size, self.num_heads, self.max_len = int(batch_size), int(num_heads), max_len
         self.device, self.dtype = torch.device(device), dtype
         meta = mixer.meta
-        bound = mixer._sizes(sizes)
-        for group in ("inputs", "params", "buffers"):
-            for name, m in meta[group].items():
-                for a in m["axes"]:
-                    if a not in bound:
-                        raise ValueError(f"{group[:-1]} '{name}' needs size {a}: pass {a}=... to decoder()")
+        bound, p = bind_decoder(mixer, self.num_heads, device, params, sizes, ("inputs", "params", "buffers"))
         self.sizes = bound
         H = self.num_heads
-        p = {} if params is None else dict(params)
-        defaults = mixer.parameters_init(H, device=device, **sizes)
-        unknown = [k for k in p if k not in defaults]
-        if unknown:
-            raise ValueError(f"unexpected parameter '{unknown[0]}' for mixer '{mixer.name}'")
-        for name, x in p.items():
-            if x.shape[0] != H:
-                raise ValueError(f"parameter '{name}' has H={x.shape[0]} (dim 0) but the decoder has {H}")
-        self.params = {k: p.get(k, v).detach().to(device=device, dtype=torch.float32) for k, v in defaults.items()}
+        self.params = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in p.items()}
         if spec["params"]:  # [H, NP]: the per-head scalars the score reads, in the kernel's order
             self._pars = torch.stack([self.params[n].reshape(H) for n in spec["params"]], 1).contiguous()
         else:
