@@ -1,6 +1,7 @@
 """Sweep a form's launch table on the GPU: time one call per candidate tile configuration, side by side.
 
     python benchmarks/tune.py attention [--shape B,T,H,D] [--out DIR]
+    python benchmarks/tune.py recurrent [--shape B,H,K,V] [--out DIR]    (the one-token step's tiles)
 
 A form's launch table is a function pasted into the generated module (``_attn_config(kind, ...)`` for the
 attention form). The sweep replaces it, for one kernel kind at a time, by each candidate (the others keep the
@@ -8,6 +9,10 @@ table's own choice), checks the output against the table's own result, and times
 (forward for ``fwd``; forward+backward for ``dkdv`` and ``dq``, whose difference is the kernel's share). A
 candidate that does not compile or run (shared memory) is reported, not fatal. The best of each kind is what
 the launch table should say; the table is edited by hand, with the figure in BENCHMARKS.md.
+For the recurrent form the table is ``_rec_tiles(n_bh, K, V, step)``; the sweep replaces its one-token answer
+(BV, num_warps; BK stays the whole key axis) and times a fresh decoder's step, CUDA-graph replayed, at
+B256 H16 K=V=128 by default (the state-bandwidth row of the recurrent suite), each checked against the
+reference.
 """
 
 from __future__ import annotations
@@ -78,17 +83,59 @@ def tune_attention(shape: tuple[int, int, int, int]) -> list[dict]:
     return rows
 
 
+REC_STEP = list(itertools.product((16, 32, 64, 128), (1, 2, 4, 8)))  # (BV, num_warps) of a one-token step
+
+
+def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
+    from suites.recurrent import EX, _gla_decoder, _graph
+
+    import mixc
+
+    B, H, K, V = shape
+    mod = mixc.load(EX / "gla.mix")._module
+    own = mod._rec_tiles
+    base = own(B * H, K, V, True)
+    moved = 2 * B * H * K * V * 4  # the fp32 state read and written
+    src = torch.randn(B * H * K * V, device=DEV)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    rows = []
+    for bv, warps in [base[1:]] + [c for c in REC_STEP if c != base[1:] and c[0] <= V]:
+        def table(n_bh, k, v, step=False, bv=bv, warps=warps):
+            return (own(n_bh, k, v, True)[0], bv, warps) if step else own(n_bh, k, v, step)
+
+        mod._rec_tiles = table
+        try:
+            _, _, dec, step_in, _, check, path = _gla_decoder(B, H, K, V, torch.bfloat16)
+            g, _ = _graph(lambda: dec.step(**step_in))
+            ms = time_ms(g.replay if g is not None else (lambda: dec.step(**step_in)))
+            r = {"kind": "step", "cfg": (base[0], bv, warps), "ms": ms, "check": check,
+                 "table": (bv, warps) == base[1:], "bandwidth_share": copy_ms / ms, "path": path}
+        except Exception as e:  # noqa: BLE001 (a configuration that does not fit is a row, not an end)
+            r = {"kind": "step", "cfg": (base[0], bv, warps), "ms": None, "check": None,
+                 "table": (bv, warps) == base[1:], "error": f"{type(e).__name__}: {e}"[:120]}
+        finally:
+            mod._rec_tiles = own
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"copy of the state's size: {copy_ms:.4f} ms ({moved / copy_ms / 1e6:.0f} GB/s)", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("form", choices=["attention"])
-    ap.add_argument("--shape", default="4,4096,16,128", help="B,T,H,D")
+    ap.add_argument("form", choices=["attention", "recurrent"])
+    ap.add_argument("--shape", help="B,T,H,D (attention, default 4,4096,16,128) or B,H,K,V (recurrent, "
+                    "default 256,16,128,128)")
     ap.add_argument("--out", help="folder for tune_<form>.json")
     args = ap.parse_args(argv)
     if DEV != "cuda":
         print("tune.py times tile configurations: it needs a GPU", file=sys.stderr)
         return 2
-    rows = tune_attention(tuple(int(s) for s in args.shape.split(",")))
-    for kind in ATTN:
+    default = "4,4096,16,128" if args.form == "attention" else "256,16,128,128"
+    shape = tuple(int(s) for s in (args.shape or default).split(","))
+    rows = tune_attention(shape) if args.form == "attention" else tune_recurrent(shape)
+    for kind in ATTN if args.form == "attention" else ("step",):
         ok = sorted((r for r in rows if r["kind"] == kind and r["ms"] is not None and r["check"] < 1e-2),
                     key=lambda r: r["ms"])
         base = next((r for r in rows if r["kind"] == kind and r["table"]), None)
