@@ -145,24 +145,30 @@ def test_delta_low_precision_inputs(name, dtype, tol):
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
 @pytest.mark.parametrize("name", NAMES)
 def test_delta_16bit_work_tensors(name, dtype):
-    """The path behind DL_WORK16 (off: W, U and the chunk states in the inputs' 16-bit dtype, 16-bit products):
-    three chunks, outputs, final state and every gradient within the low-precision tolerance. On the H200 it was
-    wrong with tf32x3 inverse products (session 13); this test on a GPU is what may turn it on."""
+    """The path behind DL_WORK16 (W, U and the chunk states in the inputs' 16-bit dtype, 16-bit products):
+    three chunks, outputs, final state and every gradient within the low-precision tolerance. The module's
+    setting travels with each call (the operator may have been defined by another module pasting the same
+    source: session 14 found the earlier version of this test toggling a flag that operator never read), so the
+    test also checks that the path ran: the saved W is 16-bit and the output differs from the fp32-work one."""
     m = load(name)
     mod = m._module
-    assert mod.DL_WORK16 is False  # what ships, until this test has passed on a GPU
     x = inputs(m, 1, 150, 2, {"K": 16, "V": 16}, seed=8)
     ref, ref_state = m.reference(**x, output_final_state=True)
     xr = {k: v.clone().requires_grad_() for k, v in x.items()}
     m.reference(**xr).square().sum().backward()
     xs = {k: v.to(DEV, dtype).requires_grad_() for k, v in x.items()}
-    mod.DL_WORK16 = True  # read at each call (the generated module's global)
+    shipped = mod.DL_WORK16
     try:
-        assert mod._dl_work_dtype(xs["q"]) == dtype
+        mod.DL_WORK16 = False
+        o32 = m(**xs, form="chunked").detach()
+        mod.DL_WORK16 = True
         o, fin = m(**xs, output_final_state=True, form="chunked")
+        saved = o.grad_fn.saved_tensors  # q, a, b, v, g, bs, vs, h0, W, U, G, T, hs
         o.float().square().sum().backward()
     finally:
-        mod.DL_WORK16 = False
+        mod.DL_WORK16 = shipped
+    assert not torch.equal(o.detach(), o32)  # the 16-bit path ran (16-bit products round differently)
+    assert saved[8].dtype == saved[9].dtype == saved[12].dtype == dtype  # W, U, hs
     assert rel(o.cpu(), ref) < 2e-2 and rel(fin["S"].cpu(), ref_state["S"]) < 2e-2
     for k in x:
         assert rel(xs[k].grad.cpu(), xr[k].grad) < 1e-1, k

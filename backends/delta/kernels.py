@@ -104,9 +104,10 @@ def _dl_geometry(q, v):
     return B, T, H, K, V, BT, triton.cdiv(T, BT), _dl_pow2(K), BV, triton.cdiv(V, BV), prec
 
 
-def _dl_work_dtype(q):
-    """The dtype of W, U and hs (and of every tl.dot operand): q's when 16-bit and DL_WORK16, else fp32."""
-    return q.dtype if DL_WORK16 and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+def _dl_work_dtype(q, work16):
+    """The dtype of W, U and hs (and of every tl.dot operand): q's when 16-bit and ``work16`` (the calling
+    module's DL_WORK16, passed with each call), else fp32."""
+    return q.dtype if work16 and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def _dl_out_block(BV, NV):
@@ -118,15 +119,15 @@ def _dl_out_block(BV, NV):
 
 
 def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, save=False,
-                 bs=None, vs=None):
+                 bs=None, vs=None, work16=False):
     """Triton forward. q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log gates or None; h0:
     [B, H, K, V] or None; bs, vs: [B, T, H] per-token scales of b and v or None. Returns (o [B, T, H, V] in
     ``out_dtype`` (default q's), final state [B, H, K, V] fp32 or None, and with ``save`` what the backward
-    reads: (W, U, G, T, hs), else None)."""
+    reads: (W, U, G, T, hs), else None). ``work16``: W, U and hs in q's dtype when it is 16-bit."""
     B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
     q, a, b, v = (x.contiguous() for x in (q, a, b, v))
     dev = q.device
-    f32, wdt = torch.float32, _dl_work_dtype(q)
+    f32, wdt = torch.float32, _dl_work_dtype(q, work16)
     W = torch.empty(B, H, NT * BT, BK, device=dev, dtype=wdt)
     U = torch.empty(B, H, NT * BT, BV * NV, device=dev, dtype=wdt)
     Gc = torch.empty(B, H, NT * BT, device=dev, dtype=f32)
@@ -189,7 +190,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
 def _dl_tag():
     return _op_tag((_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel,
                     _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_geometry, _dl_work_dtype, _dl_out_block,
-                    dl_chunk_fwd, dl_chunk_bwd), DL_WORK16)
+                    dl_chunk_fwd, dl_chunk_bwd))
 
 
 def _dl_define_ops():
@@ -205,16 +206,16 @@ def _dl_define_ops():
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
     def fwd(q: Tensor, a: Tensor, b: Tensor, v: Tensor, g: Optional[Tensor], bs: Optional[Tensor],  # noqa: UP045
             vs: Optional[Tensor], h0: Optional[Tensor], scale: float, output_final_state: bool,  # noqa: UP045
-            out_dtype: Optional[torch.dtype], save: bool  # noqa: UP045
+            out_dtype: Optional[torch.dtype], save: bool, work16: bool  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs)
+        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16)
         saved = saved if saved is not None else tuple(_op_empty(q) for _ in range(5))  # (distinct tensors)
         return (o, ht if ht is not None else _op_empty(q), *saved)
 
     @fwd.register_fake
-    def _(q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save):
+    def _(q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save, work16):
         B, T, H, K, V, BT, NT, BK, BV, NV, _ = _dl_geometry(q, v)
-        f32, wdt = torch.float32, _dl_work_dtype(q)
+        f32, wdt = torch.float32, _dl_work_dtype(q, work16)
         ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else _op_empty(q)
         saved = ((q.new_empty(B, H, NT * BT, BK, dtype=wdt), q.new_empty(B, H, NT * BT, BV * NV, dtype=wdt),
                   q.new_empty(B, H, NT * BT, dtype=f32), q.new_empty(B, H, NT * BT, BT, dtype=f32),
@@ -236,7 +237,7 @@ def _dl_define_ops():
                 *(q.new_empty(x.shape, dtype=f32) if x is not None else _op_empty(q) for x in (g, bs, vs, h0)))
 
     def setup_context(ctx, inputs, output):
-        q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save = inputs
+        q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save, work16 = inputs
         ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, *output[2:])
         ctx.scale = scale
         ctx.final = output_final_state
@@ -251,7 +252,7 @@ def _dl_define_ops():
                                     ctx.scale)
         dg, dbs, dvs, dh0 = (_op_or_none(d).to(x.dtype) if x is not None else None
                              for d, x in zip(rest, (g, bs, vs, h0)))
-        return dq, da, db, dv, dg, dbs, dvs, dh0, None, None, None, None
+        return dq, da, db, dv, dg, dbs, dvs, dh0, None, None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -268,5 +269,6 @@ def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False
     (default q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only
     when a gradient will be asked for."""
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, bs, vs, h0))
-    o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype, save)
+    o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype, save,
+                       bool(DL_WORK16))  # this module's setting, read at each call (the operator may be shared)
     return o, (ht if output_final_state else None)
