@@ -1,11 +1,12 @@
 """The one benchmark harness: run suites (one per form) and print/write their rows.
 
-    python benchmarks/bench.py SUITE[,SUITE...] [--smoke] [--out DIR] [--only REGEX]
+    python benchmarks/bench.py SUITE[,SUITE...] [--smoke] [--out DIR] [--only REGEX] [--breakdown]
 
 Each suite (``benchmarks/suites/<name>.py``) times our form against its anchor in the same run (fla 0.6.0,
 torch SDPA, torch.fft, ...) and checks our result against the reference in that run. ``--smoke`` runs tiny
 shapes (CPU, under TRITON_INTERPRET=1) to show the suite works, not to time anything. Writes
 ``bench_<suite>.json`` and a markdown table ``bench_<suite>.md`` under ``--out`` (default: print only).
+``--breakdown`` (GPU) also prints, for the timings a suite labels, the milliseconds each Triton kernel takes.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the suite runs (CPU is fine)")
     ap.add_argument("--out", help="folder for bench_<suite>.json and .md")
     ap.add_argument("--only", help="a regular expression: run only the cases it matches (suites that check it)")
+    ap.add_argument("--breakdown", action="store_true", help="also print each Triton kernel's time (GPU)")
     args = ap.parse_args(argv)
     from suites import common
 
-    common.ONLY = args.only
+    common.ONLY, common.BREAKDOWN = args.only, args.breakdown
     env = environment()
     print("env", json.dumps(env), flush=True)
     status = 0

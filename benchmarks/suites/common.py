@@ -18,6 +18,7 @@ def on_gpu() -> bool:
 
 DEV = "cuda" if on_gpu() else "cpu"
 ONLY: str | None = None  # bench.py --only: a regular expression a case must match to run (None: every case)
+BREAKDOWN = False  # bench.py --breakdown: time_ms(label=...) also prints each Triton kernel's share (GPU only)
 
 
 def wanted(case: str) -> bool:
@@ -33,12 +34,62 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of ``fn()``: triton's do_bench on a GPU, a wall clock on the CPU (smoke runs)."""
+def kernel_times(fn, reps: int = 10) -> dict[str, float]:
+    """Mean milliseconds a call of ``fn()`` spends in each Triton kernel (ours and the anchor's alike: every
+    ``kernel[grid](...)`` launch, autotuned ones under their kernel's name), from CUDA events around each launch,
+    plus "(rest)": the call's time outside them (torch ops, gaps). For finding where a form's time goes."""
+    from triton.runtime.jit import KernelInterface
+
+    fn()  # compiled and tuned outside the measurement
+    torch.cuda.synchronize()
+    orig = KernelInterface.__getitem__
+    events: list = []
+
+    def getitem(self, grid):
+        launch = orig(self, grid)
+        f = self
+        while hasattr(f, "fn"):
+            f = f.fn
+        name = getattr(f, "__name__", "?")
+
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = launch(*args, **kwargs)
+            end.record()
+            events.append((name, start, end))
+            return out
+
+        return timed
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(reps):
+            fn()
+        t1.record()
+        torch.cuda.synchronize()
+    finally:
+        KernelInterface.__getitem__ = orig
+    out: dict[str, float] = {}
+    for name, start, end in events:
+        out[name] = out.get(name, 0.0) + start.elapsed_time(end) / reps
+    out["(rest)"] = t0.elapsed_time(t1) / reps - sum(out.values())
+    return out
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100, label: str | None = None) -> float:
+    """Median milliseconds of ``fn()``: triton's do_bench on a GPU, a wall clock on the CPU (smoke runs).
+    With ``bench.py --breakdown`` and a ``label``, also prints the kernels' shares (:func:`kernel_times`)."""
     if on_gpu():
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        ms = float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        if BREAKDOWN and label:
+            parts = sorted(kernel_times(fn).items(), key=lambda kv: -kv[1])
+            print(f"breakdown {label} ({ms:.3f} ms): " + ", ".join(f"{k} {v:.3f}" for k, v in parts), flush=True)
+        return ms
     fn()
     ts = []
     for _ in range(3):

@@ -87,14 +87,14 @@ def run(smoke: bool) -> list[dict]:
             with torch.no_grad():
                 ref = m.reference(**{n: t.float() for n, t in x.items()})
                 fla_note = f"fla's check {rel(theirs(**x).float(), ref):.1e}" if fla else "fla not installed: no anchor"
-                t_fla = time_ms(lambda: theirs(**x)) if fla else None
+                t_fla = time_ms(lambda: theirs(**x), label=f"fla {name} fwd") if fla else None
             shape = f"B{B} T{T} H{H} D{D} {str(dtype).replace('torch.', '')}"
             anchor = ("chunk_gated_delta_rule" if gated else "chunk_delta_rule") if fla else None
             xg = {n: t.clone().requires_grad_() for n, t in x.items()}
             do = torch.randn_like(ref).to(dtype)
             note_b = fla_note
             try:
-                t_fla_b = time_ms(fwd_bwd(theirs, xg, do)) if fla else None
+                t_fla_b = time_ms(fwd_bwd(theirs, xg, do), label=f"fla {name} fwd+bwd") if fla else None
             except RuntimeError as e:  # fla refuses gated backwards on Triton 3.4-3.7.0 + Hopper
                 t_fla_b, note_b = None, f"fla refused: {str(e)[:60]}"
             # W, U and the chunk states in fp32 (what ships), and, for 16-bit inputs, in the inputs' dtype
@@ -105,10 +105,10 @@ def run(smoke: bool) -> list[dict]:
                 try:
                     with torch.no_grad():
                         check = rel(ours(**x).float(), ref)
-                        t_ours = time_ms(lambda: ours(**x))
+                        t_ours = time_ms(lambda: ours(**x), label=f"ours {name} fwd{tag}")
                     rows.append(row("delta", f"{name} fwd {shape}{tag}", t_ours, anchor, t_fla, check, fla_note))
                     print(rows[-1], flush=True)
-                    t_ours = time_ms(fwd_bwd(ours, xg, do))
+                    t_ours = time_ms(fwd_bwd(ours, xg, do), label=f"ours {name} fwd+bwd{tag}")
                     g_check = _grad_check(m, ours, x)
                 finally:
                     mod.DL_WORK16 = False
