@@ -2,6 +2,7 @@
 
     python benchmarks/tune.py attention [--shape B,T,H,D] [--out DIR]
     python benchmarks/tune.py recurrent [--shape B,H,K,V] [--out DIR]    (the one-token step's tiles)
+    python benchmarks/tune.py delta [--out DIR]      (the delta rule's value blocks and walk launches)
 
 A form's launch table is a function pasted into the generated module (``_attn_config(kind, ...)`` for the
 attention form). The sweep replaces it, for one kernel kind at a time, by each candidate (the others keep the
@@ -13,6 +14,10 @@ For the recurrent form the table is ``_rec_tiles(n_bh, K, V, step)``; the sweep 
 (BV, num_warps; BK stays the whole key axis) and times a fresh decoder's step, CUDA-graph replayed, at
 B256 H16 K=V=128 by default (the state-bandwidth row of the recurrent suite), each checked against the
 reference.
+For the delta form the candidates override the module's constants (DL_BV, DL_BVO, _DL_LAUNCH entries, and
+DL_WORK16: the 16-bit work tensors, last, since a wrong kernel there may fault) and the sweep times
+``dl_chunk_fwd`` and ``dl_chunk_fwd`` + ``dl_chunk_bwd`` directly (the operator may belong to another module),
+bf16 deltanet inputs, checked against the table's own output and gradients.
 """
 
 from __future__ import annotations
@@ -122,9 +127,66 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
     return rows
 
 
+DELTA = [{}, {"DL_BV": 64}, {"DL_BV": 64, "_dl_walk_kernel": (8, 2)}, {"DL_BV": 64, "_dl_walk_kernel": (8, 1),
+          "_dl_bwd_walk_kernel": (8, 1)}, {"_dl_walk_kernel": (8, 2)}, {"DL_BVO": 128}]
+DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVO": 32}, {"DL_WORK16": True, "DL_BV": 64},
+           {"DL_WORK16": True, "DL_BV": 16, "DL_BVO": 16}]
+
+
+def tune_delta(shapes) -> list[dict]:
+    import mixc
+
+    mod = mixc.load(ROOT / "examples" / "deltanet.mix")._module
+    rows = []
+    for shape, cands in shapes:
+        B, T, H, D = shape
+        g = torch.Generator(device=DEV).manual_seed(0)
+        nrm = torch.nn.functional.normalize
+        q, k = (nrm(torch.randn(B, T, H, D, device=DEV, generator=g), dim=-1).bfloat16() for _ in range(2))
+        v = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
+        beta = torch.sigmoid(torch.randn(B, T, H, device=DEV, generator=g))
+        do = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
+
+        def fwd():
+            return mod.dl_chunk_fwd(q, k, k, v, None, None, D ** -0.5, False, None, False, beta, beta,
+                                    bool(mod.DL_WORK16))[0]
+
+        def fwd_bwd():
+            o, _, saved = mod.dl_chunk_fwd(q, k, k, v, None, None, D ** -0.5, False, None, True, beta, beta,
+                                           bool(mod.DL_WORK16))
+            return mod.dl_chunk_bwd(do, None, q, k, k, v, None, None, saved, D ** -0.5, beta, beta)
+
+        want_o, want_g = fwd(), fwd_bwd()
+        for cand in cands:
+            keep = {n: getattr(mod, n) for n in cand if n.startswith("DL_")}
+            launch = dict(mod._DL_LAUNCH)
+            for n, val in cand.items():
+                if n.startswith("DL_"):
+                    setattr(mod, n, val)
+                else:
+                    mod._DL_LAUNCH[n] = val
+            r = {"kind": f"B{B} T{T} H{H} D{D}", "cfg": cand}
+            try:
+                r["check"] = rel(fwd(), want_o)
+                r["grad_check"] = max(rel(x, y) for x, y in zip(fwd_bwd(), want_g) if x is not None)
+                r["fwd_ms"], r["ms"] = time_ms(fwd), time_ms(fwd_bwd)
+            except Exception as e:  # noqa: BLE001
+                r["error"] = f"{type(e).__name__}: {e}"[:160]
+            finally:
+                for n, val in keep.items():
+                    setattr(mod, n, val)
+                mod._DL_LAUNCH.clear()
+                mod._DL_LAUNCH.update(launch)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if "error" in r and "illegal" in r["error"]:
+                return rows  # the CUDA context is lost
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("form", choices=["attention", "recurrent"])
+    ap.add_argument("form", choices=["attention", "recurrent", "delta"])
     ap.add_argument("--shape", help="B,T,H,D (attention, default 4,4096,16,128) or B,H,K,V (recurrent, "
                     "default 256,16,128,128)")
     ap.add_argument("--out", help="folder for tune_<form>.json")
@@ -132,6 +194,13 @@ def main(argv=None) -> int:
     if DEV != "cuda":
         print("tune.py times tile configurations: it needs a GPU", file=sys.stderr)
         return 2
+    if args.form == "delta":
+        rows = tune_delta([((4, 4096, 16, 128), DELTA), ((8, 1024, 16, 64), DELTA),
+                           ((2, 256, 2, 64), DELTA16), ((2, 256, 2, 128), DELTA16)])
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "tune_delta.json").write_text(json.dumps(rows, indent=1))
+        return 0
     default = "4,4096,16,128" if args.form == "attention" else "256,16,128,128"
     shape = tuple(int(s) for s in (args.shape or default).split(","))
     rows = tune_attention(shape) if args.form == "attention" else tune_recurrent(shape)
