@@ -248,6 +248,40 @@ def test_delta_mixer_compiles_without_graph_breaks():
     assert rel(got, f(**x)) < 1e-6
 
 
+@pytest.mark.parametrize("loss", ["output", "final-state"])
+def test_delta_eager_function_and_compiled_operator_agree(loss):
+    """Eager calls run the autograd.Function (less host time a call), torch.compile the custom operator: the
+    same outputs and every gradient, including when only the final state reaches the loss (the output's
+    cotangent is then None, not a zero-filled tensor)."""
+    m = load("gated_deltanet")
+    x = {k: v.to(DEV) for k, v in m.random_inputs(1, 70, 2, seed=3, K=8, V=8).items()}
+    s0 = {"S": torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(4)).to(DEV)}
+
+    def f(**kw):
+        o, fin = m(**kw, initial_state=s0, output_final_state=True, form="chunked")
+        return o.square().sum() if loss == "output" else fin["S"].square().sum()
+
+    def r(**kw):
+        o, fin = m.reference(**kw, initial_state={"S": s0["S"].cpu()}, output_final_state=True)
+        return o.square().sum() if loss == "output" else fin["S"].square().sum()
+
+    xr = {k: v.cpu().clone().requires_grad_() for k, v in x.items()}
+    r(**xr).backward()
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="eager")):
+        xs = {k: v.clone().requires_grad_() for k, v in x.items()}
+        fn(**xs).backward()
+        grads.append({k: v.grad for k, v in xs.items()})
+    o, _ = m(**{k: v.clone().requires_grad_() for k, v in x.items()}, initial_state=s0, output_final_state=True,
+             form="chunked")
+    assert type(o.grad_fn).__name__ == "_DLChunkBackward"
+    for k in x:
+        if xr[k].grad is None:  # q does not reach the final state
+            assert all(g[k] is None or not g[k].any() for g in grads), k
+            continue
+        assert rel(grads[1][k], grads[0][k]) < 1e-5 and rel(grads[0][k].cpu(), xr[k].grad) < 1e-3, k
+
+
 @pytest.mark.parametrize("g", [(-21.0, -19.0), (-1e-3, 0.0), None], ids=["g-near-minus-20", "g-near-0", "ungated"])
 @pytest.mark.parametrize("aligned", [False, True], ids=["random-keys", "aligned-keys"])
 def test_the_blockwise_inverse(g, aligned):

@@ -53,7 +53,12 @@ except ImportError:  # pasted into a generated module, after the kernels
 
 DL_CHUNK = 64  # tokens per chunk
 DL_BC = 16  # the diagonal blocks of the in-chunk inverse (forward substitution within them, products across)
-DL_BV = 32  # largest value block of the walks (they keep a [K, BV] fp32 state in registers)
+# largest value block of the walks (they keep a [K, BV] fp32 state in registers): 64 for 16-bit inputs (H200,
+# benchmarks/tune.py delta, 2026-12-04: at B4 T4096 H16 D128 bf16 fwd 1.40 -> 1.27 ms and, with the adjoint walk
+# in one stage, fwd+bwd 3.91 -> 3.25 ms; at B8 T1024 H16 D64 fwd+bwd 0.93 -> 0.85 ms), 32 for fp32 inputs (their
+# walks spill at 64: 20 KB of stack at K = V = 128 on sm_90, against 2.4 KB at 32)
+DL_BV = 64
+DL_BV_F32 = 32
 DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per value block)
 # 16-bit work tensors (W, U, hs and the backward's scratch in the inputs' dtype, 16-bit tl.dot operands) for 16-bit
 # inputs. Off: on the H200 (Triton 3.6, 2026-12-04) the forward with 16-bit work tensors and tf32x3 inverse products
@@ -69,14 +74,12 @@ def _dl_pow2(n):
 
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
-# (benchmarks/ptxas_delta.py; BV 32 for the walks, 64 for the output and local kernels). Registers / spill bytes /
-# shared KB: prep 255/0/64, walk 182/0/73 (2 stages; 3 stages 109 KB), out 155/0/56, bwd local 94/0/40,
-# adjoint walk (8 warps, 2 stages) 192/0/101, bwd vloop (8 warps) 255/80/64 (4 warps: 1232 spilled),
-# bwd wy (8 warps) 254/0/128 (4 warps: 136 spilled).
-# Before (one backward chunk kernel, fp32 work tensors, 63-step inverse): prep 186/0/48, adjoint walk 255/200/104,
-# backward chunk kernel 255/3624/220.
+# (benchmarks/ptxas_delta.py --bv 64; BV 64 for the walks, the output and local kernels). Registers / spill bytes /
+# shared KB: prep 255/0/64, walk 253/0/81 (2 stages), out 155/0/56, bwd local 94/0/40, adjoint walk (8 warps,
+# 1 stage) 241/0/64 (2 stages: 255/0/121, slower on the H200), bwd vloop (8 warps) 255/416/64, bwd wy (8 warps)
+# 254/0/128. At BV 32 (session 13): walk 182/0/73, adjoint walk 192/0/101, vloop 255/80/64.
 _DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (4, 2), "_dl_out_kernel": (4, 1),
-              "_dl_bwd_local_kernel": (4, 1), "_dl_bwd_walk_kernel": (8, 2),
+              "_dl_bwd_local_kernel": (4, 1), "_dl_bwd_walk_kernel": (8, 1),
               "_dl_bwd_vloop_kernel": (8, 1), "_dl_bwd_wy_kernel": (8, 1)}
 
 
@@ -99,7 +102,7 @@ def _dl_geometry(q, v):
     if K > 256:
         raise ValueError(f"delta_chunk: the key width K = {K} of q, a, b is above 256 (one key block per program)")
     BT = DL_CHUNK
-    BV = min(_dl_pow2(V), DL_BV)
+    BV = min(_dl_pow2(V), DL_BV if q.dtype != torch.float32 else DL_BV_F32)
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     return B, T, H, K, V, BT, triton.cdiv(T, BT), _dl_pow2(K), BV, triton.cdiv(V, BV), prec
 
@@ -241,21 +244,52 @@ def _dl_define_ops():
         ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, *output[2:])
         ctx.scale = scale
         ctx.final = output_final_state
+        ctx.set_materialize_grads(False)  # the saved outputs' cotangents stay None: no zero-filled W, U, T, hs
 
     def backward(ctx, do, dht, *_):
-        q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs = ctx.saved_tensors
-        if W.numel() == 0:
-            raise RuntimeError("delta_chunk: the forward ran without save=True, so it has no backward")
-        if do is None:
-            do = q.new_zeros(*q.shape[:3], v.shape[-1])
-        dq, da, db, dv, *rest = bwd(do, dht if ctx.final else None, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs,
-                                    ctx.scale)
-        dg, dbs, dvs, dh0 = (_op_or_none(d).to(x.dtype) if x is not None else None
-                             for d, x in zip(rest, (g, bs, vs, h0)))
-        return dq, da, db, dv, dg, dbs, dvs, dh0, None, None, None, None, None
+        return (*_dl_backward(ctx, do, dht, bwd), None, None, None, None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
+
+
+def _dl_backward(ctx, do, dht, bwd_fn):
+    """The eight input cotangents (dq, da, db, dv, dg, dbs, dvs, dh0) from the saved context; ``bwd_fn``: the
+    backward operator (under torch.compile) or :func:`dl_chunk_bwd` with the operator's signature."""
+    q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs = ctx.saved_tensors
+    if W.numel() == 0:
+        raise RuntimeError("delta_chunk: the forward ran without save=True, so it has no backward")
+    if do is None:  # only the final state reached the loss
+        do = q.new_zeros(*q.shape[:3], v.shape[-1])
+    dq, da, db, dv, *rest = bwd_fn(do, dht if ctx.final else None, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs,
+                                   ctx.scale)
+    dg, dbs, dvs, dh0 = (None if x is None else (d if d.dtype == x.dtype else d.to(x.dtype))
+                         for d, x in zip(map(_op_or_none, rest), (g, bs, vs, h0)))
+    return dq, da, db, dv, dg, dbs, dvs, dh0
+
+
+def _dl_bwd_eager(do, dht, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs, scale):
+    return dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs)
+
+
+class _DLChunk(torch.autograd.Function):
+    """The same forward and backward as the operator for eager execution: an autograd.Function costs less host
+    time per call than a custom operator's dispatch (the chunked form's finding; here the operator's backward
+    also took the most host time of a call, with the kernels stubbed out)."""
+
+    @staticmethod
+    def forward(ctx, q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, work16):
+        save = any(ctx.needs_input_grad[:8])
+        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16)
+        empty = _op_empty(q)
+        ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, *(saved if saved is not None else (empty,) * 5))
+        ctx.scale, ctx.final = scale, output_final_state
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        return (*_dl_backward(ctx, do, dht, _dl_bwd_eager), None, None, None, None)
 
 
 _DL_OP = _dl_define_ops()  # defined as the module loads (not inside a torch.compile trace)
@@ -268,6 +302,10 @@ def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False
     None. Returns (o [B, T, H, V] in ``out_dtype``
     (default q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only
     when a gradient will be asked for."""
+    if not torch.compiler.is_compiling():  # eager: the autograd.Function (less host time a call)
+        o, ht = _DLChunk.apply(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype,
+                               bool(DL_WORK16))
+        return o, ht
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, bs, vs, h0))
     o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype, save,
                        bool(DL_WORK16))  # this module's setting, read at each call (the operator may be shared)

@@ -7,9 +7,8 @@ its targets: fwd+bwd vs chunk_delta_rule >= 1.0 and forward vs chunk_gated_delta
 [B, T, H, D], scale D^-1/2 (``use_qk_l2norm_in_kernel=False``). Each row's check is our output's relative RMS
 error against the reference in fp32 in the same run (the note gives fla's); a fwd+bwd row's check is the
 larger of that and the gradients' (every input's, ours in the row's dtype against the reference's in fp32, on
-the first sequence's first 256 tokens: the reference is a loop over tokens); rows without fla say so. With
-16-bit inputs each row is timed twice: W, U and the chunk states in fp32 (what ships) and, "work16", in the
-inputs' dtype (``DL_WORK16``).
+the first sequence's first 256 tokens: the reference is a loop over tokens); rows without fla say so. The
+16-bit work tensors (``DL_WORK16``, off) are swept by ``benchmarks/tune.py delta``, not here: on the H200 they fault.
 """
 
 from __future__ import annotations
@@ -67,7 +66,6 @@ def run(smoke: bool) -> list[dict]:
     rows = []
     for name, gated in (("deltanet", False), ("gated_deltanet", True)):
         m = mixc.load(ROOT / "examples" / f"{name}.mix")
-        mod = m._module
         for B, T, H, D in SMOKE_SHAPES if smoke else SHAPES:
             if not wanted(f"{name} B{B} T{T}"):
                 continue
@@ -97,24 +95,15 @@ def run(smoke: bool) -> list[dict]:
                 t_fla_b = time_ms(fwd_bwd(theirs, xg, do), label=f"fla {name} fwd+bwd") if fla else None
             except RuntimeError as e:  # fla refuses gated backwards on Triton 3.4-3.7.0 + Hopper
                 t_fla_b, note_b = None, f"fla refused: {str(e)[:60]}"
-            # W, U and the chunk states in fp32 (what ships), and, for 16-bit inputs, in the inputs' dtype
-            # (DL_WORK16, off until its GPU test passes): both timed, each with its own check
-            for work16 in (False, True) if dtype != torch.float32 else (False,):
-                mod.DL_WORK16 = work16
-                tag = " work16" if work16 else ""
-                try:
-                    with torch.no_grad():
-                        check = rel(ours(**x).float(), ref)
-                        t_ours = time_ms(lambda: ours(**x), label=f"ours {name} fwd{tag}")
-                    rows.append(row("delta", f"{name} fwd {shape}{tag}", t_ours, anchor, t_fla, check, fla_note))
-                    print(rows[-1], flush=True)
-                    t_ours = time_ms(fwd_bwd(ours, xg, do), label=f"ours {name} fwd+bwd{tag}")
-                    g_check = _grad_check(m, ours, x)
-                finally:
-                    mod.DL_WORK16 = False
-                rows.append(row("delta", f"{name} fwd+bwd {shape}{tag}", t_ours, anchor, t_fla_b, max(check, g_check),
-                                note_b + f"; check: max(forward {check:.1e}, gradients {g_check:.1e} "
-                                f"on B1 T{min(T, 256)})",
-                                grad_check=g_check))
-                print(rows[-1], flush=True)
+            with torch.no_grad():
+                check = rel(ours(**x).float(), ref)
+                t_ours = time_ms(lambda: ours(**x), label=f"ours {name} fwd")
+            rows.append(row("delta", f"{name} fwd {shape}", t_ours, anchor, t_fla, check, fla_note))
+            print(rows[-1], flush=True)
+            t_ours = time_ms(fwd_bwd(ours, xg, do), label=f"ours {name} fwd+bwd")
+            g_check = _grad_check(m, ours, x)
+            rows.append(row("delta", f"{name} fwd+bwd {shape}", t_ours, anchor, t_fla_b, max(check, g_check),
+                            note_b + f"; check: max(forward {check:.1e}, gradients {g_check:.1e} "
+                            f"on B1 T{min(T, 256)})", grad_check=g_check))
+            print(rows[-1], flush=True)
     return rows
