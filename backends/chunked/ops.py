@@ -174,8 +174,8 @@ _CHUNK_FWD_OP = _define_ops() if hasattr(torch.library, "custom_op") else None
 
 class ChunkParallel(torch.autograd.Function):
     """The same forward and backward for eager execution: an autograd.Function costs less host time
-    per call than a custom operator's dispatch (about 100 us less per forward+backward, measured with
-    benchmarks/host_overhead.py), which matters for short sequences."""
+    per call than a custom operator's dispatch (about 100 us less per forward+backward, measured
+    with a host-overhead script since folded into git history), which matters for short sequences."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, cu_seqlens, scale, out_dtype, z0, norm, skip, kscale):
