@@ -16,7 +16,12 @@ def _op_tag(fns, *settings) -> str:
     import hashlib
     import inspect
 
-    src = "".join(inspect.getsource(getattr(f, "fn", f)) for f in fns) + repr(settings)
+    def unwrap(f):  # a launcher (_Launch) holds a jitted kernel, which holds the Python function
+        while hasattr(f, "fn"):
+            f = f.fn
+        return f
+
+    src = "".join(inspect.getsource(unwrap(f)) for f in fns) + repr(settings)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 

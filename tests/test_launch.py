@@ -1,7 +1,9 @@
-"""The chunked backend's launcher (_Launch): Triton's dispatch the first time per specialisation, the
-compiled handle after. Runs on the CPU with a stand-in for a jitted kernel (the real handle exists only
-on a GPU, where the kernel tests run through it)."""
+"""The chunked backend's launcher (_Launch, also the delta rule's): Triton's dispatch the first time per
+specialisation, the compiled handle after. Runs on the CPU with a stand-in for a jitted kernel (the real handle
+exists only on a GPU, where the kernel tests run through it)."""
 
+import inspect
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 
 from mixc.backends.chunked import kernels_bwd, kernels_fwd, power, sequential
 from mixc.backends.chunked import launcher as C
+from mixc.backends.delta import bwd as delta_bwd
+from mixc.backends.delta import fwd as delta_fwd
 
 
 class FakeJit:
@@ -117,3 +121,51 @@ def test_every_kernel_of_the_backend_is_launched_through_it():
     for mod in (kernels_fwd, kernels_bwd, sequential, power):
         names = [n for n in vars(mod) if n.endswith("_kernel")]
         assert names and all(isinstance(getattr(mod, n), C._Launch) for n in names), mod.__name__
+
+
+def test_a_constexpr_passed_by_position_is_never_cached(fast):
+    """Its value is not in the key (an int's key is only its class: 1, a multiple of 16, 32-bit), so a second
+    value of the same class would reuse the first one's compiled kernel: such launches always go through Triton."""
+    fn = FakeJit(PARAMS)
+    k = C._Launch(fn)
+    x = torch.zeros(8)
+    k[(1,)](x, 32, 16)
+    k[(1,)](x, 32, 32)
+    assert len(fn.compiles) == 2 and not fn.direct
+
+
+def test_every_delta_kernel_is_launched_through_it():
+    for mod in (delta_fwd, delta_bwd):
+        names = [n for n in vars(mod) if n.endswith("_kernel")]
+        assert len(names) >= 3 and all(isinstance(getattr(mod, n), C._Launch) for n in names), mod.__name__
+
+
+def test_the_delta_launches_pass_runtime_arguments_by_position_and_constexprs_by_keyword(monkeypatch):
+    """Every launch of a forward and backward (gated, with states and per-token scales) can take the compiled
+    handle: its positional arguments are exactly the kernel's runtime parameters and every constexpr is named."""
+    import mixc
+
+    m = mixc.load(Path(__file__).resolve().parents[1] / "examples" / "gated_deltanet.mix")
+    mod = m._module
+    seen = set()
+    orig = mod._Launch._run
+
+    def run(self, grid, args, kwargs):
+        f = self.fn
+        while hasattr(f, "fn"):  # (the interpreter's function has no .params: read the annotations)
+            f = f.fn
+        params = [(n, "constexpr" in str(p.annotation)) for n, p in inspect.signature(f).parameters.items()]
+        assert [c for _, c in params[:len(args)]] == [False] * len(args), self.__name__
+        assert all(c for _, c in params[len(args):]), self.__name__
+        assert set(kwargs) <= {n for n, _ in params} | {"num_warps", "num_stages"}, self.__name__
+        seen.add(self.__name__)
+        return orig(self, grid, args, kwargs)
+
+    monkeypatch.setattr(mod._Launch, "_run", run)
+    monkeypatch.setattr(mod, "FAST_LAUNCH", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = {k: v.requires_grad_() for k, v in m.random_inputs(1, 70, 2, seed=0, K=8, V=8).items()}
+    s0 = {"S": torch.randn(1, 2, 8, 8, requires_grad=True)}
+    o, fin = m(**x, initial_state=s0, output_final_state=True, form="chunked")
+    (o.square().sum() + fin["S"].square().sum()).backward()
+    assert seen == {n for md in (delta_fwd, delta_bwd) for n in vars(md) if n.endswith("_kernel")}

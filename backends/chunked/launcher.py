@@ -29,7 +29,8 @@ class _Launch:
     returns its compiled handle; later ones launch that handle directly with every parameter in order,
     skipping Triton's per-call binding and cache key, most of a launch's host time (BENCHMARKS.md,
     session 5). Keyword arguments must be constexprs or launch options (num_warps), positional ones the
-    runtime arguments. In the interpreter, with MIXC_FAST_LAUNCH=0, or when a Triton version returns no
+    runtime arguments (a launch that passes a constexpr by position, or a runtime argument by keyword, always
+    goes through Triton). In the interpreter, with MIXC_FAST_LAUNCH=0, or when a Triton version returns no
     compiled handle, every launch goes through Triton."""
 
     def __init__(self, fn):
@@ -51,6 +52,8 @@ class _Launch:
         params = getattr(self.fn, "params", None)
         if params is None or not hasattr(compiled, "__getitem__"):  # not a Triton with compiled handles
             return
+        if any(p.is_constexpr for p in params[:len(args)]):  # a constexpr passed by position: its value is not
+            return  # in the key (only _arg_key's classes), so this launch must not be cached
         params = params[len(args):]
         if all(p.is_constexpr for p in params):
             rest = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)

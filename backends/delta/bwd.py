@@ -3,13 +3,20 @@
 The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header). The forward's work tensors
 W, U and hs arrive in the work dtype (fp32; 16-bit for 16-bit inputs with DL_WORK16); dU and dhs are stored in
 it too (as fla stores its dv and dh); sums are fp32.
-This file needs only triton; `mixc compile` pastes it into the generated module.
+This file needs triton and the chunked form's launcher (`_Launch`, pasted before it); `mixc compile` pastes it
+into the generated module.
 """
 
 import triton
 import triton.language as tl
 
+try:
+    from ..chunked.launcher import _Launch
+except ImportError:  # pasted into a generated module, after the launcher
+    pass
 
+
+@_Launch
 @triton.jit
 def _dl_bwd_local_kernel(
     q,  # [B, T, H, K] queries
@@ -49,6 +56,7 @@ def _dl_bwd_local_kernel(
     tl.store(dU + base[:, None] * (BU * NU) + o_v[None, :], b_du.to(dU.dtype.element_ty))
 
 
+@_Launch
 @triton.jit
 def _dl_bwd_walk_kernel(
     q,  # [B, T, H, K] queries
@@ -110,6 +118,7 @@ def _dl_bwd_walk_kernel(
         tl.store(dh0 + p_s, b_dS, mask=m_kv)
 
 
+@_Launch
 @triton.jit
 def _dl_bwd_vloop_kernel(
     q,  # [B, T, H, K] queries
@@ -217,6 +226,7 @@ def _dl_bwd_vloop_kernel(
         tl.store(dG1 + base, b_dG)
 
 
+@_Launch
 @triton.jit
 def _dl_bwd_wy_kernel(
     a,  # [B, T, H, K] keys a_t

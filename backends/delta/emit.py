@@ -23,6 +23,7 @@ from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
 from .. import custom_op
+from ..chunked import launcher
 from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..chunked.plan import NoChunkedForm, _const, _log_decay, _readout_of, _readout_parts, _rename_terms, _signed
 from ..reference import prologue
@@ -227,7 +228,8 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 def _backend():
     from ..registry import FormBackend
 
-    return FormBackend(form="chunked", emit=emit_any, support=(custom_op, fwd, bwd, kernels), native_varlen=False,
+    return FormBackend(form="chunked", emit=emit_any, support=(custom_op, launcher, fwd, bwd, kernels),
+                       native_varlen=False,
                        describe=describe)
 
 

@@ -5,13 +5,20 @@ per-chunk states hs) are stored in the *work dtype*: fp32 (products in tf32 for 
 ones), or, with ``DL_WORK16`` (kernels.py; off until it passes on a GPU), the inputs' dtype for 16-bit inputs
 (every tl.dot then takes 16-bit operands and accumulates in fp32, as fla does).
 Kernels read the work dtype off the pointer of W (``W.dtype.element_ty``).
-This file needs only triton; `mixc compile` pastes it into the generated module.
+This file needs triton and the chunked form's launcher (`_Launch`, pasted before it); `mixc compile` pastes it
+into the generated module.
 """
 
 import triton
 import triton.language as tl
 
+try:
+    from ..chunked.launcher import _Launch
+except ImportError:  # pasted into a generated module, after the launcher
+    pass
 
+
+@_Launch
 @triton.jit
 def _dl_prep_kernel(
     a,  # [B, T, H, K] the key a_t (the rank-one correction's left factor and the input's key)
@@ -101,6 +108,7 @@ def _dl_prep_kernel(
         tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u.to(DT))
 
 
+@_Launch
 @triton.jit
 def _dl_walk_kernel(
     a,  # [B, T, H, K] keys a_t
@@ -153,6 +161,7 @@ def _dl_walk_kernel(
         tl.store(ht + p_s, b_S, mask=m_kv)
 
 
+@_Launch
 @triton.jit
 def _dl_out_kernel(
     q,  # [B, T, H, K] queries (the readout's q', without the number factor `scale`)

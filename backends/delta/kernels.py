@@ -137,18 +137,20 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     Tm = torch.empty(B, H, NT * BT, BT, device=dev, dtype=f32) if save else Gc
     hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=wdt)
     gg, bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (g, bs, vs))
-    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, T, H, K, V, BT, BK, BV, NV, DL_BC,
-                                 g is not None, bs is not None, vs is not None, save, prec,
-                                 "ieee" if prec == "ieee" or wdt != f32 else "tf32x3", **_dl_cfg("_dl_prep_kernel"))
+    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV,
+                                 BC=DL_BC, HAS_G=g is not None, HAS_BS=bs is not None, HAS_VS=vs is not None,
+                                 SAVE=save, PREC=prec, PREC_T="ieee" if prec == "ieee" or wdt != f32 else "tf32x3",
+                                 **_dl_cfg("_dl_prep_kernel"))
     ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
     _dl_walk_kernel[(NV, B * H)](a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc,
-                                 T, NT, H, K, V, BT, BK, BV, NV, h0 is not None, ht is not None, prec,
-                                 **_dl_cfg("_dl_walk_kernel", q, BK))
+                                 T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, HAS_H0=h0 is not None,
+                                 STORE_HT=ht is not None, PREC=prec, **_dl_cfg("_dl_walk_kernel", q, BK))
     o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
     BVO = _dl_out_block(BV, NV)
-    _dl_out_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H, K, V, BT, BK, BVO,
-                                                     BV, NV, prec, **_dl_cfg("_dl_out_kernel"))
+    _dl_out_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H=H, K=K, V=V, BT=BT,
+                                                     BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
+                                                     **_dl_cfg("_dl_out_kernel"))
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
 
 
@@ -164,11 +166,13 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
     BVO = _dl_out_block(BV, NV)
-    _dl_bwd_local_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), T, NT, H, K, V, BT, BK,
-                                                           BVO, BV, NV, prec, **_dl_cfg("_dl_bwd_local_kernel"))
+    _dl_bwd_local_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), T, NT, H=H, K=K, V=V,
+                                                           BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
+                                                           **_dl_cfg("_dl_bwd_local_kernel"))
     _dl_bwd_walk_kernel[(NV, B * H)](q, a, W, Gc, do, dht if dht is not None else Gc, dh0 if dh0 is not None else Gc,
-                                     dU, dhs, float(scale), T, NT, H, K, V, BT, BK, BV, NV, dht is not None,
-                                     dh0 is not None, prec, **_dl_cfg("_dl_bwd_walk_kernel", q, BK))
+                                     dU, dhs, float(scale), T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV,
+                                     HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
+                                     **_dl_cfg("_dl_bwd_walk_kernel", q, BK))
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
     dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
@@ -176,11 +180,12 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     dT = torch.empty(B, H, NT * BT, BT, device=q.device, dtype=f32)
     dG1 = torch.empty(B, H, NT * BT, device=q.device, dtype=f32) if g is not None else Gc
     _dl_bwd_vloop_kernel[(NT, B * H)](q, a, v, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, dv, dvs if dvs is not None else Gc,
-                                      dW, dT, dA1, dG1, float(scale), T, NT, H, K, V, BT, BK, BV, NV, g is not None,
-                                      vs is not None, prec, **_dl_cfg("_dl_bwd_vloop_kernel"))
+                                      dW, dT, dA1, dG1, float(scale), T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                      NV=NV, HAS_G=g is not None, HAS_VS=vs is not None, PREC=prec,
+                                      **_dl_cfg("_dl_bwd_vloop_kernel"))
     _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, db, dg if dg is not None else Gc,
-                                   dbs if dbs is not None else Gc, T, NT, H, K, BT, BK, g is not None, bs is not None,
-                                   prec, **_dl_cfg("_dl_bwd_wy_kernel"))
+                                   dbs if dbs is not None else Gc, T, NT, H=H, K=K, BT=BT, BK=BK, HAS_G=g is not None,
+                                   HAS_BS=bs is not None, PREC=prec, **_dl_cfg("_dl_bwd_wy_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
 

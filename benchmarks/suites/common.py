@@ -38,31 +38,40 @@ def kernel_times(fn, reps: int = 10) -> dict[str, float]:
     """Mean milliseconds a call of ``fn()`` spends in each Triton kernel (ours and the anchor's alike: every
     ``kernel[grid](...)`` launch, autotuned ones under their kernel's name), from CUDA events around each launch,
     plus "(rest)": the call's time outside them (torch ops, gaps). For finding where a form's time goes."""
+    from triton.compiler.compiler import CompiledKernel
     from triton.runtime.jit import KernelInterface
 
     fn()  # compiled and tuned outside the measurement
     torch.cuda.synchronize()
-    orig = KernelInterface.__getitem__
     events: list = []
 
-    def getitem(self, grid):
-        launch = orig(self, grid)
-        f = self
-        while hasattr(f, "fn"):
-            f = f.fn
-        name = getattr(f, "__name__", "?")
+    def timing(orig, name_of):
+        def getitem(self, grid):
+            launch = orig(self, grid)
+            name = name_of(self)
 
-        def timed(*args, **kwargs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = launch(*args, **kwargs)
-            end.record()
-            events.append((name, start, end))
-            return out
+            def timed(*args, **kwargs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = launch(*args, **kwargs)
+                end.record()
+                events.append((name, start, end))
+                return out
 
-        return timed
+            return timed
 
-    KernelInterface.__getitem__ = getitem
+        return getitem
+
+    def jit_name(k):
+        while hasattr(k, "fn"):
+            k = k.fn
+        return getattr(k, "__name__", "?")
+
+    # kernel[grid](...) through Triton, and compiled[grid](...): a launcher's direct launch of a compiled handle
+    # (Triton's own launches call the handle's run, not this, so nothing is counted twice)
+    saved = {KernelInterface: KernelInterface.__getitem__, CompiledKernel: CompiledKernel.__getitem__}
+    KernelInterface.__getitem__ = timing(saved[KernelInterface], jit_name)
+    CompiledKernel.__getitem__ = timing(saved[CompiledKernel], lambda k: k.name)
     try:
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0.record()
@@ -71,7 +80,8 @@ def kernel_times(fn, reps: int = 10) -> dict[str, float]:
         t1.record()
         torch.cuda.synchronize()
     finally:
-        KernelInterface.__getitem__ = orig
+        for cls, orig in saved.items():
+            cls.__getitem__ = orig
     out: dict[str, float] = {}
     for name, start, end in events:
         out[name] = out.get(name, 0.0) + start.elapsed_time(end) / reps
