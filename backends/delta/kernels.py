@@ -37,11 +37,10 @@ not pasted into generated modules): the tests check the kernels, forward and bac
 the reference. The kernels are in fwd.py and bwd.py; W, U and hs are stored in the work dtype (the inputs' for
 16-bit inputs, whose products then take 16-bit operands with fp32 accumulation; fp32 and ieee products for fp32).
 
-This file needs only torch and triton; `mixc compile` pastes it into the generated module.
+This file needs only torch (and the kernels of fwd.py and bwd.py); `mixc compile` pastes it into the generated module.
 """
 
 import torch
-import triton
 
 try:
     from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
@@ -70,7 +69,13 @@ DL_WORK16 = False
 
 
 def _dl_pow2(n):
-    return max(16, triton.next_power_of_2(n))
+    """The least power of two >= n, at least 16 (host ints: triton.next_power_of_2 and triton.cdiv are
+    constexpr functions, microseconds a call)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _dl_cdiv(a, b):
+    return -(-a // b)
 
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
@@ -104,7 +109,7 @@ def _dl_geometry(q, v):
     BT = DL_CHUNK
     BV = min(_dl_pow2(V), DL_BV if q.dtype != torch.float32 else DL_BV_F32)
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    return B, T, H, K, V, BT, triton.cdiv(T, BT), _dl_pow2(K), BV, triton.cdiv(V, BV), prec
+    return B, T, H, K, V, BT, _dl_cdiv(T, BT), _dl_pow2(K), BV, _dl_cdiv(V, BV), prec
 
 
 def _dl_work_dtype(q, work16):
@@ -148,7 +153,7 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
                                  STORE_HT=ht is not None, PREC=prec, **_dl_cfg("_dl_walk_kernel", q, BK))
     o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
     BVO = _dl_out_block(BV, NV)
-    _dl_out_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H=H, K=K, V=V, BT=BT,
+    _dl_out_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H=H, K=K, V=V, BT=BT,
                                                      BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
                                                      **_dl_cfg("_dl_out_kernel"))
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
@@ -166,7 +171,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     dh0 = torch.empty(B, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
     BVO = _dl_out_block(BV, NV)
-    _dl_bwd_local_kernel[(NT, triton.cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), T, NT, H=H, K=K, V=V,
+    _dl_bwd_local_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), T, NT, H=H, K=K, V=V,
                                                            BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
                                                            **_dl_cfg("_dl_bwd_local_kernel"))
     _dl_bwd_walk_kernel[(NV, B * H)](q, a, W, Gc, do, dht if dht is not None else Gc, dh0 if dh0 is not None else Gc,

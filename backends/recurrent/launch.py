@@ -164,6 +164,11 @@ def _rec_kernel(fn):
     return _REC_LAUNCH[fn]
 
 
+def _rec_cdiv(a, b):
+    """ceil(a / b) for host ints (triton.cdiv is a constexpr function: microseconds a call)."""
+    return -(-a // b)
+
+
 def _rec_pow2(n):
     """The least power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
@@ -227,8 +232,8 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
     BK, BV, warps = _rec_tiles(B * H, K, V, T == 1)
-    NV = triton.cdiv(V, BV)
-    ck = torch.empty(B, H, triton.cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
+    NV = _rec_cdiv(V, BV)
+    ck = torch.empty(B, H, _rec_cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
         if store_ck else o
     ptrs, st = _rec_operands(q, k, v, at, ap)
     _rec_kernel(_rec_fwd)[(NV, B * H)](
@@ -260,7 +265,7 @@ class _RecScan(torch.autograd.Function):
         B, T, H, V = v.shape
         K = ctx.K
         BK, BV, warps = _rec_tiles(B * H, K, V)
-        NV = triton.cdiv(V, BV)
+        NV = _rec_cdiv(V, BV)
         f32, dev = torch.float32, v.device
         do = torch.zeros(B, T, H, V, dtype=f32, device=dev) if do is None else do.to(f32).contiguous()
         dht = None if dht is None else dht.to(f32).contiguous()
