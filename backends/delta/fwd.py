@@ -2,8 +2,8 @@
 
 The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header). Work tensors (W, U and the
 per-chunk states hs) are stored in the *work dtype*: fp32 (products in tf32 for 16-bit inputs, ieee for fp32
-ones), or, with ``DL_WORK16`` (kernels.py; off until it passes on a GPU), the inputs' dtype for 16-bit inputs
-(every tl.dot then takes 16-bit operands and accumulates in fp32, as fla does).
+ones), or, with ``DL_WORK16`` (kernels.py; off: wrong on the H200 from key width 64), the inputs' dtype for
+16-bit inputs (every tl.dot then takes 16-bit operands and accumulates in fp32, as fla does).
 Kernels read the work dtype off the pointer of W (``W.dtype.element_ty``).
 This file needs triton and the chunked form's launcher (`_Launch`, pasted before it); `mixc compile` pastes it
 into the generated module.
