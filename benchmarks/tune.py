@@ -15,7 +15,7 @@ For the recurrent form the table is ``_rec_tiles(n_bh, K, V, step)``; the sweep 
 B256 H16 K=V=128 by default (the state-bandwidth row of the recurrent suite), each checked against the
 reference.
 For the delta form the candidates override the module's constants (DL_BV, DL_BVO, _DL_LAUNCH entries, and
-DL_WORK16: the 16-bit work tensors, last, since a wrong kernel there may fault) and the sweep times
+DL_WORK16: the 16-bit work tensors, each case in a process of its own, since they may fault) and the sweep times
 ``dl_chunk_fwd`` and ``dl_chunk_fwd`` + ``dl_chunk_bwd`` directly (the operator may belong to another module),
 bf16 deltanet inputs, checked against the table's own output and gradients.
 """
@@ -127,10 +127,36 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
     return rows
 
 
-DELTA = [{}, {"DL_BV": 64}, {"DL_BV": 64, "_dl_walk_kernel": (8, 2)}, {"DL_BV": 64, "_dl_walk_kernel": (8, 1),
-          "_dl_bwd_walk_kernel": (8, 1)}, {"_dl_walk_kernel": (8, 2)}, {"DL_BVO": 128}]
-DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVO": 32}, {"DL_WORK16": True, "DL_BV": 64},
+# candidates against the table (value blocks of 64 for 16-bit inputs, the adjoint walk in one stage): the
+# session-13 table first, then one change each
+DELTA = [{}, {"DL_BV": 32, "_dl_bwd_walk_kernel": (8, 2)}, {"_dl_walk_kernel": (8, 1)},
+         {"_dl_bwd_walk_kernel": (8, 2)}, {"DL_BVO": 128}]
+# the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
+# are wrong from key width 64 and can fault, which ends a process's CUDA context
+DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "DL_BV": 32}, {"DL_WORK16": True, "DL_BVO": 32},
            {"DL_WORK16": True, "DL_BV": 16, "DL_BVO": 16}]
+DELTA16_SHAPES = [(1, 64, 1, 32), (1, 64, 1, 64), (1, 64, 1, 128), (2, 256, 2, 64), (2, 256, 2, 128)]
+
+
+def tune_delta_isolated(shape, cand) -> dict:
+    """One (shape, candidate) of :func:`tune_delta` in a fresh process (``tune.py delta --one``) with
+    CUDA_LAUNCH_BLOCKING=1, so a fault names its kernel (the last ``_dl_*_kernel`` of the traceback) and
+    spares the sweep."""
+    import os
+    import re
+    import subprocess
+
+    one = json.dumps({"shape": list(shape), "cfg": cand})
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    r = subprocess.run([sys.executable, __file__, "delta", "--one", one], capture_output=True, text=True, env=env,
+                       timeout=300)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if rows and r.returncode == 0:
+        return json.loads(rows[-1])
+    kernels = re.findall(r"(_dl_\w+_kernel)", r.stderr + r.stdout)
+    B, T, H, D = shape
+    return {"kind": f"B{B} T{T} H{H} D{D}", "cfg": cand, "error": (r.stderr or r.stdout)[-300:],
+            "kernel": kernels[-1] if kernels else None}
 
 
 def tune_delta(shapes) -> list[dict]:
@@ -164,7 +190,7 @@ def tune_delta(shapes) -> list[dict]:
                 if n.startswith("DL_"):
                     setattr(mod, n, val)
                 else:
-                    mod._DL_LAUNCH[n] = val
+                    mod._DL_LAUNCH[n] = tuple(val)
             r = {"kind": f"B{B} T{T} H{H} D{D}", "cfg": cand}
             try:
                 r["check"] = rel(fwd(), want_o)
@@ -179,8 +205,6 @@ def tune_delta(shapes) -> list[dict]:
                 mod._DL_LAUNCH.update(launch)
             rows.append(r)
             print(json.dumps(r), flush=True)
-            if "error" in r and "illegal" in r["error"]:
-                return rows  # the CUDA context is lost
     return rows
 
 
@@ -190,13 +214,21 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", help="B,T,H,D (attention, default 4,4096,16,128) or B,H,K,V (recurrent, "
                     "default 256,16,128,128)")
     ap.add_argument("--out", help="folder for tune_<form>.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # delta: one JSON {"shape", "cfg"} (tune_delta_isolated)
     args = ap.parse_args(argv)
-    if DEV != "cuda":
+    if DEV != "cuda" and not args.one:  # (--one runs in the interpreter too: how its plumbing is tested)
         print("tune.py times tile configurations: it needs a GPU", file=sys.stderr)
         return 2
     if args.form == "delta":
-        rows = tune_delta([((4, 4096, 16, 128), DELTA), ((8, 1024, 16, 64), DELTA),
-                           ((2, 256, 2, 64), DELTA16), ((2, 256, 2, 128), DELTA16)])
+        if args.one:  # one (shape, candidate), in a process of its own (tune_delta_isolated)
+            one = json.loads(args.one)
+            tune_delta([(tuple(one["shape"]), [one["cfg"]])])
+            return 0
+        rows = tune_delta([((4, 4096, 16, 128), DELTA), ((8, 1024, 16, 64), DELTA)])
+        for shape in DELTA16_SHAPES:
+            for cand in DELTA16:
+                rows.append(tune_delta_isolated(shape, cand))
+                print(json.dumps(rows[-1]), flush=True)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "tune_delta.json").write_text(json.dumps(rows, indent=1))
