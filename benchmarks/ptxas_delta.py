@@ -24,14 +24,14 @@ def main():
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--v", type=int, default=128)
     ap.add_argument("--warps", default="")
-    ap.add_argument("--bv", type=int, default=D.DL_BV, help="largest value block")
+    ap.add_argument("--bv", type=int, default=0, help="largest value block (default: the table's for --dtype)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     args = ap.parse_args()
     K, V = args.k, args.v
     BK = D._dl_pow2(K)
-    BV = min(D._dl_pow2(V), args.bv)
+    BV = min(D._dl_pow2(V), args.bv or (D.DL_BV if args.dtype != "fp32" and K <= 128 else D.DL_BV_SMALL))
     NV = -(-V // BV)
     x = f"*{args.dtype}"
     prec = "ieee" if args.dtype == "fp32" else "tf32"
@@ -51,6 +51,7 @@ def main():
         if args.only and name not in args.only.split(","):
             continue
         fn = getattr(D, name)
+        fn = fn if hasattr(fn, "arg_names") else fn.fn  # (the launcher, _Launch, holds the jitted kernel)
         consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
         if name in ("_dl_out_kernel", "_dl_bwd_local_kernel"):
             consts["BV"] = bvo

@@ -52,12 +52,13 @@ except ImportError:  # pasted into a generated module, after the kernels
 
 DL_CHUNK = 64  # tokens per chunk
 DL_BC = 16  # the diagonal blocks of the in-chunk inverse (forward substitution within them, products across)
-# largest value block of the walks (they keep a [K, BV] fp32 state in registers): 64 for 16-bit inputs (H200,
-# benchmarks/tune.py delta, 2026-12-04: at B4 T4096 H16 D128 bf16 fwd 1.40 -> 1.27 ms and, with the adjoint walk
-# in one stage, fwd+bwd 3.91 -> 3.25 ms; at B8 T1024 H16 D64 fwd+bwd 0.93 -> 0.85 ms), 32 for fp32 inputs (their
-# walks spill at 64: 20 KB of stack at K = V = 128 on sm_90, against 2.4 KB at 32)
+# largest value block of the walks (they keep a [K, BV] fp32 state in registers): 64 for 16-bit inputs with keys
+# up to 128 (H200, benchmarks/tune.py delta, 2026-12-04: at B4 T4096 H16 D128 bf16 fwd 1.40 -> 1.27 ms and, with
+# the adjoint walk in one stage, fwd+bwd 3.91 -> 3.25 ms; at B8 T1024 H16 D64 fwd+bwd 0.93 -> 0.85 ms); 32 for fp32
+# inputs (their walks spill at 64: 20 KB of stack at K = V = 128 on sm_90, against 2.4 KB at 32) and for keys above
+# 128 (not timed; at K = V = 256 bf16 the walk spills 744 B at 64 against 88 B at 32, the vloop 1352 B against 824)
 DL_BV = 64
-DL_BV_F32 = 32
+DL_BV_SMALL = 32
 DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per value block)
 # 16-bit work tensors (W, U, hs and the backward's scratch in the inputs' dtype, 16-bit tl.dot operands) for 16-bit
 # inputs. Off: on the H200 (Triton 3.6, 2026-12-04) the forward with 16-bit work tensors and tf32x3 inverse products
@@ -98,7 +99,8 @@ def _dl_cfg(name, q=None, BK=0):
 
 
 def _dl_geometry(q, v):
-    """(B, T, H, K, V, BT, NT, BK, BV, NV, PREC): one key block of all K keys, value blocks of up to DL_BV;
+    """(B, T, H, K, V, BT, NT, BK, BV, NV, PREC): one key block of all K keys, value blocks of up to DL_BV (16-bit
+    inputs, K <= 128) or DL_BV_SMALL;
     fp32 products stay fp32 (ieee), bf16/fp16 inputs take 16-bit operands (PREC applies to fp32 operands only)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -107,7 +109,7 @@ def _dl_geometry(q, v):
     if K > 256:
         raise ValueError(f"delta_chunk: the key width K = {K} of q, a, b is above 256 (one key block per program)")
     BT = DL_CHUNK
-    BV = min(_dl_pow2(V), DL_BV if q.dtype != torch.float32 else DL_BV_F32)
+    BV = min(_dl_pow2(V), DL_BV if q.dtype != torch.float32 and K <= 128 else DL_BV_SMALL)
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     return B, T, H, K, V, BT, _dl_cdiv(T, BT), _dl_pow2(K), BV, _dl_cdiv(V, BV), prec
 
