@@ -11,7 +11,8 @@ input). :func:`plan` reads those terms, never a mechanism's name:
 * ``log c_t`` is the gate g (none when c = 1).
 
 The readout (q', an output gate, a skip) is read as :mod:`mixc.backends.chunked.plan` reads it. The
-form calls :func:`mixc.backends.delta.kernels.delta_chunk` (a torch operator).
+form calls :func:`mixc.backends.delta.kernels.delta_chunk` (an autograd.Function; under torch.compile a torch
+operator).
 """
 
 from __future__ import annotations

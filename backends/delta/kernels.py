@@ -308,12 +308,12 @@ _DL_OP = _dl_define_ops()  # defined as the module loads (not inside a torch.com
 
 
 def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, bs=None, vs=None):
-    """The chunked (gated) delta rule, differentiable (a torch operator). q, a, b: [B, T, H, K]; v: [B, T, H, V];
-    g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V] fp32 or None; bs, vs: [B, T, H] per-token scales of b
-    and v (deltanet's beta: applied as the kernels load b and v, so the scaled tensors are never written) or
-    None. Returns (o [B, T, H, V] in ``out_dtype``
-    (default q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only
-    when a gradient will be asked for."""
+    """The chunked (gated) delta rule, differentiable (an autograd.Function; the torch operator under
+    torch.compile). q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V]
+    fp32 or None; bs, vs: [B, T, H] per-token scales of b and v (deltanet's beta: applied as the kernels load b
+    and v, so the scaled tensors are never written) or None. Returns (o [B, T, H, V] in ``out_dtype`` (default
+    q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only when a gradient
+    will be asked for."""
     if not torch.compiler.is_compiling():  # eager: the autograd.Function (less host time a call)
         o, ht = _DLChunk.apply(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype,
                                bool(DL_WORK16))
