@@ -133,9 +133,16 @@ DELTA = [{}, {"DL_BV": 32, "_dl_bwd_walk_kernel": (8, 2)}, {"_dl_walk_kernel": (
          {"_dl_bwd_walk_kernel": (8, 2)}, {"DL_BVO": 128}]
 # the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
 # are wrong from key width 64 and can fault, which ends a process's CUDA context
+# (fla met two Triton >= 3.4 Hopper miscompiles of this family: a BT = 64 kernel wrong or faulting at 4 warps and
+# right at 2, fla#984/#988; and tl.trans of a dot's result fed to another dot, fla#640/#826: hence the 2-warp rows)
 DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "DL_BV": 32}, {"DL_WORK16": True, "DL_BVO": 32},
-           {"DL_WORK16": True, "DL_BV": 16, "DL_BVO": 16}]
-DELTA16_SHAPES = [(1, 64, 1, 32), (1, 64, 1, 64), (1, 64, 1, 128), (2, 256, 2, 64), (2, 256, 2, 128)]
+           {"DL_WORK16": True, "DL_BV": 16, "DL_BVO": 16},
+           {"DL_WORK16": True, "_dl_prep_kernel": (2, 1)}, {"DL_WORK16": True, "_dl_walk_kernel": (2, 2)},
+           {"DL_WORK16": True, "_dl_out_kernel": (2, 1)},
+           {"DL_WORK16": True, "_dl_prep_kernel": (2, 1), "_dl_walk_kernel": (2, 2), "_dl_out_kernel": (2, 1),
+            "_dl_bwd_local_kernel": (2, 1), "_dl_bwd_walk_kernel": (2, 1), "_dl_bwd_vloop_kernel": (2, 1),
+            "_dl_bwd_wy_kernel": (2, 1)}]
+DELTA16_SHAPES = [(1, 64, 1, 32), (1, 64, 1, 64), (2, 256, 2, 64), (2, 256, 2, 128)]
 
 
 def tune_delta_isolated(shape, cand) -> dict:
