@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
+    ap.add_argument("--varlen", action="store_true", help="the packed-sequence variants (VARLEN, cu_seqlens)")
     args = ap.parse_args()
     K, V = args.k, args.v
     BK = D._dl_pow2(K)
@@ -35,7 +36,7 @@ def main():
     NV = -(-V // BV)
     x = f"*{args.dtype}"
     prec = "ieee" if args.dtype == "fp32" else "tf32"
-    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BC=D.DL_BC, BU=BV,
+    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BC=D.DL_BC, BU=BV, VARLEN=args.varlen,
                 NU=NV, PREC_T="ieee" if prec == "ieee" else "tf32x3")
     bvo = D._dl_out_block(BV, NV)
     kernels = {
@@ -55,7 +56,7 @@ def main():
         consts = {k: v for k, v in {**base, **extra}.items() if k in fn.arg_names}
         if name in ("_dl_out_kernel", "_dl_bwd_local_kernel"):
             consts["BV"] = bvo
-        sig = sig_of(fn, ptrs, {"T", "NT"}, {"scale"}, consts)
+        sig = sig_of(fn, {**ptrs, "ctab": "*i32", "coff": "*i32"}, {"T", "NT"}, {"scale"}, consts)
         for w in (list(map(int, args.warps.split(","))) if args.warps else [D._DL_LAUNCH[name][0]]):
             for st in (list(map(int, args.stages.split(","))) if args.stages else [D._DL_LAUNCH[name][1]]):
                 regs, spill, shared = compile_one(fn, sig, consts, w, st)

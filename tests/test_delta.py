@@ -166,12 +166,12 @@ def test_delta_16bit_work_tensors(name, dtype):
         o32 = m(**xs, form="chunked").detach()
         mod.DL_WORK16 = True
         o, fin = m(**xs, output_final_state=True, form="chunked")
-        saved = o.grad_fn.saved_tensors  # q, a, b, v, g, bs, vs, h0, W, U, G, T, hs
+        saved = o.grad_fn.saved_tensors  # q, a, b, v, g, bs, vs, h0, cu_seqlens, W, U, G, T, hs
         o.float().square().sum().backward()
     finally:
         mod.DL_WORK16 = shipped
     assert not torch.equal(o.detach(), o32)  # the 16-bit path ran (16-bit products round differently)
-    assert saved[8].dtype == saved[9].dtype == saved[12].dtype == dtype  # W, U, hs
+    assert saved[9].dtype == saved[10].dtype == saved[13].dtype == dtype  # W, U, hs
     assert rel(o.cpu(), ref) < 2e-2 and rel(fin["S"].cpu(), ref_state["S"]) < 2e-2
     for k in x:
         assert rel(xs[k].grad.cpu(), xr[k].grad) < 1e-1, k
@@ -318,3 +318,63 @@ def test_the_blockwise_inverse(g, aligned):
     want = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
     assert rel(got, want) < 1e-6
     assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_sequences_run_in_one_launch(name, monkeypatch):
+    """cu_seqlens: the sequences packed in one batch row run in one launch of each kernel (each chunk knows its
+    first token and its sequence's end; each walk its sequence's chunks), with an empty sequence, one shorter
+    than a chunk, one of exactly one chunk and ones that end mid-chunk; outputs, initial and final states and
+    every gradient against the reference's (which runs each sequence alone)."""
+    m = load(name)
+    mod = m._module
+    launches = []
+    orig = mod._Launch.__getitem__
+
+    def count(self, grid):
+        launches.append(self.__name__)
+        return orig(self, grid)
+
+    monkeypatch.setattr(mod._Launch, "__getitem__", count)
+    cu = torch.tensor([0, 10, 10, 74, 170, 233])
+    x = inputs(m, 1, 233, 2, {"K": 16, "V": 24}, seed=5)
+    s0 = torch.randn(5, 2, 16, 24, generator=torch.Generator().manual_seed(6)) * 0.3
+    xs = {k: v.detach().to(DEV).clone().requires_grad_() for k, v in x.items()}
+    xr = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    ss, sr = s0.to(DEV).clone().requires_grad_(), s0.clone().requires_grad_()
+    o, fin = m(**xs, initial_state={"S": ss}, output_final_state=True, cu_seqlens=cu.to(DEV), form="chunked")
+    (o.square().sum() + fin["S"].square().sum()).backward()
+    ref, fref = m.reference(**xr, initial_state={"S": sr}, output_final_state=True, cu_seqlens=cu)
+    (ref.square().sum() + fref["S"].square().sum()).backward()
+    assert sorted(launches) == sorted(n for n in vars(mod) if n.startswith("_dl_") and n.endswith("_kernel"))
+    assert rel(o.cpu(), ref) < 1e-4 and rel(fin["S"].cpu(), fref["S"]) < 1e-4
+    assert rel(fin["S"][1].cpu(), s0[1]) < 1e-6  # the empty sequence's state passes through
+    for k in x:
+        assert rel(xs[k].grad.cpu(), xr[k].grad) < 1e-4, k
+    assert rel(ss.grad.cpu(), sr.grad) < 1e-4
+
+
+def test_packed_sequences_under_torch_compile():
+    """The operator's packed path (its chunk layout has static shapes, T // 64 + N chunks, so torch.compile
+    traces it; the kernels' entry point is called directly: the runtime's argument checks read cu_seqlens' values
+    on the host): the same outputs, final states and gradients as the eager autograd.Function."""
+    mod = load("gated_deltanet")._module
+    cu = torch.tensor([0, 30, 100, 101]).to(DEV)
+    gen = torch.Generator().manual_seed(7)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 101, 2, 8, generator=gen), dim=-1) for _ in range(2))
+    x = {"q": q, "k": k, "v": torch.randn(1, 101, 2, 8, generator=gen),
+         "g": torch.nn.functional.logsigmoid(torch.randn(1, 101, 2, generator=gen) + 2),
+         "beta": torch.sigmoid(torch.randn(1, 101, 2, generator=gen)),
+         "h0": torch.randn(3, 2, 8, 8, generator=gen) * 0.3}
+
+    def f(q, k, v, g, beta, h0):
+        o, ht = mod.delta_chunk(q, k, k, v, g, h0, 8 ** -0.5, True, bs=beta, vs=beta, cu_seqlens=cu)
+        return o.square().sum() + ht.square().sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="eager")):
+        xs = {n: t.to(DEV).requires_grad_() for n, t in x.items()}
+        fn(**xs).backward()
+        grads.append({n: t.grad for n, t in xs.items()})
+    for n in x:
+        assert rel(grads[1][n], grads[0][n]) < 1e-5, n

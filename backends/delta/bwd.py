@@ -12,6 +12,7 @@ import triton.language as tl
 
 try:
     from ..chunked.launcher import _Launch
+    from .fwd import _dl_rows
 except ImportError:  # pasted into a generated module, after the launcher
     pass
 
@@ -25,11 +26,12 @@ def _dl_bwd_local_kernel(
     do,  # [B, T, H, V] the output's cotangent
     dU,  # [B, H, NT * BT, BU * NU] work dtype out: the in-chunk part of dU, scale M^T dO
     scale,  # the readout's number factor
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BU: tl.constexpr, NU: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Per chunk and value block BV (a divisor of BU * NU), in parallel: the part of dU that does not wait for
     the adjoint walk, scale M^T dO with M = (Q A^T) * Gamma (s <= t)."""
@@ -37,13 +39,11 @@ def _dl_bwd_local_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     DT = q.dtype.element_ty
     o_r = tl.arange(0, BT)
-    o_t = i_t * BT + o_r
-    m_t = o_t < T
+    m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
     o_k = tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     o_v = i_v * BV + tl.arange(0, BV)
-    rows = (i_b * T + o_t) * H + i_h
-    base = i_bh * NT * BT + o_t
+    base = (i_bh * NT + i_t) * BT + o_r
     b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
     b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
     b_do = tl.load(do + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0.)
@@ -69,11 +69,13 @@ def _dl_bwd_walk_kernel(
     dU,  # [B, H, NT * BT, BV * NV] work dtype in: scale M^T dO (_dl_bwd_local_kernel); out: dU
     dhs,  # [B, H, NT, BK, BV * NV] work dtype out: dS_C, the cotangent of every chunk's end state
     scale,  # the readout's number factor
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
+    coff,  # [N + 1] int32 with VARLEN: each sequence's first chunk (else unused)
     T,  # tokens per sequence
-    NT,  # chunks per sequence
+    NT,  # chunks per sequence (with VARLEN: in all)
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """The adjoint walk, over chunks in reverse, with dS the cotangent of the chunk's end state S_C (fp32 in
     registers; its products take it in the work dtype):
@@ -92,15 +94,21 @@ def _dl_bwd_walk_kernel(
         b_dS = tl.load(dht + p_s, mask=m_kv, other=0.).to(tl.float32)
     else:
         b_dS = tl.zeros([BK, BV], dtype=tl.float32)
-    for j in range(NT):
-        i_t = NT - 1 - j
-        o_t = i_t * BT + o_r
-        m_t = o_t < T
-        rows = (i_b * T + o_t) * H + i_h
-        base = i_bh * NT * BT + o_t
+    if VARLEN:  # program i_bh walks sequence i_b's chunks of the one batch row's buffers
+        c0 = tl.load(coff + i_b)
+        c1 = tl.load(coff + i_b + 1)
+        bh = i_h
+    else:
+        c0 = 0
+        c1 = NT
+        bh = i_bh
+    for j in range(c1 - c0):
+        i_t = c1 - 1 - j
+        m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
+        base = (bh * NT + i_t) * BT + o_r
         m_tk = m_t[:, None] & m_k[None, :]
         b_dSd = b_dS.to(DT)
-        tl.store(dhs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_dSd)
+        tl.store(dhs + ((bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_dSd)
         b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_W = tl.load(W + base[:, None] * BK + o_k[None, :])
@@ -140,11 +148,12 @@ def _dl_bwd_vloop_kernel(
     dA1,  # [B, H, NT * BT, BK] work dtype out: the part (dM * Gamma)^T Q + e^(G_C - G) (U dS_C^T) of dA
     dG1,  # [B, H, NT * BT] fp32 out: the log gate's dG but for what W and L give (unused without HAS_G)
     scale,  # the readout's number factor
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_VS: tl.constexpr, PREC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_VS: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Per chunk in parallel, what sums over the value axis (products in the work dtype, fp32 sums):
     dW = -dU S_0^T, dV = T^T dU, dM = scale dO U^T (t >= s), dQ = scale e^G (dO S_0^T) + (dM * Gamma) A,
@@ -154,12 +163,10 @@ def _dl_bwd_vloop_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     DT = q.dtype.element_ty
     o_r = tl.arange(0, BT)
-    o_t = i_t * BT + o_r
-    m_t = o_t < T
+    m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    rows = (i_b * T + o_t) * H + i_h
-    base = i_bh * NT * BT + o_t
+    base = (i_bh * NT + i_t) * BT + o_r
     m_tk = m_t[:, None] & m_k[None, :]
     if HAS_VS:
         b_vs = tl.load(vs + rows, mask=m_t, other=0.)
@@ -241,11 +248,12 @@ def _dl_bwd_wy_kernel(
     da, db,  # [B, T, H, K] out: cotangents of a, b (their dtype)
     dg,  # [B, T, H] fp32 out: cotangent of the log gate (unused without HAS_G)
     dbs,  # [B, T, H] fp32 out: cotangent of bs (unused without HAS_BS)
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_BS: tl.constexpr, PREC: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_BS: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Per chunk in parallel, through W = T (B e^G), U0 = T V and T = (I + L)^-1 (products with T in fp32 and
     PREC, those with A and B in their dtype):
@@ -255,12 +263,10 @@ def _dl_bwd_wy_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_r = tl.arange(0, BT)
-    o_t = i_t * BT + o_r
-    m_t = o_t < T
+    m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
     o_k = tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k < K)[None, :]
-    rows = (i_b * T + o_t) * H + i_h
-    base = i_bh * NT * BT + o_t
+    base = (i_bh * NT + i_t) * BT + o_r
     p_k = rows[:, None] * K + o_k[None, :]
     p_w = base[:, None] * BK + o_k[None, :]
     DT = a.dtype.element_ty

@@ -192,7 +192,7 @@ def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
     epilogue = dp.gate is not None or dp.skip is not None
     em.emit(f"o, ht = delta_chunk(as_dtype({q}, dt_in), as_dtype({ka}, dt_in), as_dtype({kb}, dt_in), "
             f"as_dtype({v}, dt_in), {g}, h0, {scale}, output_final_state"
-            + (", real" if epilogue else "") + scales + ")")
+            + (", real" if epilogue else "") + scales + ", cu_seqlens=cu_seqlens)")
     if dp.gate is not None:
         em.emit(f"o = o * {_as_btd(em, dp.gate, (dp.value,), f'B, H, T, {V}')}")
     if dp.skip is not None:
@@ -230,7 +230,7 @@ def _backend():
     from ..registry import FormBackend
 
     return FormBackend(form="chunked", emit=emit_any, support=(custom_op, launcher, fwd, bwd, kernels),
-                       native_varlen=False,
+                       native_varlen=True,
                        describe=describe)
 
 

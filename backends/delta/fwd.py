@@ -18,6 +18,24 @@ except ImportError:  # pasted into a generated module, after the launcher
     pass
 
 
+@triton.jit
+def _dl_rows(ctab, i_t, i_b, i_h, T, H: tl.constexpr, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """The mask of chunk i_t's tokens and their rows in [B * T * H] (of sequence i_b; with VARLEN, of the
+    packed sequences of the one batch row: the chunk's first token and its sequence's end read from ctab)."""
+    o_r = tl.arange(0, BT)
+    if VARLEN:
+        t0 = tl.load(ctab + 2 * i_t)
+        t1 = tl.load(ctab + 2 * i_t + 1)
+        o_t = t0 + o_r
+        m_t = o_t < t1
+        rows = o_t * H + i_h
+    else:
+        o_t = i_t * BT + o_r
+        m_t = o_t < T
+        rows = (i_b * T + o_t) * H + i_h
+    return m_t, rows
+
+
 @_Launch
 @triton.jit
 def _dl_prep_kernel(
@@ -31,11 +49,12 @@ def _dl_prep_kernel(
     U,  # [B, H, NT * BT, BV * NV] work dtype out: U0 = T V
     Gc,  # [B, H, NT * BT] fp32 out: G, the in-chunk cumulative log gate
     Tm,  # [B, H, NT * BT, BT] fp32 out: T = (I + L)^-1 (for the backward; unused without SAVE)
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
     T,  # tokens per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BC: tl.constexpr,
     HAS_G: tl.constexpr, HAS_BS: tl.constexpr, HAS_VS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
-    PREC_T: tl.constexpr,
+    PREC_T: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Per chunk, in parallel: G, L, T = (I + L)^-1 blockwise, W and U0.
 
@@ -48,12 +67,10 @@ def _dl_prep_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     DT = W.dtype.element_ty  # the work dtype: the tl.dot operands
     NTP = tl.num_programs(0) * BT  # padded tokens per (batch, head)
-    o_t = i_t * BT + tl.arange(0, BT)
     o_r = tl.arange(0, BT)
-    m_t = o_t < T
+    m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)  # rows: token rows in [B * T * H]
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    rows = (i_b * T + o_t) * H + i_h  # token rows in [B * T * H]
     m_tk = m_t[:, None] & m_k[None, :]
     b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
     b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
@@ -93,7 +110,7 @@ def _dl_prep_kernel(
     b_Td = b_T.to(DT)
     b_bg = (b_b.to(tl.float32) * (b_bs * tl.exp(b_G))[:, None]).to(DT)
     b_W = tl.dot(b_Td, b_bg, input_precision=PREC)
-    base = i_bh * NTP + o_t  # rows of the padded [B, H, NT * BT] buffers
+    base = i_bh * NTP + i_t * BT + o_r  # rows of the padded [B, H, NT * BT] buffers
     tl.store(W + base[:, None] * BK + o_k[None, :], b_W.to(DT))
     tl.store(Gc + base, b_G)
     if SAVE:
@@ -118,11 +135,13 @@ def _dl_walk_kernel(
     hs,  # [B, H, NT, BK, BV * NV] work dtype out: the state S_0 at every chunk start
     h0,  # [B, H, K, V] fp32 initial state (unused without HAS_H0)
     ht,  # [B, H, K, V] fp32 out: final state (unused without STORE_HT)
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
+    coff,  # [N + 1] int32 with VARLEN: each sequence's first chunk (else unused)
     T,  # tokens per sequence
-    NT,  # chunks per sequence
+    NT,  # chunks per sequence (with VARLEN: in all)
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """The state walk, per head and value block, sequential over chunks (the state S [BK, BV] stays fp32 in
     registers; its products take it in the work dtype): U = U0 - W S_0,  S_C = e^(G_C) S_0 + (A e^(G_C - G))^T U."""
@@ -140,18 +159,24 @@ def _dl_walk_kernel(
         b_S = tl.load(h0 + p_s, mask=m_kv, other=0.).to(tl.float32)
     else:
         b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    for i_t in range(NT):
-        o_t = i_t * BT + o_r
-        m_t = o_t < T
-        rows = (i_b * T + o_t) * H + i_h
-        base = i_bh * NT * BT + o_t
+    if VARLEN:  # program i_bh walks sequence i_b's chunks of the one batch row's buffers
+        c0 = tl.load(coff + i_b)
+        c1 = tl.load(coff + i_b + 1)
+        bh = i_h
+    else:
+        c0 = 0
+        c1 = NT
+        bh = i_bh
+    for i_t in range(c0, c1):
+        m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
+        base = (bh * NT + i_t) * BT + o_r
         b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_W = tl.load(W + base[:, None] * BK + o_k[None, :])
         b_U = tl.load(U + base[:, None] * (BV * NV) + o_v[None, :])
         b_G = tl.load(Gc + base)
         b_GL = tl.sum(tl.where(o_r == BT - 1, b_G, 0.), 0)  # G at the chunk's end (padding adds 0)
         b_Sd = b_S.to(DT)
-        tl.store(hs + ((i_bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_Sd)
+        tl.store(hs + ((bh * NT + i_t) * BK + o_k[:, None]) * (BV * NV) + o_v[None, :], b_Sd)
         # U = U0 - W S_0 (rows past T are 0: their W and U0 rows are)
         b_u = (b_U.to(tl.float32) - tl.dot(b_W, b_Sd, input_precision=PREC)).to(DT)
         tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u)
@@ -171,11 +196,12 @@ def _dl_out_kernel(
     hs,  # [B, H, NT, BK, BU * NU] work dtype: the state at every chunk start
     o,  # [B, T, H, V] out: the output
     scale,  # the readout's number factor
+    ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BU: tl.constexpr, NU: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """The output, per chunk and value block BV (a divisor of the walk's padded width BU * NU) in parallel:
     O = scale ((Q e^G) S_0 + (Q A^T * Gamma) U), Gamma[t, s] = e^(G_t - G_s) for s <= t, else 0."""
@@ -183,14 +209,12 @@ def _dl_out_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     DT = U.dtype.element_ty
     o_r = tl.arange(0, BT)
-    o_t = i_t * BT + o_r
-    m_t = o_t < T
+    m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    rows = (i_b * T + o_t) * H + i_h
-    base = i_bh * NT * BT + o_t
+    base = (i_bh * NT + i_t) * BT + o_r
     m_tk = m_t[:, None] & m_k[None, :]
     b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
     b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)

@@ -20,6 +20,10 @@ diagonal blocks, then products across them; fp32), W = T diag(e^G) B and U0 = T 
 
 Gates enter only as e^(G_t - G_s) with s <= t (<= 1 for g <= 0), never as e^ of a positive sum.
 
+Packed sequences (cu_seqlens: one batch row of N sequences) keep this layout with B = 1: a chunk table
+(:func:`_dl_layout`) gives each chunk's first token and its sequence's end, so a chunk never crosses a boundary,
+and each walk runs one sequence's chunks from its own initial state (VARLEN in every kernel).
+
     forward   _dl_prep_kernel      per chunk, in parallel: G, L, T (blockwise inverse), W and U0
                                    (and T itself when a backward will follow)
               _dl_walk_kernel      per head and value block, sequential over chunks: U and every chunk's S_0
@@ -45,7 +49,7 @@ import torch
 try:
     from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
     from .bwd import _dl_bwd_local_kernel, _dl_bwd_vloop_kernel, _dl_bwd_walk_kernel, _dl_bwd_wy_kernel
-    from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_walk_kernel
+    from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_rows, _dl_walk_kernel
 except ImportError:  # pasted into a generated module, after the kernels
     pass
 
@@ -128,13 +132,35 @@ def _dl_out_block(BV, NV):
     return bvo
 
 
+def _dl_layout(cu_seqlens, T):
+    """Packed sequences (``cu_seqlens`` [N + 1], boundaries in the one batch row of T tokens) as chunks, on the
+    device and with no host sync: (ctab [NC, 2] int32, each chunk's first token and its sequence's end; coff
+    [N + 1] int32, each sequence's first chunk; NC; N). NC = T // DL_CHUNK + N bounds the chunks of any split
+    (the shapes do not depend on the boundaries' values); chunks past the last are empty ([T, T])."""
+    cu = cu_seqlens.to(torch.int64)
+    N = cu.numel() - 1
+    nch = (cu[1:] - cu[:-1] + DL_CHUNK - 1) // DL_CHUNK
+    coff = torch.cat([cu.new_zeros(1), torch.cumsum(nch, 0)])
+    NC = T // DL_CHUNK + N
+    c = torch.arange(NC, device=cu.device)
+    n = torch.searchsorted(coff[1:].contiguous(), c, right=True).clamp_max(N - 1)  # chunk c's sequence
+    pad = c >= coff[-1]
+    t0 = torch.where(pad, T, cu[n] + (c - coff[n]) * DL_CHUNK)
+    t1 = torch.where(pad, T, cu[n + 1])
+    return torch.stack([t0, t1], 1).to(torch.int32).contiguous(), coff.to(torch.int32), NC, N
+
+
 def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, save=False,
-                 bs=None, vs=None, work16=False):
+                 bs=None, vs=None, work16=False, layout=None):
     """Triton forward. q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log gates or None; h0:
     [B, H, K, V] or None; bs, vs: [B, T, H] per-token scales of b and v or None. Returns (o [B, T, H, V] in
     ``out_dtype`` (default q's), final state [B, H, K, V] fp32 or None, and with ``save`` what the backward
-    reads: (W, U, G, T, hs), else None). ``work16``: W, U and hs in q's dtype when it is 16-bit."""
+    reads: (W, U, G, T, hs), else None). ``work16``: W, U and hs in q's dtype when it is 16-bit. ``layout``
+    (:func:`_dl_layout`): B = 1 row of N packed sequences, whose states h0 and the final one are [N, H, K, V]."""
     B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
+    NS = B
+    if layout is not None:
+        ctab, coff, NT, NS = layout
     q, a, b, v = (x.contiguous() for x in (q, a, b, v))
     dev = q.device
     f32, wdt = torch.float32, _dl_work_dtype(q, work16)
@@ -144,42 +170,51 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     Tm = torch.empty(B, H, NT * BT, BT, device=dev, dtype=f32) if save else Gc
     hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=wdt)
     gg, bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (g, bs, vs))
-    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV,
-                                 BC=DL_BC, HAS_G=g is not None, HAS_BS=bs is not None, HAS_VS=vs is not None,
-                                 SAVE=save, PREC=prec, PREC_T="ieee" if prec == "ieee" or wdt != f32 else "tf32x3",
+    if layout is None:
+        ctab = coff = Gc  # (stand-ins: read only with VARLEN)
+    vl = layout is not None
+    _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, ctab, T, VARLEN=vl, H=H, K=K, V=V, BT=BT,
+                                 BK=BK, BV=BV, NV=NV, BC=DL_BC, HAS_G=g is not None, HAS_BS=bs is not None,
+                                 HAS_VS=vs is not None, SAVE=save, PREC=prec,
+                                 PREC_T="ieee" if prec == "ieee" or wdt != f32 else "tf32x3",
                                  **_dl_cfg("_dl_prep_kernel"))
-    ht = torch.empty(B, H, K, V, device=dev, dtype=f32) if output_final_state else None
+    ht = torch.empty(NS, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
-    _dl_walk_kernel[(NV, B * H)](a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc,
-                                 T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, HAS_H0=h0 is not None,
-                                 STORE_HT=ht is not None, PREC=prec, **_dl_cfg("_dl_walk_kernel", q, BK))
+    _dl_walk_kernel[(NV, NS * H)](a, W, U, Gc, hs, s0 if s0 is not None else Gc, ht if ht is not None else Gc,
+                                  ctab, coff, T, NT, VARLEN=vl, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV,
+                                  HAS_H0=h0 is not None, STORE_HT=ht is not None, PREC=prec,
+                                  **_dl_cfg("_dl_walk_kernel", q, BK))
     o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
     BVO = _dl_out_block(BV, NV)
-    _dl_out_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), T, NT, H=H, K=K, V=V, BT=BT,
-                                                     BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
-                                                     **_dl_cfg("_dl_out_kernel"))
+    _dl_out_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), ctab, T, NT, VARLEN=vl, H=H,
+                                                  K=K, V=V, BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
+                                                  **_dl_cfg("_dl_out_kernel"))
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
 
 
-def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None):
-    """Triton backward of :func:`dl_chunk_fwd` (``saved`` from its ``save=True`` call): the adjoint walk, then
-    every chunk in parallel. ``do`` [B, T, H, V], ``dht`` [B, H, K, V] or None. Returns (dq, da, db, dv in
-    their inputs' dtypes, dg, dbs, dvs in fp32 or None, dh0 fp32 or None)."""
+def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None, layout=None):
+    """Triton backward of :func:`dl_chunk_fwd` (``saved`` from its ``save=True`` call, ``layout`` its own): the
+    adjoint walk, then every chunk in parallel. ``do`` [B, T, H, V], ``dht`` [B, H, K, V] or None. Returns (dq,
+    da, db, dv in their inputs' dtypes, dg, dbs, dvs in fp32 or None, dh0 fp32 or None)."""
     B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
     W, U, Gc, Tm, hs = saved
+    NS, vl = B, layout is not None
+    ctab = coff = Gc  # (stand-ins: read only with VARLEN)
+    if vl:
+        ctab, coff, NT, NS = layout
     q, a, b, v, do = (x.contiguous() for x in (q, a, b, v, do))
     f32 = torch.float32
     dU, dhs = torch.empty_like(U), torch.empty_like(hs)  # in the work dtype
-    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
+    dh0 = torch.empty(NS, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
     BVO = _dl_out_block(BV, NV)
-    _dl_bwd_local_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), T, NT, H=H, K=K, V=V,
-                                                           BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
-                                                           **_dl_cfg("_dl_bwd_local_kernel"))
-    _dl_bwd_walk_kernel[(NV, B * H)](q, a, W, Gc, do, dht if dht is not None else Gc, dh0 if dh0 is not None else Gc,
-                                     dU, dhs, float(scale), T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV,
-                                     HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
-                                     **_dl_cfg("_dl_bwd_walk_kernel", q, BK))
+    _dl_bwd_local_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), ctab, T, NT, VARLEN=vl,
+                                                        H=H, K=K, V=V, BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
+                                                        **_dl_cfg("_dl_bwd_local_kernel"))
+    _dl_bwd_walk_kernel[(NV, NS * H)](q, a, W, Gc, do, dht if dht is not None else Gc,
+                                      dh0 if dh0 is not None else Gc, dU, dhs, float(scale), ctab, coff, T, NT,
+                                      VARLEN=vl, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, HAS_DHT=dht is not None,
+                                      STORE_DH0=dh0 is not None, PREC=prec, **_dl_cfg("_dl_bwd_walk_kernel", q, BK))
     dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
     dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
@@ -187,12 +222,13 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
     dT = torch.empty(B, H, NT * BT, BT, device=q.device, dtype=f32)
     dG1 = torch.empty(B, H, NT * BT, device=q.device, dtype=f32) if g is not None else Gc
     _dl_bwd_vloop_kernel[(NT, B * H)](q, a, v, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, dv, dvs if dvs is not None else Gc,
-                                      dW, dT, dA1, dG1, float(scale), T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                      NV=NV, HAS_G=g is not None, HAS_VS=vs is not None, PREC=prec,
+                                      dW, dT, dA1, dG1, float(scale), ctab, T, NT, VARLEN=vl, H=H, K=K, V=V, BT=BT,
+                                      BK=BK, BV=BV, NV=NV, HAS_G=g is not None, HAS_VS=vs is not None, PREC=prec,
                                       **_dl_cfg("_dl_bwd_vloop_kernel"))
     _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, db, dg if dg is not None else Gc,
-                                   dbs if dbs is not None else Gc, T, NT, H=H, K=K, BT=BT, BK=BK, HAS_G=g is not None,
-                                   HAS_BS=bs is not None, PREC=prec, **_dl_cfg("_dl_bwd_wy_kernel"))
+                                   dbs if dbs is not None else Gc, ctab, T, NT, VARLEN=vl, H=H, K=K, BT=BT, BK=BK,
+                                   HAS_G=g is not None, HAS_BS=bs is not None, PREC=prec,
+                                   **_dl_cfg("_dl_bwd_wy_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
 
@@ -204,8 +240,8 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None)
 
 def _dl_tag():
     return _op_tag((_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel,
-                    _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_geometry, _dl_work_dtype, _dl_out_block,
-                    dl_chunk_fwd, dl_chunk_bwd))
+                    _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_rows, _dl_geometry, _dl_work_dtype, _dl_out_block,
+                    _dl_layout, dl_chunk_fwd, dl_chunk_bwd))
 
 
 def _dl_define_ops():
@@ -220,18 +256,24 @@ def _dl_define_ops():
 
     @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
     def fwd(q: Tensor, a: Tensor, b: Tensor, v: Tensor, g: Optional[Tensor], bs: Optional[Tensor],  # noqa: UP045
-            vs: Optional[Tensor], h0: Optional[Tensor], scale: float, output_final_state: bool,  # noqa: UP045
-            out_dtype: Optional[torch.dtype], save: bool, work16: bool  # noqa: UP045
+            vs: Optional[Tensor], h0: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,  # noqa: UP045
+            output_final_state: bool, out_dtype: Optional[torch.dtype], save: bool, work16: bool  # noqa: UP045
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16)
+        layout = _dl_layout(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None
+        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16,
+                                    layout)
         saved = saved if saved is not None else tuple(_op_empty(q) for _ in range(5))  # (distinct tensors)
         return (o, ht if ht is not None else _op_empty(q), *saved)
 
     @fwd.register_fake
-    def _(q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save, work16):
+    def _(q, a, b, v, g, bs, vs, h0, cu_seqlens, scale, output_final_state, out_dtype, save, work16):
         B, T, H, K, V, BT, NT, BK, BV, NV, _ = _dl_geometry(q, v)
+        NS = B
+        if cu_seqlens is not None:  # (the layout's chunk count: static, T // BT + N)
+            NS = cu_seqlens.shape[0] - 1
+            NT = T // BT + NS
         f32, wdt = torch.float32, _dl_work_dtype(q, work16)
-        ht = q.new_empty(B, H, K, V, dtype=f32) if output_final_state else _op_empty(q)
+        ht = q.new_empty(NS, H, K, V, dtype=f32) if output_final_state else _op_empty(q)
         saved = ((q.new_empty(B, H, NT * BT, BK, dtype=wdt), q.new_empty(B, H, NT * BT, BV * NV, dtype=wdt),
                   q.new_empty(B, H, NT * BT, dtype=f32), q.new_empty(B, H, NT * BT, BT, dtype=f32),
                   q.new_empty(B, H, NT, BK, BV * NV, dtype=wdt)) if save else tuple(_op_empty(q) for _ in range(5)))
@@ -240,26 +282,27 @@ def _dl_define_ops():
     @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
     def bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, a: Tensor, b: Tensor, v: Tensor,  # noqa: UP045
             g: Optional[Tensor], bs: Optional[Tensor], vs: Optional[Tensor], h0: Optional[Tensor],  # noqa: UP045
-            W: Tensor, U: Tensor, G: Tensor, Tm: Tensor, hs: Tensor, scale: float
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        grads = dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs)
+            cu_seqlens: Optional[Tensor], W: Tensor, U: Tensor, G: Tensor, Tm: Tensor, hs: Tensor,  # noqa: UP045
+            scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        layout = _dl_layout(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None
+        grads = dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs, layout)
         return tuple(x if x is not None else _op_empty(q) for x in grads)
 
     @bwd.register_fake
-    def _(do, dht, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs, scale):
+    def _(do, dht, q, a, b, v, g, bs, vs, h0, cu_seqlens, W, U, G, Tm, hs, scale):
         f32 = torch.float32
         return (torch.empty_like(q), torch.empty_like(a), torch.empty_like(b), torch.empty_like(v),
                 *(q.new_empty(x.shape, dtype=f32) if x is not None else _op_empty(q) for x in (g, bs, vs, h0)))
 
     def setup_context(ctx, inputs, output):
-        q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, save, work16 = inputs
-        ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, *output[2:])
+        q, a, b, v, g, bs, vs, h0, cu_seqlens, scale, output_final_state, out_dtype, save, work16 = inputs
+        ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, cu_seqlens, *output[2:])
         ctx.scale = scale
         ctx.final = output_final_state
         ctx.set_materialize_grads(False)  # the saved outputs' cotangents stay None: no zero-filled W, U, T, hs
 
     def backward(ctx, do, dht, *_):
-        return (*_dl_backward(ctx, do, dht, bwd), None, None, None, None, None)
+        return (*_dl_backward(ctx, do, dht, bwd), None, None, None, None, None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -268,20 +311,19 @@ def _dl_define_ops():
 def _dl_backward(ctx, do, dht, bwd_fn):
     """The eight input cotangents (dq, da, db, dv, dg, dbs, dvs, dh0) from the saved context; ``bwd_fn``: the
     backward operator (under torch.compile) or :func:`dl_chunk_bwd` with the operator's signature."""
-    q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs = ctx.saved_tensors
+    q, a, b, v, g, bs, vs, h0, cu, W, U, G, Tm, hs = ctx.saved_tensors
     if W.numel() == 0:
         raise RuntimeError("delta_chunk: the forward ran without save=True, so it has no backward")
     if do is None:  # only the final state reached the loss
         do = q.new_zeros(*q.shape[:3], v.shape[-1])
-    dq, da, db, dv, *rest = bwd_fn(do, dht if ctx.final else None, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs,
+    dq, da, db, dv, *rest = bwd_fn(do, dht if ctx.final else None, q, a, b, v, g, bs, vs, h0, cu, W, U, G, Tm, hs,
                                    ctx.scale)
     dg, dbs, dvs, dh0 = (None if x is None else (d if d.dtype == x.dtype else d.to(x.dtype))
                          for d, x in zip(map(_op_or_none, rest), (g, bs, vs, h0)))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
 
-def _dl_bwd_eager(do, dht, q, a, b, v, g, bs, vs, h0, W, U, G, Tm, hs, scale):
-    return dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs)
+
 
 
 class _DLChunk(torch.autograd.Function):
@@ -290,35 +332,43 @@ class _DLChunk(torch.autograd.Function):
     also took the most host time of a call, with the kernels stubbed out)."""
 
     @staticmethod
-    def forward(ctx, q, a, b, v, g, bs, vs, h0, scale, output_final_state, out_dtype, work16):
+    def forward(ctx, q, a, b, v, g, bs, vs, h0, cu_seqlens, scale, output_final_state, out_dtype, work16):
         save = any(ctx.needs_input_grad[:8])
-        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16)
+        ctx.layout = _dl_layout(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None  # (once, both passes)
+        o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16,
+                                    ctx.layout)
         empty = _op_empty(q)
-        ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, *(saved if saved is not None else (empty,) * 5))
+        ctx.save_for_backward(q, a, b, v, g, bs, vs, h0, cu_seqlens,
+                              *(saved if saved is not None else (empty,) * 5))
         ctx.scale, ctx.final = scale, output_final_state
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        return (*_dl_backward(ctx, do, dht, _dl_bwd_eager), None, None, None, None)
+        def bwd(do, dht, q, a, b, v, g, bs, vs, h0, cu, W, U, G, Tm, hs, scale):
+            return dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs, ctx.layout)
+
+        return (*_dl_backward(ctx, do, dht, bwd), None, None, None, None, None)
 
 
 _DL_OP = _dl_define_ops()  # defined as the module loads (not inside a torch.compile trace)
 
 
-def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, bs=None, vs=None):
+def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False, out_dtype=None, bs=None, vs=None,
+                cu_seqlens=None):
     """The chunked (gated) delta rule, differentiable (an autograd.Function; the torch operator under
     torch.compile). q, a, b: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] fp32 log gates or None; h0: [B, H, K, V]
     fp32 or None; bs, vs: [B, T, H] per-token scales of b and v (deltanet's beta: applied as the kernels load b
     and v, so the scaled tensors are never written) or None. Returns (o [B, T, H, V] in ``out_dtype`` (default
     q's), final state [B, H, K, V] fp32 or None). The forward saves what the backward reads only when a gradient
-    will be asked for."""
+    will be asked for. ``cu_seqlens`` [N + 1]: B = 1 row of N packed sequences, run in one launch a kernel
+    (h0 and the final state [N, H, K, V])."""
     if not torch.compiler.is_compiling():  # eager: the autograd.Function (less host time a call)
-        o, ht = _DLChunk.apply(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype,
-                               bool(DL_WORK16))
+        o, ht = _DLChunk.apply(q, a, b, v, g, bs, vs, h0, cu_seqlens, float(scale), bool(output_final_state),
+                               out_dtype, bool(DL_WORK16))
         return o, ht
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, bs, vs, h0))
-    o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, float(scale), bool(output_final_state), out_dtype, save,
-                       bool(DL_WORK16))  # this module's setting, read at each call (the operator may be shared)
+    o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, cu_seqlens, float(scale), bool(output_final_state), out_dtype,
+                       save, bool(DL_WORK16))  # this module's setting, read at each call (the operator may be shared)
     return o, (ht if output_final_state else None)
