@@ -9,6 +9,7 @@ error against the reference in fp32 in the same run (the note gives fla's); a fw
 larger of that and the gradients' (every input's, ours in the row's dtype against the reference's in fp32, on
 the first sequence's first 256 tokens: the reference is a loop over tokens); rows without fla say so. The
 16-bit work tensors (``DL_WORK16``, off) are swept by ``benchmarks/tune.py delta``, not here: on the H200 they fault.
+A last row ("deltanet packed") runs 16 packed sequences (cu_seqlens) in one row of 16384 tokens.
 """
 
 from __future__ import annotations
@@ -106,4 +107,49 @@ def run(smoke: bool) -> list[dict]:
                             note_b + f"; check: max(forward {check:.1e}, gradients {g_check:.1e} "
                             f"on B1 T{min(T, 256)})", grad_check=g_check))
             print(rows[-1], flush=True)
+    if wanted("deltanet packed"):
+        rows += packed(fla, dtype, smoke)
     return rows
+
+
+def packed(fla, dtype, smoke: bool) -> list[dict]:
+    """deltanet over packed sequences (cu_seqlens: 16 sequences of 64 to 2112 tokens in one row of 16384, H16
+    D128; smoke: 4, one empty, in 150) forward + backward, against fla's chunk_delta_rule given the same
+    cu_seqlens; checked against the reference on the first three sequences."""
+    import mixc
+
+    m = mixc.load(ROOT / "examples" / "deltanet.mix")
+    lens = [64 * (1 + (7 * i) % 31) for i in range(15)] if not smoke else [40, 0, 70]
+    T = 16384 if not smoke else 150
+    lens.append(T - sum(lens))
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV)
+    H, D = (16, 128) if not smoke else (2, 16)
+    x = _inputs(1, T, H, D, dtype, False)
+    xg = {n: t.clone().requires_grad_() for n, t in x.items()}
+    do = torch.randn(1, T, H, D, generator=torch.Generator().manual_seed(2)).to(DEV, dtype)
+
+    def ours(**kw):
+        return m(**kw, cu_seqlens=cu, form="chunked")
+
+    def theirs(**kw):
+        o, _ = fla[0](q=kw["q"], k=kw["k"], v=kw["v"], beta=kw["beta"], scale=D ** -0.5, cu_seqlens=cu,
+                      use_qk_l2norm_in_kernel=False)
+        return o
+
+    if fla:
+        with torch.no_grad():
+            agree = rel(theirs(**x).float(), ours(**x).float())
+
+    with torch.no_grad():  # checked on the first three sequences (the reference is a loop over tokens)
+        n3 = int(cu[3])
+        x3, cu3 = {n: t[:, :n3] for n, t in x.items()}, cu[:4]
+        ref = m.reference(**{n: t.float() for n, t in x3.items()}, cu_seqlens=cu3)
+        check = rel(m(**x3, cu_seqlens=cu3, form="chunked").float(), ref)
+        note = f"check on the first 3 sequences ({n3} tokens)" + (f"; fla's output vs ours {agree:.1e}" if fla else
+                                                                     "; fla not installed: no anchor")
+    t_ours = time_ms(fwd_bwd(ours, xg, do), label="ours deltanet packed fwd+bwd")
+    t_fla = time_ms(fwd_bwd(theirs, xg, do), label="fla deltanet packed fwd+bwd") if fla else None
+    case = f"deltanet packed fwd+bwd {len(lens)} sequences in T{T} H{H} D{D} {str(dtype).replace('torch.', '')}"
+    r = row("delta", case, t_ours, "chunk_delta_rule (cu_seqlens)" if fla else None, t_fla, check, note)
+    print(r, flush=True)
+    return [r]
