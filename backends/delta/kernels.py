@@ -169,6 +169,8 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     Gc = torch.empty(B, H, NT * BT, device=dev, dtype=f32)
     Tm = torch.empty(B, H, NT * BT, BT, device=dev, dtype=f32) if save else Gc
     hs = torch.empty(B, H, NT, BK, BV * NV, device=dev, dtype=wdt)
+    if layout is not None:  # the chunks past the last (no walk visits them) lie in the last N: their states are 0
+        hs[:, :, NT - NS:].zero_()
     gg, bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (g, bs, vs))
     if layout is None:
         ctab = coff = Gc  # (stand-ins: read only with VARLEN)
@@ -205,6 +207,8 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
     q, a, b, v, do = (x.contiguous() for x in (q, a, b, v, do))
     f32 = torch.float32
     dU, dhs = torch.empty_like(U), torch.empty_like(hs)  # in the work dtype
+    if vl:  # (as hs in the forward: the chunks past the last get no walk)
+        dhs[:, :, NT - NS:].zero_()
     dh0 = torch.empty(NS, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
     BVO = _dl_out_block(BV, NV)
