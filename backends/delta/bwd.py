@@ -12,7 +12,7 @@ import triton.language as tl
 
 try:
     from ..chunked.launcher import _Launch
-    from .fwd import _dl_rows
+    from .fwd import _dl_rows, _dl_walk_chunks
 except ImportError:  # pasted into a generated module, after the launcher
     pass
 
@@ -94,14 +94,7 @@ def _dl_bwd_walk_kernel(
         b_dS = tl.load(dht + p_s, mask=m_kv, other=0.).to(tl.float32)
     else:
         b_dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if VARLEN:  # program i_bh walks sequence i_b's chunks of the one batch row's buffers
-        c0 = tl.load(coff + i_b)
-        c1 = tl.load(coff + i_b + 1)
-        bh = i_h
-    else:
-        c0 = 0
-        c1 = NT
-        bh = i_bh
+    c0, c1, bh = _dl_walk_chunks(coff, i_b, i_h, i_bh, NT, VARLEN)
     for j in range(c1 - c0):
         i_t = c1 - 1 - j
         m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)

@@ -36,6 +36,22 @@ def _dl_rows(ctab, i_t, i_b, i_h, T, H: tl.constexpr, BT: tl.constexpr, VARLEN: 
     return m_t, rows
 
 
+@triton.jit
+def _dl_walk_chunks(coff, i_b, i_h, i_bh, NT, VARLEN: tl.constexpr):
+    """(c0, c1, bh): the chunks [c0, c1) a walk program visits and the (batch, head) row of the buffers it reads:
+    with VARLEN, program (i_b, i_h) walks sequence i_b's chunks of the one batch row (coff: each sequence's first
+    chunk); else all NT chunks of its own row."""
+    if VARLEN:
+        c0 = tl.load(coff + i_b)
+        c1 = tl.load(coff + i_b + 1)
+        bh = i_h
+    else:
+        c0 = 0
+        c1 = NT
+        bh = i_bh
+    return c0, c1, bh
+
+
 @_Launch
 @triton.jit
 def _dl_prep_kernel(
@@ -159,14 +175,7 @@ def _dl_walk_kernel(
         b_S = tl.load(h0 + p_s, mask=m_kv, other=0.).to(tl.float32)
     else:
         b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    if VARLEN:  # program i_bh walks sequence i_b's chunks of the one batch row's buffers
-        c0 = tl.load(coff + i_b)
-        c1 = tl.load(coff + i_b + 1)
-        bh = i_h
-    else:
-        c0 = 0
-        c1 = NT
-        bh = i_bh
+    c0, c1, bh = _dl_walk_chunks(coff, i_b, i_h, i_bh, NT, VARLEN)
     for i_t in range(c0, c1):
         m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
         base = (bh * NT + i_t) * BT + o_r

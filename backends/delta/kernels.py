@@ -49,7 +49,7 @@ import torch
 try:
     from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
     from .bwd import _dl_bwd_local_kernel, _dl_bwd_vloop_kernel, _dl_bwd_walk_kernel, _dl_bwd_wy_kernel
-    from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_rows, _dl_walk_kernel
+    from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_rows, _dl_walk_chunks, _dl_walk_kernel
 except ImportError:  # pasted into a generated module, after the kernels
     pass
 
@@ -244,8 +244,8 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
 
 def _dl_tag():
     return _op_tag((_dl_prep_kernel, _dl_walk_kernel, _dl_out_kernel, _dl_bwd_local_kernel, _dl_bwd_walk_kernel,
-                    _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_rows, _dl_geometry, _dl_work_dtype, _dl_out_block,
-                    _dl_layout, dl_chunk_fwd, dl_chunk_bwd))
+                    _dl_bwd_vloop_kernel, _dl_bwd_wy_kernel, _dl_rows, _dl_walk_chunks, _dl_geometry, _dl_work_dtype,
+                    _dl_out_block, _dl_layout, dl_chunk_fwd, dl_chunk_bwd))
 
 
 def _dl_define_ops():
