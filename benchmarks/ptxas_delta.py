@@ -29,24 +29,27 @@ def main():
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--varlen", action="store_true", help="the packed-sequence variants (VARLEN, cu_seqlens)")
+    ap.add_argument("--work16", action="store_true", help="W, U and hs in the inputs' dtype (DL_WORK16; else fp32)")
     args = ap.parse_args()
     K, V = args.k, args.v
     BK = D._dl_pow2(K)
     BV = min(D._dl_pow2(V), args.bv or (D.DL_BV if args.dtype != "fp32" and K <= 128 else D.DL_BV_SMALL))
     NV = -(-V // BV)
     x = f"*{args.dtype}"
+    w = x if args.work16 or args.dtype == "fp32" else "*fp32"  # the work tensors' pointers
     prec = "ieee" if args.dtype == "fp32" else "tf32"
-    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BC=D.DL_BC, BU=BV, VARLEN=args.varlen,
+    base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BU=BV, VARLEN=args.varlen,
                 NU=NV, PREC_T="ieee" if prec == "ieee" else "tf32x3")
     bvo = D._dl_out_block(BV, NV)
     kernels = {
-        "_dl_prep_kernel": (dict(a=x, b=x, v=x, W=x, U=x), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
-        "_dl_walk_kernel": (dict(a=x, W=x, U=x, hs=x), dict(HAS_H0=True, STORE_HT=True)),
-        "_dl_out_kernel": (dict(q=x, a=x, o=x, U=x, hs=x), {}),
-        "_dl_bwd_local_kernel": (dict(q=x, a=x, do=x), {}),
-        "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x, W=x), dict(HAS_DHT=True, STORE_DH0=True)),
-        "_dl_bwd_vloop_kernel": (dict(q=x, a=x, v=x, do=x, dq=x, dv=x, U=x, hs=x), dict(HAS_G=True, HAS_VS=True)),
-        "_dl_bwd_wy_kernel": (dict(a=x, b=x, da=x, db=x), dict(HAS_G=True, HAS_BS=True)),
+        "_dl_prep_kernel": (dict(a=x, b=x, v=x, W=w, U=w), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
+        "_dl_walk_kernel": (dict(a=x, W=w, U=w, hs=w), dict(HAS_H0=True, STORE_HT=True)),
+        "_dl_out_kernel": (dict(q=x, a=x, o=x, U=w, hs=w), {}),
+        "_dl_bwd_local_kernel": (dict(q=x, a=x, do=x, dU=w), {}),
+        "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x, W=w, dU=w, dhs=w), dict(HAS_DHT=True, STORE_DH0=True)),
+        "_dl_bwd_vloop_kernel": (dict(q=x, a=x, v=x, do=x, dq=x, dv=x, U=w, hs=w, dU=w, dhs=w, dW=w, dA1=w),
+                                 dict(HAS_G=True, HAS_VS=True)),
+        "_dl_bwd_wy_kernel": (dict(a=x, b=x, da=x, db=x, dW=w, dA1=w), dict(HAS_G=True, HAS_BS=True)),
     }
     for name, (ptrs, extra) in kernels.items():
         if args.only and name not in args.only.split(","):

@@ -127,26 +127,25 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
     return rows
 
 
-# candidates against the table (value blocks of 64 for 16-bit inputs, the adjoint walk in one stage): the
-# session-13 table first, then one change each
-DELTA = [{}, {"DL_BV": 32, "_dl_bwd_walk_kernel": (8, 2)}, {"_dl_walk_kernel": (8, 1)},
-         {"_dl_bwd_walk_kernel": (8, 2)}, {"DL_BVO": 128}]
+# candidates against the table: the table first, then one change each (2026-12-04: DL_INV 0, forward substitution
+# in the prep kernel, was slower than the doubling that replaced it; the prep kernel at 8 warps slower still)
+DELTA = [{}, {"DL_WORK16": True}, {"_dl_walk_kernel": (8, 1)}]
 # the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
-# are wrong from key width 64 and can fault, which ends a process's CUDA context
+# are wrong from key width 64 and can fault, which ends a process's CUDA context. Each process compares every saved
+# work tensor of the forward (W and T from the prep kernel, U and hs from the walk, o from the output kernel) and
+# every gradient with the fp32-work path's, so the first wrong one names the kernel.
 # (fla met two Triton >= 3.4 Hopper miscompiles of this family: a BT = 64 kernel wrong or faulting at 4 warps and
 # right at 2, fla#984/#988; and tl.trans of a dot's result fed to another dot, fla#640/#826: hence the 2-warp rows)
-DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "DL_BV": 32}, {"DL_WORK16": True, "DL_BVO": 32},
-           {"DL_WORK16": True, "DL_BV": 16, "DL_BVO": 16},
-           {"DL_WORK16": True, "_dl_prep_kernel": (2, 1)}, {"DL_WORK16": True, "_dl_walk_kernel": (2, 2)},
-           {"DL_WORK16": True, "_dl_out_kernel": (2, 1)},
-           {"DL_WORK16": True, "_dl_prep_kernel": (2, 1), "_dl_walk_kernel": (2, 2), "_dl_out_kernel": (2, 1),
+DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "_dl_prep_kernel": (2, 1)},
+           {"DL_WORK16": True, "_dl_walk_kernel": (2, 1)}, {"DL_WORK16": True, "_dl_out_kernel": (2, 1)},
+           {"DL_WORK16": True, "_dl_prep_kernel": (2, 1), "_dl_walk_kernel": (2, 1), "_dl_out_kernel": (2, 1),
             "_dl_bwd_local_kernel": (2, 1), "_dl_bwd_walk_kernel": (2, 1), "_dl_bwd_vloop_kernel": (2, 1),
             "_dl_bwd_wy_kernel": (2, 1)}]
-DELTA16_SHAPES = [(1, 64, 1, 64), (2, 256, 2, 128)]  # wrong, and faulting, on the H200 (session 14)
+DELTA16_SHAPES = [(1, 128, 1, 64), (1, 128, 2, 128)]  # wrong, and faulting, on the H200 (session 14)
 
 
 def tune_delta_isolated(shape, cand) -> dict:
-    """One (shape, candidate) of :func:`tune_delta` in a fresh process (``tune.py delta --one``) with
+    """One (shape, candidate) of :func:`delta_stages` in a fresh process (``tune.py delta --one``) with
     CUDA_LAUNCH_BLOCKING=1, so a fault names its kernel (the last ``_dl_*_kernel`` of the traceback) and
     spares the sweep."""
     import os
@@ -166,50 +165,93 @@ def tune_delta_isolated(shape, cand) -> dict:
             "kernel": kernels[-1] if kernels else None}
 
 
+def _delta_case(mod, shape, gen_seed=0):
+    """bf16 gated delta-rule inputs of ``shape`` (B, T, H, D) on the device and the two calls: forward (with
+    the saved work tensors) and forward + backward (every gradient)."""
+    B, T, H, D = shape
+    g = torch.Generator(device=DEV).manual_seed(gen_seed)
+    nrm = torch.nn.functional.normalize
+    q, k = (nrm(torch.randn(B, T, H, D, device=DEV, generator=g), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
+    beta = torch.sigmoid(torch.randn(B, T, H, device=DEV, generator=g))
+    lg = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=DEV, generator=g) + 3)
+    do = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
+
+    def fwd(save=False, gate=False):
+        return mod.dl_chunk_fwd(q, k, k, v, lg if gate else None, None, D ** -0.5, False, None, save, beta, beta,
+                                bool(mod.DL_WORK16))
+
+    def fwd_bwd(gate=False):
+        o, _, saved = fwd(True, gate)
+        return mod.dl_chunk_bwd(do, None, q, k, k, v, lg if gate else None, None, saved, D ** -0.5, beta, beta)
+
+    return fwd, fwd_bwd
+
+
+def delta_stages(shape, cand) -> dict:
+    """The 16-bit work path (``cand`` sets DL_WORK16 and launches) against the fp32 one, gated inputs: the
+    relative error of each saved work tensor and of the output (forward) and of each gradient."""
+    import mixc
+
+    mod = mixc.load(ROOT / "examples" / "gated_deltanet.mix")._module
+    fwd, fwd_bwd = _delta_case(mod, shape)
+    o32, _, (W32, U32, G32, T32, hs32) = fwd(True, True)
+    g32 = fwd_bwd(True)
+    B, T, H, D = shape
+    r = {"kind": f"B{B} T{T} H{H} D{D}", "cfg": cand}
+    _apply(mod, cand)
+    o16, _, (W16, U16, G16, T16, hs16) = fwd(True, True)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    r["work_dtype"] = str(W16.dtype)
+    r.update({n: rel(x.float(), y.float()) for n, x, y in (("W", W16, W32), ("T", T16, T32), ("G", G16, G32),
+                                                           ("U", U16, U32), ("hs", hs16, hs32), ("o", o16, o32))})
+    names = ("dq", "da", "db", "dv", "dg", "dbs", "dvs")
+    for n, x, y in zip(names, fwd_bwd(True), g32):
+        if x is not None:
+            r[n] = rel(x.float(), y.float())
+    return r
+
+
+def _apply(mod, cand):
+    """Set a candidate's overrides on the module (DL_* constants; kernel names: (warps, stages)); returns the
+    undo."""
+    keep = {n: getattr(mod, n) for n in cand if n.startswith("DL_")}
+    launch = dict(mod._DL_LAUNCH)
+    for n, val in cand.items():
+        if n.startswith("DL_"):
+            setattr(mod, n, val)
+        else:
+            mod._DL_LAUNCH[n] = tuple(val)
+
+    def undo():
+        for n, val in keep.items():
+            setattr(mod, n, val)
+        mod._DL_LAUNCH.clear()
+        mod._DL_LAUNCH.update(launch)
+    return undo
+
+
 def tune_delta(shapes) -> list[dict]:
     import mixc
 
     mod = mixc.load(ROOT / "examples" / "deltanet.mix")._module
     rows = []
     for shape, cands in shapes:
-        B, T, H, D = shape
-        g = torch.Generator(device=DEV).manual_seed(0)
-        nrm = torch.nn.functional.normalize
-        q, k = (nrm(torch.randn(B, T, H, D, device=DEV, generator=g), dim=-1).bfloat16() for _ in range(2))
-        v = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
-        beta = torch.sigmoid(torch.randn(B, T, H, device=DEV, generator=g))
-        do = torch.randn(B, T, H, D, device=DEV, generator=g).bfloat16()
-
-        def fwd():
-            return mod.dl_chunk_fwd(q, k, k, v, None, None, D ** -0.5, False, None, False, beta, beta,
-                                    bool(mod.DL_WORK16))[0]
-
-        def fwd_bwd():
-            o, _, saved = mod.dl_chunk_fwd(q, k, k, v, None, None, D ** -0.5, False, None, True, beta, beta,
-                                           bool(mod.DL_WORK16))
-            return mod.dl_chunk_bwd(do, None, q, k, k, v, None, None, saved, D ** -0.5, beta, beta)
-
-        want_o, want_g = fwd(), fwd_bwd()
+        fwd, fwd_bwd = _delta_case(mod, shape)
+        want_o, want_g = fwd()[0], fwd_bwd()
         for cand in cands:
-            keep = {n: getattr(mod, n) for n in cand if n.startswith("DL_")}
-            launch = dict(mod._DL_LAUNCH)
-            for n, val in cand.items():
-                if n.startswith("DL_"):
-                    setattr(mod, n, val)
-                else:
-                    mod._DL_LAUNCH[n] = tuple(val)
+            undo = _apply(mod, cand)
+            B, T, H, D = shape
             r = {"kind": f"B{B} T{T} H{H} D{D}", "cfg": cand}
             try:
-                r["check"] = rel(fwd(), want_o)
+                r["check"] = rel(fwd()[0], want_o)
                 r["grad_check"] = max(rel(x, y) for x, y in zip(fwd_bwd(), want_g) if x is not None)
-                r["fwd_ms"], r["ms"] = time_ms(fwd), time_ms(fwd_bwd)
+                r["fwd_ms"], r["ms"] = time_ms(lambda: fwd()[0]), time_ms(fwd_bwd)
             except Exception as e:  # noqa: BLE001
                 r["error"] = f"{type(e).__name__}: {e}"[:160]
             finally:
-                for n, val in keep.items():
-                    setattr(mod, n, val)
-                mod._DL_LAUNCH.clear()
-                mod._DL_LAUNCH.update(launch)
+                undo()
             rows.append(r)
             print(json.dumps(r), flush=True)
     return rows
@@ -230,7 +272,7 @@ def main(argv=None) -> int:
     if args.form == "delta":
         if args.one:  # one (shape, candidate), in a process of its own (tune_delta_isolated)
             one = json.loads(args.one)
-            tune_delta([(tuple(one["shape"]), [one["cfg"]])])
+            print(json.dumps(delta_stages(tuple(one["shape"]), one["cfg"])), flush=True)
             return 0
         rows = [] if args.work16_only else tune_delta([((4, 4096, 16, 128), DELTA), ((8, 1024, 16, 64), DELTA)])
         for shape in DELTA16_SHAPES:

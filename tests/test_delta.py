@@ -142,20 +142,26 @@ def test_delta_low_precision_inputs(name, dtype, tol):
         assert xs[k].grad.dtype == dtype and rel(xs[k].grad.cpu(), xr[k].grad) < 5 * tol, k
 
 
+# on the H200 (Triton 3.6) the path is wrong at width 16 (session 15): strict, so a fixed compiler shows as a pass
+_W16_GPU = pytest.mark.xfail(DEV == "cuda", strict=True, reason="16-bit work tensors at key width 16 miscompile on "
+                             "the H200 with Triton 3.6 (DL_WORK16 is off)")
+
+
+@pytest.mark.parametrize("width", [pytest.param(16, marks=_W16_GPU)] + ([64, 128] if DEV == "cuda" else []))
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
 @pytest.mark.parametrize("name", NAMES)
-def test_delta_16bit_work_tensors(name, dtype):
+def test_delta_16bit_work_tensors(name, dtype, width):
     """The path behind DL_WORK16 (W, U and the chunk states in the inputs' 16-bit dtype, 16-bit products):
     three chunks, outputs, final state and every gradient within the low-precision tolerance. The module's
     setting travels with each call (the operator may have been defined by another module pasting the same
     source: session 14 found the earlier version of this test toggling a flag that operator never read), so the
     test also checks that the path ran: the saved W is 16-bit and the output differs from the fp32-work one.
-    Key width 16: on the H200 (Triton 3.6) the path is right up to 32 and wrong from 64, where it can also fault
-    (an illegal access that ends the process's CUDA context, so not a test to run there);
-    ``benchmarks/tune.py delta`` re-checks it at 64 and 128, last."""
+    Key widths 16, and on a GPU 64 and 128. On the H200 (Triton 3.6) the path with the blockwise inverse by
+    forward substitution was wrong from 64 and could fault (session 14); with the inverse by doubling it was right
+    at 64 and 128 in the delta suite and wrong at 16 (session 15)."""
     m = load(name)
     mod = m._module
-    x = inputs(m, 1, 150, 2, {"K": 16, "V": 16}, seed=8)
+    x = inputs(m, 1, 150, 2, {"K": width, "V": width}, seed=8)
     ref, ref_state = m.reference(**x, output_final_state=True)
     xr = {k: v.clone().requires_grad_() for k, v in x.items()}
     m.reference(**xr).square().sum().backward()
@@ -288,10 +294,10 @@ def test_delta_eager_function_and_compiled_operator_agree(loss):
 @pytest.mark.parametrize("g", [(-21.0, -19.0), (-1e-3, 0.0), None], ids=["g-near-minus-20", "g-near-0", "ungated"])
 @pytest.mark.parametrize("aligned", [False, True], ids=["random-keys", "aligned-keys"])
 def test_the_blockwise_inverse(g, aligned):
-    """The prep kernel's T = (I + L)^-1 (forward substitution inside the 16 x 16 diagonal blocks, products
-    across them) against a float64 triangular solve, per chunk, with beta in (0.9, 1) and log gates near -20
-    (the blocks off the diagonal underflow), near 0 (every block is full), or none; with keys all near one
-    direction (the solve chains near-cancellations). T = 100: the second chunk is padded."""
+    """The prep kernel's T = (I + L)^-1 (recursive doubling of the diagonal blocks) against a float64
+    triangular solve, per chunk, with beta in (0.9, 1) and log gates near -20 (the blocks off the diagonal
+    underflow), near 0 (every block is full), or none; with keys all near one direction (the solve chains
+    near-cancellations). T = 100: the second chunk is padded."""
     gen = torch.Generator().manual_seed(11)
     B, T, H, K, V, BT = 1, 100, 2, 20, 16, kernels.DL_CHUNK
     kk = torch.randn(B, T, H, K, generator=gen)

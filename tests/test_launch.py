@@ -163,9 +163,11 @@ def test_the_delta_launches_pass_runtime_arguments_by_position_and_constexprs_by
 
     monkeypatch.setattr(mod._Launch, "_run", run)
     monkeypatch.setattr(mod, "FAST_LAUNCH", True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    x = {k: v.requires_grad_() for k, v in m.random_inputs(1, 70, 2, seed=0, K=8, V=8).items()}
-    s0 = {"S": torch.randn(1, 2, 8, 8, requires_grad=True)}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":  # (the interpreter: no device to ask)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = {k: v.to(dev).requires_grad_() for k, v in m.random_inputs(1, 70, 2, seed=0, K=8, V=8).items()}
+    s0 = {"S": torch.randn(1, 2, 8, 8, device=dev, requires_grad=True)}
     o, fin = m(**x, initial_state=s0, output_final_state=True, form="chunked")
     (o.square().sum() + fin["S"].square().sum()).backward()
     assert seen == {n for md in (delta_fwd, delta_bwd) for n in vars(md) if n.endswith("_kernel")}

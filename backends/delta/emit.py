@@ -214,7 +214,7 @@ def describe(a: Analysis) -> list[str]:
     return [f"delta rule: a = {show(dp.a)}, b = {_scaled(dp.b, dp.bs)}, v = {_scaled(dp.v, dp.vs)}, q' = {show(dp.q)} "
             "(PyTorch prologue; per-token scales applied by the kernels as they load b and v)",
             "log gate: " + (show(dp.g) if dp.g is not None else "none") + "; per 64-token chunk the UT transform "
-            "(I + L)^-1 blockwise in fp32 (forward substitution in 16 x 16 diagonal blocks, products across), then a "
+            "(I + L)^-1 in fp32 by recursive doubling of its diagonal blocks (2 x 2 to 64 x 64), then a "
             "sequential walk over chunks (Triton)",
             "backward: an adjoint walk over chunks in reverse, then every chunk in parallel in two kernels (Triton)"]
 

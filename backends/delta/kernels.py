@@ -11,8 +11,8 @@ chunk of BT tokens that starts from S_0, with G_t the chunk's cumulative log gat
 
     (I + L) U = V - diag(e^G) B S_0,        L[t, s] = e^(G_t - G_s) b_t . a_s   (s < t, else 0)
 
-(Yang et al. 2024, the UT transform). With T = (I + L)^-1 (blockwise: forward substitution inside the 16 x 16
-diagonal blocks, then products across them; fp32), W = T diag(e^G) B and U0 = T V, the chunk is
+(Yang et al. 2024, the UT transform). With T = (I + L)^-1 (by recursive doubling of diagonal blocks, 2 x 2 to
+64 x 64, two products a level; fp32), W = T diag(e^G) B and U0 = T V, the chunk is
 
     U   = U0 - W S_0
     O   = scale * ((Q e^G) S_0 + (Q A^T * e^(G_t - G_s) [s <= t]) U)
@@ -55,7 +55,6 @@ except ImportError:  # pasted into a generated module, after the kernels
 
 
 DL_CHUNK = 64  # tokens per chunk
-DL_BC = 16  # the diagonal blocks of the in-chunk inverse (forward substitution within them, products across)
 # largest value block of the walks (they keep a [K, BV] fp32 state in registers): 64 for 16-bit inputs with keys
 # up to 128 (H200, benchmarks/tune.py delta, 2026-12-04: at B4 T4096 H16 D128 bf16 fwd 1.40 -> 1.27 ms and, with
 # the adjoint walk in one stage, fwd+bwd 3.91 -> 3.25 ms; at B8 T1024 H16 D64 fwd+bwd 0.93 -> 0.85 ms); 32 for fp32
@@ -65,11 +64,11 @@ DL_BV = 64
 DL_BV_SMALL = 32
 DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per value block)
 # 16-bit work tensors (W, U, hs and the backward's scratch in the inputs' dtype, 16-bit tl.dot operands) for 16-bit
-# inputs. Off: on the H200 (Triton 3.6, 2026-12-04) the forward with 16-bit work tensors and tf32x3 inverse products
-# was wrong (relative error 1e2 in fp16, 1e27 in bf16, one chunk, D 16) although the interpreter passes; with ieee
-# inverse products (what the prep kernel now takes whenever the work tensors are 16-bit) the one-chunk forward was
-# right (6e-4 / 4.8e-3), but the multi-chunk forward and the backward have not run on a GPU that way. With fp32 work
-# tensors tests/test_delta.py passed whole on the H200. Turn on only after that file passes on a GPU with it on.
+# inputs, as fla stores them: half the traffic of fp32 work tensors. Off: on the H200 (Triton 3.6, 2026-12-04) the
+# path is wrong at key width 16 (relative error 0.7 to 1.2, NaN in the gated backward, fp16 and bf16:
+# tests/test_delta.py), while at widths 64 and 128, bf16, it matched the reference as closely as fla does (4.4e-3 to
+# 5.4e-3, outputs and gradients; benchmarks/suites/delta.py) and was fast: deltanet B4 T4096 H16 D128 fwd 1.165 ->
+# 0.747 ms, fwd+bwd 3.16 -> 2.34 ms. Turn on only once tests/test_delta.py passes on a GPU with it on, every width.
 DL_WORK16 = False
 
 
@@ -176,9 +175,9 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
         ctab = coff = Gc  # (stand-ins: read only with VARLEN)
     vl = layout is not None
     _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, ctab, T, VARLEN=vl, H=H, K=K, V=V, BT=BT,
-                                 BK=BK, BV=BV, NV=NV, BC=DL_BC, HAS_G=g is not None, HAS_BS=bs is not None,
+                                 BK=BK, BV=BV, NV=NV, HAS_G=g is not None, HAS_BS=bs is not None,
                                  HAS_VS=vs is not None, SAVE=save, PREC=prec,
-                                 PREC_T="ieee" if prec == "ieee" or wdt != f32 else "tf32x3",
+                                 PREC_T="ieee" if prec == "ieee" else "tf32x3",
                                  **_dl_cfg("_dl_prep_kernel"))
     ht = torch.empty(NS, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
