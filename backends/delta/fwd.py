@@ -2,8 +2,11 @@
 
 The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header). Work tensors (W, U and the
 per-chunk states hs) are stored in the *work dtype*: fp32 (products in tf32 for 16-bit inputs, ieee for fp32
-ones), or, with ``DL_WORK16`` (kernels.py; off: wrong on the H200 from key width 64), the inputs' dtype for
-16-bit inputs (every tl.dot then takes 16-bit operands and accumulates in fp32, as fla does).
+ones), or, with ``DL_WORK16`` (kernels.py; off: wrong on the H200 at key width 16), the inputs' dtype for
+16-bit inputs (the walks' and the output's tl.dot then take 16-bit operands and accumulate in fp32, as fla's do).
+The prep kernel computes in fp32 whatever the work dtype (tf32 products, tf32x3 in the inverse) and rounds only
+what it stores: a kernel with both tf32x3 and 16-bit products was wrong on the H200 at key width 16 (sessions 13
+and 15).
 Kernels read the work dtype off the pointer of W (``W.dtype.element_ty``).
 This file needs triton and the chunked form's launcher (`_Launch`, pasted before it); `mixc compile` pastes it
 into the generated module.
@@ -81,15 +84,15 @@ def _dl_prep_kernel(
     blocks (benchmarks/tune.py delta, 2026-12-04)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    DT = W.dtype.element_ty  # the work dtype: the tl.dot operands
+    DT = W.dtype.element_ty  # the work dtype: of the stores only (every product here takes fp32 operands)
     NTP = tl.num_programs(0) * BT  # padded tokens per (batch, head)
     o_r = tl.arange(0, BT)
     m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)  # rows: token rows in [B * T * H]
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
-    b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+    b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
     if HAS_BS:
         b_bs = tl.load(bs + rows, mask=m_t, other=0.)
     else:
@@ -117,11 +120,10 @@ def _dl_prep_kernel(
             blk = (o_r >> lv)[:, None] == (o_r >> lv)[None, :]
             b_ET = tl.dot(tl.where(blk2 & (blk == 0), b_L, 0.), b_T, input_precision=PREC_T)
             b_T = b_T - tl.dot(b_T, b_ET, input_precision=PREC_T)
-    b_Td = b_T.to(DT)
     # b again (a cache hit) rather than kept in registers through the inverse
     b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-    b_bg = (b_b.to(tl.float32) * (b_bs * tl.exp(b_G))[:, None]).to(DT)
-    b_W = tl.dot(b_Td, b_bg, input_precision=PREC)
+    b_bg = b_b.to(tl.float32) * (b_bs * tl.exp(b_G))[:, None]
+    b_W = tl.dot(b_T, b_bg, input_precision=PREC)
     base = i_bh * NTP + i_t * BT + o_r  # rows of the padded [B, H, NT * BT] buffers
     tl.store(W + base[:, None] * BK + o_k[None, :], b_W.to(DT))
     tl.store(Gc + base, b_G)
@@ -133,7 +135,7 @@ def _dl_prep_kernel(
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         if HAS_VS:
             b_v = b_v.to(tl.float32) * b_vs[:, None]
-        b_u = tl.dot(b_Td, b_v.to(DT), input_precision=PREC)
+        b_u = tl.dot(b_T, b_v.to(tl.float32), input_precision=PREC)
         tl.store(U + base[:, None] * (BV * NV) + o_v[None, :], b_u.to(DT))
 
 
