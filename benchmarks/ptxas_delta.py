@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--varlen", action="store_true", help="the packed-sequence variants (VARLEN, cu_seqlens)")
+    ap.add_argument("--same-ab", action="store_true", help="a and b one tensor (SAME_AB: one cotangent)")
     ap.add_argument("--work16", action="store_true", help="W, U and hs in the inputs' dtype (DL_WORK16; else fp32)")
     args = ap.parse_args()
     K, V = args.k, args.v
@@ -49,7 +50,8 @@ def main():
         "_dl_bwd_walk_kernel": (dict(q=x, a=x, do=x, W=w, dU=w, dhs=w), dict(HAS_DHT=True, STORE_DH0=True)),
         "_dl_bwd_vloop_kernel": (dict(q=x, a=x, v=x, do=x, dq=x, dv=x, U=w, hs=w, dU=w, dhs=w, dW=w, dA1=w),
                                  dict(HAS_G=True, HAS_VS=True)),
-        "_dl_bwd_wy_kernel": (dict(a=x, b=x, da=x, db=x, dW=w, dA1=w), dict(HAS_G=True, HAS_BS=True)),
+        "_dl_bwd_wy_kernel": (dict(a=x, b=x, da=x, db=x, dW=w, dA1=w), dict(HAS_G=True, HAS_BS=True,
+                                                                             SAME_AB=args.same_ab)),
     }
     for name, (ptrs, extra) in kernels.items():
         if args.only and name not in args.only.split(","):

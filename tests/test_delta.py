@@ -291,6 +291,34 @@ def test_delta_eager_function_and_compiled_operator_agree(loss):
         assert rel(grads[1][k], grads[0][k]) < 1e-5 and rel(grads[0][k].cpu(), xr[k].grad) < 1e-3, k
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_one_key_tensor_gets_one_cotangent(name, monkeypatch):
+    """When a and b are one tensor (deltanet's k), the last backward kernel writes its whole cotangent, dA + dB
+    (SAME_AB), rather than two that autograd then adds: the same gradients as with b a copy of a."""
+    m = load(name)
+    mod = m._module
+    same = []
+    orig = mod._Launch.__getitem__
+
+    def seen(self, grid):
+        run = orig(self, grid)
+        return lambda *a, **kw: (same.append(kw.get("SAME_AB")) if self.__name__ == "_dl_bwd_wy_kernel" else None,
+                                 run(*a, **kw))[1]
+
+    monkeypatch.setattr(mod._Launch, "__getitem__", seen)
+    x = inputs(m, 2, 70, 2, {"K": 16, "V": 8}, seed=9)
+    q, k, v, beta = (x[n].to(DEV, torch.float32) for n in ("q", "k", "v", "beta"))
+    g = x["g"].to(DEV, torch.float32) if "g" in x else None
+    grads = []
+    for copy in (False, True):
+        kk = k.clone().requires_grad_()
+        o, _ = mod.delta_chunk(q, kk, kk.clone() if copy else kk, v, g, scale=0.5, bs=beta)
+        o.square().sum().backward()
+        grads.append(kk.grad)
+    assert same == [True, False]
+    assert rel(grads[0], grads[1]) < 1e-5
+
+
 @pytest.mark.parametrize("g", [(-21.0, -19.0), (-1e-3, 0.0), None], ids=["g-near-minus-20", "g-near-0", "ungated"])
 @pytest.mark.parametrize("aligned", [False, True], ids=["random-keys", "aligned-keys"])
 def test_the_blockwise_inverse(g, aligned):

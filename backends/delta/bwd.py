@@ -238,7 +238,7 @@ def _dl_bwd_wy_kernel(
     dT,  # [B, H, NT * BT, BT] fp32 the part dU V^T of dT
     dA1,  # [B, H, NT * BT, BK] work dtype: dA but for what L gives
     dG1,  # [B, H, NT * BT] fp32 dG but for what W and L give (unused without HAS_G)
-    da, db,  # [B, T, H, K] out: cotangents of a, b (their dtype)
+    da, db,  # [B, T, H, K] out: cotangents of a, b (their dtype); with SAME_AB da gets their sum, db is unused
     dg,  # [B, T, H] fp32 out: cotangent of the log gate (unused without HAS_G)
     dbs,  # [B, T, H] fp32 out: cotangent of bs (unused without HAS_BS)
     ctab,  # [NT, 2] int32 with VARLEN: each chunk's first token and its sequence's end (else unused)
@@ -247,6 +247,7 @@ def _dl_bwd_wy_kernel(
     H: tl.constexpr, K: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
     HAS_G: tl.constexpr, HAS_BS: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr = False,
+    SAME_AB: tl.constexpr = False,
 ):
     """Per chunk in parallel, through W = T (B e^G), U0 = T V and T = (I + L)^-1 (products with T in fp32 and
     PREC, those with A and B in their dtype):
@@ -287,13 +288,16 @@ def _dl_bwd_wy_kernel(
         # G_t = sum_(s <= t) g_s: dg_s = sum_(t >= s) dG_t
         b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
         tl.store(dg + rows, b_dg, mask=m_t)
-    # dA = dA1 + (dL * Gamma)^T (bs braw)
-    b_da = tl.dot(tl.trans((b_dL * b_bs[:, None]).to(DT)), b_braw, input_precision=PREC)
-    b_da += tl.load(dA1 + p_w).to(tl.float32)
-    tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)
     # the cotangent of bs b: e^G (T^T dW) + (dL * Gamma) A
     b_db = b_dbg * tl.exp(b_G)[:, None] + tl.dot(b_dL.to(DT), b_a, input_precision=PREC)
     if HAS_BS:
         tl.store(dbs + rows, tl.sum(b_db * b_braw.to(tl.float32), 1), mask=m_t)
         b_db *= b_bs[:, None]
-    tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=m_tk)
+    if not SAME_AB:
+        tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=m_tk)
+    # dA = dA1 + (dL * Gamma)^T (bs braw) (and, when a and b are one tensor, its cotangent is dA + dB)
+    b_da = tl.dot(tl.trans((b_dL * b_bs[:, None]).to(DT)), b_braw, input_precision=PREC)
+    b_da += tl.load(dA1 + p_w).to(tl.float32)
+    if SAME_AB:
+        b_da += b_db
+    tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)

@@ -193,10 +193,11 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
 
 
-def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None, layout=None):
+def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None, layout=None, same_ab=False):
     """Triton backward of :func:`dl_chunk_fwd` (``saved`` from its ``save=True`` call, ``layout`` its own): the
     adjoint walk, then every chunk in parallel. ``do`` [B, T, H, V], ``dht`` [B, H, K, V] or None. Returns (dq,
-    da, db, dv in their inputs' dtypes, dg, dbs, dvs in fp32 or None, dh0 fp32 or None)."""
+    da, db, dv in their inputs' dtypes, dg, dbs, dvs in fp32 or None, dh0 fp32 or None). ``same_ab``: a and b
+    are one tensor; da is then its whole cotangent and db is None."""
     B, T, H, K, V, BT, NT, BK, BV, NV, prec = _dl_geometry(q, v)
     W, U, Gc, Tm, hs = saved
     NS, vl = B, layout is not None
@@ -218,7 +219,8 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
                                       dh0 if dh0 is not None else Gc, dU, dhs, float(scale), ctab, coff, T, NT,
                                       VARLEN=vl, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, HAS_DHT=dht is not None,
                                       STORE_DH0=dh0 is not None, PREC=prec, **_dl_cfg("_dl_bwd_walk_kernel", q, BK))
-    dq, da, db, dv = (torch.empty_like(x) for x in (q, a, b, v))
+    dq, da, dv = (torch.empty_like(x) for x in (q, a, v))
+    db = None if same_ab else torch.empty_like(b)
     dg, dbs, dvs = (torch.empty(B, T, H, device=q.device, dtype=f32) if x is not None else None for x in (g, bs, vs))
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
     dW, dA1 = (torch.empty(B, H, NT * BT, BK, device=q.device, dtype=W.dtype) for _ in range(2))  # work dtype
@@ -228,10 +230,10 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
                                       dW, dT, dA1, dG1, float(scale), ctab, T, NT, VARLEN=vl, H=H, K=K, V=V, BT=BT,
                                       BK=BK, BV=BV, NV=NV, HAS_G=g is not None, HAS_VS=vs is not None, PREC=prec,
                                       **_dl_cfg("_dl_bwd_vloop_kernel"))
-    _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, db, dg if dg is not None else Gc,
-                                   dbs if dbs is not None else Gc, ctab, T, NT, VARLEN=vl, H=H, K=K, BT=BT, BK=BK,
-                                   HAS_G=g is not None, HAS_BS=bs is not None, PREC=prec,
-                                   **_dl_cfg("_dl_bwd_wy_kernel"))
+    _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, da if same_ab else db,
+                                   dg if dg is not None else Gc, dbs if dbs is not None else Gc, ctab, T, NT,
+                                   VARLEN=vl, H=H, K=K, BT=BT, BK=BK, HAS_G=g is not None, HAS_BS=bs is not None,
+                                   PREC=prec, SAME_AB=same_ab, **_dl_cfg("_dl_bwd_wy_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
 
@@ -336,6 +338,8 @@ class _DLChunk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, a, b, v, g, bs, vs, h0, cu_seqlens, scale, output_final_state, out_dtype, work16):
+        ctx.same_ab = b is None  # (delta_chunk passes b = None when b is a: one cotangent, summed by the kernel)
+        b = a if b is None else b
         save = any(ctx.needs_input_grad[:8])
         ctx.layout = _dl_layout(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None  # (once, both passes)
         o, ht, saved = dl_chunk_fwd(q, a, b, v, g, h0, scale, output_final_state, out_dtype, save, bs, vs, work16,
@@ -350,7 +354,7 @@ class _DLChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         def bwd(do, dht, q, a, b, v, g, bs, vs, h0, cu, W, U, G, Tm, hs, scale):
-            return dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs, ctx.layout)
+            return dl_chunk_bwd(do, dht, q, a, b, v, g, h0, (W, U, G, Tm, hs), scale, bs, vs, ctx.layout, ctx.same_ab)
 
         return (*_dl_backward(ctx, do, dht, bwd), None, None, None, None, None)
 
@@ -368,8 +372,8 @@ def delta_chunk(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=False
     will be asked for. ``cu_seqlens`` [N + 1]: B = 1 row of N packed sequences, run in one launch a kernel
     (h0 and the final state [N, H, K, V])."""
     if not torch.compiler.is_compiling():  # eager: the autograd.Function (less host time a call)
-        o, ht = _DLChunk.apply(q, a, b, v, g, bs, vs, h0, cu_seqlens, float(scale), bool(output_final_state),
-                               out_dtype, bool(DL_WORK16))
+        o, ht = _DLChunk.apply(q, a, None if b is a else b, v, g, bs, vs, h0, cu_seqlens, float(scale),
+                               bool(output_final_state), out_dtype, bool(DL_WORK16))
         return o, ht
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, a, b, v, g, bs, vs, h0))
     o, ht, *_ = _DL_OP(q, a, b, v, g, bs, vs, h0, cu_seqlens, float(scale), bool(output_final_state), out_dtype,
