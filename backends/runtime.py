@@ -183,10 +183,17 @@ def _bind_checked(meta, kwargs, initial_state, cu_seqlens, init_params):
             raise MixerCallError("cu_seqlens must be a 1-D integer tensor of sequence boundaries [0, ..., T]")
         if B != 1:
             raise MixerCallError(f"with cu_seqlens the inputs hold sequences packed along T, so B must be 1, got B={B}")
-        cu = [int(c) for c in cu_seqlens.tolist()]
-        if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-            raise MixerCallError(f"cu_seqlens must start at 0, end at T={T} and never decrease, got {cu}")
-        n_seq = len(cu) - 1
+        if len(cu_seqlens) < 2:
+            raise MixerCallError(f"cu_seqlens must start at 0, end at T={T} and never decrease, got "
+                                 f"{cu_seqlens.tolist()}")
+        if torch.compiler.is_compiling():  # no host read of the values in a graph: a check that runs with it
+            ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+            torch._assert_async(ok, f"cu_seqlens must start at 0, end at T={T} and never decrease")
+        else:
+            cu = [int(c) for c in cu_seqlens.tolist()]
+            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+                raise MixerCallError(f"cu_seqlens must start at 0, end at T={T} and never decrease, got {cu}")
+        n_seq = len(cu_seqlens) - 1
     states = {}
     if initial_state is None:
         initial_state = {}

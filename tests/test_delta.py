@@ -390,8 +390,8 @@ def test_packed_sequences_run_in_one_launch(name, monkeypatch):
 
 def test_packed_sequences_under_torch_compile():
     """The operator's packed path (its chunk layout has static shapes, T // 64 + N chunks, so torch.compile
-    traces it; the kernels' entry point is called directly: the runtime's argument checks read cu_seqlens' values
-    on the host): the same outputs, final states and gradients as the eager autograd.Function."""
+    traces it), called at the kernels' entry point with states in and out and per-token scales of b and v:
+    the same outputs, final states and gradients as the eager autograd.Function."""
     mod = load("gated_deltanet")._module
     cu = torch.tensor([0, 30, 100, 101]).to(DEV)
     gen = torch.Generator().manual_seed(7)
@@ -412,3 +412,23 @@ def test_packed_sequences_under_torch_compile():
         grads.append({n: t.grad for n, t in xs.items()})
     for n in x:
         assert rel(grads[1][n], grads[0][n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("name,form", [("gated_deltanet", "chunked"), ("gla", "chunked")])
+def test_a_packed_mixer_call_compiles_as_one_graph(name, form):
+    """torch.compile(fullgraph=True) over a whole packed call (cu_seqlens) of a form that runs packed sequences
+    itself: the runtime's checks read no value of cu_seqlens on the host in a graph (one that runs with it does),
+    so nothing breaks the graph; the result is eager's. Boundaries that do not end at T still fail.
+    (The attention form builds its tile list from the boundaries on the host: a graph break there.)"""
+    m = load(name)
+    sz = {"K": 8, "V": 8}
+    x = {k: v.to(DEV) for k, v in m.random_inputs(1, 101, 2, seed=2, **sz).items()}
+    cu = torch.tensor([0, 30, 100, 101]).to(DEV)
+
+    def f(cu, **kw):
+        return m(**kw, cu_seqlens=cu, form=form)
+
+    fc = torch.compile(f, fullgraph=True, backend="eager")
+    assert rel(fc(cu, **x), f(cu, **x)) < 1e-6
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, end at T=101"):
+        fc(torch.tensor([0, 30, 100, 100]).to(DEV), **x)
