@@ -77,9 +77,9 @@ def _dl_prep_kernel(
 ):
     """Per chunk, in parallel: G, L, T = (I + L)^-1 by recursive doubling, W and U0.
 
-    The inverse: 2 log2(BT / 2) [BT, BT] products in PREC_T (ieee for fp32 inputs and for 16-bit work tensors,
-    tf32x3 otherwise), fp32 throughout. Each level's T_b holds the exact inverses of the b x b diagonal blocks
-    (no powers of L, whose entries grow with aligned keys, as a series would form). On the H200 it took the
+    The inverse: 2 log2(BT / 2) [BT, BT] products in PREC_T (ieee for fp32 inputs, else DL_INV_PREC), fp32
+    throughout. Each level's T_b holds the exact inverses of the b x b diagonal blocks (no powers of L, whose
+    entries grow with aligned keys, as a series would form). On the H200 it took the
     deltanet forward at B4 T4096 H16 D128 bf16 from 1.256 to 1.165 ms against forward substitution in 16 x 16
     blocks (benchmarks/tune.py delta, 2026-12-04)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
