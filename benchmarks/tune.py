@@ -136,12 +136,11 @@ DELTA = [{}, {"DL_INV_PREC": "tf32x3"}, {"DL_WORK16": True}, {"_dl_walk_kernel":
 # every gradient with the fp32-work path's, so the first wrong one names the kernel.
 # (fla met two Triton >= 3.4 Hopper miscompiles of this family: a BT = 64 kernel wrong or faulting at 4 warps and
 # right at 2, fla#984/#988; and tl.trans of a dot's result fed to another dot, fla#640/#826: hence the 2-warp rows)
-DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "_dl_prep_kernel": (2, 1)},
-           {"DL_WORK16": True, "_dl_walk_kernel": (2, 1)}, {"DL_WORK16": True, "_dl_out_kernel": (2, 1)},
-           {"DL_WORK16": True, "_dl_prep_kernel": (2, 1), "_dl_walk_kernel": (2, 1), "_dl_out_kernel": (2, 1),
-            "_dl_bwd_local_kernel": (2, 1), "_dl_bwd_walk_kernel": (2, 1), "_dl_bwd_vloop_kernel": (2, 1),
-            "_dl_bwd_wy_kernel": (2, 1)}]
-DELTA16_SHAPES = [(1, 128, 1, 64), (1, 128, 2, 128)]  # wrong, and faulting, on the H200 (session 14)
+# (session 15: right at B1 T128 H1 D64 with the inverse by doubling; the prep kernel at 2 warps hung past 300 s;
+# tests/test_delta.py failed at key width 16, fp16 and bf16)
+DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "_dl_walk_kernel": (2, 1)},
+           {"DL_WORK16": True, "_dl_out_kernel": (2, 1)}]
+DELTA16_SHAPES = [(1, 150, 2, 16), (1, 150, 2, 64), (1, 256, 2, 128)]
 
 
 def tune_delta_isolated(shape, cand) -> dict:
