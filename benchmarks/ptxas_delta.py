@@ -33,8 +33,8 @@ def main():
     ap.add_argument("--work16", action="store_true", help="W, U and hs in the inputs' dtype (DL_WORK16; else fp32)")
     args = ap.parse_args()
     K, V = args.k, args.v
-    BK = D._dl_pow2(K)
-    BV = min(D._dl_pow2(V), args.bv or (D.DL_BV if args.dtype != "fp32" and K <= 128 else D.DL_BV_SMALL))
+    BK = max(16, D._pow2(K))
+    BV = min(max(16, D._pow2(V)), args.bv or (D.DL_BV if args.dtype != "fp32" and K <= 128 else D.DL_BV_SMALL))
     NV = -(-V // BV)
     x = f"*{args.dtype}"
     w = x if args.work16 or args.dtype == "fp32" else "*fp32"  # the work tensors' pointers

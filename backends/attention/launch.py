@@ -9,15 +9,10 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401  (the generated kernels use tl)
 
-
-def _attn_cdiv(a, b):
-    """ceil(a / b) for host ints (triton.cdiv is a constexpr function: microseconds a call)."""
-    return -(-a // b)
-
-
-def _attn_pow2(n):
-    """The least power of two >= n (host ints; not triton.next_power_of_2, likewise)."""
-    return 1 << max(0, n - 1).bit_length()
+try:
+    from ..hostint import _cdiv, _pow2
+except ImportError:  # pasted into a generated module, after hostint.py
+    pass
 
 
 def _attn_floor(x):
@@ -69,7 +64,7 @@ def _attn_tables(classify, T, TK, off, BM, BN):
     hit = _ATTN_TABLES.get(key)
     if hit is not None:
         return hit
-    nm, nn = _attn_cdiv(T, BM), _attn_cdiv(TK, BN)
+    nm, nn = _cdiv(T, BM), _cdiv(TK, BN)
     if nm == 0 or nn == 0:
         return torch.zeros(nm, 4, dtype=torch.int32), torch.zeros(nn, 4, dtype=torch.int32)
     i_m = torch.arange(nm, dtype=torch.float64).view(nm, 1)
@@ -158,7 +153,7 @@ def _attn_dot(dtype):
 
 
 def _attn_width(d):
-    return max(16, _attn_pow2(d))
+    return max(16, _pow2(d))
 
 
 _ATTN_SMS = {}  # device index -> multiprocessors
@@ -172,7 +167,7 @@ def _attn_splits(T, nn, BH, device, BM):
         sms = _ATTN_SMS.get(device.index)
         if sms is None:
             sms = _ATTN_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(nn // 2, _attn_cdiv(2 * sms, BH), 64))
+        return max(1, min(nn // 2, _cdiv(2 * sms, BH), 64))
     return 2
 
 
@@ -185,7 +180,7 @@ def _attn_forward(spec, q, k, v, pars, off, dims, allow_split, seqs=None):
     TK, DV = k.shape[1], v.shape[3]
     BM, BN, warps, stages = _attn_config("fwd", DK, DV, q.device, T if seqs is None else None, q.element_size())
     work = _attn_work(spec["classify"], seqs or ((0, T, 0, TK),), off, BM, BN, "q", q.device)
-    nn = _attn_cdiv(TK, BN)
+    nn = _cdiv(TK, BN)
     ns = _attn_splits(T, nn, B * H, q.device, BM) if allow_split and seqs is None else 1
     if ns == 1:
         o = torch.empty(1, B, T, H, DV, dtype=q.dtype, device=q.device)
@@ -243,7 +238,7 @@ def _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims, seqs=None):
     even = DK == BK and DV == BV
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     BMp = 16 if q.device.type != "cuda" else max(16, min(128, 8192 // BV))
-    _attn_bwd_preprocess_kernel[(_attn_cdiv(T, BMp), B * H)](
+    _attn_bwd_preprocess_kernel[(_cdiv(T, BMp), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, H,
         DV=DV, BM=BMp, BV=BV, num_warps=4,
     )
@@ -369,8 +364,8 @@ def _attn_decode_plan(cap, BH, device):
     sms = _ATTN_SMS.get(device.index)
     if sms is None:
         sms = _ATTN_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    nn = _attn_cdiv(cap, BN)
-    return BN, max(1, min(nn, _attn_cdiv(8 * sms, BH), 128)), 4
+    nn = _cdiv(cap, BN)
+    return BN, max(1, min(nn, _cdiv(8 * sms, BH), 128)), 4
 
 
 def _attn_decode(spec, q, kc, vc, pos, pars, dims, out, op, lp, ring):
@@ -387,7 +382,7 @@ def _attn_decode(spec, q, kc, vc, pos, pars, dims, out, op, lp, ring):
         DK=DK, DV=DV, BN=BN, BK=BK, BV=BV, NS=ns, CAP=CAP, RING=ring, num_warps=warps,
     )
     _attn_decode_merge_kernel[(B * H,)](
-        op, lp, out, out.stride(0), out.stride(1), H, DV=DV, BV=BV, NS=ns, BS=max(2, _attn_pow2(ns)),
+        op, lp, out, out.stride(0), out.stride(1), H, DV=DV, BV=BV, NS=ns, BS=max(2, _pow2(ns)),
         num_warps=4,
     )
     return out

@@ -185,12 +185,12 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 
 
 def _backend():
-    from .. import custom_op
+    from .. import custom_op, hostint
     from ..registry import FormBackend
     from . import kernels_bwd, kernels_common, kernels_fwd, launch, launcher, ops, power, sequential
 
     # pasted in this order: each module after the ones it imports from (ops defines its operator at import)
-    support = (custom_op, launcher, kernels_common, kernels_fwd, kernels_bwd, sequential, launch, power, ops)
+    support = (custom_op, hostint, launcher, kernels_common, kernels_fwd, kernels_bwd, sequential, launch, power, ops)
     return FormBackend(form="chunked", emit=emit_any, support=support, native_varlen=True, describe=describe)
 
 

@@ -7,6 +7,7 @@ This file needs only torch and triton; `mixc compile` pastes it into the generat
 import torch
 
 try:
+    from ..hostint import _cdiv, _pow2
     from .kernels_bwd import (
         _dden_kernel,
         _dg_key_kernel,
@@ -28,15 +29,6 @@ except ImportError:  # pasted into a generated module, after the modules named h
 
 
 # ---- launching -------------------------------------------------------------------------------
-
-
-def _cdiv(a, b):
-    """ceil(a / b) for host ints (triton.cdiv is a jit function in newer Triton: microseconds a call)."""
-    return -(-a // b)
-
-
-def _pow2(n):
-    return 1 << max(0, int(n - 1).bit_length())
 
 
 def _flat_gate(g):

@@ -9,6 +9,7 @@ import torch
 
 try:
     from ..custom_op import _op_defined, _op_empty, _op_tag
+    from ..hostint import _cdiv
     from .kernels_bwd import (
         _dden_kernel,
         _dg_key_kernel,
@@ -43,7 +44,6 @@ try:
     )
     from .launch import (
         _blocks,
-        _cdiv,
         _flat_gate,
         _gate_of,
         _layout,

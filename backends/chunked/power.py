@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 try:
-    from .launch import _cdiv, _pow2
+    from ..hostint import _cdiv, _pow2
     from .launcher import INTERPRET, _Launch
 except ImportError:  # pasted into a generated module, after the modules named here
     pass

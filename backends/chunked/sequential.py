@@ -9,8 +9,9 @@ import triton
 import triton.language as tl
 
 try:
+    from ..hostint import _cdiv, _pow2
     from .kernels_common import _dot, _seq_bounds, _tile_row
-    from .launch import _cdiv, _dot_mode, _flat, _pow2
+    from .launch import _dot_mode, _flat
     from .launcher import _Launch
 except ImportError:  # pasted into a generated module, after the modules named here
     pass

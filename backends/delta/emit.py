@@ -23,7 +23,7 @@ from mixc.analysis import Analysis, StateForm, Term, _flatten_mul, product, show
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
-from .. import custom_op
+from .. import custom_op, hostint
 from ..chunked import launcher
 from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..chunked.plan import NoChunkedForm, _const, _log_decay, _readout_of, _readout_parts, _rename_terms, _signed
@@ -229,7 +229,7 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 def _backend():
     from ..registry import FormBackend
 
-    return FormBackend(form="chunked", emit=emit_any, support=(custom_op, launcher, fwd, bwd, kernels),
+    return FormBackend(form="chunked", emit=emit_any, support=(custom_op, hostint, launcher, fwd, bwd, kernels),
                        native_varlen=True,
                        describe=describe)
 

@@ -48,6 +48,7 @@ import torch
 
 try:
     from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
+    from ..hostint import _cdiv, _pow2
     from .bwd import _dl_bwd_local_kernel, _dl_bwd_vloop_kernel, _dl_bwd_walk_kernel, _dl_bwd_wy_kernel
     from .fwd import _dl_out_kernel, _dl_prep_kernel, _dl_rows, _dl_walk_chunks, _dl_walk_kernel
 except ImportError:  # pasted into a generated module, after the kernels
@@ -75,16 +76,6 @@ DL_INV_PREC = "tf32"
 # 5.4e-3, outputs and gradients; benchmarks/suites/delta.py) and was fast: deltanet B4 T4096 H16 D128 fwd 1.165 ->
 # 0.747 ms, fwd+bwd 3.16 -> 2.34 ms. Turn on only once tests/test_delta.py passes on a GPU with it on, every width.
 DL_WORK16 = False
-
-
-def _dl_pow2(n):
-    """The least power of two >= n, at least 16 (host ints: triton.next_power_of_2 and triton.cdiv are
-    constexpr functions, microseconds a call)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _dl_cdiv(a, b):
-    return -(-a // b)
 
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
@@ -117,9 +108,9 @@ def _dl_geometry(q, v):
     if K > 256:
         raise ValueError(f"delta_chunk: the key width K = {K} of q, a, b is above 256 (one key block per program)")
     BT = DL_CHUNK
-    BV = min(_dl_pow2(V), DL_BV if q.dtype != torch.float32 and K <= 128 else DL_BV_SMALL)
+    BV = min(max(16, _pow2(V)), DL_BV if q.dtype != torch.float32 and K <= 128 else DL_BV_SMALL)
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    return B, T, H, K, V, BT, _dl_cdiv(T, BT), _dl_pow2(K), BV, _dl_cdiv(V, BV), prec
+    return B, T, H, K, V, BT, _cdiv(T, BT), max(16, _pow2(K)), BV, _cdiv(V, BV), prec
 
 
 def _dl_work_dtype(q, work16):
@@ -192,7 +183,7 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
                                   **_dl_cfg("_dl_walk_kernel", q, BK))
     o = torch.empty(B, T, H, V, device=dev, dtype=out_dtype or q.dtype)
     BVO = _dl_out_block(BV, NV)
-    _dl_out_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), ctab, T, NT, VARLEN=vl, H=H,
+    _dl_out_kernel[(NT, _cdiv(V, BVO), B * H)](q, a, U, Gc, hs, o, float(scale), ctab, T, NT, VARLEN=vl, H=H,
                                                   K=K, V=V, BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
                                                   **_dl_cfg("_dl_out_kernel"))
     return o, ht, ((W, U, Gc, Tm, hs) if save else None)
@@ -217,7 +208,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
     dh0 = torch.empty(NS, H, K, V, device=q.device, dtype=f32) if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
     BVO = _dl_out_block(BV, NV)
-    _dl_bwd_local_kernel[(NT, _dl_cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), ctab, T, NT, VARLEN=vl,
+    _dl_bwd_local_kernel[(NT, _cdiv(V, BVO), B * H)](q, a, Gc, do, dU, float(scale), ctab, T, NT, VARLEN=vl,
                                                         H=H, K=K, V=V, BT=BT, BK=BK, BV=BVO, BU=BV, NU=NV, PREC=prec,
                                                         **_dl_cfg("_dl_bwd_local_kernel"))
     _dl_bwd_walk_kernel[(NV, NS * H)](q, a, W, Gc, do, dht if dht is not None else Gc,

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 try:
-    from .launch import _rec_cdiv, _rec_kernel, _rec_tiles
+    from ..hostint import _cdiv
+    from .launch import _rec_kernel, _rec_tiles
 except ImportError:  # pasted into a generated module, after launch.py
     pass
 
@@ -201,7 +202,7 @@ def _recc_launch(q, k, v, a, b, c, h0, ht, o, scale, ck):
     B, T, H, V = v.shape
     K = max([1] + [x.shape[-1] for x in (q, k) if x is not None] + [x.shape[1] for x in (a, b, c) if x is not None])
     BK, BV, warps = _rec_tiles(B * H, K, V)
-    NV = _rec_cdiv(V, BV)
+    NV = _cdiv(V, BV)
     (ar, sc), (br, _), (cr, _) = _recc_real(a, K, V), _recc_real(b, K, V), _recc_real(c, K, V)
     return B, T, H, K, V, BK, BV, NV, warps, ar, br, cr, sc
 
@@ -213,7 +214,7 @@ class _ReccScan(torch.autograd.Function):
         B, T, H, K, V, BK, BV, NV, warps, ar, br, cr, sc = _recc_launch(q, k, v, a, b, c, h0, None, None, scale, None)
         o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
         ht = torch.empty(B, H, K, V, 2, dtype=torch.float32, device=v.device)
-        ck = torch.empty(B, H, _rec_cdiv(T, RECC_CHUNK), K, V, 2, dtype=torch.float32, device=v.device) \
+        ck = torch.empty(B, H, _cdiv(T, RECC_CHUNK), K, V, 2, dtype=torch.float32, device=v.device) \
             if need_ck else ht
         h0r = torch.view_as_real(h0.to(torch.complex64)).contiguous() if h0 is not None else None
         d = v

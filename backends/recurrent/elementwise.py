@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 try:
+    from ..hostint import _cdiv, _pow2
     from .kernels import _rec_decay
-    from .launch import _rec_bcast_strides, _rec_cdiv, _rec_kernel, _rec_pow2
+    from .launch import _rec_bcast_strides, _rec_kernel
 except ImportError:  # pasted into a generated module, after kernels.py and launch.py
     pass
 
@@ -174,7 +175,7 @@ def _rec_ew_tiles(T):
     walking its channels' tokens) and chunks of 64 tokens (fewer for a short sequence), 4 entries a thread.
     What is in flight per SM grows with BT; registers with BT * BV / threads (sm_90, Triton 3.6: 88 in the
     forward, 146 in the backward at 64 x 16 and 8 warps; 128 x 16 spills in the backward)."""
-    BT = max(16, min(64, _rec_pow2(T)))
+    BT = max(16, min(64, _pow2(T)))
     return BT, 16, max(1, BT * 16 // 128)
 
 
@@ -190,9 +191,9 @@ def _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, store_ck):
     """Launch the forward scan; returns the checkpoints [B, H, NC, V] fp32 (or None)."""
     B, T, H, V = v.shape
     BT, BV, warps = _rec_ew_tiles(T)
-    ck = torch.empty(B, H, _rec_cdiv(T, BT), V, dtype=torch.float32, device=v.device) if store_ck else o
+    ck = torch.empty(B, H, _cdiv(T, BT), V, dtype=torch.float32, device=v.device) if store_ck else o
     ptrs, st = _rec_ew_operands(v, at, ap)
-    _rec_kernel(_rec_ew_fwd)[(_rec_cdiv(V, BV), B * H)](
+    _rec_kernel(_rec_ew_fwd)[(_cdiv(V, BV), B * H)](
         *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o, T, H, V, float(scale), *st,
         o.stride(0), o.stride(1), o.stride(2), HAS_AT=at is not None, HAS_AP=ap is not None,
         EXP_DECAY=bool(exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CK=store_ck, BT=BT, BV=BV,
@@ -218,7 +219,7 @@ class _RecEwScan(torch.autograd.Function):
         v, at, ap, ck = ctx.saved_tensors
         B, T, H, V = v.shape
         BT, BV, warps = _rec_ew_tiles(T)
-        NV = _rec_cdiv(V, BV)
+        NV = _cdiv(V, BV)
         f32, dev = torch.float32, v.device
         if do is None:
             do = torch.zeros(B, T, H, V, dtype=f32, device=dev)

@@ -20,6 +20,7 @@ from mixc.analysis import Analysis, StateForm, Term, _flatten_mul, product, read
 from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
+from .. import hostint
 from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..reference import prologue
 
@@ -439,7 +440,7 @@ def _backend():
     from ..registry import FormBackend
     from . import complex, elementwise, kernels, launch
 
-    return FormBackend(form="recurrent", emit=emit_any, support=(kernels, launch, elementwise, complex),
+    return FormBackend(form="recurrent", emit=emit_any, support=(hostint, kernels, launch, elementwise, complex),
                        native_varlen=False,
                        describe=describe)
 

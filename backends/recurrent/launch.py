@@ -15,6 +15,7 @@ import torch
 import triton
 
 try:
+    from ..hostint import _cdiv, _pow2
     from .kernels import _rec_bwd, _rec_fwd
 except ImportError:  # pasted into a generated module, after the kernels
     pass
@@ -164,16 +165,6 @@ def _rec_kernel(fn):
     return _REC_LAUNCH[fn]
 
 
-def _rec_cdiv(a, b):
-    """ceil(a / b) for host ints (triton.cdiv is a constexpr function: microseconds a call)."""
-    return -(-a // b)
-
-
-def _rec_pow2(n):
-    """The least power of two >= n (n >= 1)."""
-    return 1 << (n - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=256)
 def _rec_tiles(n_bh, K, V, step=False):
     """(BK, BV, num_warps): the whole key axis in one tile; the value axis cut so that a tile holds at
@@ -183,11 +174,11 @@ def _rec_tiles(n_bh, K, V, step=False):
     2026-12-04) 128 x 32 with 4 warps moves the state at 0.92 of the copy bandwidth, against 0.79 for 128 x 16
     (0.91 at 128 x 64 with 2 warps; 8 warps or one 128 x 128 tile: 0.12 to 0.86). sm_90 / Triton 3.6: 167
     registers, no spill."""
-    BK = max(2, _rec_pow2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
+    BK = max(2, _pow2(K))  # (a K = 1 state still takes two masked rows: no 1-wide ranges)
     if step:
-        BV = min(_rec_pow2(V), max(16, 4096 // BK))
+        BV = min(_pow2(V), max(16, 4096 // BK))
         return BK, BV, max(1, min(4, BK * BV // 1024))
-    BV = min(_rec_pow2(V), max(16, 4096 // BK))
+    BV = min(_pow2(V), max(16, 4096 // BK))
     while BV > 16 and n_bh * -(-V // BV) < 256:
         BV //= 2
     return BK, BV, max(1, min(4, BK * BV // 256))
@@ -232,8 +223,8 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
     BK, BV, warps = _rec_tiles(B * H, K, V, T == 1)
-    NV = _rec_cdiv(V, BV)
-    ck = torch.empty(B, H, _rec_cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
+    NV = _cdiv(V, BV)
+    ck = torch.empty(B, H, _cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
         if store_ck else o
     ptrs, st = _rec_operands(q, k, v, at, ap)
     _rec_kernel(_rec_fwd)[(NV, B * H)](
@@ -265,7 +256,7 @@ class _RecScan(torch.autograd.Function):
         B, T, H, V = v.shape
         K = ctx.K
         BK, BV, warps = _rec_tiles(B * H, K, V)
-        NV = _rec_cdiv(V, BV)
+        NV = _cdiv(V, BV)
         f32, dev = torch.float32, v.device
         do = torch.zeros(B, T, H, V, dtype=f32, device=dev) if do is None else do.to(f32).contiguous()
         dht = None if dht is None else dht.to(f32).contiguous()
