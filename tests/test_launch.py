@@ -171,3 +171,42 @@ def test_the_delta_launches_pass_runtime_arguments_by_position_and_constexprs_by
     o, fin = m(**x, initial_state=s0, output_final_state=True, form="chunked")
     (o.square().sum() + fin["S"].square().sum()).backward()
     assert seen == {n for md in (delta_fwd, delta_bwd) for n in vars(md) if n.endswith("_kernel")}
+
+
+@pytest.mark.parametrize("name,sizes", [("mamba", {"P": 4, "N": 3}), ("hgrn", {"D": 8}), ("gla", {"K": 8, "V": 8}),
+                                        ("s4d", {"N": 16})])
+def test_the_recurrent_launches_pass_runtime_arguments_by_position_and_constexprs_by_keyword(name, sizes,
+                                                                                            monkeypatch):
+    """The recurrent form's launcher is the chunked one's (_Launch) plus step recording: every launch of a
+    forward, a backward and a decoder step can take the compiled handle (the replay of a recorded step needs
+    it), so runtime arguments go by position and constexprs by keyword."""
+    import mixc
+
+    m = mixc.load(Path(__file__).resolve().parents[1] / "examples" / f"{name}.mix")
+    mod = m._module
+    assert issubclass(mod._RecLaunch, mod._Launch)
+    seen = set()
+    orig = mod._Launch._run
+
+    def run(self, grid, args, kwargs):
+        f = self.fn
+        while hasattr(f, "fn"):
+            f = f.fn
+        params = [(n, "constexpr" in str(p.annotation)) for n, p in inspect.signature(f).parameters.items()]
+        assert [c for _, c in params[:len(args)]] == [False] * len(args), self.__name__
+        assert all(c for _, c in params[len(args):]), self.__name__
+        assert set(kwargs) <= {n for n, _ in params} | {"num_warps", "num_stages"}, self.__name__
+        seen.add(self.__name__)
+        return orig(self, grid, args, kwargs)
+
+    monkeypatch.setattr(mod._Launch, "_run", run)
+    monkeypatch.setattr(mod, "FAST_LAUNCH", True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = {k: v.to(dev).requires_grad_() for k, v in m.random_inputs(1, 40, 2, seed=0, **sizes).items()}
+    m(**x, form="recurrent").square().sum().backward()
+    dec = m.decoder(1, 2, device=dev, **sizes)
+    with torch.no_grad():
+        dec.step(**{k: v[:, 0] for k, v in x.items()})
+    assert seen, "no launch went through the launcher"

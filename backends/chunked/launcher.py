@@ -43,21 +43,24 @@ class _Launch:
         return lambda *args, **kwargs: self._run(grid, args, kwargs)
 
     def _run(self, grid, args, kwargs):
+        """Launch; returns (compiled kernel, the parameters after the positional ones) when the specialisation
+        is cached (or now is), else None."""
         key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
         hit = self.handles.get(key)
         if hit is not None:  # the handle reads all three grid sizes
             hit[0][grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *hit[1])
-            return
+            return hit
         compiled = self.fn[grid](*args, **kwargs)
         params = getattr(self.fn, "params", None)
         if params is None or not hasattr(compiled, "__getitem__"):  # not a Triton with compiled handles
-            return
+            return None
         if any(p.is_constexpr for p in params[:len(args)]):  # a constexpr passed by position: its value is not
-            return  # in the key (only _arg_key's classes), so this launch must not be cached
+            return None  # in the key (only _arg_key's classes), so this launch must not be cached
         params = params[len(args):]
-        if all(p.is_constexpr for p in params):
-            rest = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
-            self.handles[key] = (compiled, rest)
+        if not all(p.is_constexpr for p in params):
+            return None
+        self.handles[key] = (compiled, tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params))
+        return self.handles[key]
 
     @property
     def __name__(self):

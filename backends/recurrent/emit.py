@@ -21,6 +21,7 @@ from mixc.ir import T_VAR, Node, Var
 from mixc.lower import make, rename
 
 from .. import hostint
+from ..chunked import launcher
 from ..chunked.emit_tensors import _as_btd, _feature_emitter, _is_number
 from ..reference import prologue
 
@@ -440,8 +441,8 @@ def _backend():
     from ..registry import FormBackend
     from . import complex, elementwise, kernels, launch
 
-    return FormBackend(form="recurrent", emit=emit_any, support=(hostint, kernels, launch, elementwise, complex),
-                       native_varlen=False,
+    return FormBackend(form="recurrent", emit=emit_any,
+                       support=(hostint, launcher, kernels, launch, elementwise, complex), native_varlen=False,
                        describe=describe)
 
 

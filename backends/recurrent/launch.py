@@ -9,70 +9,38 @@ This file needs only torch and triton; `mixc compile` pastes it into the generat
 """
 
 import functools
-import os
 
 import torch
 import triton
 
 try:
+    from ..chunked.launcher import FAST_LAUNCH, _Launch
     from ..hostint import _cdiv, _pow2
     from .kernels import _rec_bwd, _rec_fwd
-except ImportError:  # pasted into a generated module, after the kernels
+except ImportError:  # pasted into a generated module, after the launcher and the kernels
     pass
 
 REC_CHUNK = 32  # tokens between two checkpoints of the state (the backward recomputes within a chunk)
-# launches through the compiled handle (see _RecLaunch); MIXC_FAST_LAUNCH=0 sends them through Triton
-REC_FAST_LAUNCH = os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("MIXC_FAST_LAUNCH", "1") != "0"
 
 
-def _rec_arg_key(a):
-    """What Triton specialises a runtime argument on (a tensor's dtype and 16-byte alignment; an int's
-    being 1, a multiple of 16 and its width), else its type."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if type(a) is int:
-        return a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000
-    return type(a)
-
-
-class _RecLaunch:
-    """``kernel[grid](*args, **constexprs)``, where a specialisation seen before launches Triton's compiled
-    handle directly (skipping Triton's per-call binding: most of a one-token step's host time). The first
-    launch of each specialisation, the interpreter and Triton versions without compiled handles go through
-    Triton. While a decoder records a step (:func:`rec_step_record`), each launch is recorded too."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.handles = {}
+class _RecLaunch(_Launch):
+    """The chunked form's launcher (:class:`_Launch`: a specialisation seen before launches Triton's compiled
+    handle directly, skipping Triton's per-call binding, most of a one-token step's host time) that also
+    records each launch while a decoder records a step (:func:`rec_step_record`)."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
         handle = None
-        if REC_FAST_LAUNCH:
+        if FAST_LAUNCH:
             handle = self._run(grid, args, kwargs)
+            if handle is not None and not hasattr(handle[0], "packed_metadata"):
+                handle = None  # (a Triton whose compiled kernel the replay cannot launch by hand)
         else:
             self.fn[grid](*args, **kwargs)
         if _REC_RECORDING:
             _REC_RECORDING[-1].append((self, grid, args, kwargs, handle))
-
-    def _run(self, grid, args, kwargs):
-        """Launch; returns (compiled kernel, its constexpr values) when the fast path knows it, else None."""
-        key = (torch.cuda.current_device(), tuple(map(_rec_arg_key, args)), tuple(kwargs.items()))
-        hit = self.handles.get(key)
-        if hit is not None:
-            hit[0][(*grid, 1, 1)[:3]](*args, *hit[1])
-            return hit
-        compiled = self.fn[grid](*args, **kwargs)
-        params = getattr(self.fn, "params", None)
-        if params is None or not hasattr(compiled, "__getitem__") or not hasattr(compiled, "packed_metadata"):
-            return None
-        params = params[len(args):]
-        if all(p.is_constexpr for p in params):
-            self.handles[key] = (compiled, tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params))
-            return self.handles[key]
-        return None
 
 
 _REC_RECORDING = []  # while rec_step_record runs a step: a list receiving its launches
@@ -99,7 +67,7 @@ class _RecReplay:
         self.slots = slots  # [(position in args, input index, shape, strides)]
         self.args = list(args)
         self.run = None
-        if handle is not None and REC_FAST_LAUNCH:
+        if handle is not None and FAST_LAUNCH:
             compiled, consts = handle
             self.compiled = compiled
             self.args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(consts)
