@@ -40,7 +40,8 @@ def main():
     w = x if args.work16 or args.dtype == "fp32" else "*fp32"  # the work tensors' pointers
     prec = "ieee" if args.dtype == "fp32" else "tf32"
     base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BU=BV, VARLEN=args.varlen,
-                NU=NV, PREC_T="ieee" if prec == "ieee" else D.DL_INV_PREC)
+                NU=NV, PREC_T="ieee" if prec == "ieee" else D.DL_INV_PREC,
+                BC=D.DL_INV_BLOCK)
     bvo = D._dl_out_block(BV, NV)
     kernels = {
         "_dl_prep_kernel": (dict(a=x, b=x, v=x, W=w, U=w), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),

@@ -342,11 +342,14 @@ def test_one_key_tensor_gets_one_cotangent(name, monkeypatch):
 
 @pytest.mark.parametrize("g", [(-21.0, -19.0), (-1e-3, 0.0), None], ids=["g-near-minus-20", "g-near-0", "ungated"])
 @pytest.mark.parametrize("aligned", [False, True], ids=["random-keys", "aligned-keys"])
-def test_the_blockwise_inverse(g, aligned):
-    """The prep kernel's T = (I + L)^-1 (recursive doubling of the diagonal blocks) against a float64
+@pytest.mark.parametrize("block", [16, 2], ids=["small-levels-batched", "all-levels-whole"])
+def test_the_blockwise_inverse(g, aligned, block, monkeypatch):
+    """The prep kernel's T = (I + L)^-1 (recursive doubling of the diagonal blocks; its first levels on the
+    16 x 16 diagonal blocks as a batch, or every level on whole tiles: DL_INV_BLOCK) against a float64
     triangular solve, per chunk, with beta in (0.9, 1) and log gates near -20 (the blocks off the diagonal
     underflow), near 0 (every block is full), or none; with keys all near one direction (the solve chains
     near-cancellations). T = 100: the second chunk is padded."""
+    monkeypatch.setattr(kernels, "DL_INV_BLOCK", block)
     gen = torch.Generator().manual_seed(11)
     B, T, H, K, V, BT = 1, 100, 2, 20, 16, kernels.DL_CHUNK
     kk = torch.randn(B, T, H, K, generator=gen)

@@ -73,13 +73,14 @@ def _dl_prep_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_BS: tl.constexpr, HAS_VS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
-    PREC_T: tl.constexpr, VARLEN: tl.constexpr = False,
+    PREC_T: tl.constexpr, VARLEN: tl.constexpr = False, BC: tl.constexpr = 2,
 ):
     """Per chunk, in parallel: G, L, T = (I + L)^-1 by recursive doubling, W and U0.
 
-    The inverse: 2 log2(BT / 2) [BT, BT] products in PREC_T (ieee for fp32 inputs, else DL_INV_PREC), fp32
-    throughout. Each level's T_b holds the exact inverses of the b x b diagonal blocks (no powers of L, whose
-    entries grow with aligned keys, as a series would form). On the H200 it took the
+    The inverse: recursive doubling, levels up to BC on the BT / BC diagonal [BC, BC] blocks as a batch (ieee),
+    the levels above on [BT, BT] tiles in PREC_T (ieee for fp32 inputs, else DL_INV_PREC), fp32 throughout.
+    Each level's T_b holds the exact inverses of the b x b diagonal blocks (no powers of L, whose entries grow
+    with aligned keys, as a series would form). On the H200 it took the
     deltanet forward at B4 T4096 H16 D128 bf16 from 1.256 to 1.165 ms against forward substitution in 16 x 16
     blocks (benchmarks/tune.py delta, 2026-12-04)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -110,12 +111,29 @@ def _dl_prep_kernel(
     b_L = tl.where(lower, b_L * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.)), 0.)
     # T = (I + L)^-1 by recursive doubling: with T_b the inverse of I + L's diagonal b x b blocks and E_b the part of
     # L between the halves of each 2b x 2b diagonal block, (D + E)^-1 = D^-1 - D^-1 E D^-1 there ((D^-1 E)^2 = 0):
-    # T_2b = T_b - T_b (E_b T_b), from T_2 (pairs [1 0; -L 1]) to T_BT, two products per level in PREC_T
-    eye = o_r[:, None] == o_r[None, :]
-    pair = (o_r // 2)[:, None] == (o_r // 2)[None, :]
-    b_T = tl.where(eye, 1., 0.) - tl.where(pair, b_L, 0.)
+    # T_2b = T_b - T_b (E_b T_b), two products a level. From T_2 (pairs [1 0; -L 1]) to T_BC on the BT / BC
+    # diagonal blocks alone, as a batch of [BC, BC] matrices (ieee products: BC^3 a block); then on [BT, BT] in PREC_T
+    if BC > 2:
+        NB: tl.constexpr = BT // BC
+        o_c, o_b = tl.arange(0, NB), tl.arange(0, BC)
+        on_diag = o_c[:, None, None, None] == o_c[None, None, :, None]  # [NB, 1, NB, 1]: block (c, c)
+        b_Ld = tl.sum(tl.where(on_diag, tl.reshape(b_L, (NB, BC, NB, BC)), 0.), 2)  # [NB, BC, BC]
+        eye = (o_b[:, None] == o_b[None, :])[None, :, :]
+        pair = ((o_b // 2)[:, None] == (o_b // 2)[None, :])[None, :, :]
+        b_Tc = tl.where(eye, 1., 0.) - tl.where(pair, b_Ld, 0.)
+        for lv in tl.static_range(1, 16):
+            if (2 << lv) <= BC:
+                blk2 = ((o_b >> (lv + 1))[:, None] == (o_b >> (lv + 1))[None, :])[None, :, :]
+                blk = ((o_b >> lv)[:, None] == (o_b >> lv)[None, :])[None, :, :]
+                b_ET = tl.dot(tl.where(blk2 & (blk == 0), b_Ld, 0.), b_Tc, input_precision="ieee")
+                b_Tc = b_Tc - tl.dot(b_Tc, b_ET, input_precision="ieee")
+        b_T = tl.reshape(tl.where(on_diag, b_Tc[:, :, None, :], 0.), (BT, BT))
+    else:
+        eye = o_r[:, None] == o_r[None, :]
+        pair = (o_r // 2)[:, None] == (o_r // 2)[None, :]
+        b_T = tl.where(eye, 1., 0.) - tl.where(pair, b_L, 0.)
     for lv in tl.static_range(1, 16):
-        if (2 << lv) <= BT:
+        if (2 << lv) <= BT and (1 << lv) >= BC:
             blk2 = (o_r >> (lv + 1))[:, None] == (o_r >> (lv + 1))[None, :]
             blk = (o_r >> lv)[:, None] == (o_r >> lv)[None, :]
             b_ET = tl.dot(tl.where(blk2 & (blk == 0), b_L, 0.), b_T, input_precision=PREC_T)

@@ -69,6 +69,10 @@ DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per
 # and 1.1e-3 at worst with keys all near one direction and beta in (0.9, 1), against 4e-3 for a bf16 rounding;
 # tf32x3 (1e-7) takes three tensor-core passes a product and splits every operand. Not yet timed on a GPU.
 DL_INV_PREC = "tf32"
+# the inverse's first levels (blocks 2 x 2 to DL_INV_BLOCK x DL_INV_BLOCK) run on the diagonal blocks alone, as a batch
+# of small matrices with ieee products, instead of on whole [64, 64] tiles (6 of the 10 products); 2: every level on
+# whole tiles. Not yet timed on a GPU: tune.py delta A/Bs both.
+DL_INV_BLOCK = 16
 # 16-bit work tensors (W, U, hs and the backward's scratch in the inputs' dtype, 16-bit tl.dot operands) for 16-bit
 # inputs, as fla stores them: half the traffic of fp32 work tensors. Off: on the H200 (Triton 3.6, 2026-12-04) the
 # path is wrong at key width 16 (relative error 0.7 to 1.2, NaN in the gated backward, fp16 and bf16:
@@ -173,7 +177,7 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, ctab, T, VARLEN=vl, H=H, K=K, V=V, BT=BT,
                                  BK=BK, BV=BV, NV=NV, HAS_G=g is not None, HAS_BS=bs is not None,
                                  HAS_VS=vs is not None, SAVE=save, PREC=prec,
-                                 PREC_T="ieee" if prec == "ieee" else DL_INV_PREC,
+                                 PREC_T="ieee" if prec == "ieee" else DL_INV_PREC, BC=DL_INV_BLOCK,
                                  **_dl_cfg("_dl_prep_kernel"))
     ht = torch.empty(NS, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
