@@ -140,12 +140,10 @@ def test_every_delta_kernel_is_launched_through_it():
         assert len(names) >= 3 and all(isinstance(getattr(mod, n), C._Launch) for n in names), mod.__name__
 
 
-def test_the_delta_launches_pass_runtime_arguments_by_position_and_constexprs_by_keyword(monkeypatch):
-    """Every launch of a forward and backward (gated, with states and per-token scales) can take the compiled
-    handle: its positional arguments are exactly the kernel's runtime parameters and every constexpr is named."""
-    import mixc
-
-    m = mixc.load(Path(__file__).resolve().parents[1] / "examples" / "gated_deltanet.mix")
+def _check_conventions(m, monkeypatch):
+    """Route every launch of mixer ``m``'s module through the fast launcher (on a CPU with a stand-in device
+    index), asserting that its positional arguments are exactly the kernel's runtime parameters and every
+    constexpr is named; returns (device, the set of kernel names launched so far)."""
     mod = m._module
     seen = set()
     orig = mod._Launch._run
@@ -166,6 +164,16 @@ def test_the_delta_launches_pass_runtime_arguments_by_position_and_constexprs_by
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":  # (the interpreter: no device to ask)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return dev, seen
+
+
+def test_the_delta_launches_pass_runtime_arguments_by_position_and_constexprs_by_keyword(monkeypatch):
+    """Every launch of a forward and backward (gated, with states and per-token scales) can take the compiled
+    handle: its positional arguments are exactly the kernel's runtime parameters and every constexpr is named."""
+    import mixc
+
+    m = mixc.load(Path(__file__).resolve().parents[1] / "examples" / "gated_deltanet.mix")
+    dev, seen = _check_conventions(m, monkeypatch)
     x = {k: v.to(dev).requires_grad_() for k, v in m.random_inputs(1, 70, 2, seed=0, K=8, V=8).items()}
     s0 = {"S": torch.randn(1, 2, 8, 8, device=dev, requires_grad=True)}
     o, fin = m(**x, initial_state=s0, output_final_state=True, form="chunked")
@@ -183,27 +191,8 @@ def test_the_recurrent_launches_pass_runtime_arguments_by_position_and_constexpr
     import mixc
 
     m = mixc.load(Path(__file__).resolve().parents[1] / "examples" / f"{name}.mix")
-    mod = m._module
-    assert issubclass(mod._RecLaunch, mod._Launch)
-    seen = set()
-    orig = mod._Launch._run
-
-    def run(self, grid, args, kwargs):
-        f = self.fn
-        while hasattr(f, "fn"):
-            f = f.fn
-        params = [(n, "constexpr" in str(p.annotation)) for n, p in inspect.signature(f).parameters.items()]
-        assert [c for _, c in params[:len(args)]] == [False] * len(args), self.__name__
-        assert all(c for _, c in params[len(args):]), self.__name__
-        assert set(kwargs) <= {n for n, _ in params} | {"num_warps", "num_stages"}, self.__name__
-        seen.add(self.__name__)
-        return orig(self, grid, args, kwargs)
-
-    monkeypatch.setattr(mod._Launch, "_run", run)
-    monkeypatch.setattr(mod, "FAST_LAUNCH", True)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert issubclass(m._module._RecLaunch, m._module._Launch)
+    dev, seen = _check_conventions(m, monkeypatch)
     x = {k: v.to(dev).requires_grad_() for k, v in m.random_inputs(1, 40, 2, seed=0, **sizes).items()}
     m(**x, form="recurrent").square().sum().backward()
     dec = m.decoder(1, 2, device=dev, **sizes)
