@@ -71,7 +71,7 @@ DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per
 DL_INV_PREC = "tf32"
 # the inverse's first levels (blocks 2 x 2 to DL_INV_BLOCK x DL_INV_BLOCK) run on the diagonal blocks alone, as a batch
 # of small matrices with ieee products, instead of on whole [64, 64] tiles (6 of the 10 products); 2: every level on
-# whole tiles. Not yet timed on a GPU: tune.py delta A/Bs both.
+# whole tiles. 16 or 2 (tl.dot takes no operand narrower than 16). Not yet timed on a GPU: tune.py delta A/Bs both.
 DL_INV_BLOCK = 16
 # 16-bit work tensors (W, U, hs and the backward's scratch in the inputs' dtype, 16-bit tl.dot operands) for 16-bit
 # inputs, as fla stores them: half the traffic of fp32 work tensors. Off: on the H200 (Triton 3.6, 2026-12-04) the
