@@ -163,12 +163,7 @@ def test_delta_low_precision_inputs(name, dtype, tol):
         assert xs[k].grad.dtype == dtype and rel(xs[k].grad.cpu(), xr[k].grad) < 5 * tol, k
 
 
-# on the H200 (Triton 3.6) the path is wrong at width 16 (session 15): strict, so a fixed compiler shows as a pass
-_W16_GPU = pytest.mark.xfail(DEV == "cuda", strict=True, reason="16-bit work tensors at key width 16 miscompile on "
-                             "the H200 with Triton 3.6 (DL_WORK16 is off)")
-
-
-@pytest.mark.parametrize("width", [pytest.param(16, marks=_W16_GPU)] + ([64, 128] if DEV == "cuda" else []))
+@pytest.mark.parametrize("width", [16, 64] + ([128] if DEV == "cuda" else []))
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
 @pytest.mark.parametrize("name", NAMES)
 def test_delta_16bit_work_tensors(name, dtype, width):
@@ -177,9 +172,9 @@ def test_delta_16bit_work_tensors(name, dtype, width):
     setting travels with each call (the operator may have been defined by another module pasting the same
     source: session 14 found the earlier version of this test toggling a flag that operator never read), so the
     test also checks that the path ran: the saved W is 16-bit and the output differs from the fp32-work one.
-    Key widths 16, and on a GPU 64 and 128. On the H200 (Triton 3.6) the path with the blockwise inverse by
-    forward substitution was wrong from 64 and could fault (session 14); with the inverse by doubling it was right
-    at 64 and 128 in the delta suite and wrong at 16 (session 15)."""
+    Below DL_WORK16_MIN_K (64) the setting changes nothing: on the H200 (Triton 3.6) the path was wrong at key
+    width 16 (session 15; with the inverse by forward substitution, session 14, it was wrong from 64 and could
+    fault); with the inverse by doubling it was right at 64 and 128 in the delta suite."""
     m = load(name)
     mod = m._module
     x = inputs(m, 1, 150, 2, {"K": width, "V": width}, seed=8)
@@ -197,6 +192,9 @@ def test_delta_16bit_work_tensors(name, dtype, width):
         o.float().square().sum().backward()
     finally:
         mod.DL_WORK16 = shipped
+    if width < mod.DL_WORK16_MIN_K:  # fp32 work tensors whatever the setting
+        assert saved[9].dtype == torch.float32 and torch.equal(o.detach(), o32)
+        return
     assert not torch.equal(o.detach(), o32)  # the 16-bit path ran (16-bit products round differently)
     assert saved[9].dtype == saved[10].dtype == saved[13].dtype == dtype  # W, U, hs
     assert rel(o.cpu(), ref) < 2e-2 and rel(fin["S"].cpu(), ref_state["S"]) < 2e-2

@@ -78,8 +78,10 @@ DL_INV_BLOCK = 16
 # path is wrong at key width 16 (relative error 0.7 to 1.2, NaN in the gated backward, fp16 and bf16:
 # tests/test_delta.py), while at widths 64 and 128, bf16, it matched the reference as closely as fla does (4.4e-3 to
 # 5.4e-3, outputs and gradients; benchmarks/suites/delta.py) and was fast: deltanet B4 T4096 H16 D128 fwd 1.165 ->
-# 0.747 ms, fwd+bwd 3.16 -> 2.34 ms. Turn on only once tests/test_delta.py passes on a GPU with it on, every width.
+# 0.747 ms, fwd+bwd 3.16 -> 2.34 ms. With it on, key widths under DL_WORK16_MIN_K keep fp32 work tensors. Turn on
+# only once tests/test_delta.py passes on a GPU with it on (its 16-bit test runs widths 64 and 128).
 DL_WORK16 = False
+DL_WORK16_MIN_K = 64  # with DL_WORK16, 16-bit work tensors only from this key width (fp32 below: wrong at 16, above)
 
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
@@ -118,9 +120,11 @@ def _dl_geometry(q, v):
 
 
 def _dl_work_dtype(q, work16):
-    """The dtype of W, U and hs (and of every tl.dot operand): q's when 16-bit and ``work16`` (the calling
-    module's DL_WORK16, passed with each call), else fp32."""
-    return q.dtype if work16 and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """The dtype of W, U and hs (and of the walks' and the output's tl.dot operands): q's when 16-bit, ``work16``
+    (the calling module's DL_WORK16, passed with each call) and the key width at least DL_WORK16_MIN_K; else
+    fp32."""
+    half = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] >= DL_WORK16_MIN_K
+    return q.dtype if work16 and half else torch.float32
 
 
 def _dl_out_block(BV, NV):
