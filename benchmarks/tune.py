@@ -139,8 +139,10 @@ DELTA = [{}, {"DL_INV_BLOCK": 2}, {"DL_INV_PREC": "tf32x3"}, {"DL_INV_BLOCK": 2,
 # right at 2, fla#984/#988; and tl.trans of a dot's result fed to another dot, fla#640/#826: hence the 2-warp rows)
 # (session 15: right at B1 T128 H1 D64 with the inverse by doubling; the prep kernel at 2 warps hung past 300 s;
 # tests/test_delta.py failed at key width 16, fp16 and bf16)
-DELTA16 = [{"DL_WORK16": True}, {"DL_WORK16": True, "_dl_walk_kernel": (2, 1)},
-           {"DL_WORK16": True, "_dl_out_kernel": (2, 1)}]
+# DL_WORK16_MIN_K 16: the 16-bit path at every width, below the shipped floor too
+DELTA16 = [{"DL_WORK16": True, "DL_WORK16_MIN_K": 16},
+           {"DL_WORK16": True, "DL_WORK16_MIN_K": 16, "_dl_walk_kernel": (2, 1)},
+           {"DL_WORK16": True, "DL_WORK16_MIN_K": 16, "_dl_out_kernel": (2, 1)}]
 DELTA16_SHAPES = [(1, 150, 2, 16), (1, 150, 2, 64), (1, 256, 2, 128)]
 
 
