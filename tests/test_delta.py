@@ -6,6 +6,8 @@ the same class that no example is (other names, feature maps, an output gate, a 
 Under TRITON_INTERPRET=1 (CPU, conftest.py); on a GPU the same tests run the compiled kernels.
 """
 
+import random
+
 import pytest
 import torch
 from test_chunked import DEV, check, rel, run_both, states_for
@@ -454,3 +456,37 @@ def test_a_packed_mixer_call_compiles_as_one_graph(name, form):
     assert rel(fc(cu, **x), f(cu, **x)) < 1e-6
     with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, end at T=101"):
         fc(torch.tensor([0, 30, 100, 100]).to(DEV), **x)
+
+
+def _sweep_case(i):
+    """Case i of the random sweep: (file, B, T, H, sizes, initial states?, cu_seqlens or None), from seed i."""
+    rng = random.Random(1000 + i)
+    name = rng.choice(NAMES + list(SYNTHETICS))
+    packed = rng.random() < 0.4
+    T = rng.choice([1, 2, 63, 64, 65, 100, 129, 200])
+    cu = None
+    if packed:
+        cuts = sorted(rng.sample(range(0, T + 1), k=min(T + 1, rng.randint(1, 4))))
+        cu = sorted({0, T, *cuts})
+    B = 1 if packed else rng.randint(1, 2)
+    H = rng.randint(1, 3)
+    m = load(name)
+    sz = {k: rng.choice([3, 8, 16, 20, 33, 64, 70]) for k in m.meta["sizes"] if m.meta["sizes"][k] is None}
+    return name, B, T, H, sz, rng.random() < 0.5, cu
+
+
+@pytest.mark.parametrize("i", range(10))
+def test_delta_random_sweep(i):
+    """Seeded random combinations the named tests do not pin together: either mechanism or a synthetic file, T
+    from 1 to 200 (chunk edges and partial chunks), key and value widths from 3 to 70 (several value blocks,
+    widths not powers of two), one to three heads, initial states or none, packed sequences (empty ones
+    included) or a batch: outputs, final states and every gradient against the reference."""
+    name, B, T, H, sz, with_states, cu = _sweep_case(i)
+    m = load(name)
+    x = inputs(m, B, T, H, sz, seed=20 + i)
+    kw = sz.get("K", sz.get("Dk"))  # keys of norm about 1: with raw keys of width 64, I - r y y^T has an
+    x = {n: t / kw ** 0.5 if t.shape[-1] == kw and t.dim() == 4 else t for n, t in x.items()}  # eigenvalue ~ -30
+    n = len(cu) - 1 if cu is not None else B
+    s0 = states_for(m, n, H, sz) if with_states else None
+    cu_t = torch.tensor(cu, device=DEV) if cu is not None else None
+    check(*run_both(m, x, m.parameters_init(H, dtype=torch.float64, **sz), s0, cu=cu_t))
