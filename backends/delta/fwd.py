@@ -4,9 +4,9 @@ The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header
 per-chunk states hs) are stored in the *work dtype*: fp32 (products in tf32 for 16-bit inputs, ieee for fp32
 ones), or, with ``DL_WORK16`` (kernels.py; off: wrong on the H200 at key width 16), the inputs' dtype for
 16-bit inputs (the walks' and the output's tl.dot then take 16-bit operands and accumulate in fp32, as fla's do).
-The prep kernel computes in fp32 whatever the work dtype (tf32 products, tf32x3 in the inverse) and rounds only
-what it stores: a kernel with both tf32x3 and 16-bit products was wrong on the H200 at key width 16 (sessions 13
-and 15).
+The prep kernel computes in fp32 whatever the work dtype (tf32 products for 16-bit inputs, ieee on the inverse's
+small blocks) and rounds only what it stores: a kernel with both tf32x3 and 16-bit products was wrong on the H200
+at key width 16 (sessions 13 and 15).
 Kernels read the work dtype off the pointer of W (``W.dtype.element_ty``).
 This file needs triton and the chunked form's launcher (`_Launch`, pasted before it); `mixc compile` pastes it
 into the generated module.
@@ -80,7 +80,7 @@ def _dl_prep_kernel(
     The inverse: recursive doubling, levels up to BC on the BT / BC diagonal [BC, BC] blocks as a batch (ieee),
     the levels above on [BT, BT] tiles in PREC_T (ieee for fp32 inputs, else DL_INV_PREC), fp32 throughout.
     Each level's T_b holds the exact inverses of the b x b diagonal blocks (no powers of L, whose entries grow
-    with aligned keys, as a series would form). On the H200 it took the
+    with aligned keys, as a series would form). On the H200 doubling on whole tiles (BC = 2, tf32x3) took the
     deltanet forward at B4 T4096 H16 D128 bf16 from 1.256 to 1.165 ms against forward substitution in 16 x 16
     blocks (benchmarks/tune.py delta, 2026-12-04)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -138,9 +138,7 @@ def _dl_prep_kernel(
             blk = (o_r >> lv)[:, None] == (o_r >> lv)[None, :]
             b_ET = tl.dot(tl.where(blk2 & (blk == 0), b_L, 0.), b_T, input_precision=PREC_T)
             b_T = b_T - tl.dot(b_T, b_ET, input_precision=PREC_T)
-    # b again (a cache hit) rather than kept in registers through the inverse
-    b_b = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-    b_bg = b_b.to(tl.float32) * (b_bs * tl.exp(b_G))[:, None]
+    b_bg = b_b * (b_bs * tl.exp(b_G))[:, None]
     b_W = tl.dot(b_T, b_bg, input_precision=PREC)
     base = i_bh * NTP + i_t * BT + o_r  # rows of the padded [B, H, NT * BT] buffers
     tl.store(W + base[:, None] * BK + o_k[None, :], b_W.to(DT))
