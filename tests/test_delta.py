@@ -7,6 +7,7 @@ Under TRITON_INTERPRET=1 (CPU, conftest.py); on a GPU the same tests run the com
 """
 
 import random
+import re
 
 import pytest
 import torch
@@ -216,9 +217,11 @@ def test_the_plan_comes_from_the_terms():
     dp = plan(load("synthetic_t").analysis)
     assert (show(dp.a), show(dp.b), show(dp.bs), show(dp.v), show(dp.vs), dp.g, dp.transposed) == (
         "y[i]", "y[i]", "r", "z[j]", "r", None, True)
-    body = load("deltanet").source_code  # q, k, k, v and beta as the caller passed them: no copies
-    assert "delta_chunk(as_dtype(inputs['q'], dt_in), as_dtype(inputs['k'], dt_in), as_dtype(inputs['k'], dt_in), " \
-           "as_dtype(inputs['v'], dt_in), None" in body and "bs=as_dtype(inputs['beta'], torch.float32)" in body
+    body = load("deltanet").source_code  # q, k, k, v and beta as the caller passed them: no copies, and k and beta
+    k = re.search(r"(\w+) = as_dtype\(inputs\['k'\], dt_in\)", body).group(1)  # converted once each (k twice: a, b)
+    beta = re.search(r"(\w+) = as_dtype\(inputs\['beta'\], torch.float32\)", body).group(1)
+    assert f"delta_chunk(as_dtype(inputs['q'], dt_in), {k}, {k}, as_dtype(inputs['v'], dt_in), None" in body
+    assert f"bs={beta}, vs={beta}," in body
     other = SYNTHETIC_T.replace("+ r * y[i] * z[j]", "+ x[i] * z[j]")
     m = mixc.loads(other, "other.mix")
     assert m.analysis.transition == "delta"

@@ -181,17 +181,27 @@ def emit_delta(a: Analysis, dp: DeltaPlan) -> list[str]:
     else:
         g = _as_btd(em, dp.g, (), "B, H, T")
         g = f"as_dtype({g}, torch.float32)"
-    scales = ""
+    args = [f"as_dtype({x}, dt_in)" for x in (q, ka, kb, v)]
     for name, node in (("bs", dp.bs), ("vs", dp.vs)):
         if node is not None:
             em.emit(f"# {name} = {show(node)}: the kernels scale {name[0]} by it per token as they load {name[0]}")
-            scales += f", {name}=as_dtype({_as_btd(em, node, (), 'B, H, T')}, torch.float32)"
+        args.append(f"as_dtype({_as_btd(em, node, (), 'B, H, T')}, torch.float32)" if node is not None else "None")
+    # an argument written twice is computed once: one conversion, and one tensor (a is b: the backward writes its
+    # one cotangent; bs is vs: one conversion back)
+    seen: dict[str, str] = {}
+    twice = {x for x in args if x != "None" and args.count(x) > 1}
+    for i, expr in enumerate(args):
+        if expr in twice:
+            if expr not in seen:
+                seen[expr] = em.fresh()
+                em.emit(f"{seen[expr]} = {expr}")
+            args[i] = seen[expr]
     tr = ".transpose(-1, -2)" if dp.transposed else ""
     em.emit(f"h0 = states.get({dp.state!r})")
     em.emit(f"h0 = None if h0 is None else as_dtype(h0, torch.float32){tr}")
     epilogue = dp.gate is not None or dp.skip is not None
-    em.emit(f"o, ht = delta_chunk(as_dtype({q}, dt_in), as_dtype({ka}, dt_in), as_dtype({kb}, dt_in), "
-            f"as_dtype({v}, dt_in), {g}, h0, {scale}, output_final_state"
+    scales = "".join(f", {n}={x}" for n, x in zip(("bs", "vs"), args[4:]) if x != "None")
+    em.emit(f"o, ht = delta_chunk({args[0]}, {args[1]}, {args[2]}, {args[3]}, {g}, h0, {scale}, output_final_state"
             + (", real" if epilogue else "") + scales + ", cu_seqlens=cu_seqlens)")
     if dp.gate is not None:
         em.emit(f"o = o * {_as_btd(em, dp.gate, (dp.value,), f'B, H, T, {V}')}")
