@@ -130,7 +130,7 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
 # candidates against the table: the table first, then one change each (2026-12-04: DL_INV 0, forward substitution
 # in the prep kernel, was slower than the doubling that replaced it; the prep kernel at 8 warps slower still)
 DELTA = [{}, {"DL_INV_BLOCK": 2}, {"DL_INV_PREC": "tf32x3"}, {"DL_INV_BLOCK": 2, "DL_INV_PREC": "tf32x3"},
-         {"DL_WORK16": True}, {"_dl_walk_kernel": (8, 1)}]
+         {"DL_BVL": 32}, {"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVL": 32}, {"_dl_walk_kernel": (8, 1)}]
 # the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
 # are wrong from key width 64 and can fault, which ends a process's CUDA context. Each process compares every saved
 # work tensor of the forward (W and T from the prep kernel, U and hs from the walk, o from the output kernel) and

@@ -493,3 +493,19 @@ def test_delta_random_sweep(i):
     s0 = states_for(m, n, H, sz) if with_states else None
     cu_t = torch.tensor(cu, device=DEV) if cu is not None else None
     check(*run_both(m, x, m.parameters_init(H, dtype=torch.float64, **sz), s0, cu=cu_t))
+
+
+def test_the_value_loop_block_changes_no_gradient(monkeypatch):
+    """The backward's value loop may step in blocks smaller than the walks' (DL_BVL): V = 40 (padded to 64) in
+    blocks of 16, masked past V, gives the gradients of the walks' own block."""
+    m = load("gated_deltanet")
+    mod = m._module
+    x = inputs(m, 1, 100, 2, {"K": 24, "V": 40}, seed=3)
+    grads = []
+    for bvl in (0, 16):
+        monkeypatch.setattr(mod, "DL_BVL", bvl)
+        xs = {k: v.to(DEV, torch.float32).requires_grad_() for k, v in x.items()}
+        m(**xs, form="chunked").square().sum().backward()
+        grads.append({k: v.grad for k, v in xs.items()})
+    for k in x:
+        assert rel(grads[1][k], grads[0][k]) < 1e-5, k

@@ -64,6 +64,11 @@ DL_CHUNK = 64  # tokens per chunk
 DL_BV = 64
 DL_BV_SMALL = 32
 DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per value block)
+# the backward's value loop (_dl_bwd_vloop_kernel) steps through the values in blocks of at most this (0: the walks'
+# value block). Its five fp32 accumulators do not depend on the block; a smaller one loads smaller tiles: at
+# K = V = 128 bf16 on sm_90 (8 warps) 32 spills 184 B (fp32 work tensors) and 32 B (16-bit), 64 spills 704 and 168
+# (benchmarks/ptxas_delta.py --bv). Not yet timed: tune.py delta A/Bs 32.
+DL_BVL = 0
 # the in-chunk inverse's products for 16-bit inputs (fp32 inputs: ieee). tf32, as the prep kernel's other products:
 # against a float64 inverse of 64-token chunks (D128, bf16 keys) its error in T and in T V is 9e-5 with random keys
 # and 1.1e-3 at worst with keys all near one direction and beta in (0.9, 1), against 4e-3 for a bf16 rounding;
@@ -229,11 +234,12 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
     bsf, vsf = (x.to(f32).contiguous() if x is not None else Gc for x in (bs, vs))
     dW, dA1 = (torch.empty(B, H, NT * BT, BK, device=q.device, dtype=W.dtype) for _ in range(2))  # work dtype
     dT = torch.empty(B, H, NT * BT, BT, device=q.device, dtype=f32)
+    BVL = min(DL_BVL, BV) if DL_BVL else BV  # the value loop's block: a divisor of the walks' padded width BV * NV
     dG1 = torch.empty(B, H, NT * BT, device=q.device, dtype=f32) if g is not None else Gc
     _dl_bwd_vloop_kernel[(NT, B * H)](q, a, v, vsf, Tm, hs, U, dU, dhs, Gc, do, dq, dv, dvs if dvs is not None else Gc,
                                       dW, dT, dA1, dG1, float(scale), ctab, T, NT, VARLEN=vl, H=H, K=K, V=V, BT=BT,
-                                      BK=BK, BV=BV, NV=NV, HAS_G=g is not None, HAS_VS=vs is not None, PREC=prec,
-                                      **_dl_cfg("_dl_bwd_vloop_kernel"))
+                                      BK=BK, BV=BVL, NV=BV * NV // BVL, HAS_G=g is not None, HAS_VS=vs is not None,
+                                      PREC=prec, **_dl_cfg("_dl_bwd_vloop_kernel"))
     _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, da if same_ab else db,
                                    dg if dg is not None else Gc, dbs if dbs is not None else Gc, ctab, T, NT,
                                    VARLEN=vl, H=H, K=K, BT=BT, BK=BK, HAS_G=g is not None, HAS_BS=bs is not None,
