@@ -500,6 +500,15 @@ def test_the_value_loop_block_changes_no_gradient(monkeypatch):
     blocks of 16, masked past V, gives the gradients of the walks' own block."""
     m = load("gated_deltanet")
     mod = m._module
+    blocks = []
+    orig = mod._Launch.__getitem__
+
+    def seen(self, grid):
+        run = orig(self, grid)
+        return lambda *a, **kw: (blocks.append(kw["BV"]) if self.__name__ == "_dl_bwd_vloop_kernel" else None,
+                                 run(*a, **kw))[1]
+
+    monkeypatch.setattr(mod._Launch, "__getitem__", seen)
     x = inputs(m, 1, 100, 2, {"K": 24, "V": 40}, seed=3)
     grads = []
     for bvl in (0, 16):
@@ -507,5 +516,6 @@ def test_the_value_loop_block_changes_no_gradient(monkeypatch):
         xs = {k: v.to(DEV, torch.float32).requires_grad_() for k, v in x.items()}
         m(**xs, form="chunked").square().sum().backward()
         grads.append({k: v.grad for k, v in xs.items()})
+    assert blocks[1] == 16 and blocks[0] > 16  # (the walks' block: 32 for fp32 inputs, 64 for 16-bit ones)
     for k in x:
         assert rel(grads[1][k], grads[0][k]) < 1e-5, k
