@@ -72,6 +72,23 @@ def name_of(x, names):
     return next((n for n in names if n in x), None)
 
 
+def launches_of(mod, monkeypatch):
+    """A list that receives (kernel name, keyword arguments) for every launch of ``mod``'s kernels from now on."""
+    seen = []
+    orig = mod._Launch.__getitem__
+
+    def spy(self, grid):
+        run = orig(self, grid)
+
+        def launch(*args, **kwargs):
+            seen.append((self.__name__, kwargs))
+            return run(*args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(mod._Launch, "__getitem__", spy)
+    return seen
+
+
 CASES = [(n, B, T, H) for n in NAMES + list(SYNTHETICS) for (B, T, H) in ((2, 37, 2), (1, 1, 3), (1, 150, 1))]
 
 
@@ -321,15 +338,7 @@ def test_one_key_tensor_gets_one_cotangent(name, monkeypatch):
     (SAME_AB), rather than two that autograd then adds: the same gradients as with b a copy of a."""
     m = load(name)
     mod = m._module
-    same = []
-    orig = mod._Launch.__getitem__
-
-    def seen(self, grid):
-        run = orig(self, grid)
-        return lambda *a, **kw: (same.append(kw.get("SAME_AB")) if self.__name__ == "_dl_bwd_wy_kernel" else None,
-                                 run(*a, **kw))[1]
-
-    monkeypatch.setattr(mod._Launch, "__getitem__", seen)
+    launches = launches_of(mod, monkeypatch)
     x = inputs(m, 2, 70, 2, {"K": 16, "V": 8}, seed=9)
     q, k, v, beta = (x[n].to(DEV, torch.float32) for n in ("q", "k", "v", "beta"))
     g = x["g"].to(DEV, torch.float32) if "g" in x else None
@@ -339,7 +348,7 @@ def test_one_key_tensor_gets_one_cotangent(name, monkeypatch):
         o, _ = mod.delta_chunk(q, kk, kk.clone() if copy else kk, v, g, scale=0.5, bs=beta)
         o.square().sum().backward()
         grads.append(kk.grad)
-    assert same == [True, False]
+    assert [kw.get("SAME_AB") for n, kw in launches if n == "_dl_bwd_wy_kernel"] == [True, False]
     assert rel(grads[0], grads[1]) < 1e-5
 
 
@@ -389,14 +398,7 @@ def test_packed_sequences_run_in_one_launch(name, monkeypatch):
     every gradient against the reference's (which runs each sequence alone)."""
     m = load(name)
     mod = m._module
-    launches = []
-    orig = mod._Launch.__getitem__
-
-    def count(self, grid):
-        launches.append(self.__name__)
-        return orig(self, grid)
-
-    monkeypatch.setattr(mod._Launch, "__getitem__", count)
+    launches = launches_of(mod, monkeypatch)
     cu = torch.tensor([0, 10, 10, 74, 170, 233])
     x = inputs(m, 1, 233, 2, {"K": 16, "V": 24}, seed=5)
     s0 = torch.randn(5, 2, 16, 24, generator=torch.Generator().manual_seed(6)) * 0.3
@@ -407,7 +409,8 @@ def test_packed_sequences_run_in_one_launch(name, monkeypatch):
     (o.square().sum() + fin["S"].square().sum()).backward()
     ref, fref = m.reference(**xr, initial_state={"S": sr}, output_final_state=True, cu_seqlens=cu)
     (ref.square().sum() + fref["S"].square().sum()).backward()
-    assert sorted(launches) == sorted(n for n in vars(mod) if n.startswith("_dl_") and n.endswith("_kernel"))
+    kernels_of = sorted(n for n in vars(mod) if n.startswith("_dl_") and n.endswith("_kernel"))
+    assert sorted(n for n, _ in launches) == kernels_of
     assert rel(o.cpu(), ref) < 1e-4 and rel(fin["S"].cpu(), fref["S"]) < 1e-4
     assert rel(fin["S"][1].cpu(), s0[1]) < 1e-6  # the empty sequence's state passes through
     for k in x:
@@ -500,15 +503,7 @@ def test_the_value_loop_block_changes_no_gradient(monkeypatch):
     blocks of 16, masked past V, gives the gradients of the walks' own block."""
     m = load("gated_deltanet")
     mod = m._module
-    blocks = []
-    orig = mod._Launch.__getitem__
-
-    def seen(self, grid):
-        run = orig(self, grid)
-        return lambda *a, **kw: (blocks.append(kw["BV"]) if self.__name__ == "_dl_bwd_vloop_kernel" else None,
-                                 run(*a, **kw))[1]
-
-    monkeypatch.setattr(mod._Launch, "__getitem__", seen)
+    launches = launches_of(mod, monkeypatch)
     x = inputs(m, 1, 100, 2, {"K": 24, "V": 40}, seed=3)
     grads = []
     for bvl in (0, 16):
@@ -516,6 +511,7 @@ def test_the_value_loop_block_changes_no_gradient(monkeypatch):
         xs = {k: v.to(DEV, torch.float32).requires_grad_() for k, v in x.items()}
         m(**xs, form="chunked").square().sum().backward()
         grads.append({k: v.grad for k, v in xs.items()})
+    blocks = [kw["BV"] for n, kw in launches if n == "_dl_bwd_vloop_kernel"]
     assert blocks[1] == 16 and blocks[0] > 16  # (the walks' block: 32 for fp32 inputs, 64 for 16-bit ones)
     for k in x:
         assert rel(grads[1][k], grads[0][k]) < 1e-5, k

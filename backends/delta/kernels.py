@@ -338,9 +338,6 @@ def _dl_backward(ctx, do, dht, bwd_fn):
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
 
-
-
-
 class _DLChunk(torch.autograd.Function):
     """The same forward and backward as the operator for eager execution: an autograd.Function costs less host
     time per call than a custom operator's dispatch (the chunked form's finding; here the operator's backward
