@@ -132,7 +132,8 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
 DELTA = [{}, {"DL_INV_BLOCK": 2}, {"DL_INV_PREC": "tf32x3"}, {"DL_INV_BLOCK": 2, "DL_INV_PREC": "tf32x3"},
          {"DL_BVL": 32}, {"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVL": 32}, {"_dl_walk_kernel": (8, 1)}]
 # the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
-# are wrong from key width 64 and can fault, which ends a process's CUDA context. Each process compares every saved
+# were wrong, and could fault (which ends a process's CUDA context), from key width 64 in session 14 and at 16 in
+# session 15. Each process compares every saved
 # work tensor of the forward (W and T from the prep kernel, U and hs from the walk, o from the output kernel) and
 # every gradient with the fp32-work path's, so the first wrong one names the kernel.
 # (fla met two Triton >= 3.4 Hopper miscompiles of this family: a BT = 64 kernel wrong or faulting at 4 warps and
@@ -183,9 +184,10 @@ def _delta_case(mod, shape, gen_seed=0):
         return mod.dl_chunk_fwd(q, k, k, v, lg if gate else None, None, D ** -0.5, False, None, save, beta, beta,
                                 bool(mod.DL_WORK16))
 
-    def fwd_bwd(gate=False):
+    def fwd_bwd(gate=False):  # (a and b are one tensor, as a mixer call passes them: one cotangent, db None)
         o, _, saved = fwd(True, gate)
-        return mod.dl_chunk_bwd(do, None, q, k, k, v, lg if gate else None, None, saved, D ** -0.5, beta, beta)
+        return mod.dl_chunk_bwd(do, None, q, k, k, v, lg if gate else None, None, saved, D ** -0.5, beta, beta,
+                                None, True)
 
     return fwd, fwd_bwd
 
