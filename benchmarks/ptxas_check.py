@@ -36,7 +36,7 @@ from mixc.backends.chunked import launch as C
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_one(fn, sig, consts, warps, stages=None, aligned=("T", "NTOT")):
+def compile_one(fn, sig, consts, warps, stages=None, aligned=("T", "NTOT"), maxnreg=None):
     # as a launch specialises: every pointer 16-byte aligned and the integers named in ``aligned`` (the token
     # counts by default) multiples of 16 (these let Triton vectorise loads and pipeline them through shared
     # memory, which changes its footprint)
@@ -44,6 +44,8 @@ def compile_one(fn, sig, consts, warps, stages=None, aligned=("T", "NTOT")):
              if ty.startswith("*") or name in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])

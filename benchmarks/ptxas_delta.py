@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--varlen", action="store_true", help="the packed-sequence variants (VARLEN, cu_seqlens)")
+    ap.add_argument("--wybk", type=int, default=0, help="the wy kernel's key block (DL_WYBK; default the module's)")
+    ap.add_argument("--maxnreg", type=int, default=0, help="a register cap per thread (default: the launch's)")
     ap.add_argument("--same-ab", action="store_true", help="a and b one tensor (SAME_AB: one cotangent)")
     ap.add_argument("--work16", action="store_true", help="W, U and hs in the inputs' dtype (DL_WORK16; else fp32)")
     args = ap.parse_args()
@@ -41,7 +43,7 @@ def main():
     prec = "ieee" if args.dtype == "fp32" else "tf32"
     base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BU=BV, VARLEN=args.varlen,
                 NU=NV, PREC_T="ieee" if prec == "ieee" else D.DL_INV_PREC,
-                BC=D.DL_INV_BLOCK)
+                BC=D.DL_INV_BLOCK, BKW=min(args.wybk or D.DL_WYBK or BK, BK))
     bvo = D._dl_out_block(BV, NV)
     kernels = {
         "_dl_prep_kernel": (dict(a=x, b=x, v=x, W=w, U=w), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),
@@ -65,7 +67,7 @@ def main():
         sig = sig_of(fn, {**ptrs, "ctab": "*i32", "coff": "*i32"}, {"T", "NT"}, {"scale"}, consts)
         for w in (list(map(int, args.warps.split(","))) if args.warps else [D._DL_LAUNCH[name][0]]):
             for st in (list(map(int, args.stages.split(","))) if args.stages else [D._DL_LAUNCH[name][1]]):
-                regs, spill, shared = compile_one(fn, sig, consts, w, st)
+                regs, spill, shared = compile_one(fn, sig, consts, w, st, maxnreg=args.maxnreg or None)
                 bv = consts.get("BV", BV)
                 print(f"{name:<22} K {K} V {V} BV {bv} warps {w} stages {st}: {regs} registers, stack {spill} bytes, "
                       f"shared {shared} bytes", flush=True)

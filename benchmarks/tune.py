@@ -129,21 +129,20 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
 
 # candidates against the table: the table first, then one change each (2026-12-04: DL_INV 0, forward substitution
 # in the prep kernel, was slower than the doubling that replaced it; the prep kernel at 8 warps slower still)
-DELTA = [{}, {"DL_INV_BLOCK": 2}, {"DL_INV_PREC": "tf32x3"}, {"DL_INV_BLOCK": 2, "DL_INV_PREC": "tf32x3"},
-         {"DL_BVL": 32}, {"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVL": 32}, {"_dl_walk_kernel": (8, 1)}]
+DELTA = [{}, {"DL_INV_BLOCK": 2}, {"DL_INV_PREC": "tf32x3"}, {"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVL": 32},
+         {"DL_WORK16": True, "DL_BV": 32}, {"DL_WORK16": True, "DL_BV": 32, "_dl_bwd_walk_kernel": (4, 1)},
+         {"DL_WORK16": True, "DL_WYBK": 64}, {"DL_WORK16": True, "DL_WYBK": 64, "_dl_bwd_wy_kernel": (8, 1, 168)}]
 # the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
 # were wrong, and could fault (which ends a process's CUDA context), from key width 64 in session 14 and at 16 in
 # session 15. Each process compares every saved
 # work tensor of the forward (W and T from the prep kernel, U and hs from the walk, o from the output kernel) and
 # every gradient with the fp32-work path's, so the first wrong one names the kernel.
 # (fla met two Triton >= 3.4 Hopper miscompiles of this family: a BT = 64 kernel wrong or faulting at 4 warps and
-# right at 2, fla#984/#988; and tl.trans of a dot's result fed to another dot, fla#640/#826: hence the 2-warp rows)
-# (session 15: right at B1 T128 H1 D64 with the inverse by doubling; the prep kernel at 2 warps hung past 300 s;
-# tests/test_delta.py failed at key width 16, fp16 and bf16)
+# right at 2, fla#984/#988; and tl.trans of a dot's result fed to another dot, fla#640/#826)
+# (session 15 also timed 2-warp rows. The path was right at B1 T128 H1 D64 with the inverse by doubling; the prep
+# kernel at 2 warps hung past 300 s; tests/test_delta.py failed at key width 16, fp16 and bf16)
 # DL_WORK16_MIN_K 16: the 16-bit path at every width, below the shipped floor too
-DELTA16 = [{"DL_WORK16": True, "DL_WORK16_MIN_K": 16},
-           {"DL_WORK16": True, "DL_WORK16_MIN_K": 16, "_dl_walk_kernel": (2, 1)},
-           {"DL_WORK16": True, "DL_WORK16_MIN_K": 16, "_dl_out_kernel": (2, 1)}]
+DELTA16 = [{"DL_WORK16": True, "DL_WORK16_MIN_K": 16}]  # (session 15's 2-warp rows: the prep kernel's hung)
 DELTA16_SHAPES = [(1, 150, 2, 16), (1, 150, 2, 64), (1, 256, 2, 128)]
 
 

@@ -498,6 +498,27 @@ def test_delta_random_sweep(i):
     check(*run_both(m, x, m.parameters_init(H, dtype=torch.float64, **sz), s0, cu=cu_t))
 
 
+@pytest.mark.parametrize("name", ["gated_deltanet", "deltanet"])
+def test_the_key_block_of_the_wy_kernel_changes_no_gradient(name, monkeypatch):
+    """The last backward kernel may step through the keys in blocks (DL_WYBK): K = 40 (padded to 64) in blocks
+    of 16, the third masked past K and the fourth wholly, gives the gradients of one block of all keys (gated:
+    the gate's and the scales' sums over the blocks; deltanet: a and b one tensor)."""
+    m = load(name)
+    mod = m._module
+    launches = launches_of(mod, monkeypatch)
+    x = inputs(m, 1, 100, 2, {"K": 40, "V": 24}, seed=4)
+    grads = []
+    for bk in (0, 16):
+        monkeypatch.setattr(mod, "DL_WYBK", bk)
+        xs = {k: v.to(DEV, torch.float32).requires_grad_() for k, v in x.items()}
+        m(**xs, form="chunked").square().sum().backward()
+        grads.append({k: v.grad for k, v in xs.items()})
+    blocks = [kw["BKW"] for n, kw in launches if n == "_dl_bwd_wy_kernel"]
+    assert blocks == [64, 16]
+    for k in x:
+        assert rel(grads[1][k], grads[0][k]) < 1e-5, k
+
+
 def test_the_value_loop_block_changes_no_gradient(monkeypatch):
     """The backward's value loop may step in blocks smaller than the walks' (DL_BVL): V = 40 (padded to 64) in
     blocks of 16, masked past V, gives the gradients of the walks' own block."""

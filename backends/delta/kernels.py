@@ -69,6 +69,8 @@ DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per
 # K = V = 128 bf16 on sm_90 (8 warps) 32 spills 184 B (fp32 work tensors) and 32 B (16-bit), 64 spills 704 and 168
 # (benchmarks/ptxas_delta.py --bv). Not yet timed: tune.py delta A/Bs 32.
 DL_BVL = 0
+# the last backward kernel's key block (a power of two; 0: all K keys at once). Not yet timed on a GPU.
+DL_WYBK = 0
 # the in-chunk inverse's products for 16-bit inputs (fp32 inputs: ieee). tf32, as the prep kernel's other products:
 # against a float64 inverse of 64-token chunks (D128, bf16 keys) its error in T and in T V is 9e-5 with random keys
 # and 1.1e-3 at worst with keys all near one direction and beta in (0.9, 1), against 4e-3 for a bf16 rounding;
@@ -100,12 +102,16 @@ _DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (4, 2), "_dl_out_ker
 
 
 def _dl_cfg(name, q=None, BK=0):
-    """Launch options of a kernel: ``num_warps`` and ``num_stages``; one stage for fp32 inputs with keys above
+    """Launch options of a kernel: ``num_warps``, ``num_stages`` (and ``maxnreg`` where the table gives a
+    third number); one stage for fp32 inputs with keys above
     128 (two would not fit: the adjoint walk's 2 stages take 279 KB of shared memory at K = V = 256, fp32)."""
-    warps, stages = _DL_LAUNCH[name]
+    warps, stages, *cap = _DL_LAUNCH[name]
     if q is not None and q.dtype == torch.float32 and BK > 128:
         stages = 1
-    return {"num_warps": warps, "num_stages": stages}
+    cfg = {"num_warps": warps, "num_stages": stages}
+    if cap:  # (warps, stages, registers): a cap on each thread's registers (ptxas spills what does not fit)
+        cfg["maxnreg"] = cap[0]
+    return cfg
 
 
 def _dl_geometry(q, v):
@@ -242,7 +248,8 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
                                       PREC=prec, **_dl_cfg("_dl_bwd_vloop_kernel"))
     _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, da if same_ab else db,
                                    dg if dg is not None else Gc, dbs if dbs is not None else Gc, ctab, T, NT,
-                                   VARLEN=vl, H=H, K=K, BT=BT, BK=BK, HAS_G=g is not None, HAS_BS=bs is not None,
+                                   VARLEN=vl, H=H, K=K, BT=BT, BK=BK, BKW=min(DL_WYBK, BK) if DL_WYBK else BK,
+                                   HAS_G=g is not None, HAS_BS=bs is not None,
                                    PREC=prec, SAME_AB=same_ab, **_dl_cfg("_dl_bwd_wy_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 
