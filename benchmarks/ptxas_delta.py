@@ -29,7 +29,6 @@ def main():
     ap.add_argument("--stages", default="", help="comma-separated num_stages (default: the launch's)")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--varlen", action="store_true", help="the packed-sequence variants (VARLEN, cu_seqlens)")
-    ap.add_argument("--wybk", type=int, default=0, help="the wy kernel's key block (DL_WYBK; default the module's)")
     ap.add_argument("--maxnreg", type=int, default=0, help="a register cap per thread (default: the launch's)")
     ap.add_argument("--same-ab", action="store_true", help="a and b one tensor (SAME_AB: one cotangent)")
     ap.add_argument("--work16", action="store_true", help="W, U and hs in the inputs' dtype (DL_WORK16; else fp32)")
@@ -42,8 +41,7 @@ def main():
     w = x if args.work16 or args.dtype == "fp32" else "*fp32"  # the work tensors' pointers
     prec = "ieee" if args.dtype == "fp32" else "tf32"
     base = dict(H=16, K=K, V=V, BT=D.DL_CHUNK, BK=BK, BV=BV, NV=NV, PREC=prec, BU=BV, VARLEN=args.varlen,
-                NU=NV, PREC_T="ieee" if prec == "ieee" else D.DL_INV_PREC,
-                BC=D.DL_INV_BLOCK, BKW=min(args.wybk or D.DL_WYBK or BK, BK))
+                NU=NV, PREC_T="ieee" if prec == "ieee" else D.DL_INV_PREC)
     bvo = D._dl_out_block(BV, NV)
     kernels = {
         "_dl_prep_kernel": (dict(a=x, b=x, v=x, W=w, U=w), dict(HAS_G=True, HAS_BS=True, HAS_VS=True, SAVE=True)),

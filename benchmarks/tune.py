@@ -127,11 +127,11 @@ def tune_recurrent(shape: tuple[int, int, int, int]) -> list[dict]:
     return rows
 
 
-# candidates against the table: the table first, then one change each (2026-12-04: DL_INV 0, forward substitution
-# in the prep kernel, was slower than the doubling that replaced it; the prep kernel at 8 warps slower still)
-DELTA = [{}, {"DL_INV_BLOCK": 2}, {"DL_INV_PREC": "tf32x3"}, {"DL_WORK16": True}, {"DL_WORK16": True, "DL_BVL": 32},
-         {"DL_WORK16": True, "DL_BV": 32}, {"DL_WORK16": True, "DL_BV": 32, "_dl_bwd_walk_kernel": (4, 1)},
-         {"DL_WORK16": True, "DL_WYBK": 64}, {"DL_WORK16": True, "DL_WYBK": 64, "_dl_bwd_wy_kernel": (8, 1, 168)}]
+# candidates against the table: the table first, then one change each (2026-12-04: forward substitution in the prep
+# kernel was slower than the doubling that replaced it, the prep kernel at 8 warps slower still; session 16: the
+# inverse's small levels batched on the diagonal blocks no faster, the last backward kernel in key blocks of 64
+# slower and wrong at K = 128 on the H200, the walks' value block 32 and the value loop's 32 no faster)
+DELTA = [{}, {"DL_WORK16": False}, {"DL_INV_PREC": "tf32x3"}, {"DL_BV": 32}, {"DL_BVL": 32}]
 # the 16-bit work tensors, each (shape, candidate) in its own process with CUDA_LAUNCH_BLOCKING=1: on the H200 they
 # were wrong, and could fault (which ends a process's CUDA context), from key width 64 in session 14 and at 16 in
 # session 15. Each process compares every saved

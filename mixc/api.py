@@ -55,6 +55,12 @@ class Mixer:
     # -- running ----------------------------------------------------------------------------
 
     @property
+    def generated(self) -> ModuleType:
+        """The generated module itself (``source_code`` loaded): its kernels and the module-level settings the
+        forms read at each call, e.g. ``m.generated.DL_WORK16 = False`` for fp32 work tensors in the delta form."""
+        return self._module
+
+    @property
     def forms(self) -> list[str]:
         """Forms this mixer can run with today (``reference`` always)."""
         return list(self._module.FORMS)

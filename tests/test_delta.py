@@ -129,12 +129,18 @@ def test_delta_aligned_keys_beta_near_1():
     check(*run_both(m, x, {}, None))
 
 
+@pytest.mark.parametrize("work16", [False, True], ids=["fp32-work", "16bit-work"])
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
-def test_delta_aligned_keys_beta_near_1_in_16_bit(dtype):
-    """The same corner with 16-bit inputs, key width 64, three chunks: the in-chunk inverse then takes tf32
-    products (DL_INV_PREC; their error there is about 1e-3, emulated) and the result stays within the 16-bit
-    tolerance, outputs and every gradient."""
+def test_delta_aligned_keys_beta_near_1_in_16_bit(dtype, work16):
+    """The same corner with 16-bit inputs, key width 64, three chunks, outputs and every gradient, with fp32 work
+    tensors (the inverse's tf32 products: about 1e-3 of error there, emulated) and with 16-bit ones (DL_WORK16).
+    In bf16 rounding the inputs alone moves the reference's output by 1.56e-2 here: each step nearly erases the
+    last, so the pseudo-values u are large and cancel over the chunk. The 16-bit path rounds u, the in-chunk
+    scores and the gated keys to bf16 as product operands (as fla's kernels do); a float64 emulation of exactly
+    those roundings gives 2.44e-2 (session 16, /tmp script; the H200 measured 2.42e-2), against 1.57e-2 for the
+    fp32-work path. So bf16 with 16-bit work gets 3e-2 here; everything else 2e-2."""
     m = load("gated_deltanet")
+    mod = m.generated  # (the public handle on the module's settings)
     sz = {"K": 64, "V": 32}
     x = inputs(m, 1, 150, 2, sz, seed=2, beta=(0.9, 1.0), g=(-1e-3, 0.0))
     x["k"] = (x["k"][:, :1] + 0.05 * x["k"]).expand_as(x["k"]).contiguous()
@@ -143,9 +149,16 @@ def test_delta_aligned_keys_beta_near_1_in_16_bit(dtype):
     ref = m.reference(**xr)
     ref.square().sum().backward()
     xs = {k: v.to(DEV, dtype).requires_grad_() for k, v in x.items()}
-    o = m(**xs, form="chunked")
-    o.float().square().sum().backward()
-    assert rel(o.cpu(), ref) < 2e-2
+    shipped = mod.DL_WORK16
+    try:
+        mod.DL_WORK16 = work16
+        o = m(**xs, form="chunked")
+        w_dtype = o.grad_fn.saved_tensors[9].dtype  # (W: the path that ran)
+        o.float().square().sum().backward()
+    finally:
+        mod.DL_WORK16 = shipped
+    assert w_dtype == (dtype if work16 else torch.float32)
+    assert rel(o.cpu(), ref) < (3e-2 if work16 and dtype == torch.bfloat16 else 2e-2)
     for k in x:
         assert rel(xs[k].grad.cpu(), xr[k].grad) < 5e-2, k
 
@@ -354,14 +367,11 @@ def test_one_key_tensor_gets_one_cotangent(name, monkeypatch):
 
 @pytest.mark.parametrize("g", [(-21.0, -19.0), (-1e-3, 0.0), None], ids=["g-near-minus-20", "g-near-0", "ungated"])
 @pytest.mark.parametrize("aligned", [False, True], ids=["random-keys", "aligned-keys"])
-@pytest.mark.parametrize("block", [16, 2], ids=["small-levels-batched", "all-levels-whole"])
-def test_the_blockwise_inverse(g, aligned, block, monkeypatch):
-    """The prep kernel's T = (I + L)^-1 (recursive doubling of the diagonal blocks; its first levels on the
-    16 x 16 diagonal blocks as a batch, or every level on whole tiles: DL_INV_BLOCK) against a float64
+def test_the_blockwise_inverse(g, aligned):
+    """The prep kernel's T = (I + L)^-1 (recursive doubling of the diagonal blocks) against a float64
     triangular solve, per chunk, with beta in (0.9, 1) and log gates near -20 (the blocks off the diagonal
     underflow), near 0 (every block is full), or none; with keys all near one direction (the solve chains
     near-cancellations). T = 100: the second chunk is padded."""
-    monkeypatch.setattr(kernels, "DL_INV_BLOCK", block)
     gen = torch.Generator().manual_seed(11)
     B, T, H, K, V, BT = 1, 100, 2, 20, 16, kernels.DL_CHUNK
     kk = torch.randn(B, T, H, K, generator=gen)
@@ -496,27 +506,6 @@ def test_delta_random_sweep(i):
     s0 = states_for(m, n, H, sz) if with_states else None
     cu_t = torch.tensor(cu, device=DEV) if cu is not None else None
     check(*run_both(m, x, m.parameters_init(H, dtype=torch.float64, **sz), s0, cu=cu_t))
-
-
-@pytest.mark.parametrize("name", ["gated_deltanet", "deltanet"])
-def test_the_key_block_of_the_wy_kernel_changes_no_gradient(name, monkeypatch):
-    """The last backward kernel may step through the keys in blocks (DL_WYBK): K = 40 (padded to 64) in blocks
-    of 16, the third masked past K and the fourth wholly, gives the gradients of one block of all keys (gated:
-    the gate's and the scales' sums over the blocks; deltanet: a and b one tensor)."""
-    m = load(name)
-    mod = m._module
-    launches = launches_of(mod, monkeypatch)
-    x = inputs(m, 1, 100, 2, {"K": 40, "V": 24}, seed=4)
-    grads = []
-    for bk in (0, 16):
-        monkeypatch.setattr(mod, "DL_WYBK", bk)
-        xs = {k: v.to(DEV, torch.float32).requires_grad_() for k, v in x.items()}
-        m(**xs, form="chunked").square().sum().backward()
-        grads.append({k: v.grad for k, v in xs.items()})
-    blocks = [kw["BKW"] for n, kw in launches if n == "_dl_bwd_wy_kernel"]
-    assert blocks == [64, 16]
-    for k in x:
-        assert rel(grads[1][k], grads[0][k]) < 1e-5, k
 
 
 def test_the_value_loop_block_changes_no_gradient(monkeypatch):

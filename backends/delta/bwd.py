@@ -245,7 +245,7 @@ def _dl_bwd_wy_kernel(
     T,  # tokens per sequence
     NT,  # chunks per sequence
     H: tl.constexpr, K: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
     HAS_G: tl.constexpr, HAS_BS: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr = False,
     SAME_AB: tl.constexpr = False,
 ):
@@ -253,15 +253,19 @@ def _dl_bwd_wy_kernel(
     PREC, those with A and B in their dtype):
     dT = dW (B e^G)^T + dT1, dL = -(T^T dT T^T) (s < t), dB = e^G (T^T dW) + (dL * Gamma) A,
     dA = dA1 + (dL * Gamma)^T B; dG_t adds the rows of P_L = dL * L less its columns and e^G in B e^G;
-    dg the suffix sums of dG within the chunk. With a scale, B here is bs b.
-    Two passes over the keys in blocks of BKW (a divisor of BK): the first sums dT (and B A^T for P_L) over
-    them, the second writes each block's dA and dB; a block's tiles are all that is live at once."""
+    dg the suffix sums of dG within the chunk. With a scale, B here is bs b."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_r = tl.arange(0, BT)
     m_t, rows = _dl_rows(ctab, i_t, i_b, i_h, T, H, BT, VARLEN)
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
     base = (i_bh * NT + i_t) * BT + o_r
+    p_k = rows[:, None] * K + o_k[None, :]
+    p_w = base[:, None] * BK + o_k[None, :]
     DT = a.dtype.element_ty
+    b_a = tl.load(a + p_k, mask=m_tk, other=0.).to(DT)
+    b_braw = tl.load(b + p_k, mask=m_tk, other=0.).to(DT)
     if HAS_BS:
         b_bs = tl.load(bs + rows, mask=m_t, other=0.)
     else:
@@ -270,52 +274,30 @@ def _dl_bwd_wy_kernel(
     b_G = tl.load(Gc + base)
     b_bgs = b_bs * tl.exp(b_G)  # B e^G = braw * bs e^G (per row)
     lower = o_r[:, None] > o_r[None, :]
-    b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dW braw^T
-    b_BA = tl.zeros([BT, BT], dtype=tl.float32)  # braw A^T (for P_L)
-    for i_k in range(BK // BKW):
-        o_k = i_k * BKW + tl.arange(0, BKW)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_braw = tl.load(b + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
-        b_dWd = tl.load(dW + base[:, None] * BK + o_k[None, :]).to(DT)
-        b_dT += tl.dot(b_dWd, tl.trans(b_braw), input_precision=PREC)
-        if HAS_G:
-            b_a = tl.load(a + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
-            b_BA += tl.dot(b_braw, tl.trans(b_a), input_precision=PREC)
-    b_dT = b_dT * b_bgs[None, :] + tl.load(dT + base[:, None] * BT + o_r[None, :])
+    b_dW = tl.load(dW + p_w).to(tl.float32)
+    b_dbg = tl.dot(tl.trans(b_T), b_dW, input_precision=PREC)  # the cotangent of B e^G
+    b_dT = tl.dot(b_dW.to(DT), tl.trans(b_braw), input_precision=PREC) * b_bgs[None, :]
+    b_dT += tl.load(dT + base[:, None] * BT + o_r[None, :])
     b_dL = tl.dot(tl.trans(b_T), tl.dot(b_dT, tl.trans(b_T), input_precision=PREC), input_precision=PREC)
     b_Gam = tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.))  # e^(G_t - G_s), s < t (1 elsewhere)
     b_dL = tl.where(lower, -b_dL * b_Gam, 0.)  # dL * Gamma (s < t)
-    b_dLd = b_dL.to(DT)
-    b_dLbs = (b_dL * b_bs[:, None]).to(DT)
-    b_dgb = tl.zeros([BT], dtype=tl.float32)  # sum_k (T^T dW) braw: e^G in B e^G
-    b_dbs = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(BK // BKW):
-        o_k = i_k * BKW + tl.arange(0, BKW)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        p_k = rows[:, None] * K + o_k[None, :]
-        p_w = base[:, None] * BK + o_k[None, :]
-        b_braw = tl.load(b + p_k, mask=m_tk, other=0.).to(DT)
-        b_a = tl.load(a + p_k, mask=m_tk, other=0.).to(DT)
-        b_dbg = tl.dot(tl.trans(b_T), tl.load(dW + p_w).to(tl.float32), input_precision=PREC)  # of B e^G
-        if HAS_G:
-            b_dgb += tl.sum(b_dbg * b_braw.to(tl.float32), 1)
-        # the cotangent of bs b: e^G (T^T dW) + (dL * Gamma) A
-        b_db = b_dbg * tl.exp(b_G)[:, None] + tl.dot(b_dLd, b_a, input_precision=PREC)
-        if HAS_BS:
-            b_dbs += tl.sum(b_db * b_braw.to(tl.float32), 1)
-            b_db *= b_bs[:, None]
-        if not SAME_AB:
-            tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=m_tk)
-        # dA = dA1 + (dL * Gamma)^T (bs braw) (and, when a and b are one tensor, its cotangent is dA + dB)
-        b_da = tl.dot(tl.trans(b_dLbs), b_braw, input_precision=PREC) + tl.load(dA1 + p_w).to(tl.float32)
-        if SAME_AB:
-            b_da += b_db
-        tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)
-    if HAS_BS:
-        tl.store(dbs + rows, b_dbs, mask=m_t)
     if HAS_G:
-        b_PL = b_dL * b_BA * b_bs[:, None]  # dL * L
-        b_dG = tl.load(dG1 + base) + tl.sum(b_PL, 1) - tl.sum(b_PL, 0) + b_dgb * b_bgs
+        b_PL = b_dL * tl.dot(b_braw, tl.trans(b_a), input_precision=PREC) * b_bs[:, None]  # dL * L
+        b_dG = tl.load(dG1 + base) + tl.sum(b_PL, 1) - tl.sum(b_PL, 0)
+        b_dG += tl.sum(b_dbg * b_braw.to(tl.float32), 1) * b_bgs
         # G_t = sum_(s <= t) g_s: dg_s = sum_(t >= s) dG_t
         b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
         tl.store(dg + rows, b_dg, mask=m_t)
+    # the cotangent of bs b: e^G (T^T dW) + (dL * Gamma) A
+    b_db = b_dbg * tl.exp(b_G)[:, None] + tl.dot(b_dL.to(DT), b_a, input_precision=PREC)
+    if HAS_BS:
+        tl.store(dbs + rows, tl.sum(b_db * b_braw.to(tl.float32), 1), mask=m_t)
+        b_db *= b_bs[:, None]
+    if not SAME_AB:
+        tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=m_tk)
+    # dA = dA1 + (dL * Gamma)^T (bs braw) (and, when a and b are one tensor, its cotangent is dA + dB)
+    b_da = tl.dot(tl.trans((b_dL * b_bs[:, None]).to(DT)), b_braw, input_precision=PREC)
+    b_da += tl.load(dA1 + p_w).to(tl.float32)
+    if SAME_AB:
+        b_da += b_db
+    tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=m_tk)

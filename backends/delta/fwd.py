@@ -2,10 +2,10 @@
 
 The maths and the notation are in :mod:`mixc.backends.delta.kernels` (its header). Work tensors (W, U and the
 per-chunk states hs) are stored in the *work dtype*: fp32 (products in tf32 for 16-bit inputs, ieee for fp32
-ones), or, with ``DL_WORK16`` (kernels.py; off: wrong on the H200 at key width 16), the inputs' dtype for
-16-bit inputs (the walks' and the output's tl.dot then take 16-bit operands and accumulate in fp32, as fla's do).
-The prep kernel computes in fp32 whatever the work dtype (tf32 products for 16-bit inputs, ieee on the inverse's
-small blocks) and rounds only what it stores: a kernel with both tf32x3 and 16-bit products was wrong on the H200
+ones), or, with ``DL_WORK16`` (kernels.py; on), the inputs' dtype for 16-bit inputs (the walks' and the output's
+tl.dot then take 16-bit operands and accumulate in fp32, as fla's do).
+The prep kernel computes in fp32 whatever the work dtype (tf32 products for 16-bit inputs) and rounds only what it
+stores: a kernel with both tf32x3 and 16-bit products was wrong on the H200
 at key width 16 (sessions 13 and 15).
 Kernels read the work dtype off the pointer of W (``W.dtype.element_ty``).
 This file needs triton and the chunked form's launcher (`_Launch`, pasted before it); `mixc compile` pastes it
@@ -73,16 +73,17 @@ def _dl_prep_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_BS: tl.constexpr, HAS_VS: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
-    PREC_T: tl.constexpr, VARLEN: tl.constexpr = False, BC: tl.constexpr = 2,
+    PREC_T: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Per chunk, in parallel: G, L, T = (I + L)^-1 by recursive doubling, W and U0.
 
-    The inverse: recursive doubling, levels up to BC on the BT / BC diagonal [BC, BC] blocks as a batch (ieee),
-    the levels above on [BT, BT] tiles in PREC_T (ieee for fp32 inputs, else DL_INV_PREC), fp32 throughout.
-    Each level's T_b holds the exact inverses of the b x b diagonal blocks (no powers of L, whose entries grow
-    with aligned keys, as a series would form). On the H200 doubling on whole tiles (BC = 2, tf32x3) took the
-    deltanet forward at B4 T4096 H16 D128 bf16 from 1.256 to 1.165 ms against forward substitution in 16 x 16
-    blocks (benchmarks/tune.py delta, 2026-12-04)."""
+    The inverse: recursive doubling on [BT, BT] tiles in PREC_T (ieee for fp32 inputs, else DL_INV_PREC), fp32
+    throughout. Each level's T_b holds the exact inverses of the b x b diagonal blocks (no powers of L, whose
+    entries grow with aligned keys, as a series would form). On the H200 (benchmarks/tune.py delta, 2026-12-04)
+    doubling in tf32x3 took the deltanet forward at B4 T4096 H16 D128 bf16 from 1.256 to 1.165 ms against forward
+    substitution in 16 x 16 blocks; tf32 and fp32 operands in every product then took it to 0.957 ms (tf32x3:
+    1.036). Levels up to 16 x 16 on the diagonal blocks alone, as a batch of small ieee products, were no faster
+    (0.953 ms; at D64 0.225 against 0.206 ms) and were dropped."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = W.dtype.element_ty  # the work dtype: of the stores only (every product here takes fp32 operands)
@@ -111,29 +112,12 @@ def _dl_prep_kernel(
     b_L = tl.where(lower, b_L * tl.exp(tl.where(lower, b_G[:, None] - b_G[None, :], 0.)), 0.)
     # T = (I + L)^-1 by recursive doubling: with T_b the inverse of I + L's diagonal b x b blocks and E_b the part of
     # L between the halves of each 2b x 2b diagonal block, (D + E)^-1 = D^-1 - D^-1 E D^-1 there ((D^-1 E)^2 = 0):
-    # T_2b = T_b - T_b (E_b T_b), two products a level. From T_2 (pairs [1 0; -L 1]) to T_BC on the BT / BC
-    # diagonal blocks alone, as a batch of [BC, BC] matrices (ieee products: BC^3 a block); then on [BT, BT] in PREC_T
-    if BC > 2:
-        NB: tl.constexpr = BT // BC
-        o_c, o_b = tl.arange(0, NB), tl.arange(0, BC)
-        on_diag = o_c[:, None, None, None] == o_c[None, None, :, None]  # [NB, 1, NB, 1]: block (c, c)
-        b_Ld = tl.sum(tl.where(on_diag, tl.reshape(b_L, (NB, BC, NB, BC)), 0.), 2)  # [NB, BC, BC]
-        eye = (o_b[:, None] == o_b[None, :])[None, :, :]
-        pair = ((o_b // 2)[:, None] == (o_b // 2)[None, :])[None, :, :]
-        b_Tc = tl.where(eye, 1., 0.) - tl.where(pair, b_Ld, 0.)
-        for lv in tl.static_range(1, 16):
-            if (2 << lv) <= BC:
-                blk2 = ((o_b >> (lv + 1))[:, None] == (o_b >> (lv + 1))[None, :])[None, :, :]
-                blk = ((o_b >> lv)[:, None] == (o_b >> lv)[None, :])[None, :, :]
-                b_ET = tl.dot(tl.where(blk2 & (blk == 0), b_Ld, 0.), b_Tc, input_precision="ieee")
-                b_Tc = b_Tc - tl.dot(b_Tc, b_ET, input_precision="ieee")
-        b_T = tl.reshape(tl.where(on_diag, b_Tc[:, :, None, :], 0.), (BT, BT))
-    else:
-        eye = o_r[:, None] == o_r[None, :]
-        pair = (o_r // 2)[:, None] == (o_r // 2)[None, :]
-        b_T = tl.where(eye, 1., 0.) - tl.where(pair, b_L, 0.)
+    # T_2b = T_b - T_b (E_b T_b), two products a level on [BT, BT] tiles in PREC_T, from T_2 (pairs [1 0; -L 1])
+    eye = o_r[:, None] == o_r[None, :]
+    pair = (o_r // 2)[:, None] == (o_r // 2)[None, :]
+    b_T = tl.where(eye, 1., 0.) - tl.where(pair, b_L, 0.)
     for lv in tl.static_range(1, 16):
-        if (2 << lv) <= BT and (1 << lv) >= BC:
+        if (2 << lv) <= BT:
             blk2 = (o_r >> (lv + 1))[:, None] == (o_r >> (lv + 1))[None, :]
             blk = (o_r >> lv)[:, None] == (o_r >> lv)[None, :]
             b_ET = tl.dot(tl.where(blk2 & (blk == 0), b_L, 0.), b_T, input_precision=PREC_T)

@@ -69,26 +69,25 @@ DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per
 # K = V = 128 bf16 on sm_90 (8 warps) 32 spills 184 B (fp32 work tensors) and 32 B (16-bit), 64 spills 704 and 168
 # (benchmarks/ptxas_delta.py --bv). Not yet timed: tune.py delta A/Bs 32.
 DL_BVL = 0
-# the last backward kernel's key block (a power of two; 0: all K keys at once). Not yet timed on a GPU.
-DL_WYBK = 0
 # the in-chunk inverse's products for 16-bit inputs (fp32 inputs: ieee). tf32, as the prep kernel's other products:
 # against a float64 inverse of 64-token chunks (D128, bf16 keys) its error in T and in T V is 9e-5 with random keys
 # and 1.1e-3 at worst with keys all near one direction and beta in (0.9, 1), against 4e-3 for a bf16 rounding;
-# tf32x3 (1e-7) takes three tensor-core passes a product and splits every operand. Not yet timed on a GPU.
+# tf32x3 (1e-7) takes three tensor-core passes a product and splits every operand: on the H200 (2026-12-04,
+# benchmarks/tune.py delta, fp32 work) it made the deltanet forward 1.036 ms against 0.957 at B4 T4096 H16 D128 bf16,
+# 0.260 against 0.225 at B8 T1024 H16 D64.
 DL_INV_PREC = "tf32"
-# the inverse's first levels (blocks 2 x 2 to DL_INV_BLOCK x DL_INV_BLOCK) run on the diagonal blocks alone, as a batch
-# of small matrices with ieee products, instead of on whole [64, 64] tiles (6 of the 10 products); 2: every level on
-# whole tiles. 16 or 2 (tl.dot takes no operand narrower than 16). Not yet timed on a GPU: tune.py delta A/Bs both.
-DL_INV_BLOCK = 16
 # 16-bit work tensors (W, U, hs and the backward's scratch in the inputs' dtype, 16-bit tl.dot operands) for 16-bit
-# inputs, as fla stores them: half the traffic of fp32 work tensors. Off: on the H200 (Triton 3.6, 2026-12-04) the
-# path is wrong at key width 16 (relative error 0.7 to 1.2, NaN in the gated backward, fp16 and bf16:
-# tests/test_delta.py), while at widths 64 and 128, bf16, it matched the reference as closely as fla does (4.4e-3 to
-# 5.4e-3, outputs and gradients; benchmarks/suites/delta.py) and was fast: deltanet B4 T4096 H16 D128 fwd 1.165 ->
-# 0.747 ms, fwd+bwd 3.16 -> 2.34 ms. With it on, key widths under DL_WORK16_MIN_K keep fp32 work tensors. Turn on
-# only once tests/test_delta.py passes on a GPU with it on (its 16-bit test runs widths 64 and 128).
-DL_WORK16 = False
-DL_WORK16_MIN_K = 64  # with DL_WORK16, 16-bit work tensors only from this key width (fp32 below: wrong at 16, above)
+# inputs, as fla stores them: half the traffic of fp32 work tensors. On the H200 (Triton 3.6, 2026-12-04,
+# benchmarks/tune.py delta) deltanet B4 T4096 H16 D128 bf16 fwd 0.957 -> 0.651 ms, fwd+bwd 2.930 -> 1.935 ms; B8 T1024
+# H16 D64 fwd+bwd 0.692 -> 0.550 ms; every work tensor and gradient within 5e-3 of the fp32 path at key widths 16, 64
+# and 128 (session 15's failure at 16 came with tf32x3 and 16-bit products in one kernel: the prep kernel now takes
+# fp32 operands only). The price is fla's: in the corner where each step nearly erases the last (keys along one
+# direction, beta near 1) rounding u, the in-chunk scores and the gated keys to bf16 costs as much as rounding the
+# inputs does (gated_deltanet B1 T150 D64 bf16: 2.52e-2 against the float64 reference, fla 2.51e-2, fp32 work
+# 1.60e-2, the inputs rounded alone 1.57e-2: benchmarks/suites/delta.py "aligned keys"). Set it False on a loaded
+# mixer's generated module (``m.generated.DL_WORK16 = False``, read at each call) for fp32 work tensors.
+DL_WORK16 = True
+DL_WORK16_MIN_K = 64  # with DL_WORK16, 16-bit work tensors from this key width (below: fp32; a floor from session 15)
 
 
 # (warps, pipeline stages) of each kernel, from Triton 3.6's sm_90 build at K = V = 128, bf16
@@ -102,16 +101,12 @@ _DL_LAUNCH = {"_dl_prep_kernel": (4, 1), "_dl_walk_kernel": (4, 2), "_dl_out_ker
 
 
 def _dl_cfg(name, q=None, BK=0):
-    """Launch options of a kernel: ``num_warps``, ``num_stages`` (and ``maxnreg`` where the table gives a
-    third number); one stage for fp32 inputs with keys above
+    """Launch options of a kernel: ``num_warps`` and ``num_stages``; one stage for fp32 inputs with keys above
     128 (two would not fit: the adjoint walk's 2 stages take 279 KB of shared memory at K = V = 256, fp32)."""
-    warps, stages, *cap = _DL_LAUNCH[name]
+    warps, stages = _DL_LAUNCH[name]
     if q is not None and q.dtype == torch.float32 and BK > 128:
         stages = 1
-    cfg = {"num_warps": warps, "num_stages": stages}
-    if cap:  # (warps, stages, registers): a cap on each thread's registers (ptxas spills what does not fit)
-        cfg["maxnreg"] = cap[0]
-    return cfg
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def _dl_geometry(q, v):
@@ -192,7 +187,7 @@ def dl_chunk_fwd(q, a, b, v, g=None, h0=None, scale=1.0, output_final_state=Fals
     _dl_prep_kernel[(NT, B * H)](a, b, v, gg, bsf, vsf, W, U, Gc, Tm, ctab, T, VARLEN=vl, H=H, K=K, V=V, BT=BT,
                                  BK=BK, BV=BV, NV=NV, HAS_G=g is not None, HAS_BS=bs is not None,
                                  HAS_VS=vs is not None, SAVE=save, PREC=prec,
-                                 PREC_T="ieee" if prec == "ieee" else DL_INV_PREC, BC=DL_INV_BLOCK,
+                                 PREC_T="ieee" if prec == "ieee" else DL_INV_PREC,
                                  **_dl_cfg("_dl_prep_kernel"))
     ht = torch.empty(NS, H, K, V, device=dev, dtype=f32) if output_final_state else None
     s0 = h0.to(f32).contiguous() if h0 is not None else None
@@ -248,8 +243,7 @@ def dl_chunk_bwd(do, dht, q, a, b, v, g, h0, saved, scale=1.0, bs=None, vs=None,
                                       PREC=prec, **_dl_cfg("_dl_bwd_vloop_kernel"))
     _dl_bwd_wy_kernel[(NT, B * H)](a, b, bsf, Tm, Gc, dW, dT, dA1, dG1, da, da if same_ab else db,
                                    dg if dg is not None else Gc, dbs if dbs is not None else Gc, ctab, T, NT,
-                                   VARLEN=vl, H=H, K=K, BT=BT, BK=BK, BKW=min(DL_WYBK, BK) if DL_WYBK else BK,
-                                   HAS_G=g is not None, HAS_BS=bs is not None,
+                                   VARLEN=vl, H=H, K=K, BT=BT, BK=BK, HAS_G=g is not None, HAS_BS=bs is not None,
                                    PREC=prec, SAME_AB=same_ab, **_dl_cfg("_dl_bwd_wy_kernel"))
     return dq, da, db, dv, dg, dbs, dvs, dh0
 

@@ -9,7 +9,9 @@ error against the reference in fp32 in the same run (the note gives fla's); a fw
 larger of that and the gradients' (every input's, ours in the row's dtype against the reference's in fp32, on
 the first sequence's first 256 tokens: the reference is a loop over tokens); rows without fla say so. The
 16-bit work tensors (``DL_WORK16``, on) are compared with fp32 ones by ``benchmarks/tune.py delta``.
-A last row ("deltanet packed") runs 16 packed sequences (cu_seqlens) in one row of 16384 tokens.
+A row "deltanet packed" runs 16 packed sequences (cu_seqlens) in one row of 16384 tokens; an untimed row
+("aligned keys", before it) compares the accuracy of fla, ours with 16-bit work and ours with fp32 work in the
+corner where each step nearly erases the last (keys along one direction, beta in (0.9, 1)).
 """
 
 from __future__ import annotations
@@ -118,9 +120,52 @@ def run(smoke: bool) -> list[dict]:
                             note_b + f"; check: max(forward {check:.1e}, gradients {g_check:.1e} "
                             f"on B1 T{min(T, 256)})", grad_check=g_check))
             print(rows[-1], flush=True)
+    if wanted("aligned keys"):
+        rows += aligned_keys(fla, dtype)
     if wanted("deltanet packed"):
         rows += packed(fla, dtype, smoke)
     return rows
+
+
+def aligned_keys(fla, dtype) -> list[dict]:
+    """Accuracy, not time: gated_deltanet at B1 T150 H2 D64 with every key near one direction, beta in (0.9, 1)
+    and g near 0 (tests/test_delta.py's 16-bit corner), forward in the row's dtype against the reference in
+    float64 on the CPU: ours with 16-bit work tensors (the shipped DL_WORK16), ours with fp32 ones, fla's
+    chunk_gated_delta_rule, and the reference on the inputs rounded to the row's dtype (the floor)."""
+    import mixc
+
+    m = mixc.load(ROOT / "examples" / "gated_deltanet.mix")
+    mod = m._module
+    gen = torch.Generator().manual_seed(2)
+    B, T, H, D = 1, 150, 2, 64
+    k = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    k = torch.nn.functional.normalize(k[:, :1] + 0.05 * k, dim=-1)
+    x = {"q": torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen, dtype=torch.float64), dim=-1),
+         "k": k, "v": torch.randn(B, T, H, D, generator=gen, dtype=torch.float64),
+         "beta": 0.9 + 0.1 * torch.rand(B, T, H, generator=gen, dtype=torch.float64),
+         "g": -1e-3 * torch.rand(B, T, H, generator=gen, dtype=torch.float64)}
+    ref = m.reference(**x)
+    xd = {n: t.to(DEV, dtype) for n, t in x.items()}
+    floor = rel(m.reference(**{n: t.to(dtype).double() for n, t in x.items()}), ref)
+    errs = {}
+    shipped = mod.DL_WORK16
+    try:
+        for work16 in (True, False):
+            mod.DL_WORK16 = work16
+            with torch.no_grad():
+                errs[work16] = rel(m(**xd, form="chunked").double().cpu(), ref)
+    finally:
+        mod.DL_WORK16 = shipped
+    note = f"fp32 work {errs[False]:.2e}; inputs rounded alone {floor:.2e}"
+    if fla:
+        with torch.no_grad():
+            o, _ = fla[1](q=xd["q"], k=xd["k"], v=xd["v"], beta=xd["beta"], g=xd["g"], scale=D ** -0.5,
+                          use_qk_l2norm_in_kernel=False)
+        note += f"; fla {rel(o.double().cpu(), ref):.2e}"
+    r = row("delta", f"gated_deltanet aligned keys B{B} T{T} H{H} D{D} {str(dtype).replace('torch.', '')}", None,
+            "chunk_gated_delta_rule" if fla else None, None, errs[True], note)
+    print(r, flush=True)
+    return [r]
 
 
 def packed(fla, dtype, smoke: bool) -> list[dict]:
