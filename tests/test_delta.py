@@ -119,6 +119,30 @@ def test_delta_numerical_corners(name, corner):
     check(*run_both(m, x, {}, states_for(m, 1, 2, SIZES)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("name,corner", CORNER_CASES, ids=[f"{n}-{c}" for n, c in CORNER_CASES])
+def test_delta_numerical_corners_in_16_bit(name, corner, dtype):
+    """The issue's corners (beta in (0.9, 1); log gates near -20, near 0, spread) with 16-bit inputs at key and
+    value width 64, where the work tensors and the walks' products are 16-bit (DL_WORK16): outputs, final state
+    and every gradient within 2e-2 of the float64 reference. (A float64 emulation of the bf16 path's roundings
+    gives 4e-3 to 6e-3 here, at widths 64 and 128; the inputs' own bf16 rounding 3e-3 to 3.7e-3.)"""
+    beta, g = CORNERS[corner]
+    m = load(name)
+    sz = {"K": 64, "V": 64}
+    x = inputs(m, 1, 150, 2, sz, seed=7, beta=beta, g=g)
+    s0 = states_for(m, 1, 2, sz)
+    xr = {k: v.clone().requires_grad_() for k, v in x.items()}
+    ref, ref_fin = m.reference(**xr, initial_state=s0, output_final_state=True)
+    (ref.square().sum() + ref_fin["S"].sum()).backward()
+    xs = {k: v.to(DEV, dtype).requires_grad_() for k, v in x.items()}
+    o, fin = m(**xs, initial_state={"S": s0["S"].to(DEV, dtype)}, output_final_state=True, form="chunked")
+    assert o.grad_fn.saved_tensors[9].dtype == dtype  # (W: the 16-bit path ran)
+    (o.float().square().sum() + fin["S"].float().sum()).backward()
+    assert rel(o.cpu(), ref) < 2e-2 and rel(fin["S"].cpu(), ref_fin["S"]) < 2e-2
+    for k in x:
+        assert rel(xs[k].grad.cpu(), xr[k].grad) < 2e-2, k
+
+
 def test_delta_aligned_keys_beta_near_1():
     """Every key the same unit vector and beta = 0.999: each step nearly erases the last value, so the
     in-chunk solve chains 64 near-cancellations; the result must still match the reference."""
@@ -206,8 +230,10 @@ def test_delta_16bit_work_tensors(name, dtype, width):
     source: session 14 found the earlier version of this test toggling a flag that operator never read), so the
     test also checks that the path ran: the saved W is 16-bit and the output differs from the fp32-work one.
     Below DL_WORK16_MIN_K (64) the setting changes nothing: on the H200 (Triton 3.6) the path was wrong at key
-    width 16 (session 15; with the inverse by forward substitution, session 14, it was wrong from 64 and could
-    fault); with the inverse by doubling it was right at 64 and 128 in the delta suite."""
+    width 16 in session 15 (a kernel then mixed tf32x3 and 16-bit products; in session 14, with the inverse by
+    forward substitution, it was wrong from 64 and could fault). In session 16, with fp32 operands throughout
+    the prep kernel, it was right stage by stage at 16, 64 and 128 (tune.py delta); the floor stays until this
+    test passes on a GPU with it lowered."""
     m = load(name)
     mod = m._module
     x = inputs(m, 1, 150, 2, {"K": width, "V": width}, seed=8)
@@ -232,7 +258,7 @@ def test_delta_16bit_work_tensors(name, dtype, width):
     assert saved[9].dtype == saved[10].dtype == saved[13].dtype == dtype  # W, U, hs
     assert rel(o.cpu(), ref) < 2e-2 and rel(fin["S"].cpu(), ref_state["S"]) < 2e-2
     for k in x:
-        assert rel(xs[k].grad.cpu(), xr[k].grad) < 1e-1, k
+        assert rel(xs[k].grad.cpu(), xr[k].grad) < 2e-2, k
 
 
 def test_the_plan_comes_from_the_terms():

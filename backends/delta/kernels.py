@@ -67,7 +67,8 @@ DL_BVO = 64  # largest value block of the output kernel (it recomputes Q A^T per
 # the backward's value loop (_dl_bwd_vloop_kernel) steps through the values in blocks of at most this (0: the walks'
 # value block). Its five fp32 accumulators do not depend on the block; a smaller one loads smaller tiles: at
 # K = V = 128 bf16 on sm_90 (8 warps) 32 spills 184 B (fp32 work tensors) and 32 B (16-bit), 64 spills 704 and 168
-# (benchmarks/ptxas_delta.py --bv). Not yet timed: tune.py delta A/Bs 32.
+# (benchmarks/ptxas_delta.py --bv). On the H200 (tune.py delta, 2026-12-04, 16-bit work) 32 was no faster: D128
+# fwd+bwd 1.943 against 1.935 ms.
 DL_BVL = 0
 # the in-chunk inverse's products for 16-bit inputs (fp32 inputs: ieee). tf32, as the prep kernel's other products:
 # against a float64 inverse of 64-token chunks (D128, bf16 keys) its error in T and in T V is 9e-5 with random keys
