@@ -13,6 +13,8 @@
 #    $OUT/tcache.tgz. Copied to .tcache.tgz in the repository root (git-ignored: .git/info/exclude) and carried
 #    (`carry: [".whl", ".tcache.tgz"]`), it is unpacked before the next call's runs: a fresh machine then skips
 #    the compiles and autotuning whose sources did not change (fla's, and ours between calls of a session).
+#    Over 16 MB (the most a file back from the device may be; session 16's tests and delta suite left 68 MB), only
+#    our kernels' entries are packed (fla's are left to compile again).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   2>&1 | tail -2
@@ -52,6 +54,13 @@ if [ -n "$save_cache" ] && [ -d .tcache ]; then
   size=$(stat -c %s "$OUT/tcache.tgz")
   echo "Triton cache packed: $size bytes"
   if [ "$size" -gt 16000000 ]; then  # (files back from the device are at most 16 MiB each)
-    rm "$OUT/tcache.tgz"; echo "Triton cache too large to bring back (over 16 MB): left out"
+    # then only our kernels' entries (names with one leading _: _dl_*, _rec_*, _attn_*; not Triton's __grp__ files)
+    find .tcache -mindepth 2 -maxdepth 2 -name '_[!_]*' -printf '%h\n' | sort -u > "$OUT/ours.txt"
+    tar czf "$OUT/tcache.tgz" -T "$OUT/ours.txt"; rm "$OUT/ours.txt"
+    size=$(stat -c %s "$OUT/tcache.tgz")
+    echo "Triton cache over 16 MB: our kernels' entries alone packed, $size bytes"
+    if [ "$size" -gt 16000000 ]; then
+      rm "$OUT/tcache.tgz"; echo "still too large to bring back: left out"
+    fi
   fi
 fi
