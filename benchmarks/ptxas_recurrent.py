@@ -27,7 +27,7 @@ from mixc.backends.recurrent import launch as L  # noqa: E402
 def _ints(fn):
     """Every runtime argument that is not a pointer, the scale or a constexpr: an i32."""
     names = list(inspect.signature(fn.fn).parameters)
-    return {n for n in names if n[0].islower() and n != "scale"} | {"T", "H", "KD", "VD", "NV"}
+    return {n for n in names if n[0].islower() and n != "scale"} | {"T", "H", "KD", "VD", "NV", "NCK"}
 
 
 def main():
@@ -39,15 +39,20 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--bt", default="", help="comma-separated token chunks of the element-wise kernels")
     ap.add_argument("--step", action="store_true", help="T = 1 (a decode step: Triton specialises an int 1)")
+    ap.add_argument("--varlen", action="store_true", help="the scan's packed-sequence variants (VARLEN)")
     args = ap.parse_args()
     x = "*bf16"
     BK, BV0, W0 = L._rec_tiles(256 * 16, args.k, args.v, args.step)
     BT, BVE, WE = E._rec_ew_tiles(4096)
     cases = {
-        "_rec_fwd": (R._rec_fwd, dict(Q=x, K_=x, V_=x, AT=x, O=x),
+        "_rec_fwd": (R._rec_fwd, dict(Q=x, K_=x, V_=x, AT=x, O=x, CU="*i32", COFF="*i32"),
                      dict(DELTA=False, HAS_Q=True, HAS_K=True, HAS_AT=True, HAS_AP=False, EXP_DECAY=True, HAS_H0=True,
-                          AT_K=True, AT_V=False, AP_K=False, AP_V=False,
-                          STORE_HT=True, STORE_CK=False, CHUNK=L.REC_CHUNK, BK=BK), BV0, W0),
+                          AT_K=True, AT_V=False, AP_K=False, AP_V=False, VARLEN=args.varlen,
+                          STORE_HT=True, STORE_CK=args.varlen, CHUNK=L.REC_CHUNK, BK=BK), BV0, W0),
+        "_rec_bwd": (R._rec_bwd, dict(Q=x, K_=x, V_=x, AT=x, CU="*i32", COFF="*i32"),
+                     dict(DELTA=False, HAS_Q=True, HAS_K=True, HAS_AT=True, HAS_AP=False, EXP_DECAY=True,
+                          AT_K=True, AT_V=False, AP_K=False, AP_V=False, HAS_DHT=True, VARLEN=args.varlen,
+                          CHUNK=L.REC_CHUNK, BK=BK), BV0, W0),
         "_rec_ew_fwd": (E._rec_ew_fwd, dict(V_=x, AT=x, O=x),
                         dict(HAS_AT=True, HAS_AP=False, EXP_DECAY=False, HAS_H0=False, STORE_HT=True, STORE_CK=True,
                              BT=BT), BVE, WE),

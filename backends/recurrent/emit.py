@@ -370,9 +370,11 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
                 f"o_dtype={odt})")
     else:
         em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale}, "
-                f"o_dtype={odt})")
+                f"o_dtype={odt}, cu_seqlens=cu_seqlens)")
     _epilogue(em, rp, V)
     em.emit("return o, (recurrent_unpack(ht) if output_final_state else None)")
+    if rp.key is not None:  # (the scan kernel walks packed sequences itself; the element-wise ones do not yet)
+        lines += ["", "", "recurrent.native_varlen = True  # runs packed sequences (cu_seqlens) in one launch"]
     lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32, states=None):",
               f'    """One token of {p.name} in place: inputs [B, 1, H, ...], h the kernels\' state (recurrent_pack),',
               "    updated in place; o32 [B, 1, H, V(+1)] fp32 and out [B, 1, H, ...] preallocated. Returns out."

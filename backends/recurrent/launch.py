@@ -186,55 +186,72 @@ def _rec_delta_operands(u, w, v):
     return [u, w] + list(u.stride()) + list(w.stride())
 
 
-def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None, w=None):
-    """Launch the forward scan; returns the checkpoints [B, H, NC, K, V] (or None)."""
+def _rec_varlen(cu, T, device):
+    """(cu as int32, each sequence's first checkpoint chunk [N + 1] int32, NCK): the checkpoint rows of packed
+    sequences, computed on the device (no host sync); NCK = T // REC_CHUNK + N bounds their sum whatever the
+    split. Without cu_seqlens: (None, None, the chunks of one sequence of T tokens)."""
+    if cu is None:
+        return None, None, _cdiv(T, REC_CHUNK)
+    cu = cu.to(device=device, dtype=torch.int32)
+    n = (cu[1:] - cu[:-1] + REC_CHUNK - 1) // REC_CHUNK
+    coff = torch.cat([cu.new_zeros(1), n.cumsum(0).to(torch.int32)])
+    return cu, coff, T // REC_CHUNK + cu.shape[0] - 1
+
+
+def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None, w=None, cu=None):
+    """Launch the forward scan; returns the checkpoints [B, H, NCK, K, V] (or None). With ``cu`` (cumulative
+    lengths of the packed sequences of v's one batch row) one program row a sequence: h0 and ht [N, H, K, V], the
+    checkpoints [1, H, NCK, K, V]."""
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-    BK, BV, warps = _rec_tiles(B * H, K, V, T == 1)
+    cu, coff, nck = _rec_varlen(cu, T, v.device)
+    NS = B if cu is None else cu.shape[0] - 1
+    BK, BV, warps = _rec_tiles(NS * H, K, V, T == 1)
     NV = _cdiv(V, BV)
-    ck = torch.empty(B, H, _cdiv(T, REC_CHUNK), K, V, dtype=torch.float32, device=v.device) \
+    ck = torch.empty(B if cu is None else 1, H, nck, K, V, dtype=torch.float32, device=v.device) \
         if store_ck else o
     ptrs, st = _rec_operands(q, k, v, at, ap)
-    _rec_kernel(_rec_fwd)[(NV, B * H)](
-        *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o,
-        T, H, K, V, float(scale), *st, o.stride(0), o.stride(1), o.stride(2), *_rec_delta_operands(u, w, v),
-        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), **_rec_axes(at, ap), HAS_H0=h0 is not None,
-        STORE_HT=ht is not None,
-        STORE_CK=store_ck, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
-    return ck if store_ck else None
+    _rec_kernel(_rec_fwd)[(NV, NS * H)](
+        *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o, cu if cu is not None else o,
+        coff if cu is not None else o, T, H, K, V, float(scale), nck, *st, o.stride(0), o.stride(1), o.stride(2),
+        *_rec_delta_operands(u, w, v), DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay),
+        **_rec_axes(at, ap), HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CK=store_ck, CHUNK=REC_CHUNK,
+        BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
+    return (ck, cu, coff, nck) if store_ck else None
 
 
 class _RecScan(torch.autograd.Function):
     """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument."""
 
     @staticmethod
-    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype=torch.float32):
+    def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype=torch.float32, cu=None):
         B, T, H, V = v.shape
         K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+        NS = B if cu is None else cu.shape[0] - 1
         o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-        ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
-        ck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w)
-        ctx.save_for_backward(q, k, v, at, ap, ck, u, w)
-        ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.K = scale, exp_decay, h0 is not None, K
+        ht = torch.empty(NS, H, K, V, dtype=torch.float32, device=v.device)
+        ck, cu, coff, nck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w, cu)
+        ctx.save_for_backward(q, k, v, at, ap, ck, u, w, cu, coff)
+        ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.K, ctx.NS, ctx.nck = scale, exp_decay, h0 is not None, K, NS, nck
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, at, ap, ck, u, w = ctx.saved_tensors
+        q, k, v, at, ap, ck, u, w, cu, coff = ctx.saved_tensors
         B, T, H, V = v.shape
-        K = ctx.K
-        BK, BV, warps = _rec_tiles(B * H, K, V)
+        K, NS = ctx.K, ctx.NS
+        BK, BV, warps = _rec_tiles(NS * H, K, V)
         NV = _cdiv(V, BV)
         f32, dev = torch.float32, v.device
         do = torch.zeros(B, T, H, V, dtype=f32, device=dev) if do is None else do.to(f32).contiguous()
         dht = None if dht is None else dht.to(f32).contiguous()
-        scr = torch.empty(B * H * NV * (REC_CHUNK + 1) * BK * BV, dtype=f32, device=dev)
+        scr = torch.empty(NS * H * NV * (REC_CHUNK + 1) * BK * BV, dtype=f32, device=dev)
         dq = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if q is not None else do
         dk = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if k is not None else do
         du = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
         dw = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
         dv = torch.empty(B, T, H, V, dtype=f32, device=dev)
-        dh0 = torch.empty(B, H, K, V, dtype=f32, device=dev)
+        dh0 = torch.empty(NS, H, K, V, dtype=f32, device=dev)
         at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
         ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
         if at is not None:  # per value tile when at does not vary along V (summed below)
@@ -242,40 +259,43 @@ class _RecScan(torch.autograd.Function):
             sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
         else:
             dat, sda = do, [0] * 6
-        if ap is not None:
-            dap = torch.zeros(B, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
+        if ap is not None:  # (a row per program row: batch rows, or packed sequences)
+            dap = torch.zeros(NS, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
             sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
         else:
             dap, sdp = do, [0] * 5
         ptrs, st = _rec_operands(q, k, v, at, ap)
-        _rec_kernel(_rec_bwd)[(NV, B * H)](
+        _rec_kernel(_rec_bwd)[(NV, NS * H)](
             *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
-            T, H, K, V, float(ctx.scale), NV, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
+            cu if cu is not None else do, coff if cu is not None else do,
+            T, H, K, V, float(ctx.scale), NV, ctx.nck, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
             DELTA=u is not None, **_rec_flags(q, k, at, ap, ctx.exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
-            HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, num_warps=warps)
+            HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
         gq = dq.sum(0).to(q.dtype) if q is not None else None
         gk = dk.sum(0).to(k.dtype) if k is not None else None
         gat = dat.sum(0).to(at.dtype) if at is not None else None
         gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
         gu = du.sum(0).to(u.dtype) if u is not None else None
         gw = dw.sum(0).to(w.dtype) if u is not None else None
-        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None
+        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None, None
 
 
-def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None, o_dtype=torch.float32):
+def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None, o_dtype=torch.float32, cu_seqlens=None):
     """(o [B, T, H, V] in ``o_dtype``, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over
     a whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or
-    None)."""
+    None). With ``cu_seqlens`` ([N + 1] cumulative lengths on the device; B = 1) the N packed sequences run in
+    one launch, each from its own row of h0 ([N, H, K, V]), and S_T has a row for each."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
     tensors = [x for x in (q, k, v, at, ap, h0, u, w) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype)
+        return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype, cu_seqlens)
     B, T, H, V = v.shape
     K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
     o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-    ht = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)
-    _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w)
+    ht = torch.empty(B if cu_seqlens is None else cu_seqlens.shape[0] - 1, H, K, V, dtype=torch.float32,
+                     device=v.device)
+    _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w, cu_seqlens)
     return o, ht
 
 
