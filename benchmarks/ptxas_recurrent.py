@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--bt", default="", help="comma-separated token chunks of the element-wise kernels")
     ap.add_argument("--step", action="store_true", help="T = 1 (a decode step: Triton specialises an int 1)")
-    ap.add_argument("--varlen", action="store_true", help="the scan's packed-sequence variants (VARLEN)")
+    ap.add_argument("--varlen", action="store_true", help="the scans' packed-sequence variants (VARLEN)")
     args = ap.parse_args()
     x = "*bf16"
     BK, BV0, W0 = L._rec_tiles(256 * 16, args.k, args.v, args.step)
@@ -53,12 +53,12 @@ def main():
                      dict(DELTA=False, HAS_Q=True, HAS_K=True, HAS_AT=True, HAS_AP=False, EXP_DECAY=True,
                           AT_K=True, AT_V=False, AP_K=False, AP_V=False, HAS_DHT=True, VARLEN=args.varlen,
                           CHUNK=L.REC_CHUNK, BK=BK), BV0, W0),
-        "_rec_ew_fwd": (E._rec_ew_fwd, dict(V_=x, AT=x, O=x),
+        "_rec_ew_fwd": (E._rec_ew_fwd, dict(V_=x, AT=x, O=x, CU="*i32", COFF="*i32"),
                         dict(HAS_AT=True, HAS_AP=False, EXP_DECAY=False, HAS_H0=False, STORE_HT=True, STORE_CK=True,
-                             BT=BT), BVE, WE),
-        "_rec_ew_bwd": (E._rec_ew_bwd, dict(V_=x, AT=x, DO=x, DV=x, DAT=x),
-                        dict(HAS_AT=True, HAS_AP=False, AT_V=True, AP_V=False, EXP_DECAY=False, HAS_DHT=True, BT=BT),
-                        BVE, WE),
+                             BT=BT, VARLEN=args.varlen), BVE, WE),
+        "_rec_ew_bwd": (E._rec_ew_bwd, dict(V_=x, AT=x, DO=x, DV=x, DAT=x, CU="*i32", COFF="*i32"),
+                        dict(HAS_AT=True, HAS_AP=False, AT_V=True, AP_V=False, EXP_DECAY=False, HAS_DHT=True, BT=BT,
+                             VARLEN=args.varlen), BVE, WE),
     }
     for name, (fn, ptrs, consts, bv0, w0) in cases.items():
         if args.only and name not in args.only.split(","):

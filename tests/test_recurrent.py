@@ -163,28 +163,27 @@ def test_variable_length(name):
     _check(_load(name), 1, 9, 2, cu_seqlens=[0, 4, 5, 9])
 
 
-@pytest.mark.parametrize("name", ["mamba", "gla", "retnet", "linear_attention", "gated_deltanet", "syn_full_decay"])
+@pytest.mark.parametrize("name", ["mamba", "gla", "retnet", "linear_attention", "gated_deltanet", "syn_full_decay",
+                                  "hgrn", "syn_ew_exp", "syn_ew_product"])
 def test_packed_sequences_run_in_one_scan(name, monkeypatch):
-    """Packed sequences (cu_seqlens) of a matrix state run in one launch of the scan kernels, one program row a
-    sequence, each from its own initial state: lengths 40, 0, 35, 35 (an empty one; sequences that start inside
-    a 32-token checkpoint chunk of the packed row and cross one of their own), outputs, final states and every
-    gradient against the reference, which runs the sequences one by one."""
+    """Packed sequences (cu_seqlens) run in one launch of the scan kernels each way (the matrix-state scan, or
+    the element-wise one for a one-axis state), one program row a sequence, each from its own initial state:
+    lengths 40, 0, 35, 35 (an empty one; sequences that start inside a checkpoint chunk of the packed row and
+    cross one of their own), outputs, final states and every gradient against the reference, which runs the
+    sequences one by one."""
     m = _load(name)
     mod = m._module
     assert getattr(mod.recurrent, "native_varlen", False)
     launched = []
-    for kern in ("_rec_fwd", "_rec_bwd"):
-        fn = getattr(mod, kern)
-        launcher = mod._rec_kernel(fn)
-        orig = launcher.__class__.__getitem__
+    orig = mod._RecLaunch.__getitem__
 
-        def spy(self, grid, orig=orig, kern=kern, launcher=launcher):
-            if self is launcher:
-                launched.append((kern, grid))
-            return orig(self, grid)
-        monkeypatch.setattr(launcher.__class__, "__getitem__", spy)
+    def spy(self, grid):
+        launched.append((self.fn.__name__, grid))
+        return orig(self, grid)
+    monkeypatch.setattr(mod._RecLaunch, "__getitem__", spy)
     _check(m, 1, 110, 2, cu_seqlens=[0, 40, 40, 75, 110], seed=3)
-    assert sorted(k for k, _ in launched) == ["_rec_bwd", "_rec_fwd"]  # one launch each, all four sequences
+    names = sorted(n for n, _ in launched)
+    assert names in (["_rec_bwd", "_rec_fwd"], ["_rec_ew_bwd", "_rec_ew_fwd"]), names  # one launch each way
     assert all(grid[1] == 4 * 2 for _, grid in launched)  # a program row per (sequence, head)
 
 

@@ -12,7 +12,8 @@ registers and carries the state from chunk to chunk. The forward stores the stat
 (checkpoints) for the backward, which walks the chunks in reverse:
     G_t = scale do_t + a_{t+1} G_{t+1}   (G_T = dS_T; a reverse scan of the same maps)
     dv'_t = G_t,  da_t = G_t s_{t-1},  dS_0 = a_0 G_0
-with s_{t-1} recomputed from the chunk's checkpoint by a scan of the token-shifted block.
+with s_{t-1} recomputed from the chunk's checkpoint by a scan of the token-shifted block. With VARLEN the inputs
+hold N sequences packed along T in one batch row and program row i_b walks sequence i_b (kernels.py's _rec_seq).
 This file needs only torch and triton; `mixc compile` pastes it into the generated module.
 """
 
@@ -24,8 +25,8 @@ import triton.language as tl
 
 try:
     from ..hostint import _cdiv, _pow2
-    from .kernels import _rec_decay
-    from .launch import _rec_bcast_strides, _rec_kernel
+    from .kernels import _rec_decay, _rec_seq
+    from .launch import _rec_bcast_strides, _rec_kernel, _rec_varlen
 except ImportError:  # pasted into a generated module, after kernels.py and launch.py
     pass
 
@@ -46,17 +47,20 @@ def _rec_ew_decay(AT, ap, p_at, m2, HAS_AT: tl.constexpr, HAS_AP: tl.constexpr, 
 @triton.jit
 def _rec_ew_fwd(
     V_, AT, AP,  # v' [B, T, H, V], at [B, T, H, 1, V|1], ap [H, 1, V|1] (any float dtype, any strides)
-    H0, HT, CK, O,  # initial state [B, H, V] fp32, final state [B, H, V] fp32, checkpoints [B, H, NC, V], o
-    T, H, VD, scale,  # tokens, heads, value width, the output's number factor
+    H0, HT, CK, O,  # initial state [B, H, V] fp32, final state [B, H, V] fp32, checkpoints [B, H, NCK, V], o
+    CU, COFF,  # with VARLEN: cumulative sequence lengths [N + 1] and checkpoint offsets [N + 1] (int32)
+    T, H, VD, scale, NCK,  # tokens, heads, value width, the output's number factor, checkpoint rows a head
     sv_b, sv_t, sv_h, sv_v,  # strides of v'
     sa_b, sa_t, sa_h, sa_v, sp_h, sp_v,  # strides of at, ap (0 on broadcast axes)
     so_b, so_t, so_h,  # strides of o [B, T, H, V] (last stride 1, any float dtype: converted on store)
     HAS_AT: tl.constexpr, HAS_AP: tl.constexpr, EXP_DECAY: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CK: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,  # tokens per chunk (one scan), value channels per program
+    VARLEN: tl.constexpr = False,  # program row i_b walks packed sequence i_b (kernels.py's _rec_seq)
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    bo, tb, TN, c0 = _rec_seq(CU, COFF, i_b, i_h, T, H, NCK, VARLEN)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
     m_v = o_v < VD
@@ -68,21 +72,21 @@ def _rec_ew_fwd(
     ap = tl.full([BT, BV], 1.0, tl.float32)
     if HAS_AP:
         ap = ap * tl.load(AP + i_h * sp_h + o_v * sp_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    NC = tl.cdiv(T, BT)
+    NC = tl.cdiv(TN, BT)
     for c in range(NC):
-        t = c * BT + o_t
-        m_t = t < T
+        m_t = c * BT + o_t < TN
+        t = tb + c * BT + o_t  # (rows in the tensors)
         m2 = m_t[:, None] & m_v[None, :]
         if STORE_CK:  # the state before the chunk, for the backward
-            tl.store(CK + ((i_b * H + i_h) * NC + c) * VD + o_v, s, mask=m_v)
-        a, _ = _rec_ew_decay(AT, ap, i_b * sa_b + t[:, None] * sa_t + i_h * sa_h + o_v[None, :] * sa_v, m2,
+            tl.store(CK + (c0 + c) * VD + o_v, s, mask=m_v)
+        a, _ = _rec_ew_decay(AT, ap, bo * sa_b + t[:, None] * sa_t + i_h * sa_h + o_v[None, :] * sa_v, m2,
                              HAS_AT, HAS_AP, EXP_DECAY)
-        b = tl.load(V_ + i_b * sv_b + t[:, None] * sv_t + i_h * sv_h + o_v[None, :] * sv_v, mask=m2,
+        b = tl.load(V_ + bo * sv_b + t[:, None] * sv_t + i_h * sv_h + o_v[None, :] * sv_v, mask=m2,
                     other=0.0).to(tl.float32)
         # prefix compositions: s_t = A_t s_(chunk start) + B_t (padding rows: a = 1, b = 0, the state kept)
         A, Bc = tl.associative_scan((a, b), 0, _rec_ew_combine)
         S = A * s[None, :] + Bc
-        tl.store(O + i_b * so_b + t[:, None] * so_t + i_h * so_h + o_v[None, :], S * scale, mask=m2)
+        tl.store(O + bo * so_b + t[:, None] * so_t + i_h * so_h + o_v[None, :], S * scale, mask=m2)
         s = tl.sum(tl.where((o_t == BT - 1)[:, None], S, 0.0), axis=0)  # the last row: the state after the chunk
     if STORE_HT:
         tl.store(HT + p_s, s, mask=m_v)
@@ -93,17 +97,19 @@ def _rec_ew_bwd(
     V_, AT, AP, CK,  # as in _rec_ew_fwd; CK its checkpoints
     DO, DHT,  # do [B, T, H, V] (any float dtype, strides below), dS_T [B, H, V] fp32
     DV, DAT, DAP, DH0,  # dv' [B, T, H, V] (v's dtype); d at, d ap: see below; dS_0 [B, H, V] fp32
-    T, H, VD, scale,
+    CU, COFF,  # as in _rec_ew_fwd
+    T, H, VD, scale, NCK,
     sv_b, sv_t, sv_h, sv_v, sa_b, sa_t, sa_h, sa_v, sp_h, sp_v,
     sd_b, sd_t, sd_h,  # strides of do (last stride 1)
     sda_p, sda_b, sda_t, sda_h, sda_v,  # d at: [NV|1, B, T, H, 1, V|1] (per value tile if at lacks V)
     sdp_p, sdp_b, sdp_h, sdp_v,  # d ap: [B, NV|1, H, 1, V|1] (summed over B and tiles by the caller)
     HAS_AT: tl.constexpr, HAS_AP: tl.constexpr, AT_V: tl.constexpr, AP_V: tl.constexpr,
     EXP_DECAY: tl.constexpr, HAS_DHT: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_b, i_h = i_bh // H, i_bh % H  # (with VARLEN, i_b is the packed sequence; states and dap have a row each)
+    bo, tb, TN, c0 = _rec_seq(CU, COFF, i_b, i_h, T, H, NCK, VARLEN)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
     m_v = o_v < VD
@@ -116,31 +122,32 @@ def _rec_ew_bwd(
     if HAS_AP:
         ap = ap * tl.load(AP + i_h * sp_h + o_v * sp_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     dap = tl.zeros([BT, BV], dtype=tl.float32)
-    p_a = i_b * sa_b + i_h * sa_h + o_v[None, :] * sa_v
-    p_b = i_b * sv_b + i_h * sv_h + o_v[None, :] * sv_v
-    NC = tl.cdiv(T, BT)
+    p_a = bo * sa_b + i_h * sa_h + o_v[None, :] * sa_v
+    p_b = bo * sv_b + i_h * sv_h + o_v[None, :] * sv_v
+    NC = tl.cdiv(TN, BT)
     for ic in range(NC):
         c = NC - 1 - ic
-        t = c * BT + o_t
-        m_t = t < T
+        j = c * BT + o_t  # (tokens of the sequence)
+        t = tb + j  # (rows in the tensors)
+        m_t = j < TN
         m2 = m_t[:, None] & m_v[None, :]
         # s_(t-1) over the chunk: a scan of the block shifted back by one token (row 0: the identity map)
         mp = m2 & (o_t > 0)[:, None]
         a_p, _ = _rec_ew_decay(AT, ap, p_a + (t - 1)[:, None] * sa_t, mp, HAS_AT, HAS_AP, EXP_DECAY)
         b_p = tl.load(V_ + p_b + (t - 1)[:, None] * sv_t, mask=mp, other=0.0).to(tl.float32)
         A, Bc = tl.associative_scan((a_p, b_p), 0, _rec_ew_combine)
-        s0 = tl.load(CK + ((i_b * H + i_h) * NC + c) * VD + o_v, mask=m_v, other=0.0)
+        s0 = tl.load(CK + (c0 + c) * VD + o_v, mask=m_v, other=0.0)
         S_p = A * s0[None, :] + Bc
         a, at = _rec_ew_decay(AT, ap, p_a + t[:, None] * sa_t, m2, HAS_AT, HAS_AP, EXP_DECAY)
-        do = tl.load(DO + i_b * sd_b + t[:, None] * sd_t + i_h * sd_h + o_v[None, :], mask=m2,
+        do = tl.load(DO + bo * sd_b + t[:, None] * sd_t + i_h * sd_h + o_v[None, :], mask=m2,
                      other=0.0).to(tl.float32)
         cq = do * scale  # dL/ds_t through o_t
         # G_t = c_t + a_(t+1) G_(t+1): a reverse scan (a_T = 1 carries G_T = dS_T into the last token)
-        mn = m_v[None, :] & (t + 1 < T)[:, None]
+        mn = m_v[None, :] & (j + 1 < TN)[:, None]
         a_n, _ = _rec_ew_decay(AT, ap, p_a + (t + 1)[:, None] * sa_t, mn, HAS_AT, HAS_AP, EXP_DECAY)
         An, Cn = tl.associative_scan((a_n, cq), 0, _rec_ew_combine, reverse=True)
         G = An * g[None, :] + Cn
-        tl.store(DV + ((i_b * T + t[:, None]) * H + i_h) * VD + o_v[None, :], G, mask=m2)
+        tl.store(DV + ((bo * T + t[:, None]) * H + i_h) * VD + o_v[None, :], G, mask=m2)
         ga = tl.where(m2, G * S_p, 0.0)  # dL/da_t
         if EXP_DECAY:
             ga = ga * a  # dL/d(at * ap)
@@ -148,7 +155,7 @@ def _rec_ew_bwd(
             gat = ga
             if HAS_AP:
                 gat = ga * ap
-            p_d = DAT + i_v * sda_p + i_b * sda_b + t * sda_t + i_h * sda_h
+            p_d = DAT + i_v * sda_p + bo * sda_b + t * sda_t + i_h * sda_h
             if AT_V:
                 tl.store(p_d[:, None] + o_v[None, :] * sda_v, gat, mask=m2)
             else:
@@ -157,7 +164,9 @@ def _rec_ew_bwd(
         else:
             dap += ga
         g = tl.sum(tl.where((o_t == 0)[:, None], G, 0.0), axis=0)  # G at the chunk's first token
-    a0, _ = _rec_ew_decay(AT, ap, p_a + o_t[:, None] * 0, (o_t == 0)[:, None] & m_v[None, :], HAS_AT, HAS_AP,
+    # (the sequence's first token; an empty sequence has none: its dS_0 is dS_T)
+    m0 = (o_t == 0) & (o_t < TN)
+    a0, _ = _rec_ew_decay(AT, ap, p_a + (tb + o_t[:, None] * 0) * sa_t, m0[:, None] & m_v[None, :], HAS_AT, HAS_AP,
                           EXP_DECAY)
     tl.store(DH0 + p_s, tl.sum(tl.where((o_t == 0)[:, None], a0, 0.0), axis=0) * g, mask=m_v)  # dS_0 = a_0 G_0
     if HAS_AP:
@@ -187,37 +196,43 @@ def _rec_ew_operands(v, at, ap):
     return [x if x is not None else v for x in (v, at, ap)], st
 
 
-def _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, store_ck):
-    """Launch the forward scan; returns the checkpoints [B, H, NC, V] fp32 (or None)."""
+def _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, store_ck, cu=None):
+    """Launch the forward scan; returns (checkpoints [B, H, NCK, V] fp32, cu, checkpoint offsets, NCK), or
+    None without ``store_ck``. With ``cu`` (cumulative lengths of the packed sequences of v's one batch row) one
+    program row a sequence: h0 and ht [N, H, 1, V], the checkpoints [1, H, NCK, V]."""
     B, T, H, V = v.shape
     BT, BV, warps = _rec_ew_tiles(T)
-    ck = torch.empty(B, H, _cdiv(T, BT), V, dtype=torch.float32, device=v.device) if store_ck else o
+    cu, coff, nck = _rec_varlen(cu, T, v.device, BT)
+    NS = B if cu is None else cu.shape[0] - 1
+    ck = torch.empty(B if cu is None else 1, H, nck, V, dtype=torch.float32, device=v.device) if store_ck else o
     ptrs, st = _rec_ew_operands(v, at, ap)
-    _rec_kernel(_rec_ew_fwd)[(_cdiv(V, BV), B * H)](
-        *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o, T, H, V, float(scale), *st,
-        o.stride(0), o.stride(1), o.stride(2), HAS_AT=at is not None, HAS_AP=ap is not None,
-        EXP_DECAY=bool(exp_decay), HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CK=store_ck, BT=BT, BV=BV,
-        num_warps=warps)
-    return ck if store_ck else None
+    _rec_kernel(_rec_ew_fwd)[(_cdiv(V, BV), NS * H)](
+        *ptrs, h0 if h0 is not None else o, ht if ht is not None else o, ck, o, cu if cu is not None else o,
+        coff if cu is not None else o, T, H, V, float(scale), nck, *st, o.stride(0), o.stride(1), o.stride(2),
+        HAS_AT=at is not None, HAS_AP=ap is not None, EXP_DECAY=bool(exp_decay), HAS_H0=h0 is not None,
+        STORE_HT=ht is not None, STORE_CK=store_ck, BT=BT, BV=BV, VARLEN=cu is not None, num_warps=warps)
+    return (ck, cu, coff, nck) if store_ck else None
 
 
 class _RecEwScan(torch.autograd.Function):
     """o, s_T = scan(v', at, ap, s_0) of a one-axis state, with the gradients of every tensor argument."""
 
     @staticmethod
-    def forward(ctx, v, at, ap, h0, scale, exp_decay, o_dtype):
+    def forward(ctx, v, at, ap, h0, scale, exp_decay, o_dtype, cu=None):
         B, T, H, V = v.shape
+        NS = B if cu is None else cu.shape[0] - 1
         o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-        ht = torch.empty(B, H, 1, V, dtype=torch.float32, device=v.device)
-        ck = _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, True)
-        ctx.save_for_backward(v, at, ap, ck)
-        ctx.scale, ctx.exp_decay, ctx.has_h0 = scale, exp_decay, h0 is not None
+        ht = torch.empty(NS, H, 1, V, dtype=torch.float32, device=v.device)
+        ck, cu, coff, nck = _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, True, cu)
+        ctx.save_for_backward(v, at, ap, ck, cu, coff)
+        ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.NS, ctx.nck = scale, exp_decay, h0 is not None, NS, nck
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        v, at, ap, ck = ctx.saved_tensors
+        v, at, ap, ck, cu, coff = ctx.saved_tensors
         B, T, H, V = v.shape
+        NS = ctx.NS
         BT, BV, warps = _rec_ew_tiles(T)
         NV = _cdiv(V, BV)
         f32, dev = torch.float32, v.device
@@ -227,7 +242,7 @@ class _RecEwScan(torch.autograd.Function):
             do = do.contiguous()
         dht = None if dht is None else dht.to(f32).contiguous()
         dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-        dh0 = torch.empty(B, H, 1, V, dtype=f32, device=dev)
+        dh0 = torch.empty(NS, H, 1, V, dtype=f32, device=dev)
         at_v = at is not None and at.shape[4] > 1
         ap_v = ap is not None and ap.shape[2] > 1
         if at is not None:  # per value tile when at does not vary along V (summed below)
@@ -236,36 +251,40 @@ class _RecEwScan(torch.autograd.Function):
             sda = sda[:4] + sda[5:]
         else:
             dat, sda = ck, [0] * 5
-        if ap is not None:
-            dap = torch.zeros(B, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
+        if ap is not None:  # (a row per program row: batch rows, or packed sequences)
+            dap = torch.zeros(NS, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
             sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
             sdp = sdp[:3] + sdp[4:]
         else:
             dap, sdp = ck, [0] * 4
         ptrs, st = _rec_ew_operands(v, at, ap)
-        _rec_kernel(_rec_ew_bwd)[(NV, B * H)](
-            *ptrs, ck, do, dht if dht is not None else ck, dv, dat, dap, dh0, T, H, V, float(ctx.scale), *st,
+        _rec_kernel(_rec_ew_bwd)[(NV, NS * H)](
+            *ptrs, ck, do, dht if dht is not None else ck, dv, dat, dap, dh0, cu if cu is not None else ck,
+            coff if cu is not None else ck, T, H, V, float(ctx.scale), ctx.nck, *st,
             do.stride(0), do.stride(1), do.stride(2), *sda, *sdp, HAS_AT=at is not None,
             HAS_AP=ap is not None, AT_V=at_v, AP_V=ap_v, EXP_DECAY=bool(ctx.exp_decay), HAS_DHT=dht is not None,
-            BT=BT, BV=BV, num_warps=warps)
+            BT=BT, BV=BV, VARLEN=cu is not None, num_warps=warps)
         gat = (dat[0] if at_v else dat.sum(0).to(at.dtype)) if at is not None else None
         gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
-        return dv, gat, gap, (dh0 if ctx.has_h0 else None), None, None, None
+        return dv, gat, gap, (dh0 if ctx.has_h0 else None), None, None, None, None
 
 
-def rec_ew_scan(v, at, ap, h0, scale=1.0, exp_decay=False, o_dtype=torch.float32):
+def rec_ew_scan(v, at, ap, h0, scale=1.0, exp_decay=False, o_dtype=torch.float32, cu_seqlens=None):
     """(o [B, T, H, V] in ``o_dtype``, s_T [B, H, 1, V] fp32) of the one-axis recurrence in this file's
     docstring over a whole sequence: v' [B, T, H, V], at [B, T, H, 1, V|1] or None,
-    ap [H, 1, V|1] or None, h0 [B, H, 1, V] or None; differentiable in all of them."""
+    ap [H, 1, V|1] or None, h0 [B, H, 1, V] or None; differentiable in all of them. With ``cu_seqlens``
+    ([N + 1] cumulative lengths; B = 1) the N packed sequences run in one launch, each from its own row of h0
+    ([N, H, 1, V]), and s_T has a row for each."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
     tensors = [x for x in (v, at, ap, h0) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return _RecEwScan.apply(v, at, ap, h0, scale, exp_decay, o_dtype)
+        return _RecEwScan.apply(v, at, ap, h0, scale, exp_decay, o_dtype, cu_seqlens)
     B, T, H, V = v.shape
     o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-    ht = torch.empty(B, H, 1, V, dtype=torch.float32, device=v.device)
-    _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, False)
+    ht = torch.empty(B if cu_seqlens is None else cu_seqlens.shape[0] - 1, H, 1, V, dtype=torch.float32,
+                     device=v.device)
+    _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, False, cu_seqlens)
     return o, ht
 
 

@@ -367,14 +367,13 @@ def emit_recurrent(a: Analysis, rp: RecPlan) -> list[str]:
     odt = "torch.float32" if epilogue else "x0.dtype"  # (no epilogue: the kernel stores the output's dtype)
     if rp.key is None:  # a one-axis state: the element-wise kernels ([BV] vector state, chunked scans)
         em.emit(f"o, ht = rec_ew_scan({v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale}, "
-                f"o_dtype={odt})")
+                f"o_dtype={odt}, cu_seqlens=cu_seqlens)")
     else:
         em.emit(f"o, ht = rec_scan({q}, {k}, {v}, {at}, {ap}, h0, exp_decay={rp.decay == 'exp'}, scale={scale}, "
                 f"o_dtype={odt}, cu_seqlens=cu_seqlens)")
     _epilogue(em, rp, V)
     em.emit("return o, (recurrent_unpack(ht) if output_final_state else None)")
-    if rp.key is not None:  # (the scan kernel walks packed sequences itself; the element-wise ones do not yet)
-        lines += ["", "", "recurrent.native_varlen = True  # runs packed sequences (cu_seqlens) in one launch"]
+    lines += ["", "", "recurrent.native_varlen = True  # runs packed sequences (cu_seqlens) in one launch"]
     lines += ["", "", "def recurrent_step(inputs, params, h, sizes, out, o32, states=None):",
               f'    """One token of {p.name} in place: inputs [B, 1, H, ...], h the kernels\' state (recurrent_pack),',
               "    updated in place; o32 [B, 1, H, V(+1)] fp32 and out [B, 1, H, ...] preallocated. Returns out."

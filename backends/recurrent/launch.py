@@ -186,16 +186,17 @@ def _rec_delta_operands(u, w, v):
     return [u, w] + list(u.stride()) + list(w.stride())
 
 
-def _rec_varlen(cu, T, device):
+def _rec_varlen(cu, T, device, chunk=REC_CHUNK):
     """(cu as int32, each sequence's first checkpoint chunk [N + 1] int32, NCK): the checkpoint rows of packed
-    sequences, computed on the device (no host sync); NCK = T // REC_CHUNK + N bounds their sum whatever the
-    split. Without cu_seqlens: (None, None, the chunks of one sequence of T tokens)."""
+    sequences (one every ``chunk`` tokens of each), computed on the device (no host sync); NCK = T // chunk + N
+    bounds their sum whatever the split. Without cu_seqlens: (None, None, the chunks of one sequence of T
+    tokens)."""
     if cu is None:
-        return None, None, _cdiv(T, REC_CHUNK)
+        return None, None, _cdiv(T, chunk)
     cu = cu.to(device=device, dtype=torch.int32)
-    n = (cu[1:] - cu[:-1] + REC_CHUNK - 1) // REC_CHUNK
+    n = (cu[1:] - cu[:-1] + chunk - 1) // chunk
     coff = torch.cat([cu.new_zeros(1), n.cumsum(0).to(torch.int32)])
-    return cu, coff, T // REC_CHUNK + cu.shape[0] - 1
+    return cu, coff, T // chunk + cu.shape[0] - 1
 
 
 def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None, w=None, cu=None):
