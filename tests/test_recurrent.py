@@ -187,6 +187,36 @@ def test_packed_sequences_run_in_one_scan(name, monkeypatch):
     assert all(grid[1] == 4 * 2 for _, grid in launched)  # a program row per (sequence, head)
 
 
+@pytest.mark.parametrize("cu", [None, [0, 7, 7, 20]], ids=["batch", "packed"])
+@pytest.mark.parametrize("name", ["mamba", "hgrn", "gated_deltanet"])
+def test_torch_compile_fullgraph(name, cu):
+    """torch.compile(fullgraph=True) over a whole recurrent call (argument checks, prologue, the scan, the
+    epilogue): the scans are torch operators, so nothing breaks the graph, packed sequences included; outputs,
+    final states and gradients equal eager execution."""
+    m = _load(name)
+    sizes = _sizes(m)
+    B = 2 if cu is None else 1
+    x = m.random_inputs(B, 20, 2, seed=4, **sizes)
+    st = _states(m, B if cu is None else len(cu) - 1, 2, sizes, torch.Generator().manual_seed(4))
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+
+    def f(st, **kw):
+        o, fin = m(**kw, initial_state=st, output_final_state=True, cu_seqlens=cu_t, form="recurrent")
+        return o.square().sum() + sum(v.sum() for v in fin.values())
+
+    got = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="eager")):
+        xs = {k: v.to(DEV).requires_grad_() for k, v in x.items()}
+        ss = {k: v.detach().clone().requires_grad_() for k, v in st.items()}
+        loss = fn(ss, **xs)
+        loss.backward()
+        got.append((loss.detach(), {k: t.grad for k, t in {**xs, **ss}.items()}))
+    (l1, g1), (l2, g2) = got
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    for k in g1:
+        assert _rel(g2[k], g1[k]) < 1e-5, k
+
+
 def test_long_sequence_crosses_checkpoints():
     """T = 70 > 2 chunks of 32 tokens: the backward restarts from each checkpoint."""
     _check(_load("hgrn"), 1, 70, 1)

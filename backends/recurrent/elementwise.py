@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 try:
+    from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
     from ..hostint import _cdiv, _pow2
     from .kernels import _rec_decay, _rec_seq
     from .launch import _rec_bcast_strides, _rec_kernel, _rec_varlen
@@ -214,59 +215,138 @@ def _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, store_ck, cu=None):
     return (ck, cu, coff, nck) if store_ck else None
 
 
+def _rec_ew_scan_forward(v, at, ap, h0, cu, scale, exp_decay, o_dtype, save):
+    """(o, s_T, checkpoints or None) of the forward scan; ``cu``: cumulative packed lengths or None."""
+    B, T, H, V = v.shape
+    NS = B if cu is None else cu.shape[0] - 1
+    o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
+    ht = torch.empty(NS, H, 1, V, dtype=torch.float32, device=v.device)
+    r = _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, save, cu)
+    return o, ht, (r[0] if save else None)
+
+
+def _rec_ew_scan_backward(do, dht, v, at, ap, cu, ck, scale, exp_decay):
+    """The cotangents (v', at, ap, s_0; None for an absent input) from the forward's checkpoints ``ck``; ``do``
+    None when only the final state reached the loss."""
+    B, T, H, V = v.shape
+    BT, BV, warps = _rec_ew_tiles(T)
+    cu, coff, nck = _rec_varlen(cu, T, v.device, BT)
+    NS = B if cu is None else cu.shape[0] - 1
+    NV = _cdiv(V, BV)
+    f32, dev = torch.float32, v.device
+    if do is None:
+        do = torch.zeros(B, T, H, V, dtype=f32, device=dev)
+    elif do.stride(-1) != 1:
+        do = do.contiguous()
+    dht = None if dht is None else dht.to(f32).contiguous()
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+    dh0 = torch.empty(NS, H, 1, V, dtype=f32, device=dev)
+    at_v = at is not None and at.shape[4] > 1
+    ap_v = ap is not None and ap.shape[2] > 1
+    if at is not None:  # per value tile when at does not vary along V (summed below)
+        dat = torch.empty(1 if at_v else NV, *at.shape, dtype=at.dtype if at_v else f32, device=dev)
+        sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
+        sda = sda[:4] + sda[5:]
+    else:
+        dat, sda = ck, [0] * 5
+    if ap is not None:  # (a row per program row: batch rows, or packed sequences)
+        dap = torch.zeros(NS, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
+        sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
+        sdp = sdp[:3] + sdp[4:]
+    else:
+        dap, sdp = ck, [0] * 4
+    ptrs, st = _rec_ew_operands(v, at, ap)
+    _rec_kernel(_rec_ew_bwd)[(NV, NS * H)](
+        *ptrs, ck, do, dht if dht is not None else ck, dv, dat, dap, dh0, cu if cu is not None else ck,
+        coff if cu is not None else ck, T, H, V, float(scale), nck, *st,
+        do.stride(0), do.stride(1), do.stride(2), *sda, *sdp, HAS_AT=at is not None,
+        HAS_AP=ap is not None, AT_V=at_v, AP_V=ap_v, EXP_DECAY=bool(exp_decay), HAS_DHT=dht is not None,
+        BT=BT, BV=BV, VARLEN=cu is not None, num_warps=warps)
+    gat = (dat[0] if at_v else dat.sum(0).to(at.dtype)) if at is not None else None
+    gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
+    return dv, gat, gap, dh0
+
+
 class _RecEwScan(torch.autograd.Function):
-    """o, s_T = scan(v', at, ap, s_0) of a one-axis state, with the gradients of every tensor argument."""
+    """o, s_T = scan(v', at, ap, s_0) of a one-axis state, with the gradients of every tensor argument (eager
+    calls: less host time than the operator's dispatch)."""
 
     @staticmethod
     def forward(ctx, v, at, ap, h0, scale, exp_decay, o_dtype, cu=None):
-        B, T, H, V = v.shape
-        NS = B if cu is None else cu.shape[0] - 1
-        o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-        ht = torch.empty(NS, H, 1, V, dtype=torch.float32, device=v.device)
-        ck, cu, coff, nck = _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, True, cu)
-        ctx.save_for_backward(v, at, ap, ck, cu, coff)
-        ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.NS, ctx.nck = scale, exp_decay, h0 is not None, NS, nck
+        o, ht, ck = _rec_ew_scan_forward(v, at, ap, h0, cu, scale, exp_decay, o_dtype, True)
+        ctx.save_for_backward(v, at, ap, ck, cu)
+        ctx.scale, ctx.exp_decay, ctx.has_h0 = scale, exp_decay, h0 is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        v, at, ap, ck, cu, coff = ctx.saved_tensors
-        B, T, H, V = v.shape
-        NS = ctx.NS
-        BT, BV, warps = _rec_ew_tiles(T)
-        NV = _cdiv(V, BV)
-        f32, dev = torch.float32, v.device
-        if do is None:
-            do = torch.zeros(B, T, H, V, dtype=f32, device=dev)
-        elif do.stride(-1) != 1:
-            do = do.contiguous()
-        dht = None if dht is None else dht.to(f32).contiguous()
-        dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-        dh0 = torch.empty(NS, H, 1, V, dtype=f32, device=dev)
-        at_v = at is not None and at.shape[4] > 1
-        ap_v = ap is not None and ap.shape[2] > 1
-        if at is not None:  # per value tile when at does not vary along V (summed below)
-            dat = torch.empty(1 if at_v else NV, *at.shape, dtype=at.dtype if at_v else f32, device=dev)
-            sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
-            sda = sda[:4] + sda[5:]
-        else:
-            dat, sda = ck, [0] * 5
-        if ap is not None:  # (a row per program row: batch rows, or packed sequences)
-            dap = torch.zeros(NS, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
-            sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
-            sdp = sdp[:3] + sdp[4:]
-        else:
-            dap, sdp = ck, [0] * 4
-        ptrs, st = _rec_ew_operands(v, at, ap)
-        _rec_kernel(_rec_ew_bwd)[(NV, NS * H)](
-            *ptrs, ck, do, dht if dht is not None else ck, dv, dat, dap, dh0, cu if cu is not None else ck,
-            coff if cu is not None else ck, T, H, V, float(ctx.scale), ctx.nck, *st,
-            do.stride(0), do.stride(1), do.stride(2), *sda, *sdp, HAS_AT=at is not None,
-            HAS_AP=ap is not None, AT_V=at_v, AP_V=ap_v, EXP_DECAY=bool(ctx.exp_decay), HAS_DHT=dht is not None,
-            BT=BT, BV=BV, VARLEN=cu is not None, num_warps=warps)
-        gat = (dat[0] if at_v else dat.sum(0).to(at.dtype)) if at is not None else None
-        gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
+        v, at, ap, ck, cu = ctx.saved_tensors
+        dv, gat, gap, dh0 = _rec_ew_scan_backward(do, dht, v, at, ap, cu, ck, ctx.scale, ctx.exp_decay)
         return dv, gat, gap, (dh0 if ctx.has_h0 else None), None, None, None, None
+
+
+def _rec_ew_define_ops():
+    """The element-wise scan as a forward and a backward torch operator (``mixc::rec_ew_scan_{fwd,bwd}_<tag>``):
+    under torch.compile a call is one opaque node, no graph break."""
+    from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
+
+    tag = _op_tag((_rec_ew_fwd, _rec_ew_bwd, _rec_ew_combine, _rec_ew_decay, _rec_decay, _rec_seq, _rec_ew_tiles,
+                   _rec_ew_forward, _rec_varlen, _rec_ew_scan_forward, _rec_ew_scan_backward))
+    fwd_name, bwd_name = f"rec_ew_scan_fwd_{tag}", f"rec_ew_scan_bwd_{tag}"
+    defined = _op_defined(fwd_name)
+    if defined is not None:
+        return defined
+    Tensor, Opt = torch.Tensor, Optional
+
+    @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
+    def fwd(v: Tensor, at: Opt[Tensor], ap: Opt[Tensor], h0: Opt[Tensor], cu_seqlens: Opt[Tensor], scale: float,
+            exp_decay: bool, o_dtype: torch.dtype, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+        o, ht, ck = _rec_ew_scan_forward(v, at, ap, h0, cu_seqlens, scale, exp_decay, o_dtype, save)
+        return o, ht, (ck if ck is not None else _op_empty(v))
+
+    @fwd.register_fake
+    def _(v, at, ap, h0, cu_seqlens, scale, exp_decay, o_dtype, save):
+        B, T, H, V = v.shape
+        BT = _rec_ew_tiles(T)[0]
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        nck = _cdiv(T, BT) if cu_seqlens is None else T // BT + NS  # (as _rec_varlen)
+        f32 = torch.float32
+        ck = v.new_empty(B if cu_seqlens is None else 1, H, nck, V, dtype=f32) if save else _op_empty(v)
+        return v.new_empty(B, T, H, V, dtype=o_dtype), v.new_empty(NS, H, 1, V, dtype=f32), ck
+
+    @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
+    def bwd(do: Tensor, dht: Opt[Tensor], v: Tensor, at: Opt[Tensor], ap: Opt[Tensor], cu_seqlens: Opt[Tensor],
+            ck: Tensor, scale: float, exp_decay: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        grads = _rec_ew_scan_backward(do, dht, v, at, ap, cu_seqlens, ck, scale, exp_decay)
+        return tuple(x if x is not None else _op_empty(v) for x in grads)
+
+    @bwd.register_fake
+    def _(do, dht, v, at, ap, cu_seqlens, ck, scale, exp_decay):
+        B, T, H, V = v.shape
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        like = [torch.empty_like(x) if x is not None else _op_empty(v) for x in (v, at, ap)]
+        return (*like, v.new_empty(NS, H, 1, V, dtype=torch.float32))
+
+    def setup_context(ctx, inputs, output):
+        v, at, ap, h0, cu_seqlens, scale, exp_decay, o_dtype, save = inputs
+        ctx.save_for_backward(v, at, ap, cu_seqlens, output[2])
+        ctx.scale, ctx.exp_decay, ctx.has_h0 = scale, exp_decay, h0 is not None
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, do, dht, _):
+        v, at, ap, cu, ck = ctx.saved_tensors
+        if ck.numel() == 0:
+            raise RuntimeError("rec_ew_scan: the forward ran without save=True, so it has no backward")
+        if do is None:  # only the final state reached the loss
+            do = v.new_zeros(v.shape, dtype=torch.float32)
+        dv, gat, gap, dh0 = map(_op_or_none, bwd(do, dht, v, at, ap, cu, ck, ctx.scale, ctx.exp_decay))
+        return dv, gat, gap, (dh0 if ctx.has_h0 else None), None, None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+_REC_EW_OP = _rec_ew_define_ops()  # defined as the module loads (not inside a torch.compile trace)
 
 
 def rec_ew_scan(v, at, ap, h0, scale=1.0, exp_decay=False, o_dtype=torch.float32, cu_seqlens=None):
@@ -274,17 +354,18 @@ def rec_ew_scan(v, at, ap, h0, scale=1.0, exp_decay=False, o_dtype=torch.float32
     docstring over a whole sequence: v' [B, T, H, V], at [B, T, H, 1, V|1] or None,
     ap [H, 1, V|1] or None, h0 [B, H, 1, V] or None; differentiable in all of them. With ``cu_seqlens``
     ([N + 1] cumulative lengths; B = 1) the N packed sequences run in one launch, each from its own row of h0
-    ([N, H, 1, V]), and s_T has a row for each."""
+    ([N, H, 1, V]), and s_T has a row for each. Eager calls run an autograd.Function; under torch.compile the
+    same kernels are a torch operator."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
     tensors = [x for x in (v, at, ap, h0) if x is not None]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    if torch.compiler.is_compiling():
+        o, ht, _ = _REC_EW_OP(v, at, ap, h0, cu_seqlens, float(scale), bool(exp_decay), o_dtype, grad)
+        return o, ht
+    if grad:
         return _RecEwScan.apply(v, at, ap, h0, scale, exp_decay, o_dtype, cu_seqlens)
-    B, T, H, V = v.shape
-    o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-    ht = torch.empty(B if cu_seqlens is None else cu_seqlens.shape[0] - 1, H, 1, V, dtype=torch.float32,
-                     device=v.device)
-    _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, False, cu_seqlens)
+    o, ht, _ = _rec_ew_scan_forward(v, at, ap, h0, cu_seqlens, scale, exp_decay, o_dtype, False)
     return o, ht
 
 

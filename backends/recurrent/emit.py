@@ -439,12 +439,13 @@ def emit_any(a: Analysis) -> tuple[list[str] | None, str]:
 
 
 def _backend():
+    from .. import custom_op
     from ..registry import FormBackend
     from . import complex, elementwise, kernels, launch
 
     return FormBackend(form="recurrent", emit=emit_any,
-                       support=(hostint, launcher, kernels, launch, elementwise, complex), native_varlen=False,
-                       describe=describe)
+                       support=(custom_op, hostint, launcher, kernels, launch, elementwise, complex),
+                       native_varlen=False, describe=describe)
 
 
 BACKEND = _backend()

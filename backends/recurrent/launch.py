@@ -1,7 +1,8 @@
 """Launch table and autograd of the recurrent form's kernels (kernels.py).
 
 :func:`rec_scan` runs a whole sequence (forward; backward through :class:`_RecScan` when a gradient
-is needed), :func:`rec_step` one token in place (the decoder's path: no allocation, no host sync).
+is needed; under torch.compile a torch operator, opaque to the compiler), :func:`rec_step` one token in place
+(the decoder's path: no allocation, no host sync).
 Shapes: q', k' [B, T, H, K] (None: 1), v' [B, T, H, V], the decay's token factor at
 [B, T, H, K|1, V|1] and per-head factor ap [H, K|1, V|1] (None: 1), states [B, H, K, V] fp32; for the
 delta rule u', w' [B, T, H, K] (S <- S - u' (w'^T S) before the decay).
@@ -15,8 +16,9 @@ import triton
 
 try:
     from ..chunked.launcher import FAST_LAUNCH, _Launch
+    from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
     from ..hostint import _cdiv, _pow2
-    from .kernels import _rec_bwd, _rec_fwd
+    from .kernels import _rec_bwd, _rec_decay, _rec_delta, _rec_factor, _rec_fwd, _rec_seq
 except ImportError:  # pasted into a generated module, after the launcher and the kernels
     pass
 
@@ -221,82 +223,171 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
     return (ck, cu, coff, nck) if store_ck else None
 
 
+def _rec_k(q, k):
+    """The state's key width: q's or k's last axis (1 when both are absent)."""
+    return q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+
+
+def _rec_scan_forward(q, k, v, at, ap, h0, u, w, cu, scale, exp_decay, o_dtype, save):
+    """(o, S_T, checkpoints or None) of the forward scan; ``cu``: cumulative packed lengths or None."""
+    B, T, H, V = v.shape
+    NS = B if cu is None else cu.shape[0] - 1
+    o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
+    ht = torch.empty(NS, H, _rec_k(q, k), V, dtype=torch.float32, device=v.device)
+    r = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, save, u, w, cu)
+    return o, ht, (r[0] if save else None)
+
+
+def _rec_scan_backward(do, dht, q, k, v, at, ap, u, w, cu, ck, scale, exp_decay):
+    """The cotangents (q', k', v', at, ap, S_0, u', w'; None for an absent input) from the forward's checkpoints
+    ``ck``; ``do`` None when only the final state reached the loss."""
+    B, T, H, V = v.shape
+    K = _rec_k(q, k)
+    cu, coff, nck = _rec_varlen(cu, T, v.device)
+    NS = B if cu is None else cu.shape[0] - 1
+    BK, BV, warps = _rec_tiles(NS * H, K, V)
+    NV = _cdiv(V, BV)
+    f32, dev = torch.float32, v.device
+    do = torch.zeros(B, T, H, V, dtype=f32, device=dev) if do is None else do.to(f32).contiguous()
+    dht = None if dht is None else dht.to(f32).contiguous()
+    scr = torch.empty(NS * H * NV * (REC_CHUNK + 1) * BK * BV, dtype=f32, device=dev)
+    dq = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if q is not None else do
+    dk = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if k is not None else do
+    du = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
+    dw = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
+    dv = torch.empty(B, T, H, V, dtype=f32, device=dev)
+    dh0 = torch.empty(NS, H, K, V, dtype=f32, device=dev)
+    at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
+    ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
+    if at is not None:  # per value tile when at does not vary along V (summed below)
+        dat = torch.zeros(1 if at_v else NV, *at.shape, dtype=f32, device=dev)
+        sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
+    else:
+        dat, sda = do, [0] * 6
+    if ap is not None:  # (a row per program row: batch rows, or packed sequences)
+        dap = torch.zeros(NS, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
+        sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
+    else:
+        dap, sdp = do, [0] * 5
+    ptrs, st = _rec_operands(q, k, v, at, ap)
+    _rec_kernel(_rec_bwd)[(NV, NS * H)](
+        *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
+        cu if cu is not None else do, coff if cu is not None else do,
+        T, H, K, V, float(scale), NV, nck, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
+        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
+        HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
+    gq = dq.sum(0).to(q.dtype) if q is not None else None
+    gk = dk.sum(0).to(k.dtype) if k is not None else None
+    gat = dat.sum(0).to(at.dtype) if at is not None else None
+    gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
+    gu = du.sum(0).to(u.dtype) if u is not None else None
+    gw = dw.sum(0).to(w.dtype) if u is not None else None
+    return gq, gk, dv.to(v.dtype), gat, gap, dh0, gu, gw
+
+
 class _RecScan(torch.autograd.Function):
-    """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument."""
+    """o, S_T = scan(q', k', v', at, ap, S_0) with the gradients of every tensor argument (eager calls: less
+    host time than the operator's dispatch)."""
 
     @staticmethod
     def forward(ctx, q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype=torch.float32, cu=None):
-        B, T, H, V = v.shape
-        K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-        NS = B if cu is None else cu.shape[0] - 1
-        o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-        ht = torch.empty(NS, H, K, V, dtype=torch.float32, device=v.device)
-        ck, cu, coff, nck = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, True, u, w, cu)
-        ctx.save_for_backward(q, k, v, at, ap, ck, u, w, cu, coff)
-        ctx.scale, ctx.exp_decay, ctx.has_h0, ctx.K, ctx.NS, ctx.nck = scale, exp_decay, h0 is not None, K, NS, nck
+        o, ht, ck = _rec_scan_forward(q, k, v, at, ap, h0, u, w, cu, scale, exp_decay, o_dtype, True)
+        ctx.save_for_backward(q, k, v, at, ap, ck, u, w, cu)
+        ctx.scale, ctx.exp_decay, ctx.has_h0 = scale, exp_decay, h0 is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, at, ap, ck, u, w, cu, coff = ctx.saved_tensors
+        q, k, v, at, ap, ck, u, w, cu = ctx.saved_tensors
+        gq, gk, gv, gat, gap, dh0, gu, gw = _rec_scan_backward(do, dht, q, k, v, at, ap, u, w, cu, ck, ctx.scale,
+                                                               ctx.exp_decay)
+        return gq, gk, gv, gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None, None
+
+
+def _rec_define_ops():
+    """The scan as a forward and a backward torch operator (``mixc::rec_scan_{fwd,bwd}_<tag>``), the forward's
+    autograd formula calling the backward: under torch.compile a call is one opaque node, no graph break."""
+    from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
+
+    tag = _op_tag((_rec_fwd, _rec_bwd, _rec_seq, _rec_delta, _rec_factor, _rec_decay, _rec_forward, _rec_varlen,
+                   _rec_tiles, _rec_scan_forward, _rec_scan_backward), REC_CHUNK)
+    fwd_name, bwd_name = f"rec_scan_fwd_{tag}", f"rec_scan_bwd_{tag}"
+    defined = _op_defined(fwd_name)
+    if defined is not None:
+        return defined
+    Tensor, Opt = torch.Tensor, Optional
+
+    @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
+    def fwd(q: Opt[Tensor], k: Opt[Tensor], v: Tensor, at: Opt[Tensor], ap: Opt[Tensor], h0: Opt[Tensor],
+            u: Opt[Tensor], w: Opt[Tensor], cu_seqlens: Opt[Tensor], scale: float, exp_decay: bool,
+            o_dtype: torch.dtype, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+        o, ht, ck = _rec_scan_forward(q, k, v, at, ap, h0, u, w, cu_seqlens, scale, exp_decay, o_dtype, save)
+        return o, ht, (ck if ck is not None else _op_empty(v))
+
+    @fwd.register_fake
+    def _(q, k, v, at, ap, h0, u, w, cu_seqlens, scale, exp_decay, o_dtype, save):
         B, T, H, V = v.shape
-        K, NS = ctx.K, ctx.NS
-        BK, BV, warps = _rec_tiles(NS * H, K, V)
-        NV = _cdiv(V, BV)
-        f32, dev = torch.float32, v.device
-        do = torch.zeros(B, T, H, V, dtype=f32, device=dev) if do is None else do.to(f32).contiguous()
-        dht = None if dht is None else dht.to(f32).contiguous()
-        scr = torch.empty(NS * H * NV * (REC_CHUNK + 1) * BK * BV, dtype=f32, device=dev)
-        dq = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if q is not None else do
-        dk = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if k is not None else do
-        du = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
-        dw = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
-        dv = torch.empty(B, T, H, V, dtype=f32, device=dev)
-        dh0 = torch.empty(NS, H, K, V, dtype=f32, device=dev)
-        at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
-        ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
-        if at is not None:  # per value tile when at does not vary along V (summed below)
-            dat = torch.zeros(1 if at_v else NV, *at.shape, dtype=f32, device=dev)
-            sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
-        else:
-            dat, sda = do, [0] * 6
-        if ap is not None:  # (a row per program row: batch rows, or packed sequences)
-            dap = torch.zeros(NS, 1 if ap_v else NV, *ap.shape, dtype=f32, device=dev)
-            sdp = [dap.stride(1) if not ap_v else 0, dap.stride(0)] + _rec_bcast_strides(dap[0, 0], 3)
-        else:
-            dap, sdp = do, [0] * 5
-        ptrs, st = _rec_operands(q, k, v, at, ap)
-        _rec_kernel(_rec_bwd)[(NV, NS * H)](
-            *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
-            cu if cu is not None else do, coff if cu is not None else do,
-            T, H, K, V, float(ctx.scale), NV, ctx.nck, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
-            DELTA=u is not None, **_rec_flags(q, k, at, ap, ctx.exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
-            HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
-        gq = dq.sum(0).to(q.dtype) if q is not None else None
-        gk = dk.sum(0).to(k.dtype) if k is not None else None
-        gat = dat.sum(0).to(at.dtype) if at is not None else None
-        gap = dap.sum((0, 1)).to(ap.dtype) if ap is not None else None
-        gu = du.sum(0).to(u.dtype) if u is not None else None
-        gw = dw.sum(0).to(w.dtype) if u is not None else None
-        return gq, gk, dv.to(v.dtype), gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None, None
+        K = _rec_k(q, k)
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        nck = _cdiv(T, REC_CHUNK) if cu_seqlens is None else T // REC_CHUNK + NS  # (as _rec_varlen)
+        f32 = torch.float32
+        ck = v.new_empty(B if cu_seqlens is None else 1, H, nck, K, V, dtype=f32) if save else _op_empty(v)
+        return v.new_empty(B, T, H, V, dtype=o_dtype), v.new_empty(NS, H, K, V, dtype=f32), ck
+
+    @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
+    def bwd(do: Tensor, dht: Opt[Tensor], q: Opt[Tensor], k: Opt[Tensor], v: Tensor, at: Opt[Tensor],
+            ap: Opt[Tensor], u: Opt[Tensor], w: Opt[Tensor], cu_seqlens: Opt[Tensor], ck: Tensor, scale: float,
+            exp_decay: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        grads = _rec_scan_backward(do, dht, q, k, v, at, ap, u, w, cu_seqlens, ck, scale, exp_decay)
+        return tuple(x if x is not None else _op_empty(v) for x in grads)
+
+    @bwd.register_fake
+    def _(do, dht, q, k, v, at, ap, u, w, cu_seqlens, ck, scale, exp_decay):
+        B, T, H, V = v.shape
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        like = [torch.empty_like(x) if x is not None else _op_empty(v) for x in (q, k, v, at, ap)]
+        dh0 = v.new_empty(NS, H, _rec_k(q, k), V, dtype=torch.float32)
+        return (*like, dh0, *(torch.empty_like(x) if x is not None else _op_empty(v) for x in (u, w)))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, at, ap, h0, u, w, cu_seqlens, scale, exp_decay, o_dtype, save = inputs
+        ctx.save_for_backward(q, k, v, at, ap, u, w, cu_seqlens, output[2])
+        ctx.scale, ctx.exp_decay, ctx.has_h0 = scale, exp_decay, h0 is not None
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, do, dht, _):
+        q, k, v, at, ap, u, w, cu, ck = ctx.saved_tensors
+        if ck.numel() == 0:
+            raise RuntimeError("rec_scan: the forward ran without save=True, so it has no backward")
+        if do is None:  # only the final state reached the loss
+            do = v.new_zeros(v.shape, dtype=torch.float32)
+        gq, gk, gv, gat, gap, dh0, gu, gw = map(_op_or_none, bwd(do, dht, q, k, v, at, ap, u, w, cu, ck, ctx.scale,
+                                                                ctx.exp_decay))
+        return gq, gk, gv, gat, gap, (dh0 if ctx.has_h0 else None), gu, gw, None, None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+_REC_OP = _rec_define_ops()  # defined as the module loads (not inside a torch.compile trace)
 
 
 def rec_scan(q, k, v, at, ap, h0, scale=1.0, exp_decay=False, u=None, w=None, o_dtype=torch.float32, cu_seqlens=None):
     """(o [B, T, H, V] in ``o_dtype``, S_T [B, H, K, V] fp32) of the recurrence in kernels.py's docstring over
     a whole sequence; differentiable in q', k', v', at, ap, u', w' and h0 (a [B, H, K, V] initial state or
     None). With ``cu_seqlens`` ([N + 1] cumulative lengths on the device; B = 1) the N packed sequences run in
-    one launch, each from its own row of h0 ([N, H, K, V]), and S_T has a row for each."""
+    one launch, each from its own row of h0 ([N, H, K, V]), and S_T has a row for each. Eager calls run an
+    autograd.Function; under torch.compile the same kernels are a torch operator."""
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
     tensors = [x for x in (q, k, v, at, ap, h0, u, w) if x is not None]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    if torch.compiler.is_compiling():
+        o, ht, _ = _REC_OP(q, k, v, at, ap, h0, u, w, cu_seqlens, float(scale), bool(exp_decay), o_dtype, grad)
+        return o, ht
+    if grad:
         return _RecScan.apply(q, k, v, at, ap, h0, u, w, scale, exp_decay, o_dtype, cu_seqlens)
-    B, T, H, V = v.shape
-    K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
-    o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
-    ht = torch.empty(B if cu_seqlens is None else cu_seqlens.shape[0] - 1, H, K, V, dtype=torch.float32,
-                     device=v.device)
-    _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, False, u, w, cu_seqlens)
+    o, ht, _ = _rec_scan_forward(q, k, v, at, ap, h0, u, w, cu_seqlens, scale, exp_decay, o_dtype, False)
     return o, ht
 
 
