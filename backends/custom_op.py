@@ -34,6 +34,14 @@ def _op_defined(name: str):
         return None
 
 
+def _op_pair(prefix: str, fns, *settings):
+    """(forward name, backward name, the forward operator when it is already defined, else None) of a form's pair
+    of operators ``mixc::<prefix>_{fwd,bwd}_<tag>``, the tag hashing ``fns`` and ``settings`` (:func:`_op_tag`)."""
+    tag = _op_tag(fns, *settings)
+    fwd, bwd = f"{prefix}_fwd_{tag}", f"{prefix}_bwd_{tag}"
+    return fwd, bwd, _op_defined(fwd)
+
+
 def _op_empty(x: torch.Tensor) -> torch.Tensor:
     """The stand-in for an absent optional output: an empty fp32 tensor on ``x``'s device."""
     return x.new_empty(0, dtype=torch.float32)

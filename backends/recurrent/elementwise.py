@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 try:
-    from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
+    from ..custom_op import _op_empty, _op_or_none, _op_pair
     from ..hostint import _cdiv, _pow2
     from .kernels import _rec_decay, _rec_seq
     from .launch import _rec_bcast_strides, _rec_kernel, _rec_varlen
@@ -290,10 +290,9 @@ def _rec_ew_define_ops():
     under torch.compile a call is one opaque node, no graph break."""
     from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
 
-    tag = _op_tag((_rec_ew_fwd, _rec_ew_bwd, _rec_ew_combine, _rec_ew_decay, _rec_decay, _rec_seq, _rec_ew_tiles,
-                   _rec_ew_forward, _rec_varlen, _rec_ew_scan_forward, _rec_ew_scan_backward))
-    fwd_name, bwd_name = f"rec_ew_scan_fwd_{tag}", f"rec_ew_scan_bwd_{tag}"
-    defined = _op_defined(fwd_name)
+    fwd_name, bwd_name, defined = _op_pair("rec_ew_scan", (_rec_ew_fwd, _rec_ew_bwd, _rec_ew_combine, _rec_ew_decay,
+                                                            _rec_decay, _rec_seq, _rec_ew_tiles, _rec_ew_forward,
+                                                            _rec_varlen, _rec_ew_scan_forward, _rec_ew_scan_backward))
     if defined is not None:
         return defined
     Tensor, Opt = torch.Tensor, Optional

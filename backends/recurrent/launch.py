@@ -16,7 +16,7 @@ import triton
 
 try:
     from ..chunked.launcher import FAST_LAUNCH, _Launch
-    from ..custom_op import _op_defined, _op_empty, _op_or_none, _op_tag
+    from ..custom_op import _op_empty, _op_or_none, _op_pair
     from ..hostint import _cdiv, _pow2
     from .kernels import _rec_bwd, _rec_decay, _rec_delta, _rec_factor, _rec_fwd, _rec_seq
 except ImportError:  # pasted into a generated module, after the launcher and the kernels
@@ -309,10 +309,9 @@ def _rec_define_ops():
     autograd formula calling the backward: under torch.compile a call is one opaque node, no graph break."""
     from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
 
-    tag = _op_tag((_rec_fwd, _rec_bwd, _rec_seq, _rec_delta, _rec_factor, _rec_decay, _rec_forward, _rec_varlen,
-                   _rec_tiles, _rec_scan_forward, _rec_scan_backward), REC_CHUNK)
-    fwd_name, bwd_name = f"rec_scan_fwd_{tag}", f"rec_scan_bwd_{tag}"
-    defined = _op_defined(fwd_name)
+    fwd_name, bwd_name, defined = _op_pair("rec_scan", (_rec_fwd, _rec_bwd, _rec_seq, _rec_delta, _rec_factor,
+                                                         _rec_decay, _rec_forward, _rec_varlen, _rec_tiles,
+                                                         _rec_scan_forward, _rec_scan_backward), REC_CHUNK)
     if defined is not None:
         return defined
     Tensor, Opt = torch.Tensor, Optional
