@@ -8,7 +8,9 @@ hgrn's, each timed against its anchor in the same run and checked against the re
 (c) mamba recurrent forward+backward at B4 T4096 H16 (P=64, N=16) vs the plain PyTorch token loop (the
     reference form, which is that loop) in the same run;
 (d) hgrn (H=1, D=2048) at B4 T4096 vs fla's fused_recurrent_hgrn (x' = (1 - f) x and g = log f, [B, T, D]:
-    the same function); forward, and forward+backward (target ratio >= 1.0); our gradients checked too.
+    the same function); forward, and forward+backward (target ratio >= 1.0); our gradients checked too;
+(e) mamba forward+backward over 16 packed sequences (cu_seqlens, 64 to 2112 tokens, T16384 H16): ours in one
+    launch each way vs ours called once a sequence (the runtime's split, the path before session 16).
 bf16 inputs, fp32 state. ``--smoke``: tiny shapes on the CPU (interpreter), fla rows skipped when absent.
 """
 
@@ -185,9 +187,33 @@ def hgrn(smoke: bool) -> list[dict]:
                 check, f"{note}; {grads}")]
 
 
+def mamba_packed(smoke: bool) -> list[dict]:
+    m = mixc.load(EX / "mamba.mix")
+    lens = [64 * (1 + (7 * i) % 31) for i in range(15)] if not smoke else [20, 0, 33]
+    T, H, P, N = (16384, 16, 64, 16) if not smoke else (70, 2, 8, 4)
+    lens.append(T - sum(lens))
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV)
+    dt = torch.float32 if smoke else torch.bfloat16
+    x = {k: v.requires_grad_() for k, v in m.random_inputs(1, T, H, P=P, N=N, dtype=dt, device=DEV).items()}
+    bounds = [int(c) for c in cu.tolist()]
+
+    def packed(**kw):
+        return m(**kw, cu_seqlens=cu, form="recurrent")
+
+    def split(**kw):  # one call a sequence, as the runtime ran packed calls of this form before
+        return torch.cat([m(**{k: v[:, a:b] for k, v in kw.items()}, form="recurrent")
+                          for a, b in zip(bounds[:-1], bounds[1:]) if b > a], 1)
+
+    with torch.no_grad():
+        check = rel(packed(**x), split(**x).float())
+    ours, anchor = time_ms(fwd_bwd(packed, x)), time_ms(fwd_bwd(split, x))
+    return [row(SUITE, f"mamba packed fwd+bwd {len(lens)} sequences in T{T} H{H} P{P} N{N} ({str(dt)[6:]})", ours,
+                "ours, one call a sequence", anchor, check, "check: packed against one call a sequence")]
+
+
 def run(smoke: bool) -> list[dict]:
     """Every case above, in order (with bench.py --only, the groups whose name it matches: "gla decode step",
-    "gla decode bandwidth", "mamba fwd+bwd", "hgrn fwd")."""
+    "gla decode bandwidth", "mamba fwd+bwd", "hgrn fwd", "mamba packed")."""
     groups = (("gla decode step", decode_step), ("gla decode bandwidth", decode_bandwidth),
-              ("mamba fwd+bwd", mamba_train), ("hgrn fwd", hgrn))
+              ("mamba fwd+bwd", mamba_train), ("hgrn fwd", hgrn), ("mamba packed", mamba_packed))
     return [r for name, case in groups if wanted(name) for r in case(smoke)]
