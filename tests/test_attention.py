@@ -180,6 +180,32 @@ def test_varlen_matches_per_sequence(name):
         m(**x, **p, cu_seqlens=cu, output_final_state=True, form="attention")
 
 
+@pytest.mark.parametrize("cu", [None, [0, 11, 11, 29]], ids=["batch", "packed"])
+@pytest.mark.parametrize("name", ["sliding_window_attention", "softcap"])
+def test_torch_compile_fullgraph(name, cu):
+    """torch.compile(fullgraph=True) over a whole attention call: the kernels are one torch operator a module,
+    which builds the tile list of packed sequences when it runs (not while tracing), so nothing breaks the graph;
+    outputs and gradients (a learnable score parameter's too) equal eager execution."""
+    m = _mixer(name)
+    x = _inputs(1 if cu else 2, 29, 2, 16, 16, seed=6)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+
+    def f(p, **kw):
+        return m(**kw, **p, cu_seqlens=cu_t, form="attention").square().sum()
+
+    got = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="eager")):
+        xs = {k: t.clone().requires_grad_() for k, t in x.items()}
+        ps = {n: t.clone().requires_grad_() for n, t in m.parameters_init(2, device=DEV).items()}
+        loss = fn(ps, **xs)
+        loss.backward()
+        got.append((loss.detach(), {k: t.grad for k, t in {**xs, **ps}.items()}))
+    (l1, g1), (l2, g2) = got
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    for k in g1:
+        assert _rel(g2[k], g1[k]) < 1e-5, k
+
+
 def test_tile_classes_skip_empty_and_unmask_full():
     """Interval reasoning on the mask: a sliding window visits O(W) key tiles per query tile, the diagonal tile
     is partial, the tiles inside the window full; the segment mask's floor is handled exactly."""

@@ -5,10 +5,10 @@ cache for decoding (split-KV for long caches). ``BACKEND`` is what backends/regi
 def _backend():
     from mixc.backends.registry import FormBackend
 
-    from .. import hostint
+    from .. import custom_op, hostint
     from . import emit, launch
 
-    return FormBackend(form="attention", emit=emit.emit, support=(hostint, launch), native_varlen=True,
+    return FormBackend(form="attention", emit=emit.emit, support=(custom_op, hostint, launch), native_varlen=True,
                        describe=emit.describe)
 
 

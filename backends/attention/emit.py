@@ -141,12 +141,11 @@ def form_source(ap: AttentionPlan, p) -> list[str]:
     else:
         lines.append("    pars = _attn_nopars(H, q_cur.device)  # (no per-head scalar: never read)")
     dims = "".join(f"float(sizes[{s!r}]), " for s in ap.sizes)
-    lines += ["    cu = None",
-              "    if cu_seqlens is not None:  # packed sequences, each attending within itself",
+    lines += ["    if cu_seqlens is not None and (cached or output_final_state):  # (own cache lengths)",
               "        cu = [int(c) for c in cu_seqlens.tolist()]",
-              "        if cached or output_final_state:  # each sequence has its own cache length",
-              "            return _attn_per_sequence(attention, inputs, params, states, sizes, output_final_state, cu)",
-              f"    o = _attn_apply(_ATTN_SPEC, q_cur, k_all, v_all, pars, off, ({dims}), cu)"]
+              "        return _attn_per_sequence(attention, inputs, params, states, sizes, output_final_state, cu)",
+              "    # (packed sequences, each attending within itself: cu_seqlens)",
+              f"    o = _attn_apply(_ATTN_SPEC, q_cur, k_all, v_all, pars, off, ({dims}), cu_seqlens)"]
     lines.append("    if not output_final_state:")
     lines.append("        return o, None")
     keep_from = f"max(0, x_{{n}}.shape[1] - {ap.window})" if ap.window else "0"
@@ -166,7 +165,9 @@ def emit(a: Analysis) -> tuple[list[str] | None, str]:
     lines += ["_ATTN_SPEC = {'fwd': _attn_fwd_kernel, 'dkdv': _attn_bwd_dkdv_kernel, 'dq': _attn_bwd_dq_kernel,",
               "              'decode': _attn_decode_kernel, 'classify': _attention_tile_class,",
               f"              'npl': {len(ap.learnable)}, 'q': {ap.q!r}, 'k': {ap.k!r}, 'v': {ap.v!r},",
-              f"              'params': {ap.params!r}, 'sizes': {ap.sizes!r}, 'window': {ap.window!r}}}", "", ""]
+              f"              'params': {ap.params!r}, 'sizes': {ap.sizes!r}, 'window': {ap.window!r}}}",
+              "_ATTN_SPEC['op'] = _attn_define_ops(_ATTN_SPEC)  # (under torch.compile: one opaque operator)", "",
+              ""]
     lines += form_source(ap, a.program)
     return lines, ""
 

@@ -10,8 +10,9 @@ import triton
 import triton.language as tl  # noqa: F401  (the generated kernels use tl)
 
 try:
+    from ..custom_op import _op_empty, _op_or_none, _op_pair
     from ..hostint import _cdiv, _pow2
-except ImportError:  # pasted into a generated module, after hostint.py
+except ImportError:  # pasted into a generated module, after custom_op.py and hostint.py
     pass
 
 
@@ -290,12 +291,78 @@ class _AttnFunction(torch.autograd.Function):
         return dq, dk, dv, dpars, None, None, None, None
 
 
-def _attn_apply(spec, q, k, v, pars, off, dims, cu=None):
+def _attn_seqs(cu_seqlens):
+    """((q_start, q_len, k_start, k_len), ...) of the packed sequences (read on the host), or None."""
+    if cu_seqlens is None:
+        return None
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    return tuple((a, b - a, a, b - a) for a, b in zip(cu, cu[1:]))
+
+
+def _attn_define_ops(spec):
+    """A generated module's attention (its kernels: ``spec``) as a forward and a backward torch operator
+    (``mixc::attn_{fwd,bwd}_<tag>``): under torch.compile a call is one opaque node, and the tile list of packed
+    sequences is built inside it, from the boundaries read when it runs, not while tracing."""
+    from typing import Optional  # not X | None: older torch.library schemas read only typing.Optional
+
+    fns = [spec[n] for n in ("fwd", "dkdv", "dq", "classify")] + [_attn_forward, _attn_backward, _attn_work,
+                                                                   _attn_tables, _attn_config, _attn_seqs]
+    fwd_name, bwd_name, defined = _op_pair("attn", fns, sorted((n, repr(x)) for n, x in spec.items()
+                                                                if not callable(x)))
+    if defined is not None:
+        return defined
+    Tensor = torch.Tensor
+
+    @torch.library.custom_op(f"mixc::{fwd_name}", mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, pars: Tensor, cu_seqlens: Optional[Tensor], off: int,  # noqa: UP045
+            dims: list[float], save: bool) -> tuple[Tensor, Tensor]:
+        q, k, v = (x if x.is_contiguous() else x.contiguous() for x in (q, k, v))
+        o, lse = _attn_forward(spec, q, k, v, pars, off, dims, not save, _attn_seqs(cu_seqlens))
+        return o, lse.contiguous()
+
+    @fwd.register_fake
+    def _(q, k, v, pars, cu_seqlens, off, dims, save):
+        B, T, H, _ = q.shape
+        return q.new_empty(B, T, H, v.shape[3]), q.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.custom_op(f"mixc::{bwd_name}", mutates_args=())
+    def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, pars: Tensor,
+            cu_seqlens: Optional[Tensor], off: int, dims: list[float]  # noqa: UP045
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        q, k, v = (x if x.is_contiguous() else x.contiguous() for x in (q, k, v))
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv, dpars = _attn_backward(spec, q, k, v, o, lse, do, pars, off, dims, _attn_seqs(cu_seqlens))
+        return dq, dk, dv, (dpars if dpars is not None else _op_empty(q))
+
+    @bwd.register_fake
+    def _(do, q, k, v, o, lse, pars, cu_seqlens, off, dims):
+        dpars = torch.empty_like(pars) if spec["npl"] else _op_empty(q)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpars
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, pars, cu_seqlens, off, dims, save = inputs
+        ctx.save_for_backward(q, k, v, pars, cu_seqlens, *output)
+        ctx.off, ctx.dims = off, dims
+
+    def backward(ctx, do, _):
+        q, k, v, pars, cu, o, lse = ctx.saved_tensors
+        dq, dk, dv, dpars = bwd(do, q, k, v, o, lse, pars, cu, ctx.off, ctx.dims)
+        return dq, dk, dv, _op_or_none(dpars), None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+def _attn_apply(spec, q, k, v, pars, off, dims, cu_seqlens=None):
     """o [B, T, H, DV] for q [B, T, H, DK] at positions off.. against k [B, TK, H, DK], v [B, TK, H, DV]; with
-    ``cu`` (sequence boundaries, a list) the packed sequences of q, k, v (B = 1, no cache) each attend within
-    themselves. Differentiable when any operand requires grad, else (inference, decode) it may split the keys."""
-    seqs = None if cu is None else tuple((a, b - a, a, b - a) for a, b in zip(cu, cu[1:]))
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pars)):
+    ``cu_seqlens`` (sequence boundaries, a tensor) the packed sequences of q, k, v (B = 1, no cache) each attend
+    within themselves. Differentiable when any operand requires grad, else (inference, decode) it may split the
+    keys. Under torch.compile: the module's operator (``spec["op"]``)."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pars))
+    if torch.compiler.is_compiling():
+        return spec["op"](q, k, v, pars, cu_seqlens, int(off), [float(d) for d in dims], grad)[0]
+    seqs = _attn_seqs(cu_seqlens)
+    if grad:
         return _AttnFunction.apply(q, k, v, pars, spec, off, dims, seqs)
     q, k, v = (x if x.is_contiguous() else x.contiguous() for x in (q, k, v))
     return _attn_forward(spec, q, k, v, pars, off, dims, True, seqs)[0]
