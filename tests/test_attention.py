@@ -8,6 +8,7 @@ Under TRITON_INTERPRET=1 (CPU, conftest.py) in fp32 (and one fp16 forward); tiny
 import pytest
 import torch
 import torch.nn.functional as F
+from test_chunk_kernel import _compiled_matches_eager
 
 import mixc
 from mixc.backends.attention.emit import classifier_source
@@ -189,21 +190,14 @@ def test_torch_compile_fullgraph(name, cu):
     m = _mixer(name)
     x = _inputs(1 if cu else 2, 29, 2, 16, 16, seed=6)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    p = m.parameters_init(2, device=DEV)
+    names, pnames = list(x), list(p)
 
-    def f(p, **kw):
-        return m(**kw, **p, cu_seqlens=cu_t, form="attention").square().sum()
+    def f(*t):
+        kw = dict(zip(names + pnames, t))
+        return m(**kw, cu_seqlens=cu_t, form="attention").square().sum()
 
-    got = []
-    for fn in (f, torch.compile(f, fullgraph=True, backend="eager")):
-        xs = {k: t.clone().requires_grad_() for k, t in x.items()}
-        ps = {n: t.clone().requires_grad_() for n, t in m.parameters_init(2, device=DEV).items()}
-        loss = fn(ps, **xs)
-        loss.backward()
-        got.append((loss.detach(), {k: t.grad for k, t in {**xs, **ps}.items()}))
-    (l1, g1), (l2, g2) = got
-    assert torch.allclose(l1, l2, rtol=1e-5)
-    for k in g1:
-        assert _rel(g2[k], g1[k]) < 1e-5, k
+    _compiled_matches_eager(f, tuple(v.clone().requires_grad_() for v in (*x.values(), *p.values())))
 
 
 def test_tile_classes_skip_empty_and_unmask_full():

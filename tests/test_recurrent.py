@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_chunk_kernel import _compiled_matches_eager
 
 import mixc
 from mixc.cli import explain_text
@@ -199,22 +200,15 @@ def test_torch_compile_fullgraph(name, cu):
     x = m.random_inputs(B, 20, 2, seed=4, **sizes)
     st = _states(m, B if cu is None else len(cu) - 1, 2, sizes, torch.Generator().manual_seed(4))
     cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    names, snames = list(x), list(st)
 
-    def f(st, **kw):
-        o, fin = m(**kw, initial_state=st, output_final_state=True, cu_seqlens=cu_t, form="recurrent")
+    def f(*t):
+        kw, s0 = dict(zip(names, t)), dict(zip(snames, t[len(names):]))
+        o, fin = m(**kw, initial_state=s0, output_final_state=True, cu_seqlens=cu_t, form="recurrent")
         return o.square().sum() + sum(v.sum() for v in fin.values())
 
-    got = []
-    for fn in (f, torch.compile(f, fullgraph=True, backend="eager")):
-        xs = {k: v.to(DEV).requires_grad_() for k, v in x.items()}
-        ss = {k: v.detach().clone().requires_grad_() for k, v in st.items()}
-        loss = fn(ss, **xs)
-        loss.backward()
-        got.append((loss.detach(), {k: t.grad for k, t in {**xs, **ss}.items()}))
-    (l1, g1), (l2, g2) = got
-    assert torch.allclose(l1, l2, rtol=1e-5)
-    for k in g1:
-        assert _rel(g2[k], g1[k]) < 1e-5, k
+    _compiled_matches_eager(f, tuple(v.to(DEV).requires_grad_() for v in x.values())
+                            + tuple(v.detach().clone().requires_grad_() for v in st.values()))
 
 
 def test_long_sequence_crosses_checkpoints():

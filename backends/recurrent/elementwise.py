@@ -198,9 +198,9 @@ def _rec_ew_operands(v, at, ap):
 
 
 def _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, store_ck, cu=None):
-    """Launch the forward scan; returns (checkpoints [B, H, NCK, V] fp32, cu, checkpoint offsets, NCK), or
-    None without ``store_ck``. With ``cu`` (cumulative lengths of the packed sequences of v's one batch row) one
-    program row a sequence: h0 and ht [N, H, 1, V], the checkpoints [1, H, NCK, V]."""
+    """Launch the forward scan; returns the checkpoints [B, H, NCK, V] fp32 (or None). With ``cu`` (cumulative
+    lengths of the packed sequences of v's one batch row) one program row a sequence: h0 and ht [N, H, 1, V], the
+    checkpoints [1, H, NCK, V]."""
     B, T, H, V = v.shape
     BT, BV, warps = _rec_ew_tiles(T)
     cu, coff, nck = _rec_varlen(cu, T, v.device, BT)
@@ -212,7 +212,7 @@ def _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, store_ck, cu=None):
         coff if cu is not None else o, T, H, V, float(scale), nck, *st, o.stride(0), o.stride(1), o.stride(2),
         HAS_AT=at is not None, HAS_AP=ap is not None, EXP_DECAY=bool(exp_decay), HAS_H0=h0 is not None,
         STORE_HT=ht is not None, STORE_CK=store_ck, BT=BT, BV=BV, VARLEN=cu is not None, num_warps=warps)
-    return (ck, cu, coff, nck) if store_ck else None
+    return ck if store_ck else None
 
 
 def _rec_ew_scan_forward(v, at, ap, h0, cu, scale, exp_decay, o_dtype, save):
@@ -221,8 +221,7 @@ def _rec_ew_scan_forward(v, at, ap, h0, cu, scale, exp_decay, o_dtype, save):
     NS = B if cu is None else cu.shape[0] - 1
     o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
     ht = torch.empty(NS, H, 1, V, dtype=torch.float32, device=v.device)
-    r = _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, save, cu)
-    return o, ht, (r[0] if save else None)
+    return o, ht, _rec_ew_forward(v, at, ap, h0, ht, o, scale, exp_decay, save, cu)
 
 
 def _rec_ew_scan_backward(do, dht, v, at, ap, cu, ck, scale, exp_decay):

@@ -201,12 +201,17 @@ def _rec_varlen(cu, T, device, chunk=REC_CHUNK):
     return cu, coff, T // chunk + cu.shape[0] - 1
 
 
+def _rec_k(q, k):
+    """The state's key width: q's or k's last axis (1 when both are absent)."""
+    return q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+
+
 def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None, w=None, cu=None):
     """Launch the forward scan; returns the checkpoints [B, H, NCK, K, V] (or None). With ``cu`` (cumulative
     lengths of the packed sequences of v's one batch row) one program row a sequence: h0 and ht [N, H, K, V], the
     checkpoints [1, H, NCK, K, V]."""
     B, T, H, V = v.shape
-    K = q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+    K = _rec_k(q, k)
     cu, coff, nck = _rec_varlen(cu, T, v.device)
     NS = B if cu is None else cu.shape[0] - 1
     BK, BV, warps = _rec_tiles(NS * H, K, V, T == 1)
@@ -220,12 +225,7 @@ def _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, store_ck, u=None,
         *_rec_delta_operands(u, w, v), DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay),
         **_rec_axes(at, ap), HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CK=store_ck, CHUNK=REC_CHUNK,
         BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
-    return (ck, cu, coff, nck) if store_ck else None
-
-
-def _rec_k(q, k):
-    """The state's key width: q's or k's last axis (1 when both are absent)."""
-    return q.shape[-1] if q is not None else (k.shape[-1] if k is not None else 1)
+    return ck if store_ck else None
 
 
 def _rec_scan_forward(q, k, v, at, ap, h0, u, w, cu, scale, exp_decay, o_dtype, save):
@@ -234,8 +234,7 @@ def _rec_scan_forward(q, k, v, at, ap, h0, u, w, cu, scale, exp_decay, o_dtype, 
     NS = B if cu is None else cu.shape[0] - 1
     o = torch.empty(B, T, H, V, dtype=o_dtype, device=v.device)
     ht = torch.empty(NS, H, _rec_k(q, k), V, dtype=torch.float32, device=v.device)
-    r = _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, save, u, w, cu)
-    return o, ht, (r[0] if save else None)
+    return o, ht, _rec_forward(q, k, v, at, ap, h0, ht, o, scale, exp_decay, save, u, w, cu)
 
 
 def _rec_scan_backward(do, dht, q, k, v, at, ap, u, w, cu, ck, scale, exp_decay):
@@ -257,8 +256,8 @@ def _rec_scan_backward(do, dht, q, k, v, at, ap, u, w, cu, ck, scale, exp_decay)
     dw = torch.empty(NV, B, T, H, K, dtype=f32, device=dev) if u is not None else do
     dv = torch.empty(B, T, H, V, dtype=f32, device=dev)
     dh0 = torch.empty(NS, H, K, V, dtype=f32, device=dev)
-    at_k, at_v = (at.shape[3] > 1, at.shape[4] > 1) if at is not None else (False, False)
-    ap_k, ap_v = (ap.shape[1] > 1, ap.shape[2] > 1) if ap is not None else (False, False)
+    axes = _rec_axes(at, ap)
+    at_v, ap_v = axes["AT_V"], axes["AP_V"]
     if at is not None:  # per value tile when at does not vary along V (summed below)
         dat = torch.zeros(1 if at_v else NV, *at.shape, dtype=f32, device=dev)
         sda = [dat.stride(0) if not at_v else 0] + _rec_bcast_strides(dat[0], 5)
@@ -274,8 +273,8 @@ def _rec_scan_backward(do, dht, q, k, v, at, ap, u, w, cu, ck, scale, exp_decay)
         *ptrs, ck, do, dht if dht is not None else do, scr, dq, dk, dv, dat, dap, dh0,
         cu if cu is not None else do, coff if cu is not None else do,
         T, H, K, V, float(scale), NV, nck, *st, *sda, *sdp, *_rec_delta_operands(u, w, v), du, dw,
-        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), AT_K=at_k, AT_V=at_v, AP_K=ap_k, AP_V=ap_v,
-        HAS_DHT=dht is not None, CHUNK=REC_CHUNK, BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
+        DELTA=u is not None, **_rec_flags(q, k, at, ap, exp_decay), **axes, HAS_DHT=dht is not None,
+        CHUNK=REC_CHUNK, BK=BK, BV=BV, VARLEN=cu is not None, num_warps=warps)
     gq = dq.sum(0).to(q.dtype) if q is not None else None
     gk = dk.sum(0).to(k.dtype) if k is not None else None
     gat = dat.sum(0).to(at.dtype) if at is not None else None
